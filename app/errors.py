@@ -1,0 +1,61 @@
+"""Errors that carry their HTTP status; one handler renders them as JSON (see ``app.main``)."""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    status_code = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+
+class BadRequest(ServiceError):
+    status_code = 400
+    code = "bad_request"
+
+
+class EmptyUpload(BadRequest):
+    code = "empty_upload"
+
+
+class PayloadTooLarge(ServiceError):
+    status_code = 413
+    code = "payload_too_large"
+
+
+class TooManyPixels(PayloadTooLarge):
+    code = "too_many_pixels"
+
+
+class UnsupportedMediaType(ServiceError):
+    status_code = 415
+    code = "unsupported_media_type"
+
+
+class InvalidImage(ServiceError):
+    status_code = 422
+    code = "invalid_image"
+
+
+class Overloaded(ServiceError):
+    status_code = 503
+    code = "overloaded"
+
+
+class NotReady(ServiceError):
+    status_code = 503
+    code = "not_ready"
+
+
+class DeadlineExceeded(ServiceError):
+    status_code = 504
+    code = "timeout"
+
+
+class InferenceFailed(ServiceError):
+    status_code = 500
+    code = "inference_failed"
