@@ -1,0 +1,112 @@
+"""One command from inputs to the served artifact, cached on a hash of those inputs.
+
+python -m model build                                   # digits demo: train + export
+python -m model build --checkpoint resnet50-0676ba61.pth # torchvision ImageNet weights
+python -m model build --data photos/ --checkpoint resnet50-0676ba61.pth  # fine-tune, export
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from model import checkpoint
+from model.data import DIGITS, IMAGE_SUFFIXES
+from model.errors import ModelError
+from model.export import calibration_for, eval_set_for, export
+from model.files import atomic_path
+from model.train import TrainConfig, train
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BuildConfig:
+    out: str = "artifacts/model.onnx"
+    checkpoint: str | None = None  # torchvision .pth or our .pt; with --data: fine-tune from it
+    data: str | None = None  # ImageFolder to train on; default: the digits demo
+    precision: str = "fp32"
+    epochs: int | None = None  # default: TrainConfig's
+    seed: int = 0
+    force: bool = False
+
+
+def build(config: BuildConfig) -> Path:
+    out = Path(config.out)
+    stamp = out.with_name(out.name + ".build.json")
+    key = _cache_key(config)
+    if not config.force and out.is_file() and _read_stamp(stamp).get("key") == key:
+        log.info("%s is up to date (inputs unchanged); nothing to do", out)
+        return out
+    source = _source_checkpoint(config, out)
+    ckpt = checkpoint.load(source)
+    calibration = calibration_for(ckpt, None) if config.precision == "int8" else None
+    metadata = export(
+        ckpt,
+        out,
+        precision=config.precision,
+        eval_set=eval_set_for(ckpt, None),
+        calibration=calibration,
+    )
+    with atomic_path(stamp) as tmp:
+        tmp.write_text(
+            json.dumps({"key": key, "inputs": _inputs(config), "metadata": metadata}, indent=2)
+        )
+    return out
+
+
+def _source_checkpoint(config: BuildConfig, out: Path) -> Path:
+    if config.data is None and config.checkpoint is not None:
+        return Path(config.checkpoint)
+    train_config = TrainConfig(
+        data=config.data or DIGITS,
+        init=config.checkpoint,
+        seed=config.seed,
+        out=str(out.with_name(out.stem + ".checkpoint.pt")),
+        **({"epochs": config.epochs} if config.epochs else {}),
+    )
+    return train(train_config)
+
+
+def _inputs(config: BuildConfig) -> dict[str, Any]:
+    inputs: dict[str, Any] = {k: v for k, v in dataclasses.asdict(config).items() if k != "force"}
+    try:
+        inputs["resnet_serve"] = version("resnet-serve")
+    except PackageNotFoundError:
+        inputs["resnet_serve"] = "source"
+    if config.checkpoint:
+        path = Path(config.checkpoint)
+        if not path.is_file():
+            raise ModelError(f"checkpoint {path}: no such file")
+        inputs["checkpoint_sha256"] = checkpoint.sha256_file(path)
+    if config.data:
+        inputs["data"] = _folder_fingerprint(Path(config.data))
+    return inputs
+
+
+def _cache_key(config: BuildConfig) -> str:
+    return hashlib.sha256(json.dumps(_inputs(config), sort_keys=True).encode()).hexdigest()
+
+
+def _folder_fingerprint(root: Path) -> str:
+    """Names, sizes and mtimes: cheap, and changes whenever an image is added, removed or edited."""
+    if not root.is_dir():
+        raise ModelError(f"dataset {root}: not a directory")
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+        stat = path.stat()
+        digest.update(f"{path.relative_to(root)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _read_stamp(path: Path) -> dict[str, Any]:
+    try:
+        return dict(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return {}

@@ -1,0 +1,296 @@
+"""Export a checkpoint to the ONNX file the server loads; refuse to write it unless it checks out.
+
+    python -m model export artifacts/checkpoint.pt --out artifacts/model.onnx
+    python -m model export resnet50-0676ba61.pth --out imagenet.onnx --eval-data val/
+    python -m model export artifacts/checkpoint.pt --precision int8 --out artifacts/model.int8.onnx
+
+The graph takes uint8[N, S, S, 3] RGB crops made by ``app.preprocess`` and returns
+``probabilities`` and ``logits``; its metadata carries labels, preprocessing and measured accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+from model import data
+from model.checkpoint import Checkpoint
+from model.errors import ModelError
+from model.files import atomic_path
+from model.train import TrainConfig, load_datasets
+from model.wrap import ServingModel
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16", "int8")
+FP32_MAX_ABS_DIFF = 1e-4
+FP16_MIN_AGREEMENT = 0.99
+INT8_MAX_ACCURACY_DROP = 0.01
+JSON_KEYS = ("labels", "preprocessing", "accuracy", "parity", "training")
+PARITY_IMAGES = 64  # enough to catch a wrong graph; a 224x224 ResNet-50 checks in seconds
+CALIBRATION_IMAGES = 320
+
+
+@dataclass
+class EvalSet:
+    """Images to check the export on; ``targets`` only when they carry this model's labels."""
+
+    name: str
+    images: np.ndarray
+    targets: np.ndarray | None
+
+
+def export(
+    ckpt: Checkpoint,
+    out: Path,
+    *,
+    precision: str = "fp32",
+    eval_set: EvalSet,
+    calibration: np.ndarray | None = None,
+    version: str | None = None,
+) -> dict[str, Any]:
+    """Write ``out`` only after ONNX Runtime agrees with PyTorch; return the metadata written."""
+    if precision not in PRECISIONS:
+        raise ModelError(f"precision {precision!r} is not one of {PRECISIONS}")
+    if precision == "int8" and calibration is None:
+        raise ModelError("int8 needs calibration images (--calib-data)")
+    serving = ServingModel(ckpt.build_model(), ckpt.mean, ckpt.std).eval()
+    with tempfile.TemporaryDirectory(prefix="resnet-serve-export-") as tmp:
+        fp32_path = Path(tmp) / "fp32.onnx"
+        _torch_export(serving, ckpt.recipe.crop_size, fp32_path)
+        reference = _torch_outputs(serving, eval_set.images)
+        fp32_probs = run_onnx(fp32_path.read_bytes(), eval_set.images)
+        report = {"fp32": _compare(fp32_probs, reference)}
+        _check_fp32(report["fp32"])
+        if precision == "fp32":
+            model_bytes = fp32_path.read_bytes()
+            probs = fp32_probs
+        elif precision == "fp16":
+            model_bytes = _to_fp16(fp32_path)
+            probs = run_onnx(model_bytes, eval_set.images)
+            report["fp16"] = _compare(probs, reference)
+            _check_fp16(report["fp16"])
+        else:
+            assert calibration is not None
+            model_bytes = _to_int8(fp32_path, calibration, Path(tmp))
+            probs = run_onnx(model_bytes, eval_set.images)
+            report["int8"] = _compare(probs, reference)
+        accuracy = _accuracy(probs, eval_set)
+        if precision == "int8" and accuracy is not None:
+            _check_int8(accuracy["top1"], _accuracy(fp32_probs, eval_set)["top1"])  # type: ignore[index]
+    metadata = _metadata(ckpt, precision, accuracy, report[precision], version)
+    model = onnx.load_from_string(model_bytes)
+    onnx.helper.set_model_props(
+        model, {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    )
+    model.producer_name = "resnet-serve"
+    with atomic_path(out) as tmp_out:
+        onnx.save(model, str(tmp_out))
+    log.info(
+        "wrote %s (%s, %.1f MB): %s", out, precision, out.stat().st_size / 1e6, report[precision]
+    )
+    return metadata
+
+
+def _torch_export(serving: ServingModel, crop: int, path: Path) -> None:
+    example = torch.zeros(2, crop, crop, 3, dtype=torch.uint8)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    # torch.export's own deprecation chatter is not the user's concern.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            serving,
+            (example,),
+            str(path),
+            input_names=["images"],
+            output_names=["probabilities", "logits"],
+            dynamic_shapes={"images": {0: batch}},
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
+
+
+@torch.no_grad()
+def _torch_outputs(serving: ServingModel, images: np.ndarray, batch: int = 64) -> np.ndarray:
+    chunks = [
+        serving(torch.from_numpy(images[i : i + batch]))[0] for i in range(0, len(images), batch)
+    ]
+    return torch.cat(chunks).numpy()
+
+
+def run_onnx(model: bytes | str, images: np.ndarray, batch: int = 64) -> np.ndarray:
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    chunks = [
+        session.run(["probabilities"], {"images": images[i : i + batch]})[0]
+        for i in range(0, len(images), batch)
+    ]
+    return np.concatenate(chunks).astype(np.float32)
+
+
+def _compare(probs: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    return {
+        "max_abs_diff": float(np.abs(probs - reference).max()),
+        "top1_agreement": float((probs.argmax(1) == reference.argmax(1)).mean()),
+        "images": len(probs),
+    }
+
+
+def _check_fp32(parity: dict[str, float]) -> None:
+    if parity["max_abs_diff"] > FP32_MAX_ABS_DIFF or parity["top1_agreement"] < 1.0:
+        raise ModelError(
+            f"export check failed, nothing written: ONNX Runtime vs PyTorch max abs diff "
+            f"{parity['max_abs_diff']:.2e} (limit {FP32_MAX_ABS_DIFF:.0e}), top-1 agreement "
+            f"{parity['top1_agreement']:.2%} (need 100%)"
+        )
+
+
+def _check_fp16(parity: dict[str, float]) -> None:
+    if parity["top1_agreement"] < FP16_MIN_AGREEMENT:
+        raise ModelError(
+            f"fp16 check failed, nothing written: top-1 agreement with fp32 "
+            f"{parity['top1_agreement']:.2%} (need {FP16_MIN_AGREEMENT:.0%})"
+        )
+
+
+def _check_int8(int8_top1: float, fp32_top1: float) -> None:
+    if fp32_top1 - int8_top1 > INT8_MAX_ACCURACY_DROP:
+        raise ModelError(
+            f"int8 check failed, nothing written: top-1 {int8_top1:.2%} vs fp32 {fp32_top1:.2%} "
+            f"(allowed drop {INT8_MAX_ACCURACY_DROP:.0%}); try more or other --calib-data"
+        )
+
+
+def _accuracy(probs: np.ndarray, eval_set: EvalSet) -> dict[str, Any] | None:
+    if eval_set.targets is None:
+        return None
+    top1 = float((probs.argmax(1) == eval_set.targets).mean())
+    return {"top1": round(top1, 5), "dataset": eval_set.name, "images": len(eval_set.targets)}
+
+
+def _to_fp16(fp32_path: Path) -> bytes:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    # keep_io_types: clients still send uint8 and read float32; only the inside runs in fp16.
+    model = convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True)
+    return model.SerializeToString()
+
+
+class _Calibration(CalibrationDataReader):  # type: ignore[misc]
+    def __init__(self, images: np.ndarray, batch: int = 32) -> None:
+        self._batches = iter([images[i : i + batch] for i in range(0, len(images), batch)])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self._batches, None)
+        return None if batch is None else {"images": batch}
+
+
+def _to_int8(fp32_path: Path, calibration: np.ndarray, tmp: Path) -> bytes:
+    """Static QDQ quantisation, per-channel weights, calibrated on training images."""
+    prepared, quantized = tmp / "prepared.onnx", tmp / "int8.onnx"
+    quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+    quantize_static(
+        str(prepared),
+        str(quantized),
+        _Calibration(calibration),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        # The normalisation (Cast, Transpose, Sub, Div) and softmax stay fp32: quantising the
+        # graph's first ops cost ~0.6 ms per image and bought nothing.
+        op_types_to_quantize=["Conv", "Gemm", "MatMul", "Add", "MaxPool", "GlobalAveragePool"],
+    )
+    return quantized.read_bytes()
+
+
+def _metadata(
+    ckpt: Checkpoint,
+    precision: str,
+    accuracy: dict[str, Any] | None,
+    parity: dict[str, float],
+    version: str | None,
+) -> dict[str, Any]:
+    return {
+        "model_name": ckpt.name,
+        "model_version": version or ckpt.sha256[:12],
+        "architecture": ckpt.arch,
+        "precision": precision,
+        "num_classes": str(len(ckpt.labels)),
+        "labels": ckpt.labels,
+        "preprocessing": {**ckpt.recipe.to_dict(), "mean": list(ckpt.mean), "std": list(ckpt.std)},
+        "source_sha256": ckpt.sha256,
+        "accuracy": accuracy,
+        "parity": parity,
+        "training": {k: ckpt.metrics[k] for k in ("val_top1", "epoch") if k in ckpt.metrics}
+        or None,
+    }
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    model = onnx.load(str(path), load_external_data=False)
+    raw = {p.key: p.value for p in model.metadata_props}
+    return {k: json.loads(v) if k in JSON_KEYS else v for k, v in raw.items()}
+
+
+def eval_set_for(ckpt: Checkpoint, eval_dir: Path | None) -> EvalSet:
+    """A labelled folder if given; else the validation split the checkpoint was trained against;
+    else real digit scans, which prove the graph (parity) but not the accuracy."""
+    if eval_dir is not None:
+        split = data.load_folder(eval_dir, ckpt.recipe)
+        unknown = sorted(set(split.labels) - set(ckpt.labels))
+        if unknown:
+            raise ModelError(
+                f"--eval-data {eval_dir}: class folders {unknown} are not model labels"
+            )
+        targets = np.asarray([ckpt.labels.index(split.labels[t]) for t in split.targets])
+        return EvalSet(f"{eval_dir.name}", split.images, targets)
+    config = _training_config(ckpt)
+    if config is not None:
+        val = load_datasets(config).val
+        return EvalSet(f"{Path(config.data).name}-val", val.images, val.targets)
+    _, val = data.digits(recipe=ckpt.recipe)
+    return EvalSet("digits-parity", val.images[:PARITY_IMAGES], None)
+
+
+def calibration_for(ckpt: Checkpoint, calib: str | None) -> np.ndarray:
+    """Training images for INT8 calibration: the checkpoint's own training set by default."""
+    if calib == data.DIGITS:
+        train, _ = data.digits(recipe=ckpt.recipe)
+        images = train.images
+    elif calib is not None:
+        images = data.load_folder(Path(calib), ckpt.recipe).images
+    else:
+        config = _training_config(ckpt)
+        if config is None:
+            raise ModelError(
+                "int8 needs calibration images: pass --calib-data DIR (training-like images) "
+                "or --calib-data digits"
+            )
+        images = load_datasets(config).train.images
+    pick = np.random.default_rng(0).permutation(len(images))[:CALIBRATION_IMAGES]
+    return images[np.sort(pick)]
+
+
+def _training_config(ckpt: Checkpoint) -> TrainConfig | None:
+    config = ckpt.extra.get("config")
+    if not config:
+        return None
+    config = TrainConfig(**config)
+    if not config.is_digits and not Path(config.data).is_dir():
+        log.warning("training data %s is gone; checking parity on digit scans only", config.data)
+        return None
+    return config
