@@ -1,4 +1,7 @@
-"""Errors that carry their HTTP status; one handler renders them as JSON (see ``app.main``)."""
+"""Errors that carry their HTTP status; one handler renders them as JSON (see ``app.handlers``).
+
+Kept free of web-framework imports: ``app.preprocess`` raises these inside ``model/`` too.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +25,10 @@ class EmptyUpload(BadRequest):
     code = "empty_upload"
 
 
+class InvalidMultipart(BadRequest):
+    code = "invalid_multipart"
+
+
 class PayloadTooLarge(ServiceError):
     status_code = 413
     code = "payload_too_large"
@@ -41,6 +48,11 @@ class InvalidImage(ServiceError):
     code = "invalid_image"
 
 
+class InvalidParameter(ServiceError):
+    status_code = 422
+    code = "invalid_parameter"
+
+
 class Overloaded(ServiceError):
     status_code = 503
     code = "overloaded"
@@ -51,9 +63,19 @@ class NotReady(ServiceError):
     code = "not_ready"
 
 
+class ShuttingDown(NotReady):
+    code = "shutting_down"
+
+
 class DeadlineExceeded(ServiceError):
     status_code = 504
     code = "timeout"
+
+
+class ClientClosedRequest(ServiceError):
+    # nginx's non-standard 499: nobody reads it, but metrics and logs should say what happened.
+    status_code = 499
+    code = "client_closed_request"
 
 
 class InferenceFailed(ServiceError):

@@ -1,0 +1,186 @@
+"""Dynamic batching between the HTTP handlers and the model.
+
+FIFO and bounded. A batch closes when it holds ``max_batch_size`` images or when its oldest
+image has waited ``max_wait_ms``. The model runs in one dedicated thread, so the event loop
+keeps accepting and decoding while a batch computes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from app.errors import DeadlineExceeded, InferenceFailed, Overloaded, ServiceError, ShuttingDown
+from app.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+ModelFn = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(eq=False)
+class _Item:
+    image: np.ndarray
+    future: asyncio.Future[np.ndarray]
+    enqueued_at: float
+    deadline: float
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    max_batch_size: int = 8
+    max_wait_ms: float = 5.0
+    max_queue_images: int = 256
+    request_timeout_ms: float = 10_000.0
+    retry_after_s: int = 1
+
+
+@dataclass
+class Batcher:
+    model_fn: ModelFn
+    config: BatchConfig
+    metrics: Metrics
+    _queue: asyncio.Queue[_Item] = field(init=False)
+    _executor: ThreadPoolExecutor = field(init=False)
+    _task: asyncio.Task[None] | None = field(init=False, default=None)
+    _closing: bool = field(init=False, default=False)
+
+    def __post_init__(self) -> None:
+        # The queue is created here, so construct the Batcher inside the running loop.
+        self._queue = asyncio.Queue(maxsize=self.config.max_queue_images)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self.metrics.track_queue_depth(self._queue.qsize)
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
+
+    async def run_in_model_thread(self, fn: Callable[[], None]) -> None:
+        """Run work such as warm-up on the inference thread, so it never races a batch."""
+        await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    async def submit(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Model outputs for ``images``, in order; the images may be split across batches."""
+        futures = self._enqueue(images)
+        try:
+            await asyncio.wait(futures, return_when=asyncio.FIRST_EXCEPTION)
+        finally:
+            # Client gone or a sibling image failed: queued leftovers are dropped, not computed.
+            for future in futures:
+                future.cancel()
+        # Retrieve every exception, not just the first, or asyncio logs the rest as unretrieved.
+        errors = [e for f in futures if not f.cancelled() and (e := f.exception()) is not None]
+        if errors:
+            raise errors[0]
+        return [future.result() for future in futures]
+
+    def _enqueue(self, images: Sequence[np.ndarray]) -> list[asyncio.Future[np.ndarray]]:
+        if self._closing:
+            raise ShuttingDown("the server is shutting down and admits no new work")
+        free = self._queue.maxsize - self._queue.qsize()
+        if len(images) > free:
+            # All or nothing: a half-admitted request would compute images nobody gets back.
+            raise Overloaded(
+                f"queue full: {len(images)} image(s) do not fit, {free} of "
+                f"max_queue_images={self._queue.maxsize} slots free",
+                headers={"Retry-After": str(self.config.retry_after_s)},
+            )
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        deadline = now + self.config.request_timeout_ms / 1000
+        items = [_Item(image, loop.create_future(), now, deadline) for image in images]
+        for item in items:
+            self._queue.put_nowait(item)
+        return [item.future for item in items]
+
+    async def drain(self) -> None:
+        """Admit nothing new, finish everything queued or running, then stop."""
+        self._closing = True
+        await self._queue.join()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._executor.shutdown(wait=True)
+
+    async def _loop(self) -> None:
+        while True:
+            batch = await self._collect()
+            try:
+                live = self._admit(batch)
+                if live:
+                    self._fan_out(live, await self._run(live))
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    async def _collect(self) -> list[_Item]:
+        first = await self._queue.get()
+        batch = [first]
+        close_at = first.enqueued_at + self.config.max_wait_ms / 1000
+        loop = asyncio.get_running_loop()
+        while len(batch) < self.config.max_batch_size:
+            try:
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can drop an item it got.
+                async with asyncio.timeout(max(0.0, close_at - loop.time())):
+                    batch.append(await self._queue.get())
+            except TimeoutError:
+                break
+        return batch
+
+    def _admit(self, batch: list[_Item]) -> list[_Item]:
+        """Drop cancelled items and fail expired ones, before they cost model time."""
+        now = asyncio.get_running_loop().time()
+        live = []
+        for item in batch:
+            if item.future.done():
+                continue
+            if now >= item.deadline:
+                waited_ms = (now - item.enqueued_at) * 1000
+                item.future.set_exception(
+                    DeadlineExceeded(
+                        f"image waited {waited_ms:.0f} ms in the queue, over "
+                        f"request_timeout_ms={self.config.request_timeout_ms:g}"
+                    )
+                )
+                continue
+            self.metrics.queue_wait_seconds.observe(now - item.enqueued_at)
+            live.append(item)
+        return live
+
+    async def _run(self, batch: list[_Item]) -> np.ndarray | ServiceError:
+        """The model's outputs for ``batch``, or the error that fails exactly this batch."""
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        try:
+            inputs = np.stack([item.image for item in batch])
+            outputs = await loop.run_in_executor(self._executor, self.model_fn, inputs)
+        except Exception as exc:
+            log.exception("inference failed", extra={"batch_size": len(batch)})
+            return InferenceFailed(f"inference failed for a batch of {len(batch)}: {exc!r}")
+        if len(outputs) != len(batch):
+            return InferenceFailed(
+                f"model returned {len(outputs)} outputs for a batch of {len(batch)} images"
+            )
+        self.metrics.inference_seconds.observe(time.perf_counter() - started)
+        self.metrics.batch_size.observe(len(batch))
+        self.metrics.images.inc(len(batch))
+        return outputs
+
+    def _fan_out(self, batch: list[_Item], outputs: np.ndarray | ServiceError) -> None:
+        for index, item in enumerate(batch):
+            if item.future.done():  # cancelled while the batch ran
+                continue
+            if isinstance(outputs, ServiceError):
+                # One exception object per waiter: each request raises and logs its own.
+                item.future.set_exception(type(outputs)(outputs.message))
+            else:
+                item.future.set_result(outputs[index])

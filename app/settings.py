@@ -1,0 +1,67 @@
+"""Server configuration. The only module that reads the environment (prefix ``RESNET_SERVE_``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from app.preprocess import DEFAULT_FORMATS, Limits
+
+Providers = Literal["auto", "cuda", "cpu"]
+GraphOptimization = Literal["disable", "basic", "extended", "all"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+def _default_decode_threads() -> int:
+    return min(4, os.cpu_count() or 1)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="RESNET_SERVE_", extra="forbid", frozen=True, protected_namespaces=()
+    )
+
+    model_path: Path = Path("artifacts/model.onnx")
+    host: str = "0.0.0.0"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: LogLevel = "info"
+
+    providers: Providers = "auto"
+    intra_op_threads: int = Field(0, ge=0, description="0 lets ONNX Runtime pick")
+    graph_optimization: GraphOptimization = "all"
+
+    max_batch_size: int = Field(8, ge=1, le=1024)
+    max_wait_ms: float = Field(5.0, ge=0)
+    max_queue_images: int = Field(256, ge=1)
+    request_timeout_ms: float = Field(10_000.0, gt=0)
+    max_inflight_requests: int = Field(64, ge=1)
+    decode_threads: int = Field(default_factory=_default_decode_threads, ge=1)
+    shutdown_timeout_s: int = Field(30, ge=1)
+
+    default_top_k: int = Field(5, ge=1)
+    max_image_bytes: int = Field(10 * 1024 * 1024, ge=1)
+    max_request_bytes: int = Field(32 * 1024 * 1024, ge=1)
+    max_images_per_request: int = Field(16, ge=1)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    allowed_formats: tuple[str, ...] = DEFAULT_FORMATS
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.max_queue_images < self.max_images_per_request:
+            raise ValueError(
+                f"max_queue_images={self.max_queue_images} must be at least "
+                f"max_images_per_request={self.max_images_per_request}, "
+                "or the largest allowed request could never be admitted"
+            )
+        unknown = sorted(set(self.allowed_formats) - set(DEFAULT_FORMATS))
+        if unknown:
+            raise ValueError(f"allowed_formats {unknown} are not among {list(DEFAULT_FORMATS)}")
+        return self
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(max_pixels=self.max_image_pixels, formats=self.allowed_formats)
