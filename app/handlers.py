@@ -1,0 +1,67 @@
+"""One JSON error shape for every failure: ours, FastAPI's validation, Starlette's 404/405."""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from app.errors import ServiceError
+from app.logs import request_id
+
+log = logging.getLogger(__name__)
+
+
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    body = {"error": {"code": code, "message": message, "request_id": request_id.get() or "-"}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def _service_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ServiceError)
+    if exc.status_code >= 500:
+        log.warning("request failed", extra={"code": exc.code, "detail": exc.message})
+    return error_response(exc.status_code, exc.code, exc.message, exc.headers)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    status = HTTPStatus(exc.status_code)
+    code = status.phrase.lower().replace(" ", "_").replace("-", "_")
+    message = exc.detail if exc.detail != status.phrase else _describe(request, status)
+    return error_response(exc.status_code, code, message, dict(exc.headers or {}))
+
+
+def _describe(request: Request, status: HTTPStatus) -> str:
+    if status is HTTPStatus.NOT_FOUND:
+        return f"no such path: {request.url.path}"
+    if status is HTTPStatus.METHOD_NOT_ALLOWED:
+        return f"method {request.method} is not allowed on {request.url.path}"
+    return status.phrase
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    message = "; ".join(_describe_validation(error) for error in exc.errors())
+    return error_response(422, "invalid_parameter", message)
+
+
+def _describe_validation(error: dict[str, Any]) -> str:
+    where = ".".join(str(part) for part in error.get("loc", ()))
+    text = f"{where}: {error.get('msg', 'invalid')}"
+    if "input" in error:
+        text += f" (got {error['input']!r})"
+    return text
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)

@@ -1,0 +1,69 @@
+"""Response bodies; declared here so /docs and /openapi.json describe exactly what is sent."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class Prediction(BaseModel):
+    label: str
+    class_id: int = Field(ge=0)
+    score: float = Field(ge=0.0, le=1.0, description="Probability from the model's softmax")
+
+
+class ImageResult(BaseModel):
+    filename: str | None = Field(description="The multipart filename; null for a raw body")
+    predictions: list[Prediction] = Field(description="Top-k, highest score first")
+
+
+class PredictResponse(BaseModel):
+    model_name: str
+    model_version: str
+    results: list[ImageResult] = Field(description="One entry per image, in request order")
+
+    model_config = {"protected_namespaces": ()}
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(examples=["invalid_image"])
+    message: str
+    request_id: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Status(BaseModel):
+    status: str = Field(examples=["ok"])
+
+
+class Batching(BaseModel):
+    max_batch_size: int
+    max_wait_ms: float
+    max_queue_images: int
+    request_timeout_ms: float
+    warmed_batch_sizes: list[int]
+
+
+class InputSpec(BaseModel):
+    name: str
+    dtype: str
+    shape: list[int | str] = Field(description='e.g. ["N", 224, 224, 3]: RGB, channels last')
+
+
+class ModelDescription(BaseModel):
+    name: str
+    version: str
+    architecture: str
+    precision: str
+    num_classes: int
+    labels: list[str]
+    input: InputSpec
+    preprocessing: dict[str, Any]
+    accuracy: dict[str, Any] | None
+    source_sha256: str
+    provider: str
+    batching: Batching
