@@ -1,0 +1,184 @@
+"""Fixtures for the app tests: small real ONNX models that honour the export contract, images."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
+
+from app.main import create_app
+from app.session import OnnxModel
+from app.settings import Settings
+
+LABELS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+CROP_SIZE = 16
+
+
+def build_model(
+    path: Path,
+    *,
+    crop_size: int = CROP_SIZE,
+    conv_layers: int = 0,
+    width: int = 16,
+    labels: list[str] = LABELS,
+    metadata: dict[str, str] | None = None,
+    drop: tuple[str, ...] = (),
+) -> Path:
+    """uint8 NHWC -> /255 -> NCHW -> [3x3 convs] -> 4x4 average pool -> Gemm -> softmax.
+
+    Weights are seeded, so predictions are deterministic, and the 4x4 pooled grid feeds the
+    classifier, so different images get different classes. ``conv_layers`` adds cost (they
+    share one weight tensor, so the file stays small) for tests that need a slow warm-up.
+    """
+    rng = np.random.default_rng(0)
+    channels = width if conv_layers else 3
+    initializers = [
+        numpy_helper.from_array(np.array(1 / 255, dtype=np.float32), "scale"),
+        numpy_helper.from_array(
+            (rng.normal(size=(channels * 16, len(labels))) * 4).astype(np.float32), "fc_w"
+        ),
+        numpy_helper.from_array(rng.normal(size=len(labels)).astype(np.float32), "fc_b"),
+    ]
+    nodes = [
+        helper.make_node("Cast", ["images"], ["as_float"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["as_float", "scale"], ["scaled"]),
+        helper.make_node("Transpose", ["scaled"], ["x0"], perm=[0, 3, 1, 2]),
+    ]
+    if conv_layers:
+        initializers += [
+            numpy_helper.from_array(_conv_weight(rng, width, 3), "conv_in"),
+            numpy_helper.from_array(_conv_weight(rng, width, width), "conv"),
+        ]
+    for layer in range(conv_layers):
+        weight = "conv_in" if layer == 0 else "conv"
+        nodes += [
+            helper.make_node("Conv", [f"x{layer}", weight], [f"c{layer}"], pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", [f"c{layer}"], [f"x{layer + 1}"]),
+        ]
+    cell = crop_size // 4
+    nodes += [
+        helper.make_node(
+            "AveragePool",
+            [f"x{conv_layers}"],
+            ["pooled"],
+            kernel_shape=[cell, cell],
+            strides=[cell, cell],
+        ),
+        helper.make_node("Flatten", ["pooled"], ["features"], axis=1),
+        helper.make_node("Gemm", ["features", "fc_w", "fc_b"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny",
+        [
+            helper.make_tensor_value_info(
+                "images", TensorProto.UINT8, ["N", crop_size, crop_size, 3]
+            )
+        ],
+        [
+            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", len(labels)]),
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", len(labels)]),
+        ],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    props = _metadata(crop_size, labels) | (metadata or {})
+    helper.set_model_props(model, {k: v for k, v in props.items() if k not in drop})
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path
+
+
+def _conv_weight(rng: np.random.Generator, out: int, inp: int) -> np.ndarray:
+    return (rng.normal(size=(out, inp, 3, 3)) / np.sqrt(inp * 9)).astype(np.float32)
+
+
+def _metadata(crop_size: int, labels: list[str]) -> dict[str, str]:
+    return {
+        "model_name": "tiny-test",
+        "model_version": "7",
+        "architecture": "tinynet",
+        "precision": "fp32",
+        "num_classes": str(len(labels)),
+        "labels": json.dumps(labels),
+        "preprocessing": json.dumps(
+            {
+                "resize_size": crop_size + crop_size // 4,
+                "crop_size": crop_size,
+                "interpolation": "bilinear",
+                "mean": [0.485, 0.456, 0.406],
+                "std": [0.229, 0.224, 0.225],
+            }
+        ),
+        "source_sha256": "ab" * 32,
+        "accuracy": json.dumps({"top1": 0.5, "dataset": "synthetic", "images": 10}),
+    }
+
+
+def image_bytes(
+    seed: int, fmt: str = "PNG", size: tuple[int, int] = (40, 30), mode: str = "RGB"
+) -> bytes:
+    """A noise image: different seeds give different predictions from the tiny model."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_model(tmp_path_factory.mktemp("model") / "tiny.onnx")
+
+
+@pytest.fixture
+def make_settings(model_path: Path) -> Callable[..., Settings]:
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "model_path": model_path,
+            "max_batch_size": 4,
+            "max_wait_ms": 2.0,
+            "decode_threads": 2,
+            "intra_op_threads": 1,
+        }
+        return Settings(**(values | overrides))
+
+    return make
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+Serve = Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]
+
+
+@pytest.fixture
+def serve(make_settings: Callable[..., Settings]) -> Serve:
+    """``async with serve(**settings) as client``: the app's lifespan runs and warm-up completes."""
+
+    @asynccontextmanager
+    async def run(
+        model: OnnxModel | None = None, **overrides: Any
+    ) -> AsyncIterator[httpx.AsyncClient]:
+        app = create_app(make_settings(**overrides), model)
+        async with app.router.lifespan_context(app):
+            await app.state.lifecycle.wait_warmed()
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                yield client
+
+    return run

@@ -1,0 +1,186 @@
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from app.batcher import BatchConfig, Batcher
+from app.errors import DeadlineExceeded, InferenceFailed, Overloaded, ShuttingDown
+from app.metrics import Metrics
+
+pytestmark = pytest.mark.anyio
+
+
+def image(value: int) -> np.ndarray:
+    return np.full((2, 2, 3), value, dtype=np.uint8)
+
+
+def echo(batch: np.ndarray) -> np.ndarray:
+    """Fake model: the output for an image is its pixel value, so results can be traced."""
+    return batch[:, 0, 0, 0].astype(np.float32).reshape(-1, 1)
+
+
+class Recorder:
+    def __init__(self, fn: Callable[[np.ndarray], np.ndarray] = echo) -> None:
+        self.fn = fn
+        self.batches: list[list[int]] = []
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.batches.append([int(v) for v in batch[:, 0, 0, 0]])
+        return self.fn(batch)
+
+
+def make_batcher(model: Callable[[np.ndarray], np.ndarray], **config: float) -> Batcher:
+    defaults: dict[str, float] = {"max_batch_size": 4, "max_wait_ms": 0.0}
+    return Batcher(model, BatchConfig(**(defaults | config)), Metrics())  # type: ignore[arg-type]
+
+
+async def test_full_batch_closes_without_waiting_for_the_deadline() -> None:
+    batcher = make_batcher(echo, max_wait_ms=3_600_000)
+    batcher._enqueue([image(v) for v in range(6)])
+    batch = await batcher._collect()
+    assert [int(item.image[0, 0, 0]) for item in batch] == [0, 1, 2, 3]
+    assert batcher.depth == 2
+
+
+async def test_partial_batch_closes_at_the_deadline() -> None:
+    batcher = make_batcher(echo, max_wait_ms=20)
+    batcher._enqueue([image(1), image(2)])
+    batch = await batcher._collect()
+    assert len(batch) == 2
+
+
+async def test_fifo_order_and_results_across_requests() -> None:
+    model = Recorder()
+    batcher = make_batcher(model, max_batch_size=3, max_wait_ms=0)
+    batcher.start()
+    first = asyncio.ensure_future(batcher.submit([image(1), image(2)]))
+    second = asyncio.ensure_future(batcher.submit([image(3), image(4)]))
+    results = await asyncio.gather(first, second)
+    await batcher.drain()
+    assert [[float(r[0]) for r in result] for result in results] == [[1, 2], [3, 4]]
+    assert [v for batch in model.batches for v in batch] == [1, 2, 3, 4]
+
+
+async def test_multi_image_request_spans_batches_in_order() -> None:
+    model = Recorder()
+    batcher = make_batcher(model, max_batch_size=2, max_wait_ms=0)
+    batcher.start()
+    results = await batcher.submit([image(v) for v in (5, 6, 7, 8, 9)])
+    await batcher.drain()
+    assert [float(r[0]) for r in results] == [5, 6, 7, 8, 9]
+    assert max(len(batch) for batch in model.batches) == 2
+    assert len(model.batches) >= 3
+
+
+async def test_failing_batch_fails_exactly_its_own_requests() -> None:
+    def fail_on_13(batch: np.ndarray) -> np.ndarray:
+        if 13 in batch[:, 0, 0, 0]:
+            raise RuntimeError("boom")
+        return echo(batch)
+
+    batcher = make_batcher(Recorder(fail_on_13), max_batch_size=2)
+    doomed = batcher._enqueue([image(12), image(13)])
+    spared = batcher._enqueue([image(14)])
+    for _ in range(2):
+        batch = await batcher._collect()
+        batcher._fan_out(batch, await batcher._run(batch))
+    for future in doomed:
+        with pytest.raises(InferenceFailed, match="boom"):
+            future.result()
+    assert float(spared[0].result()[0]) == 14
+
+
+async def test_wrong_number_of_outputs_fails_the_batch() -> None:
+    batcher = make_batcher(lambda batch: echo(batch)[:1])
+    futures = batcher._enqueue([image(1), image(2)])
+    batch = await batcher._collect()
+    batcher._fan_out(batch, await batcher._run(batch))
+    for future in futures:
+        with pytest.raises(InferenceFailed, match="1 outputs for a batch of 2"):
+            future.result()
+
+
+async def test_service_goes_on_after_a_failed_batch() -> None:
+    calls = 0
+
+    def fail_first(batch: np.ndarray) -> np.ndarray:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("first call fails")
+        return echo(batch)
+
+    batcher = make_batcher(fail_first, max_wait_ms=0)
+    batcher.start()
+    with pytest.raises(InferenceFailed):
+        await batcher.submit([image(1)])
+    assert float((await batcher.submit([image(2)]))[0][0]) == 2
+    await batcher.drain()
+
+
+async def test_cancelled_items_are_dropped_before_inference() -> None:
+    model = Recorder()
+    batcher = make_batcher(model)
+    gone, kept = batcher._enqueue([image(1)]), batcher._enqueue([image(2)])
+    gone[0].cancel()
+    batch = await batcher._collect()
+    live = batcher._admit(batch)
+    batcher._fan_out(live, await batcher._run(live))
+    assert model.batches == [[2]]
+    assert float(kept[0].result()[0]) == 2
+
+
+async def test_cancelling_submit_drops_its_queued_images() -> None:
+    model = Recorder()
+    batcher = make_batcher(model)
+    task = asyncio.ensure_future(batcher.submit([image(1), image(2)]))
+    await asyncio.sleep(0)  # one loop turn: lets the task enqueue; no timing involved
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    batch = await batcher._collect()
+    assert batcher._admit(batch) == []
+
+
+@pytest.mark.parametrize("queued", [0, 3], ids=["empty-queue-too-small", "partly-full"])
+async def test_full_queue_rejects_the_whole_request_with_retry_after(queued: int) -> None:
+    batcher = make_batcher(echo, max_queue_images=4)
+    batcher._enqueue([image(v) for v in range(queued)])
+    with pytest.raises(Overloaded, match="max_queue_images=4") as raised:
+        batcher._enqueue([image(9)] * (5 - queued))
+    assert raised.value.headers == {"Retry-After": "1"}
+    assert batcher.depth == queued
+
+
+async def test_expired_items_get_504_without_using_the_model() -> None:
+    model = Recorder()
+    batcher = make_batcher(model, request_timeout_ms=1e-9, max_wait_ms=0)
+    batcher.start()
+    with pytest.raises(DeadlineExceeded, match="request_timeout_ms"):
+        await batcher.submit([image(1)])
+    await batcher.drain()
+    assert model.batches == []
+
+
+async def test_drain_finishes_queued_work_then_refuses_new_work() -> None:
+    gate = threading.Event()
+
+    def gated(batch: np.ndarray) -> np.ndarray:
+        gate.wait()
+        return echo(batch)
+
+    batcher = make_batcher(gated, max_batch_size=1, max_wait_ms=0)
+    batcher.start()
+    pending = asyncio.ensure_future(batcher.submit([image(1), image(2)]))
+    await asyncio.sleep(0)  # one loop turn: lets submit enqueue
+    draining = asyncio.ensure_future(batcher.drain())
+    await asyncio.sleep(0)
+    with pytest.raises(ShuttingDown):
+        await batcher.submit([image(3)])
+    gate.set()
+    await draining
+    assert [float(r[0]) for r in await pending] == [1, 2]
