@@ -47,7 +47,7 @@ def build_model(
         numpy_helper.from_array(
             (rng.normal(size=(channels * 16, len(labels))) * 4).astype(np.float32), "fc_w"
         ),
-        numpy_helper.from_array(rng.normal(size=len(labels)).astype(np.float32), "fc_b"),
+        numpy_helper.from_array(np.zeros(len(labels), dtype=np.float32), "fc_b"),
     ]
     nodes = [
         helper.make_node("Cast", ["images"], ["as_float"], to=TensorProto.FLOAT),
@@ -130,11 +130,11 @@ def _metadata(crop_size: int, labels: list[str]) -> dict[str, str]:
 def image_bytes(
     seed: int, fmt: str = "PNG", size: tuple[int, int] = (40, 30), mode: str = "RGB"
 ) -> bytes:
-    """A noise image: different seeds give different predictions from the tiny model."""
+    """Random 4x4 colour blocks: different seeds give different predictions from the tiny model."""
     rng = np.random.default_rng(seed)
-    pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    blocks = Image.fromarray(rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8))
     buffer = io.BytesIO()
-    Image.fromarray(pixels).convert(mode).save(buffer, format=fmt)
+    blocks.resize(size, Image.Resampling.NEAREST).convert(mode).save(buffer, format=fmt)
     return buffer.getvalue()
 
 

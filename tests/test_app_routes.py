@@ -1,0 +1,434 @@
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from app.main import create_app
+from app.preprocess import Recipe, decode
+from app.session import OnnxModel
+from tests.conftest import CROP_SIZE, LABELS, Serve, image_bytes
+
+pytestmark = pytest.mark.anyio
+
+RECIPE = Recipe(resize_size=CROP_SIZE + CROP_SIZE // 4, crop_size=CROP_SIZE)
+
+
+def offline_top(model_path: Path, data: bytes, k: int) -> list[tuple[int, float]]:
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    (probabilities,) = session.run(["probabilities"], {"images": decode(data, RECIPE)[None]})
+    order = np.argsort(-probabilities[0], kind="stable")[:k]
+    return [(int(i), float(probabilities[0][i])) for i in order]
+
+
+def files(*payloads: bytes) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("files", (f"img{i}.png", data, "image/png")) for i, data in enumerate(payloads)]
+
+
+def assert_error(response: httpx.Response, status: int, code: str, *fragments: str) -> None:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code
+    assert error["request_id"] == response.headers["x-request-id"]
+    for fragment in fragments:
+        assert fragment in error["message"]
+
+
+async def test_predict_multipart_many_images_in_order_matching_offline(
+    serve: Serve, model_path: Path
+) -> None:
+    payloads = [image_bytes(seed) for seed in range(6)]
+    async with serve() as client:
+        response = await client.post("/predict", files=files(*payloads), params={"top_k": 3})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["model_name"], body["model_version"]) == ("tiny-test", "7")
+    assert [r["filename"] for r in body["results"]] == [f"img{i}.png" for i in range(6)]
+    for result, data in zip(body["results"], payloads, strict=True):
+        expected = offline_top(model_path, data, 3)
+        got = [(p["class_id"], p["score"]) for p in result["predictions"]]
+        assert [c for c, _ in got] == [c for c, _ in expected]
+        assert np.allclose([s for _, s in got], [s for _, s in expected], atol=1e-5)
+        assert [p["label"] for p in result["predictions"]] == [LABELS[c] for c, _ in got]
+    assert len({r["predictions"][0]["class_id"] for r in body["results"]}) > 1
+
+
+async def test_predict_raw_body_uses_default_top_k(serve: Serve) -> None:
+    async with serve(default_top_k=4) as client:
+        response = await client.post(
+            "/predict", content=image_bytes(1), headers={"content-type": "image/png"}
+        )
+    assert response.status_code == 200, response.text
+    (result,) = response.json()["results"]
+    assert result["filename"] is None
+    scores = [p["score"] for p in result["predictions"]]
+    assert len(scores) == 4
+    assert scores == sorted(scores, reverse=True)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "mode"),
+    [
+        ("JPEG", "RGB"),
+        ("PNG", "RGBA"),
+        ("PNG", "L"),
+        ("PNG", "P"),
+        ("WEBP", "RGB"),
+        ("BMP", "RGB"),
+        ("GIF", "P"),
+        ("TIFF", "CMYK"),
+    ],
+    ids=lambda value: str(value).lower(),
+)
+async def test_predict_accepts_allowed_formats_and_modes(serve: Serve, fmt: str, mode: str) -> None:
+    async with serve() as client:
+        response = await client.post(
+            "/predict", files=[("file", ("x", image_bytes(2, fmt, mode=mode), "image/*"))]
+        )
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize("top_k", ["0", "11", "-1", "abc", "2.5"], ids=str)
+async def test_bad_top_k_is_422_naming_the_value(serve: Serve, top_k: str) -> None:
+    async with serve() as client:
+        response = await client.post(
+            "/predict", files=files(image_bytes(0)), params={"top_k": top_k}
+        )
+    assert_error(response, 422, "invalid_parameter", "top_k", top_k)
+
+
+def multipart(parts: Iterable[bytes], boundary: str = "XyZ") -> bytes:
+    return b"".join(b"--" + boundary.encode() + b"\r\n" + part for part in parts) + (
+        b"--" + boundary.encode() + b"--\r\n"
+    )
+
+
+FILE_PART = b'Content-Disposition: form-data; name="f"; filename="a.png"\r\n\r\n%s\r\n'
+TEXT_PART = b'Content-Disposition: form-data; name="note"\r\n\r\nhello\r\n'
+MULTIPART = "multipart/form-data; boundary=XyZ"
+PNG = image_bytes(3)
+TRUNCATED_PNG = PNG[: len(PNG) // 2]
+
+BAD_REQUESTS: list[Any] = [
+    pytest.param({}, None, 400, "empty_upload", "no image", id="no-body"),
+    pytest.param(
+        {"content-type": "image/png"}, b"", 400, "empty_upload", "0 bytes", id="empty-raw"
+    ),
+    pytest.param(
+        {"content-type": MULTIPART},
+        multipart([FILE_PART % b""]),
+        400,
+        "empty_upload",
+        "a.png",
+        id="empty-file",
+    ),
+    pytest.param(
+        {"content-type": MULTIPART}, multipart([]), 400, "empty_upload", "no files", id="no-files"
+    ),
+    pytest.param(
+        {"content-type": MULTIPART},
+        multipart([TEXT_PART]),
+        400,
+        "invalid_multipart",
+        "'note'",
+        id="text-field",
+    ),
+    pytest.param(
+        {"content-type": "multipart/form-data"},
+        b"x",
+        400,
+        "invalid_multipart",
+        "boundary",
+        id="no-boundary",
+    ),
+    pytest.param(
+        {"content-type": MULTIPART},
+        multipart([FILE_PART % PNG] * 3),
+        400,
+        "invalid_multipart",
+        "max_images_per_request=2",
+        id="too-many-files",
+    ),
+    pytest.param(
+        {"content-type": "text/plain"},
+        b"hello",
+        415,
+        "unsupported_media_type",
+        "text/plain",
+        id="text-plain",
+    ),
+    pytest.param(
+        {"content-type": "image/png"},
+        b"not an image at all",
+        415,
+        "unsupported_media_type",
+        "allowed format",
+        id="not-an-image",
+    ),
+    pytest.param(
+        {"content-type": "image/png"},
+        TRUNCATED_PNG,
+        422,
+        "invalid_image",
+        "PNG",
+        id="truncated-png",
+    ),
+    pytest.param(
+        {"content-type": MULTIPART},
+        multipart([FILE_PART % TRUNCATED_PNG]),
+        422,
+        "invalid_image",
+        "image 0 ('a.png')",
+        id="truncated-file",
+    ),
+    pytest.param(
+        {"content-type": "image/png"},
+        image_bytes(4, size=(200, 200)),
+        413,
+        "too_many_pixels",
+        "max_image_pixels",
+        id="too-many-pixels",
+    ),
+    pytest.param(
+        {"content-type": "image/bmp"},
+        image_bytes(5, "BMP", size=(60, 60)),
+        413,
+        "payload_too_large",
+        "max_image_bytes=5000",
+        id="image-over-max-image-bytes",
+    ),
+    pytest.param(
+        {"content-type": MULTIPART},
+        multipart([FILE_PART % image_bytes(5, "BMP", size=(60, 60))]),
+        413,
+        "payload_too_large",
+        "max_image_bytes=5000",
+        id="file-over-max-image-bytes",
+    ),
+    pytest.param(
+        {"content-type": "image/bmp"},
+        b"x" * 20_001,
+        413,
+        "payload_too_large",
+        "max_request_bytes=20000",
+        id="content-length-over-max-request-bytes",
+    ),
+]
+
+
+@pytest.mark.parametrize(("headers", "content", "status", "code", "fragment"), BAD_REQUESTS)
+async def test_bad_requests_get_a_clear_4xx(
+    serve: Serve,
+    headers: dict[str, str],
+    content: bytes | None,
+    status: int,
+    code: str,
+    fragment: str,
+) -> None:
+    limits = {
+        "max_images_per_request": 2,
+        "max_image_pixels": 10_000,
+        "max_image_bytes": 5000,
+        "max_request_bytes": 20_000,
+    }
+    async with serve(**limits) as client:
+        response = await client.post("/predict", content=content, headers=headers)
+    assert_error(response, status, code, fragment)
+
+
+async def test_request_byte_limit_is_enforced_while_streaming(serve: Serve) -> None:
+    sent = 0
+
+    async def endless() -> AsyncIterator[bytes]:
+        nonlocal sent
+        while True:
+            sent += 1000
+            yield b"x" * 1000
+
+    async with serve(max_request_bytes=20_000) as client:
+        response = await client.post(
+            "/predict", content=endless(), headers={"content-type": "image/png"}
+        )
+    assert_error(response, 413, "payload_too_large", "max_request_bytes=20000")
+    assert sent <= 22_000
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "code"),
+    [("GET", "/nope", 404, "not_found"), ("GET", "/predict", 405, "method_not_allowed")],
+    ids=["404", "405"],
+)
+async def test_framework_errors_use_the_same_shape(
+    serve: Serve, method: str, path: str, status: int, code: str
+) -> None:
+    async with serve() as client:
+        response = await client.request(method, path, headers={"x-request-id": "abc-123"})
+    assert_error(response, status, code, path)
+    assert response.json()["error"]["request_id"] == "abc-123"
+
+
+async def test_request_id_is_generated_when_missing_or_unsafe(serve: Serve) -> None:
+    async with serve() as client:
+        plain = await client.get("/healthz")
+        unsafe = await client.get("/healthz", headers={"x-request-id": "a b\tc"})
+    assert len(plain.headers["x-request-id"]) == 32
+    assert unsafe.headers["x-request-id"] != "a b\tc"
+
+
+async def test_unexpected_exception_is_500_with_the_error_shape(serve: Serve) -> None:
+    async with serve() as client:
+        app = client._transport.app  # type: ignore[attr-defined]
+
+        async def boom() -> None:
+            raise RuntimeError("secret internals")
+
+        app.add_api_route("/boom", boom)
+        response = await client.get("/boom")
+    assert_error(response, 500, "internal_error")
+    assert "secret" not in response.text
+
+
+class GatedModel(OnnxModel):
+    """The real tiny model, with hooks that hold warm-up or inference until a test says go."""
+
+    def __init__(self, model: OnnxModel) -> None:
+        super().__init__(model._session, model.info)
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self.gate_warm_up = True
+        self.warming = False
+        self.fail_next = False
+
+    def warm_up(self, batch_sizes: Iterable[int]) -> None:
+        if self.gate_warm_up:
+            self.release.wait()
+        self.warming = True
+        super().warm_up(batch_sizes)
+        self.warming = False
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        if self.warming:
+            return super().predict(images)
+        self.entered.set()
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("device on fire")
+        self.release.wait()
+        return super().predict(images)
+
+
+@pytest.fixture
+def gated(make_settings: Any) -> GatedModel:
+    return GatedModel(OnnxModel.load(make_settings()))
+
+
+async def test_not_ready_until_warmed_up_then_ready(gated: GatedModel, make_settings: Any) -> None:
+    app = create_app(make_settings(), gated)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            assert_error(await client.get("/readyz"), 503, "not_ready", "warming up")
+            assert_error(await client.post("/predict", files=files(PNG)), 503, "not_ready")
+            assert (await client.get("/healthz")).status_code == 200
+            gated.release.set()
+            await app.state.lifecycle.wait_warmed()
+            assert (await client.get("/readyz")).json() == {"status": "ready"}
+            model = (await client.get("/v1/model")).json()
+    assert model["batching"]["warmed_batch_sizes"] == [1, 2, 3, 4]
+
+
+async def test_draining_turns_readiness_and_admission_to_503(serve: Serve) -> None:
+    async with serve() as client:
+        client._transport.app.state.lifecycle.draining = True  # type: ignore[attr-defined]
+        assert_error(await client.get("/readyz"), 503, "shutting_down")
+        response = await client.post("/predict", files=files(PNG))
+    assert_error(response, 503, "shutting_down")
+    assert response.headers["retry-after"] == "1"
+
+
+async def test_failed_inference_is_500_and_the_service_goes_on(
+    serve: Serve, gated: GatedModel
+) -> None:
+    gated.gate_warm_up = False
+    gated.release.set()
+    async with serve(gated) as client:
+        gated.fail_next = True
+        failed = await client.post("/predict", files=files(PNG))
+        recovered = await client.post("/predict", files=files(PNG))
+    assert_error(failed, 500, "inference_failed", "device on fire")
+    assert recovered.status_code == 200
+
+
+async def test_overload_is_503_with_retry_after(serve: Serve, gated: GatedModel) -> None:
+    gated.gate_warm_up = False
+    async with serve(gated, max_inflight_requests=1) as client:
+        first = asyncio.ensure_future(client.post("/predict", files=files(PNG)))
+        await asyncio.to_thread(gated.entered.wait)
+        second = await client.post("/predict", files=files(PNG))
+        gated.release.set()
+        assert (await first).status_code == 200
+    assert_error(second, 503, "overloaded", "max_inflight_requests=1")
+    assert second.headers["retry-after"] == "1"
+
+
+async def test_queue_timeout_is_504(serve: Serve) -> None:
+    async with serve(request_timeout_ms=1e-6) as client:
+        response = await client.post("/predict", files=files(PNG))
+    assert_error(response, 504, "timeout", "request_timeout_ms")
+
+
+async def test_health_model_and_metrics_endpoints(serve: Serve) -> None:
+    async with serve() as client:
+        assert (await client.get("/healthz")).json() == {"status": "ok"}
+        await client.post("/predict", files=files(PNG, image_bytes(9)))
+        model = (await client.get("/v1/model")).json()
+        metrics = await client.get("/metrics")
+    assert model["labels"] == LABELS
+    assert model["input"] == {"name": "images", "dtype": "uint8", "shape": ["N", 16, 16, 3]}
+    assert model["preprocessing"]["mean"] == [0.485, 0.456, 0.406]
+    assert model["accuracy"]["top1"] == 0.5
+    assert model["provider"] == "CPUExecutionProvider"
+    assert model["batching"]["max_batch_size"] == 4
+    families = {f.name: f for f in text_string_to_metric_families(metrics.text)}
+    (info,) = families["resnet_serve_model_info"].samples
+    assert info.labels == {"name": "tiny-test", "version": "7", "provider": "CPUExecutionProvider"}
+    (images,) = [s for s in families["resnet_serve_images"].samples if s.name.endswith("_total")]
+    assert images.value == 2
+    requests = {
+        (s.labels["endpoint"], s.labels["status"]): s.value
+        for s in families["resnet_serve_requests"].samples
+        if s.name.endswith("_total")
+    }
+    assert requests[("/predict", "200")] == 1
+    for name in (
+        "resnet_serve_request_duration_seconds",
+        "resnet_serve_preprocess_seconds",
+        "resnet_serve_queue_wait_seconds",
+        "resnet_serve_inference_seconds",
+        "resnet_serve_batch_size",
+        "resnet_serve_queue_depth",
+    ):
+        assert name in families
+
+
+async def test_openapi_describes_the_response_and_error_models(serve: Serve) -> None:
+    async with serve() as client:
+        schema = (await client.get("/openapi.json")).json()
+    predict = schema["paths"]["/predict"]["post"]
+    ok = predict["responses"]["200"]["content"]["application/json"]["schema"]
+    assert ok == {"$ref": "#/components/schemas/PredictResponse"}
+    assert set(predict["requestBody"]["content"]) == {"multipart/form-data", "image/*"}
+    for status in ("400", "413", "415", "422", "503", "504"):
+        error = predict["responses"][status]["content"]["application/json"]["schema"]
+        assert error == {"$ref": "#/components/schemas/ErrorResponse"}
+    components = schema["components"]["schemas"]
+    assert set(components["Prediction"]["properties"]) == {"label", "class_id", "score"}
+    assert "/v1/model" in schema["paths"]
