@@ -8,6 +8,7 @@ from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
+from pydantic import ValidationError
 
 from app.logs import configure_logging
 from app.main import create_app
@@ -30,7 +31,11 @@ class _Server(uvicorn.Server):
 
 
 def main() -> int:
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        print(f"resnet-serve: invalid settings: {exc}", file=sys.stderr)
+        return 2
     configure_logging(settings.log_level)
     try:
         # Opened before uvicorn starts, so a bad model is one line and exit 1, not a traceback.

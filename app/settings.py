@@ -11,6 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.preprocess import DEFAULT_FORMATS, Limits
 
+ENV_PREFIX = "RESNET_SERVE_"
 Providers = Literal["auto", "cuda", "cpu"]
 GraphOptimization = Literal["disable", "basic", "extended", "all"]
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -22,7 +23,7 @@ def _default_decode_threads() -> int:
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="RESNET_SERVE_", extra="forbid", frozen=True, protected_namespaces=()
+        env_prefix=ENV_PREFIX, extra="forbid", frozen=True, protected_namespaces=()
     )
 
     model_path: Path = Path("artifacts/model.onnx")
@@ -60,6 +61,15 @@ class Settings(BaseSettings):
         unknown = sorted(set(self.allowed_formats) - set(DEFAULT_FORMATS))
         if unknown:
             raise ValueError(f"allowed_formats {unknown} are not among {list(DEFAULT_FORMATS)}")
+        # A misspelt variable would otherwise be ignored in silence and its default used.
+        typos = sorted(
+            name
+            for name in os.environ
+            if name.upper().startswith(ENV_PREFIX)
+            and name[len(ENV_PREFIX) :].lower() not in type(self).model_fields
+        )
+        if typos:
+            raise ValueError(f"unknown settings in the environment: {typos}")
         return self
 
     @property

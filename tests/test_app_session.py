@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from app.session import CPU, CUDA, ModelError, OnnxModel, choose_providers
+from app.settings import Settings
+from tests.conftest import CROP_SIZE, LABELS, build_model
+
+
+def test_loads_the_contract_and_predicts(make_settings: Callable[..., Settings]) -> None:
+    model = OnnxModel.load(make_settings())
+    assert model.provider == CPU
+    assert model.info.labels == tuple(LABELS)
+    assert model.info.recipe.crop_size == CROP_SIZE
+    assert model.info.accuracy == {"top1": 0.5, "dataset": "synthetic", "images": 10}
+    images = np.random.default_rng(0).integers(0, 256, (3, CROP_SIZE, CROP_SIZE, 3), np.uint8)
+    probabilities = model.predict(images)
+    assert probabilities.shape == (3, len(LABELS))
+    assert np.allclose(probabilities.sum(axis=1), 1, atol=1e-5)
+    model.warm_up([1, 2])
+
+
+def test_accuracy_may_be_null(tmp_path: Path, make_settings: Callable[..., Settings]) -> None:
+    path = build_model(tmp_path / "m.onnx", metadata={"accuracy": "null"})
+    assert OnnxModel.load(make_settings(model_path=path)).info.accuracy is None
+
+
+BAD_METADATA = [
+    pytest.param({}, ("labels",), "missing ['labels']", id="missing-labels"),
+    pytest.param({}, ("accuracy", "source_sha256"), "missing", id="missing-two"),
+    pytest.param({"num_classes": "9"}, (), "num_classes='9'", id="num-classes-vs-labels"),
+    pytest.param(
+        {"labels": json.dumps(LABELS[:9]), "num_classes": "9"}, (), "axis 1", id="labels-vs-output"
+    ),
+    pytest.param({"labels": "[1, 2]"}, (), "list of strings", id="labels-not-strings"),
+    pytest.param({"labels": "not json"}, (), "not valid JSON", id="labels-not-json"),
+    pytest.param({"precision": "fp8"}, (), "fp8", id="unknown-precision"),
+    pytest.param(
+        {"preprocessing": json.dumps({"resize_size": 40, "crop_size": 32})},
+        (),
+        "axis 1",
+        id="crop-vs-input",
+    ),
+    pytest.param({"preprocessing": "{}"}, (), "preprocessing", id="empty-preprocessing"),
+    pytest.param({"accuracy": "[1]"}, (), "accuracy", id="accuracy-wrong-type"),
+]
+
+
+@pytest.mark.parametrize(("metadata", "drop", "fragment"), BAD_METADATA)
+def test_bad_metadata_fails_start_up_with_a_clear_message(
+    tmp_path: Path,
+    make_settings: Callable[..., Settings],
+    metadata: dict[str, str],
+    drop: tuple[str, ...],
+    fragment: str,
+) -> None:
+    path = build_model(tmp_path / "m.onnx", metadata=metadata, drop=drop)
+    with pytest.raises(ModelError, match=re.escape(fragment)):
+        OnnxModel.load(make_settings(model_path=path))
+
+
+def test_missing_file(tmp_path: Path, make_settings: Callable[..., Settings]) -> None:
+    with pytest.raises(ModelError, match=r"model file not found: .*nope\.onnx"):
+        OnnxModel.load(make_settings(model_path=tmp_path / "nope.onnx"))
+
+
+def test_corrupt_file(tmp_path: Path, make_settings: Callable[..., Settings]) -> None:
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(b"\x08\x07 definitely not a protobuf " * 10)
+    with pytest.raises(ModelError, match="cannot load ONNX model") as raised:
+        OnnxModel.load(make_settings(model_path=path))
+    assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("requested", "available", "expected"),
+    [
+        ("auto", [CUDA, CPU], [CUDA, CPU]),
+        ("auto", [CPU], [CPU]),
+        ("cuda", [CUDA, CPU], [CUDA, CPU]),
+        ("cpu", [CUDA, CPU], [CPU]),
+    ],
+    ids=["auto-with-cuda", "auto-without-cuda", "cuda", "cpu-forced"],
+)
+def test_choose_providers(requested: str, available: list[str], expected: list[str]) -> None:
+    providers, reason = choose_providers(requested, available)
+    assert providers == expected
+    assert requested in reason
+
+
+def test_cuda_requested_but_unavailable_is_an_error() -> None:
+    with pytest.raises(ModelError, match="providers=cuda but CUDAExecutionProvider"):
+        choose_providers("cuda", [CPU])
