@@ -34,48 +34,48 @@ def build_model(
     metadata: dict[str, str] | None = None,
     drop: tuple[str, ...] = (),
 ) -> Path:
-    """uint8 NHWC -> /255 -> NCHW -> [3x3 convs] -> 4x4 average pool -> Gemm -> softmax.
+    """uint8 NHWC -> /255 -> NCHW -> 4x4 average pool -> Gemm -> softmax.
 
-    Weights are seeded, so predictions are deterministic, and the 4x4 pooled grid feeds the
-    classifier, so different images get different classes. ``conv_layers`` adds cost (they
-    share one weight tensor, so the file stays small) for tests that need a slow warm-up.
+    Weights are seeded, so predictions are deterministic, and the pooled 4x4 colour grid feeds
+    the classifier, so different images get different classes. ``conv_layers`` adds a branch
+    of 3x3 convolutions, pooled and concatenated to the features, for tests that need the
+    model to cost real time (one shared weight tensor keeps the file small).
     """
     rng = np.random.default_rng(0)
-    channels = width if conv_layers else 3
-    initializers = [
-        numpy_helper.from_array(np.array(1 / 255, dtype=np.float32), "scale"),
-        numpy_helper.from_array(
-            (rng.normal(size=(channels * 16, len(labels))) * 4).astype(np.float32), "fc_w"
-        ),
-        numpy_helper.from_array(np.zeros(len(labels), dtype=np.float32), "fc_b"),
-    ]
+    cell = crop_size // 4
+    initializers = [numpy_helper.from_array(np.array(1 / 255, dtype=np.float32), "scale")]
     nodes = [
         helper.make_node("Cast", ["images"], ["as_float"], to=TensorProto.FLOAT),
         helper.make_node("Mul", ["as_float", "scale"], ["scaled"]),
         helper.make_node("Transpose", ["scaled"], ["x0"], perm=[0, 3, 1, 2]),
+        *_pool("x0", "features", cell),
     ]
+    fc_w = rng.normal(size=(3 * 16, len(labels))) * 1.5
+    # Centres the colour features (mean 0.5), so no class wins just by having larger weights.
+    fc_b = -0.5 * fc_w.sum(axis=0)
     if conv_layers:
         initializers += [
             numpy_helper.from_array(_conv_weight(rng, width, 3), "conv_in"),
             numpy_helper.from_array(_conv_weight(rng, width, width), "conv"),
         ]
-    for layer in range(conv_layers):
-        weight = "conv_in" if layer == 0 else "conv"
-        nodes += [
-            helper.make_node("Conv", [f"x{layer}", weight], [f"c{layer}"], pads=[1, 1, 1, 1]),
-            helper.make_node("Relu", [f"c{layer}"], [f"x{layer + 1}"]),
-        ]
-    cell = crop_size // 4
+        for layer in range(conv_layers):
+            weight = "conv_in" if layer == 0 else "conv"
+            nodes += [
+                helper.make_node("Conv", [f"x{layer}", weight], [f"c{layer}"], pads=[1, 1, 1, 1]),
+                helper.make_node("Relu", [f"c{layer}"], [f"x{layer + 1}"]),
+            ]
+        nodes += _pool(f"x{conv_layers}", "conv_features", cell)
+        nodes.append(helper.make_node("Concat", ["features", "conv_features"], ["all"], axis=1))
+        # Small weights on the conv branch: it adds cost, the colour grid keeps classes diverse.
+        fc_w = np.concatenate([fc_w, rng.normal(size=(width * 16, len(labels))) * 0.1])
+    initializers += [
+        numpy_helper.from_array(fc_w.astype(np.float32), "fc_w"),
+        numpy_helper.from_array(fc_b.astype(np.float32), "fc_b"),
+    ]
     nodes += [
         helper.make_node(
-            "AveragePool",
-            [f"x{conv_layers}"],
-            ["pooled"],
-            kernel_shape=[cell, cell],
-            strides=[cell, cell],
+            "Gemm", ["all" if conv_layers else "features", "fc_w", "fc_b"], ["logits"]
         ),
-        helper.make_node("Flatten", ["pooled"], ["features"], axis=1),
-        helper.make_node("Gemm", ["features", "fc_w", "fc_b"], ["logits"]),
         helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
     ]
     graph = helper.make_graph(
@@ -99,6 +99,19 @@ def build_model(
     onnx.checker.check_model(model)
     onnx.save(model, path)
     return path
+
+
+def _pool(source: str, target: str, cell: int) -> list[onnx.NodeProto]:
+    return [
+        helper.make_node(
+            "AveragePool",
+            [source],
+            [f"{target}_grid"],
+            kernel_shape=[cell, cell],
+            strides=[cell, cell],
+        ),
+        helper.make_node("Flatten", [f"{target}_grid"], [target], axis=1),
+    ]
 
 
 def _conv_weight(rng: np.random.Generator, out: int, inp: int) -> np.ndarray:
