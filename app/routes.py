@@ -151,16 +151,23 @@ async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -
     Only call once the body has been read: from then on ``receive`` yields only disconnects.
     """
     task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(request.receive())
+    watcher = asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
     finally:
         watcher.cancel()
-        if not task.done():
-            task.cancel()
-    if task.cancelled():
+    if not task.done():
+        task.cancel()
         raise ClientClosedRequest("the client closed the connection before the answer was ready")
     return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _top_k(probabilities: np.ndarray, k: int, labels: tuple[str, ...]) -> list[Prediction]:

@@ -11,9 +11,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from starlette.requests import Request
 
+from app.errors import ClientClosedRequest
 from app.main import create_app
 from app.preprocess import Recipe, decode
+from app.routes import _unless_disconnected
 from app.session import OnnxModel
 from tests.conftest import CROP_SIZE, LABELS, Serve, image_bytes
 
@@ -432,3 +435,16 @@ async def test_openapi_describes_the_response_and_error_models(serve: Serve) -> 
     components = schema["components"]["schemas"]
     assert set(components["Prediction"]["properties"]) == {"label", "class_id", "score"}
     assert "/v1/model" in schema["paths"]
+
+
+async def test_client_disconnect_cancels_the_pending_work() -> None:
+    async def receive() -> dict[str, str]:
+        return {"type": "http.disconnect"}
+
+    never = asyncio.Event()
+    work = asyncio.ensure_future(never.wait())
+    request = Request({"type": "http", "method": "POST", "headers": []}, receive)
+    with pytest.raises(ClientClosedRequest):
+        await _unless_disconnected(request, work)
+    await asyncio.gather(work, return_exceptions=True)
+    assert work.cancelled()
