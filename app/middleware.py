@@ -90,7 +90,7 @@ class RequestContext:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_request_bytes:
-                    raise PayloadTooLarge(self._too_large(f"body of more than {received} bytes"))
+                    raise PayloadTooLarge(self._too_large(f"body of at least {received} bytes"))
             return message
 
         return receive_counted

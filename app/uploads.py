@@ -57,9 +57,9 @@ async def _read_multipart(request: Request, settings: Settings) -> list[Upload]:
     try:
         form = await parser.parse()
     except MultiPartException as exc:
-        raise InvalidMultipart(
-            f"cannot parse the multipart body: {exc.message} (max_images_per_request={limit})"
-        ) from exc
+        # Both "Too many files" and "Too many fields" come from this one setting.
+        hint = f" (max_images_per_request={limit})" if exc.message.startswith("Too many") else ""
+        raise InvalidMultipart(f"cannot parse the multipart body: {exc.message}{hint}") from exc
     try:
         uploads = [await _read_part(name, part, settings) for name, part in form.multi_items()]
     finally:

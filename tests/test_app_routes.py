@@ -149,7 +149,7 @@ BAD_REQUESTS: list[Any] = [
         b"x",
         400,
         "invalid_multipart",
-        "boundary",
+        "Missing boundary in multipart.",
         id="no-boundary",
     ),
     pytest.param(
