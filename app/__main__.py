@@ -34,7 +34,11 @@ def main() -> int:
     try:
         settings = Settings()
     except ValidationError as exc:
-        print(f"resnet-serve: invalid settings: {exc}", file=sys.stderr)
+        problems = "; ".join(
+            f"{'.'.join(map(str, error['loc'])) or 'settings'}: {error['msg']}"
+            for error in exc.errors()
+        )
+        print(f"resnet-serve: invalid settings: {problems}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
     try:

@@ -202,21 +202,27 @@ def wait_until_in_flight(url: str, count: int) -> float:
 
 
 @pytest.mark.parametrize(
-    ("content", "fragment"),
-    [(None, "model file not found"), (b"garbage" * 100, "cannot load ONNX model")],
-    ids=["missing", "corrupt"],
+    ("content", "extra_env", "status", "fragment"),
+    [
+        (None, {}, 1, "model file not found"),
+        (b"garbage" * 100, {}, 1, "cannot load ONNX model"),
+        (None, {"RESNET_SERVE_MAX_WAIT": "3"}, 2, "unknown settings"),
+        (None, {"RESNET_SERVE_PROVIDERS": "tpu"}, 2, "providers"),
+    ],
+    ids=["missing-model", "corrupt-model", "misspelt-setting", "bad-setting"],
 )
-def test_bad_model_file_is_one_line_and_nonzero_exit(
-    tmp_path: Path, content: bytes | None, fragment: str
+def test_bad_start_up_is_one_line_and_nonzero_exit(
+    tmp_path: Path, content: bytes | None, extra_env: dict[str, str], status: int, fragment: str
 ) -> None:
     path = tmp_path / "model.onnx"
     if content is not None:
         path.write_bytes(content)
-    env = {"PATH": os.environ.get("PATH", ""), "RESNET_SERVE_MODEL_PATH": str(path)}
+    env = {"PATH": os.environ.get("PATH", ""), "RESNET_SERVE_MODEL_PATH": str(path), **extra_env}
     result = subprocess.run(
         [sys.executable, "-m", "app"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
     )
-    assert result.returncode == 1
+    assert result.returncode == status
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("resnet-serve: ")
     assert fragment in lines[0]
