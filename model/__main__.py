@@ -36,20 +36,24 @@ def main(argv: list[str] | None = None) -> int:
     from model.export import PRECISIONS
     from model.train import TrainConfig
 
-    parser = argparse.ArgumentParser(prog="python -m model", description=__doc__)
+    # No abbreviations: `--epoch 3` must fail, not silently mean --epochs.
+    sub: dict[str, Any] = {"allow_abbrev": False}
+    parser = argparse.ArgumentParser(prog="python -m model", description=__doc__, **sub)
     commands = parser.add_subparsers(dest="command", required=True)
     add_dataclass_options(
-        commands.add_parser("build", help="train/load + export, cached"), BuildConfig
+        commands.add_parser("build", help="train/load + export", **sub), BuildConfig
     )
-    add_dataclass_options(commands.add_parser("train", help="train or fine-tune"), TrainConfig)
-    exp = commands.add_parser("export", help="checkpoint -> verified ONNX file")
+    add_dataclass_options(
+        commands.add_parser("train", help="train or fine-tune", **sub), TrainConfig
+    )
+    exp = commands.add_parser("export", help="checkpoint -> verified ONNX file", **sub)
     exp.add_argument("checkpoint", type=Path)
     exp.add_argument("--out", type=Path, default=Path("artifacts/model.onnx"))
     exp.add_argument("--precision", choices=PRECISIONS, default="fp32")
     exp.add_argument("--eval-data", type=Path, help="labelled ImageFolder for accuracy")
     exp.add_argument("--calib-data", help="int8: ImageFolder or 'digits' (default: training set)")
     exp.add_argument("--version", help="model_version in the metadata (default: sha256 prefix)")
-    info = commands.add_parser("info", help="print an ONNX artifact's metadata")
+    info = commands.add_parser("info", help="print an ONNX artifact's metadata", **sub)
     info.add_argument("model", type=Path)
     args = parser.parse_args(argv)
 

@@ -70,7 +70,14 @@ def read_raw(path: Path) -> Any:
     try:
         # weights_only: a checkpoint from the internet must not run code when loaded.
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
+    except (
+        pickle.UnpicklingError,
+        RuntimeError,
+        EOFError,
+        OSError,
+        zipfile.BadZipFile,
+        ValueError,
+    ) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelError(
             f"checkpoint {path}: not a readable PyTorch checkpoint ({reason})"

@@ -124,4 +124,3 @@ def split_seeded(data: Split, val_fraction: float, seed: int) -> tuple[Split, Sp
     )
     pick = lambda i: Split(data.images[i], data.targets[i], data.labels)  # noqa: E731
     return pick(train_i), pick(val_i)
-

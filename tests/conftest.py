@@ -13,6 +13,7 @@ import httpx
 import numpy as np
 import onnx
 import pytest
+from model_fixtures import color_eval_folder, color_folder, tiny_checkpoint  # noqa: F401
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 

@@ -1,0 +1,119 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from app.preprocess import decode
+from app.session import OnnxModel
+from app.settings import Settings
+from model import checkpoint, export
+from model.errors import ModelError
+from model.resnet import build
+from model.wrap import ServingModel
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_checkpoint: Path) -> checkpoint.Checkpoint:
+    return checkpoint.load(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def fp32_onnx(ckpt: checkpoint.Checkpoint, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("export") / "model.onnx"
+    export.export(ckpt, out, eval_set=export.eval_set_for(ckpt, None), version="7")
+    return out
+
+
+def test_fp32_matches_pytorch_on_real_images(
+    ckpt: checkpoint.Checkpoint, fp32_onnx: Path, color_eval_folder: Path
+) -> None:
+    files = sorted(color_eval_folder.rglob("*.*"))
+    images = np.stack([decode(f.read_bytes(), ckpt.recipe) for f in files])
+    serving = ServingModel(ckpt.build_model(), ckpt.mean, ckpt.std).eval()
+    with torch.no_grad():
+        reference = serving(torch.from_numpy(images))[0].numpy()
+    probs = export.run_onnx(str(fp32_onnx), images)
+    assert np.abs(probs - reference).max() <= export.FP32_MAX_ABS_DIFF
+    assert (probs.argmax(1) == reference.argmax(1)).all()
+
+
+def test_metadata_round_trip(ckpt: checkpoint.Checkpoint, fp32_onnx: Path) -> None:
+    meta = export.read_metadata(fp32_onnx)
+    assert meta["labels"] == ["blue", "green", "red"]
+    assert meta["num_classes"] == "3"
+    assert meta["preprocessing"] == {
+        "resize_size": 36,
+        "crop_size": 32,
+        "interpolation": "bilinear",
+        "mean": list(checkpoint.IMAGENET_MEAN),
+        "std": list(checkpoint.IMAGENET_STD),
+    }
+    assert meta["model_version"] == "7"
+    assert meta["source_sha256"] == checkpoint.sha256_file(Path(ckpt.extra["config"]["out"]))
+    assert meta["architecture"] == "resnet18"
+    assert meta["precision"] == "fp32"
+    assert meta["accuracy"]["dataset"] == "train-val"
+    assert meta["parity"]["top1_agreement"] == 1.0
+
+
+def test_server_loads_the_export(fp32_onnx: Path) -> None:
+    model = OnnxModel.load(Settings(model_path=fp32_onnx, providers="cpu"))
+    assert list(model.info.labels) == ["blue", "green", "red"]
+    probs = model.predict(np.zeros((2, 32, 32, 3), dtype=np.uint8))
+    assert probs.shape == (2, 3)
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
+
+
+def test_int8_keeps_accuracy_and_records_its_own(
+    ckpt: checkpoint.Checkpoint, fp32_onnx: Path, tmp_path: Path, color_eval_folder: Path
+) -> None:
+    eval_set = export.eval_set_for(ckpt, color_eval_folder)
+    fp32_top1 = (
+        export.run_onnx(str(fp32_onnx), eval_set.images).argmax(1) == eval_set.targets
+    ).mean()
+    out = tmp_path / "int8.onnx"
+    meta = export.export(
+        ckpt,
+        out,
+        precision="int8",
+        eval_set=eval_set,
+        calibration=export.calibration_for(ckpt, None),
+    )
+    assert meta["precision"] == "int8"
+    assert meta["accuracy"]["dataset"] == "val"
+    assert meta["accuracy"]["top1"] >= fp32_top1 - export.INT8_MAX_ACCURACY_DROP
+    assert out.stat().st_size < fp32_onnx.stat().st_size / 2
+
+
+def test_failed_check_writes_nothing(
+    ckpt: checkpoint.Checkpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(export, "FP32_MAX_ABS_DIFF", -1.0)
+    out = tmp_path / "model.onnx"
+    with pytest.raises(ModelError, match="nothing written"):
+        export.export(ckpt, out, eval_set=export.eval_set_for(ckpt, None))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_check_keeps_the_previous_artifact(
+    ckpt: checkpoint.Checkpoint, fp32_onnx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "model.onnx"
+    out.write_bytes(fp32_onnx.read_bytes())
+    monkeypatch.setattr(export, "FP16_MIN_AGREEMENT", 1.01)
+    with pytest.raises(ModelError, match="fp16 check failed"):
+        export.export(ckpt, out, precision="fp16", eval_set=export.eval_set_for(ckpt, None))
+    assert out.read_bytes() == fp32_onnx.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_int8_without_calibration_source_is_refused(tmp_path: Path) -> None:
+    layout = checkpoint.Checkpoint(
+        arch="resnet18",
+        state_dict=build("resnet18", num_classes=4).state_dict(),
+        labels=list("abcd"),
+        recipe=checkpoint.IMAGENET_RECIPE,
+    )
+    with pytest.raises(ModelError, match="--calib-data"):
+        export.calibration_for(layout, None)
