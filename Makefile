@@ -28,8 +28,8 @@ run: build
 	RESNET_SERVE_MODEL_PATH=$(MODEL) $(BIN)/python -m app
 
 lint: venv
-	$(BIN)/ruff check app model tests benchmarks
-	$(BIN)/ruff format --check app model tests benchmarks
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
 test: lint
