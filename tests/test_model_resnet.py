@@ -92,9 +92,7 @@ def test_output_shape(num_classes: int, size: int) -> None:
 
 def test_zero_init_residual_starts_blocks_as_identity() -> None:
     net = resnet50(zero_init_residual=True)
-    assert all(
-        not m.bn3.weight.detach().any() for m in net.modules() if isinstance(m, Bottleneck)
-    )
+    assert all(not m.bn3.weight.detach().any() for m in net.modules() if isinstance(m, Bottleneck))
 
 
 @pytest.mark.parametrize(
