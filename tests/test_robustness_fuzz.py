@@ -26,7 +26,10 @@ FUZZ = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-header_text = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=60)
+# HTTP clients refuse header values with surrounding whitespace, so the fuzz never sends them.
+header_text = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=60).map(
+    str.strip
+)
 
 
 @st.composite
