@@ -1,0 +1,125 @@
+# resnet-serve images, one Dockerfile, BuildKit required (Docker >= 20.10). Targets:
+#   builder  CPU torch + exporters; trains the built-in digits demo and exports /models/model.onnx at build time
+#   cpu      API on ONNX Runtime (CPU)
+#   gpu      API on ONNX Runtime (CUDA); CUDA and cuDNN come as pip wheels, the host needs only the NVIDIA driver
+# Runtime images hold no model and no torch: they read RESNET_SERVE_MODEL_PATH (default /models/model.onnx),
+# which docker-compose.yml fills from the builder. Build one target:
+#   docker build --target cpu -t resnet-serve:cpu .
+# Hosts behind a TLS-intercepting proxy pass their CA bundle: --secret id=cacert,src=/etc/ssl/certs/ca-certificates.crt
+# Local wheels (an offline CPU torch) for the builder:
+#   docker buildx build --build-context wheels=/opt/wheels ...      (BuildKit >= 0.10: replaces the stage below)
+#   --build-arg WHEELS_IMAGE=<image with the wheels at />            (any BuildKit; see docker/test.sh)
+# Otherwise torch comes from TORCH_INDEX_URL (PyTorch's CPU-only index: PyPI's torch pulls gigabytes of CUDA).
+
+ARG BASE_IMAGE=debian:bookworm-slim
+ARG WHEELS_IMAGE=scratch
+
+FROM ${WHEELS_IMAGE} AS wheels
+
+# Python 3.11 from Debian, a non-root user, and the venv on PATH: what every stage shares.
+FROM ${BASE_IMAGE} AS python
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3=3.11.* \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --uid 10001 --user-group --create-home --home-dir /home/resnet --shell /usr/sbin/nologin resnet
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+
+# A virtualenv with pip; only build stages start from here.
+FROM python AS venv
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3-venv=3.11.* \
+ && rm -rf /var/lib/apt/lists/* \
+ && python3 -m venv /opt/venv
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore \
+    PIP_DEFAULT_TIMEOUT=120
+COPY docker/pip-with-cacert.sh /usr/local/bin/pip-with-cacert
+
+# The project as a wheel. Copying the source invalidates this stage only, never a dependency layer.
+FROM venv AS dist
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY app/ app/
+COPY model/ model/
+RUN --mount=type=secret,id=cacert --mount=type=cache,target=/root/.cache/pip,sharing=locked \
+    pip-with-cacert wheel --no-deps --wheel-dir /dist .
+
+# Dependencies per target, read from pyproject.toml alone so that they stay cached across source edits.
+FROM venv AS deps-cpu
+RUN --mount=type=bind,source=pyproject.toml,target=/tmp/pyproject.toml \
+    --mount=type=bind,source=docker/requirements.py,target=/tmp/requirements.py \
+    --mount=type=secret,id=cacert --mount=type=cache,target=/root/.cache/pip,sharing=locked \
+    python3 /tmp/requirements.py /tmp/pyproject.toml cpu >/tmp/requirements.txt \
+ && pip-with-cacert install -r /tmp/requirements.txt \
+ && pip uninstall -y setuptools
+
+FROM venv AS deps-gpu
+RUN --mount=type=bind,source=pyproject.toml,target=/tmp/pyproject.toml \
+    --mount=type=bind,source=docker/requirements.py,target=/tmp/requirements.py \
+    --mount=type=secret,id=cacert --mount=type=cache,target=/root/.cache/pip,sharing=locked \
+    python3 /tmp/requirements.py /tmp/pyproject.toml gpu >/tmp/requirements.txt \
+ && pip-with-cacert install -r /tmp/requirements.txt \
+ && pip uninstall -y setuptools
+
+# Training and export: CPU torch first (pinned), then the rest of `train` plus ONNX Runtime for verification.
+FROM venv AS builder
+ARG TORCH_VERSION=2.13.0+cpu
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+RUN --mount=type=bind,from=wheels,target=/wheels \
+    --mount=type=secret,id=cacert --mount=type=cache,target=/root/.cache/pip,sharing=locked \
+    if [ -n "$(find /wheels -maxdepth 1 -name 'torch-*.whl')" ]; then \
+      export PIP_FIND_LINKS=/wheels; \
+    else \
+      export PIP_INDEX_URL="$TORCH_INDEX_URL"; \
+    fi \
+ && pip-with-cacert install "torch==${TORCH_VERSION}"
+RUN --mount=type=bind,source=pyproject.toml,target=/tmp/pyproject.toml \
+    --mount=type=bind,source=docker/requirements.py,target=/tmp/requirements.py \
+    --mount=type=secret,id=cacert --mount=type=cache,target=/root/.cache/pip,sharing=locked \
+    python3 /tmp/requirements.py /tmp/pyproject.toml cpu train >/tmp/requirements.txt \
+ && pip-with-cacert install -r /tmp/requirements.txt
+# Only the sources `model` imports, not the installed project: editing the server must not retrain the model.
+WORKDIR /opt/resnet-serve
+COPY app/__init__.py app/errors.py app/preprocess.py app/
+COPY model/ model/
+ENV PYTHONPATH=/opt/resnet-serve
+RUN install -d -o 10001 -g 10001 /models
+USER 10001:10001
+# Cached by `model build` itself: running it again (the compose one-shot service) is a no-op.
+RUN python -m model build --out /models/model.onnx
+CMD ["python", "-m", "model", "build", "--out", "/models/model.onnx"]
+
+FROM python AS cpu
+COPY --from=deps-cpu /opt/venv /opt/venv
+RUN --mount=type=bind,from=dist,source=/dist,target=/dist \
+    pip install --no-cache-dir --no-deps --no-index /dist/*.whl
+COPY docker/healthcheck.py /usr/local/bin/healthcheck.py
+ENV RESNET_SERVE_HOST=0.0.0.0 \
+    RESNET_SERVE_PORT=8000 \
+    RESNET_SERVE_MODEL_PATH=/models/model.onnx
+USER 10001:10001
+WORKDIR /home/resnet
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
+  CMD ["python", "/usr/local/bin/healthcheck.py", "/healthz"]
+CMD ["python", "-m", "app"]
+
+FROM python AS gpu
+COPY --from=deps-gpu /opt/venv /opt/venv
+RUN --mount=type=bind,from=dist,source=/dist,target=/dist \
+    pip install --no-cache-dir --no-deps --no-index /dist/*.whl
+COPY docker/healthcheck.py /usr/local/bin/healthcheck.py
+# The NVIDIA container runtime mounts the driver; CUDA and cuDNN are the wheels under site-packages/nvidia.
+ENV NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    RESNET_SERVE_HOST=0.0.0.0 \
+    RESNET_SERVE_PORT=8000 \
+    RESNET_SERVE_MODEL_PATH=/models/model.onnx
+USER 10001:10001
+WORKDIR /home/resnet
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
+  CMD ["python", "/usr/local/bin/healthcheck.py", "/healthz"]
+CMD ["python", "-m", "app"]
