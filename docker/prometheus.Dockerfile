@@ -7,7 +7,8 @@ FROM ${BASE_IMAGE}
 RUN useradd --system --uid 999 --user-group --home-dir /var/lib/prometheus --shell /usr/sbin/nologin prometheus \
  && apt-get update \
  && apt-get install -y --no-install-recommends prometheus=2.42.* \
- && rm -rf /var/lib/apt/lists/* /usr/share/javascript/moment-timezone
+ && rm -rf /var/lib/apt/lists/* /usr/share/javascript/moment-timezone \
+ && chown prometheus:prometheus /var/lib/prometheus
 USER 999:999
 EXPOSE 9090
 ENTRYPOINT ["/usr/bin/prometheus"]
