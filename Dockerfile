@@ -111,7 +111,15 @@ COPY --from=deps-gpu /opt/venv /opt/venv
 RUN --mount=type=bind,from=dist,source=/dist,target=/dist \
     pip install --no-cache-dir --no-deps --no-index /dist/*.whl
 COPY docker/healthcheck.py /usr/local/bin/healthcheck.py
-# The NVIDIA container runtime mounts the driver; CUDA and cuDNN are the wheels under site-packages/nvidia.
+# The NVIDIA container runtime mounts the driver (libcuda.so.1); CUDA and cuDNN are the pip wheels under
+# site-packages/nvidia, which the dynamic loader does not search by itself.
+ENV LD_LIBRARY_PATH=/opt/venv/lib/python3.11/site-packages/nvidia/cu13/lib:/opt/venv/lib/python3.11/site-packages/nvidia/cudnn/lib
+# Fail here rather than at the first start on a GPU host: every library of the CUDA provider except the
+# driver's must resolve, and cuDNN (loaded on demand) must load.
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+RUN ! ldd /opt/venv/lib/python3.11/site-packages/onnxruntime/capi/libonnxruntime_providers_cuda.so \
+      | grep "not found" | grep -v "libcuda.so.1" \
+ && python -c "import ctypes; ctypes.CDLL('libcudnn.so.9')"
 ENV NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     RESNET_SERVE_HOST=0.0.0.0 \
