@@ -5,7 +5,8 @@
 # Runtime images hold no model and no torch: they read RESNET_SERVE_MODEL_PATH (default /models/model.onnx),
 # which docker-compose.yml fills from the builder. Build one target:
 #   docker build --target cpu -t resnet-serve:cpu .
-# Hosts behind a TLS-intercepting proxy pass their CA bundle: --secret id=cacert,src=/etc/ssl/certs/ca-certificates.crt
+# Behind a TLS-intercepting proxy, give pip the host's CA bundle:
+#   --secret id=cacert,src=/etc/ssl/certs/ca-certificates.crt
 # Local wheels (an offline CPU torch) for the builder:
 #   docker buildx build --build-context wheels=/opt/wheels ...      (BuildKit >= 0.10: replaces the stage below)
 #   --build-arg WHEELS_IMAGE=<image with the wheels at />            (any BuildKit; see docker/test.sh)
