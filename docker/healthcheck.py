@@ -1,7 +1,7 @@
 """Container health probe: exit 0 when the API answers 200 on PATH (default /healthz).
 
-The images have no curl; this uses only the standard library. The port comes from RESNET_SERVE_PORT, as for
-the server itself:
+The images have no curl; this uses only the standard library. The port comes from
+RESNET_SERVE_PORT, as for the server itself:
 
     python /usr/local/bin/healthcheck.py /readyz
 """

@@ -1,7 +1,7 @@
 """Print the requirements of the project's base dependencies plus the given extras, one per line.
 
-The Dockerfile installs these before it copies the source, so the dependency layer is rebuilt only when
-pyproject.toml changes:
+The Dockerfile installs these before it copies the source, so the dependency layer is rebuilt
+only when pyproject.toml changes:
 
     python3 docker/requirements.py pyproject.toml cpu train > requirements.txt
 
