@@ -24,7 +24,7 @@ build: venv
 	$(BIN)/python -m model build --out $(MODEL)
 
 run: build
-	@echo "==> serving $(MODEL) on http://0.0.0.0:8000 (docs at /docs)"
+	@echo "==> serving $(MODEL) on port $${RESNET_SERVE_PORT:-8000} (API docs at /docs)"
 	RESNET_SERVE_MODEL_PATH=$(MODEL) $(BIN)/python -m app
 
 lint: venv
