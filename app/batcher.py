@@ -35,7 +35,7 @@ class _Item:
 @dataclass(frozen=True)
 class BatchConfig:
     max_batch_size: int = 8
-    max_wait_ms: float = 5.0
+    max_wait_ms: float = 2.0
     max_queue_images: int = 256
     request_timeout_ms: float = 10_000.0
     retry_after_s: int = 1
