@@ -40,7 +40,8 @@ class BuildConfig:
 def build(config: BuildConfig) -> Path:
     out = Path(config.out)
     stamp = out.with_name(out.name + ".build.json")
-    key = _cache_key(config)
+    inputs = _inputs(config)
+    key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
     if not config.force and out.is_file() and _read_stamp(stamp).get("key") == key:
         log.info("%s is up to date (inputs unchanged); nothing to do", out)
         return out
@@ -55,9 +56,7 @@ def build(config: BuildConfig) -> Path:
         calibration=calibration,
     )
     with atomic_path(stamp) as tmp:
-        tmp.write_text(
-            json.dumps({"key": key, "inputs": _inputs(config), "metadata": metadata}, indent=2)
-        )
+        tmp.write_text(json.dumps({"key": key, "inputs": inputs, "metadata": metadata}, indent=2))
     return out
 
 
@@ -88,10 +87,6 @@ def _inputs(config: BuildConfig) -> dict[str, Any]:
     if config.data:
         inputs["data"] = _folder_fingerprint(Path(config.data))
     return inputs
-
-
-def _cache_key(config: BuildConfig) -> str:
-    return hashlib.sha256(json.dumps(_inputs(config), sort_keys=True).encode()).hexdigest()
 
 
 def _folder_fingerprint(root: Path) -> str:
