@@ -83,7 +83,7 @@ RUN --mount=type=bind,source=pyproject.toml,target=/tmp/pyproject.toml \
  && pip-with-cacert install -r /tmp/requirements.txt
 # Only the sources `model` imports, not the installed project: editing the server must not retrain the model.
 WORKDIR /opt/resnet-serve
-COPY app/__init__.py app/errors.py app/preprocess.py app/
+COPY core/ core/
 COPY model/ model/
 ENV PYTHONPATH=/opt/resnet-serve
 RUN install -d -o 10001 -g 10001 /models

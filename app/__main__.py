@@ -11,9 +11,10 @@ from fastapi import FastAPI
 from pydantic import ValidationError
 
 from app.logs import configure_logging
-from app.main import create_app
-from app.session import ModelError, OnnxModel
+from app.main import create_app, session_config
+from app.session import OnnxModel
 from app.settings import Settings
+from core.errors import ModelError
 
 
 class _Server(uvicorn.Server):
@@ -43,7 +44,7 @@ def main() -> int:
     configure_logging(settings.log_level)
     try:
         # Opened before uvicorn starts, so a bad model is one line and exit 1, not a traceback.
-        model = OnnxModel.load(settings)
+        model = OnnxModel.load(session_config(settings))
     except ModelError as exc:
         print(f"resnet-serve: {exc}", file=sys.stderr)
         return 1

@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from app.errors import DeadlineExceeded, InferenceFailed, Overloaded, ServiceError, ShuttingDown
+from app.errors import DeadlineExceeded, InferenceFailed, Overloaded, ShuttingDown
 from app.metrics import Metrics
+from core.errors import ServiceError
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +35,13 @@ class _Item:
 
 @dataclass(frozen=True)
 class BatchConfig:
-    max_batch_size: int = 8
-    max_wait_ms: float = 2.0
-    max_queue_images: int = 256
-    request_timeout_ms: float = 10_000.0
-    retry_after_s: int = 1
+    """Built once from ``Settings`` (where the defaults live) by ``create_app``."""
+
+    max_batch_size: int
+    max_wait_ms: float
+    max_queue_images: int
+    request_timeout_ms: float
+    retry_after_s: int
 
 
 @dataclass
@@ -48,8 +51,11 @@ class Batcher:
     metrics: Metrics
     _queue: asyncio.Queue[_Item] = field(init=False)
     _executor: ThreadPoolExecutor = field(init=False)
+    on_failure: Callable[[BaseException], None] = lambda exc: None
     _task: asyncio.Task[None] | None = field(init=False, default=None)
     _closing: bool = field(init=False, default=False)
+    _failed: BaseException | None = field(init=False, default=None)
+    _current: list[_Item] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
         # The queue is created here, so construct the Batcher inside the running loop.
@@ -63,6 +69,24 @@ class Batcher:
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
+        self._task.add_done_callback(self._watch)
+
+    def _watch(self, task: asyncio.Task[None]) -> None:
+        """If the loop ever dies, nobody would complete the queued futures: fail them all."""
+        if task.cancelled() or task.exception() is None:
+            return
+        error = task.exception()
+        assert error is not None
+        self._failed = error
+        log.error("the batching task died", exc_info=error)
+        stranded = list(self._current)
+        while not self._queue.empty():
+            stranded.append(self._queue.get_nowait())
+            self._queue.task_done()
+        for item in stranded:
+            if not item.future.done():
+                item.future.set_exception(InferenceFailed(f"the batching task died: {error!r}"))
+        self.on_failure(error)
 
     async def run_in_model_thread(self, fn: Callable[[], None]) -> None:
         """Run work such as warm-up on the inference thread, so it never races a batch."""
@@ -84,6 +108,8 @@ class Batcher:
         return [future.result() for future in futures]
 
     def _enqueue(self, images: Sequence[np.ndarray]) -> list[asyncio.Future[np.ndarray]]:
+        if self._failed is not None:
+            raise InferenceFailed(f"the batching task died: {self._failed!r}")
         if self._closing:
             raise ShuttingDown("the server is shutting down and admits no new work")
         free = self._queue.maxsize - self._queue.qsize()
@@ -113,7 +139,7 @@ class Batcher:
 
     async def _loop(self) -> None:
         while True:
-            batch = await self._collect()
+            self._current = batch = await self._collect()
             try:
                 live = self._admit(batch)
                 if live:

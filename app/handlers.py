@@ -11,8 +11,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from app.errors import ServiceError
 from app.logs import request_id
+from core.errors import ServiceError
 
 log = logging.getLogger(__name__)
 

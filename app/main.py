@@ -1,4 +1,7 @@
-"""The application factory: ``create_app(settings)``. Importing this module loads nothing."""
+"""The application factory: ``create_app(settings)``. Importing this module loads nothing.
+
+Each component gets a narrow config built here, once, from ``Settings`` (where the defaults live).
+"""
 
 from __future__ import annotations
 
@@ -12,15 +15,37 @@ from functools import partial
 from fastapi import FastAPI
 
 from app.batcher import BatchConfig, Batcher
+from app.body_limit import BodyLimit
 from app.handlers import install_error_handlers
+from app.lifecycle import Lifecycle
 from app.metrics import Metrics
 from app.middleware import RequestContext
 from app.routes import router
-from app.session import OnnxModel
+from app.service import Classifier
+from app.session import OnnxModel, SessionConfig
 from app.settings import Settings
-from app.state import Lifecycle
+from app.uploads import UploadLimits
 
 log = logging.getLogger(__name__)
+
+
+def session_config(settings: Settings) -> SessionConfig:
+    return SessionConfig(
+        model_path=settings.model_path,
+        providers=settings.providers,
+        intra_op_threads=settings.intra_op_threads,
+        graph_optimization=settings.graph_optimization,
+    )
+
+
+def batch_config(settings: Settings) -> BatchConfig:
+    return BatchConfig(
+        max_batch_size=settings.max_batch_size,
+        max_wait_ms=settings.max_wait_ms,
+        max_queue_images=settings.max_queue_images,
+        request_timeout_ms=settings.request_timeout_ms,
+        retry_after_s=settings.retry_after_s,
+    )
 
 
 def create_app(settings: Settings, model: OnnxModel | None = None) -> FastAPI:
@@ -29,14 +54,23 @@ def create_app(settings: Settings, model: OnnxModel | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loaded = model or OnnxModel.load(settings)
-        name, version = loaded.info.name, loaded.info.version
-        metrics.model.info({"name": name, "version": version, "provider": loaded.provider})
-        app.state.model = loaded
-        app.state.lifecycle = lifecycle = Lifecycle(settings.max_inflight_requests)
-        app.state.batcher = batcher = Batcher(loaded.predict, _batch_config(settings), metrics)
-        app.state.decoder = decoder = ThreadPoolExecutor(
-            settings.decode_threads, thread_name_prefix="decode"
+        loaded = model or OnnxModel.load(session_config(settings))
+        meta = loaded.metadata
+        metrics.model.info(
+            {"name": meta.name, "version": meta.version, "provider": loaded.provider}
+        )
+        lifecycle = Lifecycle(settings.max_inflight_requests, settings.retry_after_s)
+        batcher = Batcher(loaded.predict, batch_config(settings), metrics, lifecycle.fail)
+        decoder = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+        app.state.lifecycle = lifecycle
+        app.state.classifier = Classifier(
+            loaded,
+            batcher,
+            decoder,
+            lifecycle,
+            metrics,
+            limits=settings.limits,
+            default_top_k=settings.default_top_k,
         )
         batcher.start()
         warm_up = asyncio.create_task(_warm_up(loaded, batcher, lifecycle, settings.max_batch_size))
@@ -50,23 +84,17 @@ def create_app(settings: Settings, model: OnnxModel | None = None) -> FastAPI:
             log.info("drained")
 
     app = FastAPI(title="resnet-serve", version="0.1.0", lifespan=lifespan)
-    app.state.settings = settings
     app.state.metrics = metrics
+    app.state.upload_limits = UploadLimits(
+        max_image_bytes=settings.max_image_bytes,
+        max_images_per_request=settings.max_images_per_request,
+    )
     install_error_handlers(app)
     app.include_router(router)
-    app.add_middleware(
-        RequestContext, metrics=metrics, max_request_bytes=settings.max_request_bytes
-    )
+    # The last added is outermost: the request context sees (and counts) the body limit's 413s.
+    app.add_middleware(BodyLimit, max_request_bytes=settings.max_request_bytes)
+    app.add_middleware(RequestContext, metrics=metrics)
     return app
-
-
-def _batch_config(settings: Settings) -> BatchConfig:
-    return BatchConfig(
-        max_batch_size=settings.max_batch_size,
-        max_wait_ms=settings.max_wait_ms,
-        max_queue_images=settings.max_queue_images,
-        request_timeout_ms=settings.request_timeout_ms,
-    )
 
 
 async def _warm_up(

@@ -1,38 +1,22 @@
-"""The ONNX Runtime session: provider choice, metadata contract checks, inference, warm-up."""
+"""The ONNX Runtime session: provider choice, graph checks against the contract, inference."""
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
-from app.preprocess import Recipe
-from app.settings import Settings
+from core.contract import INPUT_NAME, OUTPUT_NAME, ModelMetadata
+from core.errors import ModelError
 
 log = logging.getLogger(__name__)
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
-INPUT_NAME = "images"
-OUTPUT_NAME = "probabilities"
-REQUIRED_KEYS = (
-    "model_name",
-    "model_version",
-    "architecture",
-    "precision",
-    "num_classes",
-    "labels",
-    "preprocessing",
-    "source_sha256",
-    "accuracy",
-)
-PRECISIONS = ("fp32", "fp16", "int8")
 OPTIMIZATION_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -41,67 +25,12 @@ OPTIMIZATION_LEVELS = {
 }
 
 
-class ModelError(Exception):
-    """The model file cannot be served; the message is one line meant for the operator."""
-
-
 @dataclass(frozen=True)
-class ModelInfo:
-    name: str
-    version: str
-    architecture: str
-    precision: str
-    labels: tuple[str, ...]
-    recipe: Recipe
-    preprocessing: dict[str, Any]
-    source_sha256: str
-    accuracy: dict[str, Any] | None
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.labels)
-
-    @classmethod
-    def from_metadata(cls, meta: Mapping[str, str]) -> ModelInfo:
-        missing = [key for key in REQUIRED_KEYS if key not in meta]
-        if missing:
-            raise ModelError(f"model metadata is missing {missing}")
-        labels = _json_field(meta, "labels", list)
-        if not labels or not all(isinstance(label, str) for label in labels):
-            raise ModelError("model metadata 'labels' must be a non-empty JSON list of strings")
-        if meta["num_classes"] != str(len(labels)):
-            raise ModelError(
-                f"model metadata num_classes={meta['num_classes']!r} but 'labels' has {len(labels)}"
-            )
-        if meta["precision"] not in PRECISIONS:
-            raise ModelError(f"model metadata precision={meta['precision']!r} not in {PRECISIONS}")
-        accuracy = _json_field(meta, "accuracy", (dict, type(None)))
-        preprocessing = _json_field(meta, "preprocessing", dict)
-        try:
-            recipe = Recipe.from_dict(preprocessing)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ModelError(f"model metadata 'preprocessing' is invalid: {exc!r}") from exc
-        return cls(
-            name=meta["model_name"],
-            version=meta["model_version"],
-            architecture=meta["architecture"],
-            precision=meta["precision"],
-            labels=tuple(labels),
-            recipe=recipe,
-            preprocessing=preprocessing,
-            source_sha256=meta["source_sha256"],
-            accuracy=accuracy,
-        )
-
-
-def _json_field(meta: Mapping[str, str], key: str, kind: type | tuple[type, ...]) -> Any:
-    try:
-        value = json.loads(meta[key])
-    except json.JSONDecodeError as exc:
-        raise ModelError(f"model metadata {key!r} is not valid JSON: {exc}") from exc
-    if not isinstance(value, kind):
-        raise ModelError(f"model metadata {key!r} has the wrong JSON type: {meta[key][:80]!r}")
-    return value
+class SessionConfig:
+    model_path: Path
+    providers: str  # auto | cuda | cpu
+    intra_op_threads: int  # 0: ONNX Runtime picks
+    graph_optimization: str
 
 
 def choose_providers(requested: str, available: Sequence[str]) -> tuple[list[str], str]:
@@ -116,25 +45,25 @@ def choose_providers(requested: str, available: Sequence[str]) -> tuple[list[str
 
 
 class OnnxModel:
-    def __init__(self, session: ort.InferenceSession, info: ModelInfo) -> None:
+    def __init__(self, session: ort.InferenceSession, metadata: ModelMetadata) -> None:
         self._session = session
-        self.info = info
+        self.metadata = metadata
         self.provider: str = session.get_providers()[0]
 
     @classmethod
-    def load(cls, settings: Settings) -> OnnxModel:
-        path = settings.model_path
+    def load(cls, config: SessionConfig) -> OnnxModel:
+        path = config.model_path
         if not path.is_file():
             raise ModelError(f"model file not found: {path} (set RESNET_SERVE_MODEL_PATH)")
-        providers, reason = choose_providers(settings.providers, ort.get_available_providers())
-        session = _open_session(path, providers, settings)
+        providers, reason = choose_providers(config.providers, ort.get_available_providers())
+        session = _open_session(path, providers, config)
         if CUDA in providers and session.get_providers()[0] != CUDA:
-            if settings.providers == "cuda":
+            if config.providers == "cuda":
                 raise ModelError(f"{CUDA} failed to initialise; see the onnxruntime log above")
             reason = f"{CUDA} is installed but failed to initialise; see the onnxruntime log"
-        info = ModelInfo.from_metadata(session.get_modelmeta().custom_metadata_map)
-        _check_graph(session, info)
-        model = cls(session, info)
+        metadata = ModelMetadata.from_props(session.get_modelmeta().custom_metadata_map)
+        _check_graph(session, metadata)
+        model = cls(session, metadata)
         log.info("model loaded", extra={"provider": model.provider, "reason": reason})
         return model
 
@@ -155,16 +84,16 @@ class OnnxModel:
 
     def warm_up(self, batch_sizes: Iterable[int]) -> None:
         # The first run of each shape pays for memory planning and kernel selection.
-        size = self.info.recipe.crop_size
+        size = self.metadata.recipe.crop_size
         for batch_size in batch_sizes:
             self.predict(np.zeros((batch_size, size, size, 3), dtype=np.uint8))
 
 
-def _open_session(path: Path, providers: list[str], settings: Settings) -> ort.InferenceSession:
+def _open_session(path: Path, providers: list[str], config: SessionConfig) -> ort.InferenceSession:
     options = ort.SessionOptions()
-    options.intra_op_num_threads = settings.intra_op_threads
+    options.intra_op_num_threads = config.intra_op_threads
     options.inter_op_num_threads = 1
-    options.graph_optimization_level = OPTIMIZATION_LEVELS[settings.graph_optimization]
+    options.graph_optimization_level = OPTIMIZATION_LEVELS[config.graph_optimization]
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as exc:  # ORT raises its own exception types, not importable uniformly
@@ -172,7 +101,7 @@ def _open_session(path: Path, providers: list[str], settings: Settings) -> ort.I
         raise ModelError(f"cannot load ONNX model {path}: {first_line}") from exc
 
 
-def _check_graph(session: ort.InferenceSession, info: ModelInfo) -> None:
+def _check_graph(session: ort.InferenceSession, info: ModelMetadata) -> None:
     inputs = {node.name: node for node in session.get_inputs()}
     outputs = {node.name: node for node in session.get_outputs()}
     if INPUT_NAME not in inputs or OUTPUT_NAME not in outputs:

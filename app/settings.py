@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.preprocess import DEFAULT_FORMATS, Limits
+from core.preprocess import DEFAULT_FORMATS, Limits
 
 ENV_PREFIX = "RESNET_SERVE_"
 Providers = Literal["auto", "cuda", "cpu"]
@@ -42,6 +42,7 @@ class Settings(BaseSettings):
     max_queue_images: int = Field(256, ge=1)
     request_timeout_ms: float = Field(10_000.0, gt=0)
     max_inflight_requests: int = Field(64, ge=1)
+    retry_after_s: int = Field(1, ge=1, description="Retry-After on every 503")
     decode_threads: int = Field(default_factory=_default_decode_threads, ge=1)
     shutdown_timeout_s: int = Field(30, ge=1)
 

@@ -12,23 +12,24 @@ from fastapi import Request
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from app.errors import EmptyUpload, InvalidMultipart, PayloadTooLarge, UnsupportedMediaType
-from app.settings import Settings
+from app.errors import InvalidMultipart
+from app.service import Image
+from core.errors import EmptyUpload, PayloadTooLarge, UnsupportedMediaType
 
 
 @dataclass(frozen=True)
-class Upload:
-    filename: str | None
-    data: bytes
+class UploadLimits:
+    max_image_bytes: int
+    max_images_per_request: int
 
 
-async def read_uploads(request: Request, settings: Settings) -> list[Upload]:
+async def read_uploads(request: Request, limits: UploadLimits) -> list[Image]:
     content_type = request.headers.get("content-type", "")
     media_type = content_type.split(";", 1)[0].strip().lower()
     if media_type == "multipart/form-data":
-        uploads = await _read_multipart(request, settings)
+        uploads = await _read_multipart(request, limits)
     elif media_type.startswith("image/"):
-        uploads = [Upload(None, await _read_raw(request, settings))]
+        uploads = [Image(None, await _read_raw(request, limits))]
     elif not media_type and request.headers.get("content-length", "0") == "0":
         raise EmptyUpload("no image: send multipart/form-data files or an image/* body")
     else:
@@ -39,20 +40,20 @@ async def read_uploads(request: Request, settings: Settings) -> list[Upload]:
     return uploads
 
 
-async def _read_raw(request: Request, settings: Settings) -> bytes:
+async def _read_raw(request: Request, limits: UploadLimits) -> bytes:
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > settings.max_image_bytes:
-            raise _image_too_large("the request body", size, settings.max_image_bytes)
+        if size > limits.max_image_bytes:
+            raise _image_too_large("the request body", size, limits.max_image_bytes)
         chunks.append(chunk)
     if not size:
         raise EmptyUpload("the request body is empty (0 bytes)")
     return b"".join(chunks)
 
 
-async def _read_multipart(request: Request, settings: Settings) -> list[Upload]:
-    limit = settings.max_images_per_request
+async def _read_multipart(request: Request, limits: UploadLimits) -> list[Image]:
+    limit = limits.max_images_per_request
     parser = MultiPartParser(request.headers, request.stream(), max_files=limit, max_fields=limit)
     try:
         form = await parser.parse()
@@ -61,7 +62,7 @@ async def _read_multipart(request: Request, settings: Settings) -> list[Upload]:
         hint = f" (max_images_per_request={limit})" if exc.message.startswith("Too many") else ""
         raise InvalidMultipart(f"cannot parse the multipart body: {exc.message}{hint}") from exc
     try:
-        uploads = [await _read_part(name, part, settings) for name, part in form.multi_items()]
+        uploads = [await _read_part(name, part, limits) for name, part in form.multi_items()]
     finally:
         await form.close()
     if not uploads:
@@ -69,17 +70,17 @@ async def _read_multipart(request: Request, settings: Settings) -> list[Upload]:
     return uploads
 
 
-async def _read_part(name: str, part: UploadFile | str, settings: Settings) -> Upload:
+async def _read_part(name: str, part: UploadFile | str, limits: UploadLimits) -> Image:
     if not isinstance(part, UploadFile):
         raise InvalidMultipart(
             f"form field {name!r} is not a file; send images as file parts (with a filename)"
         )
-    if part.size is not None and part.size > settings.max_image_bytes:
-        raise _image_too_large(f"file {part.filename!r}", part.size, settings.max_image_bytes)
+    if part.size is not None and part.size > limits.max_image_bytes:
+        raise _image_too_large(f"file {part.filename!r}", part.size, limits.max_image_bytes)
     data = await part.read()
     if not data:
         raise EmptyUpload(f"file {part.filename!r} is empty (0 bytes)")
-    return Upload(part.filename, data)
+    return Image(part.filename, data)
 
 
 def _image_too_large(what: str, size: int, limit: int) -> PayloadTooLarge:

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from app.main import session_config
 from app.session import OnnxModel
 from app.settings import Settings
 
@@ -25,7 +26,7 @@ BATCH_SIZES = (1, 2, 4, 8, 16)
 def measure(
     model: OnnxModel, batch_size: int, seconds: float, max_runs: int = 1000
 ) -> dict[str, Any]:
-    size = model.info.recipe.crop_size
+    size = model.metadata.recipe.crop_size
     images = np.random.default_rng(0).integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
     model.predict(images)  # first run of a shape pays for memory planning
     latencies: list[float] = []
@@ -45,7 +46,7 @@ def measure(
 
 
 def ceiling(settings: Settings, seconds: float = 3.0) -> list[dict[str, Any]]:
-    model = OnnxModel.load(settings)
+    model = OnnxModel.load(session_config(settings))
     return [measure(model, batch_size, seconds) for batch_size in BATCH_SIZES]
 
 

@@ -4,36 +4,67 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import logging
 import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from model.errors import ModelError
+from core.errors import ModelError
+
+if TYPE_CHECKING:  # the real imports are lazy: --help must not wait for torch
+    from model.build import BuildConfig
+    from model.train import TrainConfig
 
 log = logging.getLogger("model")
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Each field's trailing ``# comment`` in the class source: the config reads as documented
+    code on its first screen (nanoGPT style), and --help says the same words."""
+    lines, _ = inspect.getsourcelines(cls)
+    found = {}
+    for line in lines:
+        code, _, comment = line.partition("  # ")
+        name = code.strip().split(":", 1)[0]
+        if comment and name.isidentifier():
+            found[name] = comment.strip()
+    return found
 
 
 def add_dataclass_options(parser: argparse.ArgumentParser, cls: type) -> None:
     """One --option per field, typed from its annotation: the dataclass is the one definition."""
     hints = typing.get_type_hints(cls)
+    helps = field_help(cls)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
         args = typing.get_args(kind) if isinstance(kind, types.UnionType) else ()
         base = next((a for a in args if a is not type(None)), kind)
         if base is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            parser.add_argument(
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=f.default,
+                help=helps.get(f.name),
+            )
         else:
-            parser.add_argument(flag, type=base, default=f.default, metavar=f.name.upper())
+            text = helps.get(f.name, "")
+            parser.add_argument(
+                flag,
+                type=base,
+                default=f.default,
+                metavar=f.name.upper(),
+                help=text if f.default is None else f"{text} (default: %(default)s)".lstrip(),
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
+    from core.contract import PRECISIONS
     from model.build import BuildConfig
-    from model.export import PRECISIONS
     from model.train import TrainConfig
 
     # No abbreviations: `--epoch 3` must fail, not silently mean --epochs.
@@ -66,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _run(args: argparse.Namespace, build_cls: type, train_cls: type) -> int:
+def _run(
+    args: argparse.Namespace, build_cls: type[BuildConfig], train_cls: type[TrainConfig]
+) -> int:
     options = {k: v for k, v in vars(args).items() if k != "command"}
     if args.command == "build":
         from model.build import build
@@ -78,7 +111,8 @@ def _run(args: argparse.Namespace, build_cls: type, train_cls: type) -> int:
         train(_resumed(train_cls(**options)))
     elif args.command == "export":
         from model import checkpoint
-        from model.export import calibration_for, eval_set_for, export
+        from model.evalsets import calibration_for, eval_set_for
+        from model.export import export
 
         ckpt = checkpoint.load(args.checkpoint)
         calibration = calibration_for(ckpt, args.calib_data) if args.precision == "int8" else None
@@ -93,11 +127,11 @@ def _run(args: argparse.Namespace, build_cls: type, train_cls: type) -> int:
     else:
         from model.export import read_metadata
 
-        print(json.dumps(read_metadata(_existing(args.model)), indent=2))
+        print(json.dumps(read_metadata(_existing(args.model)).to_dict(), indent=2))
     return 0
 
 
-def _resumed(config: Any) -> Any:
+def _resumed(config: TrainConfig) -> TrainConfig:
     """--resume continues with the interrupted run's own options."""
     if not config.resume:
         return config

@@ -16,10 +16,11 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from core.errors import ModelError
 from model import checkpoint
 from model.data import DIGITS, IMAGE_SUFFIXES
-from model.errors import ModelError
-from model.export import calibration_for, eval_set_for, export
+from model.evalsets import calibration_for, eval_set_for
+from model.export import export
 from model.files import atomic_path
 from model.train import TrainConfig, train
 
@@ -28,13 +29,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class BuildConfig:
-    out: str = "artifacts/model.onnx"
+    out: str = "artifacts/model.onnx"  # the ONNX file to write (a .build.json stamp goes beside it)
     checkpoint: str | None = None  # torchvision .pth or our .pt; with --data: fine-tune from it
     data: str | None = None  # ImageFolder to train on; default: the digits demo
-    precision: str = "fp32"
+    precision: str = "fp32"  # fp32 | fp16 (for CUDA) | int8 (for CPU)
     epochs: int | None = None  # default: TrainConfig's
-    seed: int = 0
-    force: bool = False
+    seed: int = 0  # seeds data order, augmentation and initialisation
+    force: bool = False  # rebuild even when the inputs are unchanged
 
 
 def build(config: BuildConfig) -> Path:
@@ -56,7 +57,9 @@ def build(config: BuildConfig) -> Path:
         calibration=calibration,
     )
     with atomic_path(stamp) as tmp:
-        tmp.write_text(json.dumps({"key": key, "inputs": inputs, "metadata": metadata}, indent=2))
+        tmp.write_text(
+            json.dumps({"key": key, "inputs": inputs, "metadata": metadata.to_dict()}, indent=2)
+        )
     return out
 
 
@@ -68,8 +71,9 @@ def _source_checkpoint(config: BuildConfig, out: Path) -> Path:
         init=config.checkpoint,
         seed=config.seed,
         out=str(out.with_name(out.stem + ".checkpoint.pt")),
-        **({"epochs": config.epochs} if config.epochs else {}),
     )
+    if config.epochs:
+        train_config = dataclasses.replace(train_config, epochs=config.epochs)
     return train(train_config)
 
 

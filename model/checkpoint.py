@@ -13,8 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from app.preprocess import Recipe
-from model.errors import ModelError
+from core.contract import Preprocessing
+from core.errors import ModelError
+from core.preprocess import Recipe
 from model.files import atomic_path
 from model.resnet import ARCHITECTURES, ResNet, build
 
@@ -106,14 +107,15 @@ def load(path: Path) -> Checkpoint:
     data = read_raw(path)
     digest = sha256_file(path)
     if isinstance(data, dict) and data.get("format") == FORMAT:
+        preprocessing = Preprocessing.from_dict(data["preprocessing"])
         ckpt = Checkpoint(
             arch=data["arch"],
             state_dict=data["state_dict"],
             labels=list(data["labels"]),
-            recipe=Recipe.from_dict(data["preprocessing"]),
-            mean=tuple(data["preprocessing"]["mean"]),
-            std=tuple(data["preprocessing"]["std"]),
-            name=data.get("name", data["arch"]),
+            recipe=preprocessing.recipe,
+            mean=preprocessing.mean,  # type: ignore[arg-type]
+            std=preprocessing.std,  # type: ignore[arg-type]
+            name=str(data.get("name", data["arch"])),
             metrics=dict(data.get("metrics", {})),
             extra={k: data[k] for k in ("epoch", "seed", "config") if k in data},
             sha256=digest,

@@ -1,4 +1,4 @@
-"""Datasets as uint8 HWC crops made by the server's own preprocessing (``app.preprocess``).
+"""Datasets as uint8 HWC crops made by the server's own preprocessing (``core.preprocess``).
 
 Two sources: the handwritten digits that ship inside scikit-learn (the built-in demo, no download),
 and an ImageFolder directory ``root/<class_name>/*.jpg``.
@@ -12,9 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from app.errors import ServiceError
-from app.preprocess import Recipe, decode, to_model_input
-from model.errors import ModelError
+from core.errors import ModelError, ServiceError
+from core.preprocess import Recipe, decode, to_model_input
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 DIGITS = "digits"
@@ -36,7 +35,9 @@ class Split:
         return len(self.targets)
 
 
-def digit_images(seed: int = 0, val_fraction: float = 0.2) -> tuple[list[Image.Image], ...]:
+def digit_images(
+    seed: int = 0, val_fraction: float = 0.2
+) -> tuple[list[Image.Image], list[int], list[Image.Image], list[int]]:
     """The 1,797 scans as dark-on-white 8x8 greyscale images, split in a seeded stratified way.
 
     Returns (train_images, train_targets, val_images, val_targets).
@@ -122,5 +123,8 @@ def split_seeded(data: Split, val_fraction: float, seed: int) -> tuple[Split, Sp
     train_i, val_i = train_test_split(
         index, test_size=val_fraction, random_state=seed, stratify=stratify
     )
-    pick = lambda i: Split(data.images[i], data.targets[i], data.labels)  # noqa: E731
+
+    def pick(i: np.ndarray) -> Split:
+        return Split(data.images[i], data.targets[i], data.labels)
+
     return pick(train_i), pick(val_i)

@@ -4,17 +4,15 @@
     python -m model export resnet50-0676ba61.pth --out imagenet.onnx --eval-data val/
     python -m model export artifacts/checkpoint.pt --precision int8 --out artifacts/model.int8.onnx
 
-The graph takes uint8[N, S, S, 3] RGB crops made by ``app.preprocess`` and returns
+The graph takes uint8[N, S, S, 3] RGB crops made by ``core.preprocess`` and returns
 ``probabilities`` and ``logits``; its metadata carries labels, preprocessing and measured accuracy.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,31 +23,25 @@ import torch
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from model import data
+from core.contract import (
+    INPUT_NAME,
+    LOGITS_NAME,
+    OUTPUT_NAME,
+    PRECISIONS,
+    ModelMetadata,
+    Preprocessing,
+)
+from core.errors import ModelError
 from model.checkpoint import Checkpoint
-from model.errors import ModelError
+from model.evalsets import EvalSet
 from model.files import atomic_path
-from model.train import TrainConfig, load_datasets
 from model.wrap import ServingModel
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "int8")
 FP32_MAX_ABS_DIFF = 1e-4
 FP16_MIN_AGREEMENT = 0.99
 INT8_MAX_ACCURACY_DROP = 0.01
-JSON_KEYS = ("labels", "preprocessing", "accuracy", "parity", "training")
-PARITY_IMAGES = 64  # enough to catch a wrong graph; a 224x224 ResNet-50 checks in seconds
-CALIBRATION_IMAGES = 320
-
-
-@dataclass
-class EvalSet:
-    """Images to check the export on; ``targets`` only when they carry this model's labels."""
-
-    name: str
-    images: np.ndarray
-    targets: np.ndarray | None
 
 
 def export(
@@ -60,7 +52,7 @@ def export(
     eval_set: EvalSet,
     calibration: np.ndarray | None = None,
     version: str | None = None,
-) -> dict[str, Any]:
+) -> ModelMetadata:
     """Write ``out`` only after ONNX Runtime agrees with PyTorch; return the metadata written."""
     if precision not in PRECISIONS:
         raise ModelError(f"precision {precision!r} is not one of {PRECISIONS}")
@@ -92,9 +84,7 @@ def export(
             _check_int8(accuracy["top1"], _accuracy(fp32_probs, eval_set)["top1"])  # type: ignore[index]
     metadata = _metadata(ckpt, precision, accuracy, report[precision], version)
     model = onnx.load_from_string(model_bytes)
-    onnx.helper.set_model_props(
-        model, {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
-    )
+    onnx.helper.set_model_props(model, metadata.to_props())
     model.producer_name = "resnet-serve"
     with atomic_path(out) as tmp_out:
         onnx.save(model, str(tmp_out))
@@ -115,9 +105,9 @@ def _torch_export(serving: ServingModel, crop: int, path: Path) -> None:
             serving,
             (example,),
             str(path),
-            input_names=["images"],
-            output_names=["probabilities", "logits"],
-            dynamic_shapes={"images": {0: batch}},
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME, LOGITS_NAME],
+            dynamic_shapes={INPUT_NAME: {0: batch}},
             dynamo=True,
             external_data=False,
             verbose=False,
@@ -135,7 +125,7 @@ def _torch_outputs(serving: ServingModel, images: np.ndarray, batch: int = 64) -
 def run_onnx(model: bytes | str, images: np.ndarray, batch: int = 64) -> np.ndarray:
     session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     chunks = [
-        session.run(["probabilities"], {"images": images[i : i + batch]})[0]
+        session.run([OUTPUT_NAME], {INPUT_NAME: images[i : i + batch]})[0]
         for i in range(0, len(images), batch)
     ]
     return np.concatenate(chunks).astype(np.float32)
@@ -186,7 +176,8 @@ def _to_fp16(fp32_path: Path) -> bytes:
 
     # keep_io_types: clients still send uint8 and read float32; only the inside runs in fp16.
     model = convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True)
-    return model.SerializeToString()
+    serialized: bytes = model.SerializeToString()
+    return serialized
 
 
 class _Calibration(CalibrationDataReader):  # type: ignore[misc]
@@ -195,7 +186,7 @@ class _Calibration(CalibrationDataReader):  # type: ignore[misc]
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         batch = next(self._batches, None)
-        return None if batch is None else {"images": batch}
+        return None if batch is None else {INPUT_NAME: batch}
 
 
 def _to_int8(fp32_path: Path, calibration: np.ndarray, tmp: Path) -> bytes:
@@ -223,74 +214,24 @@ def _metadata(
     accuracy: dict[str, Any] | None,
     parity: dict[str, float],
     version: str | None,
-) -> dict[str, Any]:
-    return {
-        "model_name": ckpt.name,
-        "model_version": version or ckpt.sha256[:12],
-        "architecture": ckpt.arch,
-        "precision": precision,
-        "num_classes": str(len(ckpt.labels)),
-        "labels": ckpt.labels,
-        "preprocessing": {**ckpt.recipe.to_dict(), "mean": list(ckpt.mean), "std": list(ckpt.std)},
-        "source_sha256": ckpt.sha256,
-        "accuracy": accuracy,
-        "parity": parity,
-        "training": {k: ckpt.metrics[k] for k in ("val_top1", "epoch") if k in ckpt.metrics}
-        or None,
+) -> ModelMetadata:
+    training: dict[str, Any] = {
+        k: ckpt.metrics[k] for k in ("val_top1", "epoch") if k in ckpt.metrics
     }
+    return ModelMetadata(
+        name=ckpt.name,
+        version=version or ckpt.sha256[:12],
+        architecture=ckpt.arch,
+        precision=precision,
+        labels=tuple(ckpt.labels),
+        preprocessing=Preprocessing(ckpt.recipe, ckpt.mean, ckpt.std),
+        source_sha256=ckpt.sha256,
+        accuracy=accuracy,
+        parity=parity,
+        training=training or None,
+    )
 
 
-def read_metadata(path: Path) -> dict[str, Any]:
+def read_metadata(path: Path) -> ModelMetadata:
     model = onnx.load(str(path), load_external_data=False)
-    raw = {p.key: p.value for p in model.metadata_props}
-    return {k: json.loads(v) if k in JSON_KEYS else v for k, v in raw.items()}
-
-
-def eval_set_for(ckpt: Checkpoint, eval_dir: Path | None) -> EvalSet:
-    """A labelled folder if given; else the validation split the checkpoint was trained against;
-    else real digit scans, which prove the graph (parity) but not the accuracy."""
-    if eval_dir is not None:
-        split = data.load_folder(eval_dir, ckpt.recipe)
-        unknown = sorted(set(split.labels) - set(ckpt.labels))
-        if unknown:
-            raise ModelError(
-                f"--eval-data {eval_dir}: class folders {unknown} are not model labels"
-            )
-        targets = np.asarray([ckpt.labels.index(split.labels[t]) for t in split.targets])
-        return EvalSet(f"{eval_dir.name}", split.images, targets)
-    config = _training_config(ckpt)
-    if config is not None:
-        val = load_datasets(config).val
-        return EvalSet(f"{Path(config.data).name}-val", val.images, val.targets)
-    _, val = data.digits(recipe=ckpt.recipe)
-    return EvalSet("digits-parity", val.images[:PARITY_IMAGES], None)
-
-
-def calibration_for(ckpt: Checkpoint, calib: str | None) -> np.ndarray:
-    """Training images for INT8 calibration: the checkpoint's own training set by default."""
-    if calib == data.DIGITS:
-        train, _ = data.digits(recipe=ckpt.recipe)
-        images = train.images
-    elif calib is not None:
-        images = data.load_folder(Path(calib), ckpt.recipe).images
-    else:
-        config = _training_config(ckpt)
-        if config is None:
-            raise ModelError(
-                "int8 needs calibration images: pass --calib-data DIR (training-like images) "
-                "or --calib-data digits"
-            )
-        images = load_datasets(config).train.images
-    pick = np.random.default_rng(0).permutation(len(images))[:CALIBRATION_IMAGES]
-    return images[np.sort(pick)]
-
-
-def _training_config(ckpt: Checkpoint) -> TrainConfig | None:
-    config = ckpt.extra.get("config")
-    if not config:
-        return None
-    config = TrainConfig(**config)
-    if not config.is_digits and not Path(config.data).is_dir():
-        log.warning("training data %s is gone; checking parity on digit scans only", config.data)
-        return None
-    return config
+    return ModelMetadata.from_props({p.key: p.value for p in model.metadata_props})

@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from model.errors import ModelError
+from core.errors import ModelError
 
 
 @contextlib.contextmanager

@@ -40,7 +40,8 @@ class BasicBlock(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
 
-        return self.relu(out + identity)
+        result: Tensor = self.relu(out + identity)
+        return result
 
 
 class Bottleneck(nn.Module):
@@ -76,7 +77,8 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
 
-        return self.relu(out + identity)
+        result: Tensor = self.relu(out + identity)
+        return result
 
 
 Block = type[BasicBlock] | type[Bottleneck]
@@ -141,7 +143,8 @@ class ResNet(nn.Module):
         x = self.layer4(x)
 
         x = self.avgpool(x).flatten(1)
-        return self.fc(x)
+        logits: Tensor = self.fc(x)
+        return logits
 
 
 ARCHITECTURES: dict[str, tuple[Block, list[int]]] = {

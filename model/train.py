@@ -22,10 +22,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from app.preprocess import Recipe
+from core.contract import Preprocessing
+from core.errors import ModelError
+from core.preprocess import Recipe
 from model import checkpoint, data
 from model.checkpoint import IMAGENET_MEAN, IMAGENET_STD
-from model.errors import ModelError
 from model.resnet import build
 from model.wrap import Normalize
 
@@ -36,23 +37,23 @@ log = logging.getLogger(__name__)
 class TrainConfig:
     data: str = data.DIGITS  # "digits" (ships with scikit-learn) or an ImageFolder root/<class>/*
     val_data: str | None = None  # ImageFolder for validation; default: a seeded split of `data`
-    val_fraction: float = 0.2
-    arch: str = "resnet50"
+    val_fraction: float = 0.2  # share of `data` held out when no --val-data is given
+    arch: str = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet101 | resnet152
     crop_size: int | None = None  # default: 32 for digits, 224 for folders
     resize_size: int | None = None  # default: crop for digits, crop / 0.875 for folders
-    epochs: int = 15
-    batch_size: int = 64
+    epochs: int = 15  # passes over the training set
+    batch_size: int = 64  # images per optimiser step
     lr: float = 2e-3  # peak of the one-cycle schedule (AdamW)
-    weight_decay: float = 0.05
-    label_smoothing: float = 0.1
+    weight_decay: float = 0.05  # AdamW decoupled weight decay
+    label_smoothing: float = 0.1  # cross-entropy target smoothing
     shift: int = 3  # random translation in pixels, both axes
     flip: bool | None = None  # horizontal flips; default: off for digits, on for folders
-    seed: int = 0
+    seed: int = 0  # seeds data order, augmentation and initialisation
     init: str | None = None  # fine-tune from this checkpoint (ours or torchvision's)
     resume: str | None = None  # continue an interrupted run from its .last.pt
-    out: str = "artifacts/checkpoint.pt"
+    out: str = "artifacts/checkpoint.pt"  # best checkpoint; the last one goes to .last.pt
     device: str = "auto"  # auto | cpu | cuda
-    name: str | None = None
+    name: str | None = None  # model_name in the metadata; default: <arch>-digits or <arch>
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
@@ -185,10 +186,11 @@ def train(config: TrainConfig) -> Path:
     generator = torch.Generator().manual_seed(config.seed)
     out = Path(config.out)
     last_path = out.with_suffix(".last.pt")
-    state = {"epoch": 0, "best": -1.0}
+    state: dict[str, Any] = {"epoch": 0, "best": -1.0}
     if config.resume:
         state = _restore(Path(config.resume), model, optimizer, scheduler, generator)
     flip = (not config.is_digits) if config.flip is None else config.flip
+    run = _Run(config, model, optimizer, scheduler, scaler, generator, device, flip)
     log.info(
         "training %s on %s: %d train / %d val images, %d classes, %s, %d epochs",
         config.arch,
@@ -201,9 +203,7 @@ def train(config: TrainConfig) -> Path:
     )
     for epoch in range(state["epoch"] + 1, config.epochs + 1):
         started = time.perf_counter()
-        train_loss, train_acc = _train_epoch(
-            model, sets, optimizer, scheduler, scaler, config, flip, generator, device, epoch
-        )
+        train_loss, train_acc = _train_epoch(run, sets, epoch)
         val_loss, val_acc = evaluate(model, sets.val, device)
         metrics = {
             "train_loss": train_loss,
@@ -240,23 +240,27 @@ def train(config: TrainConfig) -> Path:
     return out
 
 
-def _train_epoch(
-    model: nn.Module,
-    sets: Datasets,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
-    config: TrainConfig,
-    flip: bool,
-    generator: torch.Generator,
-    device: torch.device,
-    epoch: int,
-) -> tuple[float, float]:
+@dataclass
+class _Run:
+    """What one training run carries from step to step."""
+
+    config: TrainConfig
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    generator: torch.Generator
+    device: torch.device
+    flip: bool
+
+
+def _train_epoch(run: _Run, sets: Datasets, epoch: int) -> tuple[float, float]:
+    config, model, generator, device = run.config, run.model, run.generator, run.device
     model.train()
     order = torch.randperm(len(sets.train), generator=generator)
     use_alt = torch.rand(len(sets.train), generator=generator) < 0.5
     loss_sum, correct, seen = 0.0, 0, 0
-    batches = order.split(config.batch_size)
+    batches = torch.split(order, config.batch_size)
     bar = tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", unit="batch", leave=False)
     for index in bar:
         images = torch.from_numpy(sets.train.images[index.numpy()])
@@ -264,15 +268,15 @@ def _train_epoch(
             alt = torch.from_numpy(sets.train_alt.images[index.numpy()])
             images = torch.where(use_alt[index].view(-1, 1, 1, 1), alt, images)
         targets = torch.from_numpy(sets.train.targets[index.numpy()]).to(device)
-        x = augment(images, config.shift, flip, generator).to(device)
+        x = augment(images, config.shift, run.flip, generator).to(device)
         with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
             logits = model(x)
             loss = F.cross_entropy(logits, targets, label_smoothing=config.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.scheduler.step()
         loss_sum += loss.item() * len(index)
         correct += (logits.argmax(1) == targets).sum().item()
         seen += len(index)
@@ -289,11 +293,7 @@ def _payload(
         "name": config.name or (f"{config.arch}-digits" if config.is_digits else config.arch),
         "state_dict": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
         "labels": labels,
-        "preprocessing": {
-            **recipe.to_dict(),
-            "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD),
-        },
+        "preprocessing": Preprocessing(recipe, IMAGENET_MEAN, IMAGENET_STD).to_dict(),
         "metrics": metrics,
         "epoch": epoch,
         "seed": config.seed,
@@ -311,7 +311,7 @@ def _restore(
     raw = checkpoint.read_raw(path)
     if not isinstance(raw, dict) or "resume" not in raw:
         raise ModelError(f"--resume {path}: not a .last.pt checkpoint written by `model train`")
-    checkpoint.load_weights(model[1], raw["state_dict"], raw["arch"])
+    checkpoint.load_weights(model[1], raw["state_dict"], raw["arch"])  # type: ignore[index]
     optimizer.load_state_dict(raw["resume"]["optimizer"])
     scheduler.load_state_dict(raw["resume"]["scheduler"])
     generator.set_state(raw["resume"]["generator"])

@@ -34,7 +34,13 @@ class Recorder:
 
 
 def make_batcher(model: Callable[[np.ndarray], np.ndarray], **config: float) -> Batcher:
-    defaults: dict[str, float] = {"max_batch_size": 4, "max_wait_ms": 0.0}
+    defaults: dict[str, float] = {
+        "max_batch_size": 4,
+        "max_wait_ms": 0.0,
+        "max_queue_images": 256,
+        "request_timeout_ms": 10_000.0,
+        "retry_after_s": 1,
+    }
     return Batcher(model, BatchConfig(**(defaults | config)), Metrics())  # type: ignore[arg-type]
 
 
@@ -184,3 +190,18 @@ async def test_drain_finishes_queued_work_then_refuses_new_work() -> None:
     gate.set()
     await draining
     assert [float(r[0]) for r in await pending] == [1, 2]
+
+
+async def test_a_dead_batching_task_fails_every_waiter_and_reports_it() -> None:
+    failures: list[BaseException] = []
+    # A model returning something without a length breaks the loop itself, not just one batch.
+    batcher = make_batcher(lambda batch: None, max_batch_size=2)  # type: ignore[arg-type,return-value]
+    batcher.on_failure = failures.append
+    queued = batcher._enqueue([image(v) for v in range(5)])
+    batcher.start()
+    results = await asyncio.gather(*queued, return_exceptions=True)
+    assert all(isinstance(r, InferenceFailed) for r in results), results
+    assert [type(f) for f in failures] == [TypeError]
+    with pytest.raises(InferenceFailed, match="batching task died"):
+        await batcher.submit([image(9)])
+    await batcher.drain()

@@ -8,28 +8,22 @@ from typing import Any
 
 import httpx
 import numpy as np
-import onnxruntime as ort
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.requests import Request
 
+from app.disconnect import unless_disconnected
 from app.errors import ClientClosedRequest
-from app.main import create_app
-from app.preprocess import Recipe, decode
-from app.routes import _unless_disconnected
+from app.main import create_app, session_config
 from app.session import OnnxModel
-from tests.conftest import CROP_SIZE, LABELS, Serve, image_bytes
+from core.preprocess import Recipe
+from tests.conftest import Serve
+from tests.helpers.models import CROP_SIZE, LABELS, image_bytes, offline_top
+from tests.helpers.uploads import join_parts
 
 pytestmark = pytest.mark.anyio
 
 RECIPE = Recipe(resize_size=CROP_SIZE + CROP_SIZE // 4, crop_size=CROP_SIZE)
-
-
-def offline_top(model_path: Path, data: bytes, k: int) -> list[tuple[int, float]]:
-    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-    (probabilities,) = session.run(["probabilities"], {"images": decode(data, RECIPE)[None]})
-    order = np.argsort(-probabilities[0], kind="stable")[:k]
-    return [(int(i), float(probabilities[0][i])) for i in order]
 
 
 def files(*payloads: bytes) -> list[tuple[str, tuple[str, bytes, str]]]:
@@ -108,12 +102,6 @@ async def test_bad_top_k_is_422_naming_the_value(serve: Serve, top_k: str) -> No
     assert_error(response, 422, "invalid_parameter", "top_k", top_k)
 
 
-def multipart(parts: Iterable[bytes], boundary: str = "XyZ") -> bytes:
-    return b"".join(b"--" + boundary.encode() + b"\r\n" + part for part in parts) + (
-        b"--" + boundary.encode() + b"--\r\n"
-    )
-
-
 FILE_PART = b'Content-Disposition: form-data; name="f"; filename="a.png"\r\n\r\n%s\r\n'
 TEXT_PART = b'Content-Disposition: form-data; name="note"\r\n\r\nhello\r\n'
 MULTIPART = "multipart/form-data; boundary=XyZ"
@@ -127,18 +115,18 @@ BAD_REQUESTS: list[Any] = [
     ),
     pytest.param(
         {"content-type": MULTIPART},
-        multipart([FILE_PART % b""]),
+        join_parts([FILE_PART % b""]),
         400,
         "empty_upload",
         "a.png",
         id="empty-file",
     ),
     pytest.param(
-        {"content-type": MULTIPART}, multipart([]), 400, "empty_upload", "no files", id="no-files"
+        {"content-type": MULTIPART}, join_parts([]), 400, "empty_upload", "no files", id="no-files"
     ),
     pytest.param(
         {"content-type": MULTIPART},
-        multipart([TEXT_PART]),
+        join_parts([TEXT_PART]),
         400,
         "invalid_multipart",
         "'note'",
@@ -154,7 +142,7 @@ BAD_REQUESTS: list[Any] = [
     ),
     pytest.param(
         {"content-type": MULTIPART},
-        multipart([FILE_PART % PNG] * 3),
+        join_parts([FILE_PART % PNG] * 3),
         400,
         "invalid_multipart",
         "max_images_per_request=2",
@@ -186,7 +174,7 @@ BAD_REQUESTS: list[Any] = [
     ),
     pytest.param(
         {"content-type": MULTIPART},
-        multipart([FILE_PART % TRUNCATED_PNG]),
+        join_parts([FILE_PART % TRUNCATED_PNG]),
         422,
         "invalid_image",
         "image 0 ('a.png')",
@@ -210,7 +198,7 @@ BAD_REQUESTS: list[Any] = [
     ),
     pytest.param(
         {"content-type": MULTIPART},
-        multipart([FILE_PART % image_bytes(5, "BMP", size=(60, 60))]),
+        join_parts([FILE_PART % image_bytes(5, "BMP", size=(60, 60))]),
         413,
         "payload_too_large",
         "max_image_bytes=5000",
@@ -303,7 +291,7 @@ class GatedModel(OnnxModel):
     """The real tiny model, with hooks that hold warm-up or inference until a test says go."""
 
     def __init__(self, model: OnnxModel) -> None:
-        super().__init__(model._session, model.info)
+        super().__init__(model._session, model.metadata)
         self.release = threading.Event()
         self.entered = threading.Event()
         self.gate_warm_up = True
@@ -330,7 +318,7 @@ class GatedModel(OnnxModel):
 
 @pytest.fixture
 def gated(make_settings: Any) -> GatedModel:
-    return GatedModel(OnnxModel.load(make_settings()))
+    return GatedModel(OnnxModel.load(session_config(make_settings())))
 
 
 async def test_not_ready_until_warmed_up_then_ready(gated: GatedModel, make_settings: Any) -> None:
@@ -445,6 +433,6 @@ async def test_client_disconnect_cancels_the_pending_work() -> None:
     work = asyncio.ensure_future(never.wait())
     request = Request({"type": "http", "method": "POST", "headers": []}, receive)
     with pytest.raises(ClientClosedRequest):
-        await _unless_disconnected(request, work)
+        await unless_disconnected(request, work)
     await asyncio.gather(work, return_exceptions=True)
     assert work.cancelled()

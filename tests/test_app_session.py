@@ -8,17 +8,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.session import CPU, CUDA, ModelError, OnnxModel, choose_providers
+from app.main import session_config
+from app.session import CPU, CUDA, OnnxModel, choose_providers
 from app.settings import Settings
-from tests.conftest import CROP_SIZE, LABELS, build_model
+from core.errors import ModelError
+from tests.helpers.models import CROP_SIZE, LABELS, build_model
 
 
 def test_loads_the_contract_and_predicts(make_settings: Callable[..., Settings]) -> None:
-    model = OnnxModel.load(make_settings())
+    model = OnnxModel.load(session_config(make_settings()))
     assert model.provider == CPU
-    assert model.info.labels == tuple(LABELS)
-    assert model.info.recipe.crop_size == CROP_SIZE
-    assert model.info.accuracy == {"top1": 0.5, "dataset": "synthetic", "images": 10}
+    assert model.metadata.labels == tuple(LABELS)
+    assert model.metadata.recipe.crop_size == CROP_SIZE
+    assert model.metadata.accuracy == {"top1": 0.5, "dataset": "synthetic", "images": 10}
     images = np.random.default_rng(0).integers(0, 256, (3, CROP_SIZE, CROP_SIZE, 3), np.uint8)
     probabilities = model.predict(images)
     assert probabilities.shape == (3, len(LABELS))
@@ -28,9 +30,10 @@ def test_loads_the_contract_and_predicts(make_settings: Callable[..., Settings])
 
 def test_accuracy_may_be_null(tmp_path: Path, make_settings: Callable[..., Settings]) -> None:
     path = build_model(tmp_path / "m.onnx", metadata={"accuracy": "null"})
-    assert OnnxModel.load(make_settings(model_path=path)).info.accuracy is None
+    assert OnnxModel.load(session_config(make_settings(model_path=path))).metadata.accuracy is None
 
 
+M = [0.5, 0.5, 0.5]
 BAD_METADATA = [
     pytest.param({}, ("labels",), "missing ['labels']", id="missing-labels"),
     pytest.param({}, ("accuracy", "source_sha256"), "missing", id="missing-two"),
@@ -42,12 +45,18 @@ BAD_METADATA = [
     pytest.param({"labels": "not json"}, (), "not valid JSON", id="labels-not-json"),
     pytest.param({"precision": "fp8"}, (), "fp8", id="unknown-precision"),
     pytest.param(
-        {"preprocessing": json.dumps({"resize_size": 40, "crop_size": 32})},
+        {"preprocessing": json.dumps({"resize_size": 40, "crop_size": 32, "mean": M, "std": M})},
         (),
         "axis 1",
         id="crop-vs-input",
     ),
     pytest.param({"preprocessing": "{}"}, (), "preprocessing", id="empty-preprocessing"),
+    pytest.param(
+        {"preprocessing": json.dumps({"resize_size": 40, "crop_size": 32})},
+        (),
+        "KeyError('mean')",
+        id="no-normalisation",
+    ),
     pytest.param({"accuracy": "[1]"}, (), "accuracy", id="accuracy-wrong-type"),
 ]
 
@@ -62,19 +71,19 @@ def test_bad_metadata_fails_start_up_with_a_clear_message(
 ) -> None:
     path = build_model(tmp_path / "m.onnx", metadata=metadata, drop=drop)
     with pytest.raises(ModelError, match=re.escape(fragment)):
-        OnnxModel.load(make_settings(model_path=path))
+        OnnxModel.load(session_config(make_settings(model_path=path)))
 
 
 def test_missing_file(tmp_path: Path, make_settings: Callable[..., Settings]) -> None:
     with pytest.raises(ModelError, match=r"model file not found: .*nope\.onnx"):
-        OnnxModel.load(make_settings(model_path=tmp_path / "nope.onnx"))
+        OnnxModel.load(session_config(make_settings(model_path=tmp_path / "nope.onnx")))
 
 
 def test_corrupt_file(tmp_path: Path, make_settings: Callable[..., Settings]) -> None:
     path = tmp_path / "bad.onnx"
     path.write_bytes(b"\x08\x07 definitely not a protobuf " * 10)
     with pytest.raises(ModelError, match="cannot load ONNX model") as raised:
-        OnnxModel.load(make_settings(model_path=path))
+        OnnxModel.load(session_config(make_settings(model_path=path)))
     assert "\n" not in str(raised.value)
 
 

@@ -15,7 +15,7 @@ def test_build_is_cached_on_its_inputs(
     config = BuildConfig(out=str(out), checkpoint=str(tiny_checkpoint))
     build(config)
     first = out.stat().st_mtime_ns
-    assert read_metadata(out)["labels"] == ["blue", "green", "red"]
+    assert read_metadata(out).labels == ("blue", "green", "red")
 
     with caplog.at_level(logging.INFO, logger="model.build"):
         build(config)
@@ -31,12 +31,12 @@ def test_changed_checkpoint_or_precision_rebuilds(tiny_checkpoint: Path, tmp_pat
     source.write_bytes(tiny_checkpoint.read_bytes())
     out = tmp_path / "model.onnx"
     build(BuildConfig(out=str(out), checkpoint=str(source)))
-    first = read_metadata(out)["source_sha256"]
+    first = read_metadata(out).source_sha256
 
     raw = torch.load(source, weights_only=True)
     torch.save({**raw, "seed": raw["seed"] + 1}, source)  # same path, new bytes
     build(BuildConfig(out=str(out), checkpoint=str(source)))
-    assert read_metadata(out)["source_sha256"] != first
+    assert read_metadata(out).source_sha256 != first
 
     build(BuildConfig(out=str(out), checkpoint=str(source), precision="fp16"))
-    assert read_metadata(out)["precision"] == "fp16"
+    assert read_metadata(out).precision == "fp16"

@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from app.preprocess import decode
+from app.main import session_config
 from app.session import OnnxModel
 from app.settings import Settings
-from model import checkpoint, export
-from model.errors import ModelError
+from core.errors import ModelError
+from core.preprocess import decode
+from model import checkpoint, evalsets, export
 from model.resnet import build
 from model.wrap import ServingModel
 
@@ -21,7 +22,7 @@ def ckpt(tiny_checkpoint: Path) -> checkpoint.Checkpoint:
 @pytest.fixture(scope="module")
 def fp32_onnx(ckpt: checkpoint.Checkpoint, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("export") / "model.onnx"
-    export.export(ckpt, out, eval_set=export.eval_set_for(ckpt, None), version="7")
+    export.export(ckpt, out, eval_set=evalsets.eval_set_for(ckpt, None), version="7")
     return out
 
 
@@ -39,9 +40,9 @@ def test_fp32_matches_pytorch_on_real_images(
 
 
 def test_metadata_round_trip(ckpt: checkpoint.Checkpoint, fp32_onnx: Path) -> None:
-    meta = export.read_metadata(fp32_onnx)
+    meta = export.read_metadata(fp32_onnx).to_dict()
     assert meta["labels"] == ["blue", "green", "red"]
-    assert meta["num_classes"] == "3"
+    assert meta["num_classes"] == 3
     assert meta["preprocessing"] == {
         "resize_size": 36,
         "crop_size": 32,
@@ -58,8 +59,8 @@ def test_metadata_round_trip(ckpt: checkpoint.Checkpoint, fp32_onnx: Path) -> No
 
 
 def test_server_loads_the_export(fp32_onnx: Path) -> None:
-    model = OnnxModel.load(Settings(model_path=fp32_onnx, providers="cpu"))
-    assert list(model.info.labels) == ["blue", "green", "red"]
+    model = OnnxModel.load(session_config(Settings(model_path=fp32_onnx, providers="cpu")))
+    assert list(model.metadata.labels) == ["blue", "green", "red"]
     probs = model.predict(np.zeros((2, 32, 32, 3), dtype=np.uint8))
     assert probs.shape == (2, 3)
     np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
@@ -68,7 +69,7 @@ def test_server_loads_the_export(fp32_onnx: Path) -> None:
 def test_int8_keeps_accuracy_and_records_its_own(
     ckpt: checkpoint.Checkpoint, fp32_onnx: Path, tmp_path: Path, color_eval_folder: Path
 ) -> None:
-    eval_set = export.eval_set_for(ckpt, color_eval_folder)
+    eval_set = evalsets.eval_set_for(ckpt, color_eval_folder)
     fp32_top1 = (
         export.run_onnx(str(fp32_onnx), eval_set.images).argmax(1) == eval_set.targets
     ).mean()
@@ -78,11 +79,12 @@ def test_int8_keeps_accuracy_and_records_its_own(
         out,
         precision="int8",
         eval_set=eval_set,
-        calibration=export.calibration_for(ckpt, None),
+        calibration=evalsets.calibration_for(ckpt, None),
     )
-    assert meta["precision"] == "int8"
-    assert meta["accuracy"]["dataset"] == "val"
-    assert meta["accuracy"]["top1"] >= fp32_top1 - export.INT8_MAX_ACCURACY_DROP
+    assert meta.precision == "int8"
+    assert meta.accuracy is not None
+    assert meta.accuracy["dataset"] == "val"
+    assert meta.accuracy["top1"] >= fp32_top1 - export.INT8_MAX_ACCURACY_DROP
     assert out.stat().st_size < fp32_onnx.stat().st_size / 2
 
 
@@ -92,7 +94,7 @@ def test_failed_check_writes_nothing(
     monkeypatch.setattr(export, "FP32_MAX_ABS_DIFF", -1.0)
     out = tmp_path / "model.onnx"
     with pytest.raises(ModelError, match="nothing written"):
-        export.export(ckpt, out, eval_set=export.eval_set_for(ckpt, None))
+        export.export(ckpt, out, eval_set=evalsets.eval_set_for(ckpt, None))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -103,7 +105,7 @@ def test_failed_check_keeps_the_previous_artifact(
     out.write_bytes(fp32_onnx.read_bytes())
     monkeypatch.setattr(export, "FP16_MIN_AGREEMENT", 1.01)
     with pytest.raises(ModelError, match="fp16 check failed"):
-        export.export(ckpt, out, precision="fp16", eval_set=export.eval_set_for(ckpt, None))
+        export.export(ckpt, out, precision="fp16", eval_set=evalsets.eval_set_for(ckpt, None))
     assert out.read_bytes() == fp32_onnx.read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
 
@@ -116,4 +118,4 @@ def test_int8_without_calibration_source_is_refused(tmp_path: Path) -> None:
         recipe=checkpoint.IMAGENET_RECIPE,
     )
     with pytest.raises(ModelError, match="--calib-data"):
-        export.calibration_for(layout, None)
+        evalsets.calibration_for(layout, None)

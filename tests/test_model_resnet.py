@@ -76,7 +76,7 @@ def test_projection_shortcut_only_where_shape_changes() -> None:
         # v1.5: the stride sits on the 3x3 conv, the 1x1 reduction keeps stride 1.
         assert first.conv1.stride == (1, 1)
         assert first.conv2.stride == ((1, 1) if stage == 1 else (2, 2))
-        assert first.downsample is not None
+        assert isinstance(first.downsample, nn.Sequential)
         assert isinstance(first.downsample[0], nn.Conv2d)
         assert isinstance(first.downsample[1], nn.BatchNorm2d)
 

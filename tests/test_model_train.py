@@ -2,14 +2,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from model_fixtures import write_color_folder
 
+from core.errors import ModelError
 from model import checkpoint, train
-from model.errors import ModelError
 from model.train import TrainConfig
+from tests.helpers.training import write_color_folder
 
 
-def test_training_loss_decreases_and_best_checkpoint_rebuilds(tiny_checkpoint: Path) -> None:
+def test_training_keeps_the_best_checkpoint_and_it_rebuilds(tiny_checkpoint: Path) -> None:
     ckpt = checkpoint.load(tiny_checkpoint)
     history = torch.load(tiny_checkpoint.with_suffix(".last.pt"), weights_only=True)
     assert ckpt.arch == "resnet18"

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import image_bytes
-from tests.robust_fixtures import BOUNDARY, blocks, encode
-from tests.test_app_server import message_is, run_server
+from tests.helpers.models import image_bytes
+from tests.helpers.server import message_is, run_server
+from tests.helpers.uploads import BOUNDARY, blocks, encode
 
 SEEDS = [
     image_bytes(0),

@@ -10,8 +10,10 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import LABELS, Serve, image_bytes
-from tests.robust_fixtures import (
+from tests.conftest import Serve
+from tests.helpers.models import LABELS, image_bytes, offline_top
+from tests.helpers.server import message_is, run_server
+from tests.helpers.uploads import (
     MULTIPART,
     animated_gif,
     blocks,
@@ -24,8 +26,6 @@ from tests.robust_fixtures import (
     png_declaring,
     sixteen_bit_png,
 )
-from tests.test_app_routes import offline_top
-from tests.test_app_server import message_is, run_server
 
 pytestmark = pytest.mark.anyio
 

@@ -20,19 +20,12 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import build_model, image_bytes
-from tests.robust_fixtures import gauge, scrape, status_counts
-from tests.test_app_server import ROOT, Server, message_is, post_image, run_server
+from tests.helpers.models import build_model, image_bytes
+from tests.helpers.server import ROOT, Server, message_is, post_image, run_server
+from tests.helpers.uploads import gauge, scrape, status_counts
 
-CROP = 64
 SETTLE_TIMEOUT_S = 30.0
 PNG = image_bytes(1)
-
-
-@pytest.fixture(scope="module")
-def slow_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("slow") / "slow.onnx"
-    return build_model(path, crop_size=CROP, conv_layers=6, width=64)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from app.errors import EmptyUpload, InvalidImage, TooManyPixels, UnsupportedMediaType
+from core.errors import EmptyUpload, InvalidImage, TooManyPixels, UnsupportedMediaType
 
 # Pillow's plugin names; Image.open never even tries the others (PSD, EPS, ICO, ...).
 DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from collections.abc import Iterable
 from typing import Any
 
 import httpx
@@ -45,6 +46,13 @@ def multipart(*parts: tuple[str | None, bytes], field: str = "files") -> bytes:
             + b"\r\n"
         )
     return body + f"--{BOUNDARY}--\r\n".encode()
+
+
+def join_parts(parts: Iterable[bytes], boundary: str = "XyZ") -> bytes:
+    """A multipart body from hand-written parts (headers included), for malformed cases."""
+    return b"".join(b"--" + boundary.encode() + b"\r\n" + part for part in parts) + (
+        b"--" + boundary.encode() + b"--\r\n"
+    )
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:

@@ -1,0 +1,69 @@
+"""Readiness (warmed up, not draining) and admission of inference work."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from app.errors import NotReady, Overloaded, ShuttingDown
+
+
+class Lifecycle:
+    """Readiness (warmed up, not draining) and admission of /predict work.
+
+    Create it inside the running loop. ``draining`` is a plain flag so a signal handler may set it.
+    """
+
+    def __init__(self, max_inflight_requests: int, retry_after_s: int) -> None:
+        self.max_inflight_requests = max_inflight_requests
+        self.retry_after = {"Retry-After": str(retry_after_s)}
+        self.predicting = 0
+        self.warmed_batch_sizes: list[int] = []
+        self.warmed = False
+        self.draining = False
+        self.broken: BaseException | None = None
+        self._warmed_event = asyncio.Event()
+
+    def fail(self, error: BaseException) -> None:
+        """A component died (the batching task): never report ready again; probes restart us."""
+        self.broken = error
+
+    def mark_warmed(self, batch_sizes: list[int]) -> None:
+        self.warmed_batch_sizes = batch_sizes
+        self.warmed = True
+        self._warmed_event.set()
+
+    async def wait_warmed(self) -> None:
+        await self._warmed_event.wait()
+
+    @property
+    def ready(self) -> bool:
+        return self.warmed and not self.draining and self.broken is None
+
+    def check_admitting(self) -> None:
+        if self.draining:
+            raise ShuttingDown(
+                "the server is shutting down and admits no new work",
+                headers=self.retry_after,
+            )
+        if self.broken is not None:
+            raise NotReady(f"the server is broken: {self.broken!r}", headers=self.retry_after)
+        if not self.warmed:
+            raise NotReady("the model is still warming up", headers=self.retry_after)
+
+    @contextmanager
+    def admit(self) -> Iterator[None]:
+        """Count a /predict request in flight; bounds memory held by uploads being decoded."""
+        self.check_admitting()
+        if self.predicting >= self.max_inflight_requests:
+            raise Overloaded(
+                f"{self.predicting} requests in flight, the limit is "
+                f"max_inflight_requests={self.max_inflight_requests}",
+                headers=self.retry_after,
+            )
+        self.predicting += 1
+        try:
+            yield
+        finally:
+            self.predicting -= 1

@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+import pytest
+
+from app.errors import NotReady, ShuttingDown
+from app.lifecycle import Lifecycle
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_ready_only_once_warmed_and_never_after_a_failure() -> None:
+    lifecycle = Lifecycle(max_inflight_requests=4, retry_after_s=3)
+    with pytest.raises(NotReady, match="warming up") as warming:
+        lifecycle.check_admitting()
+    assert warming.value.headers == {"Retry-After": "3"}
+    lifecycle.mark_warmed([1, 2])
+    assert lifecycle.ready
+    lifecycle.fail(RuntimeError("batcher died"))
+    assert not lifecycle.ready
+    with pytest.raises(NotReady, match="broken"):
+        lifecycle.check_admitting()
+
+
+async def test_draining_refuses_with_retry_after() -> None:
+    lifecycle = Lifecycle(max_inflight_requests=4, retry_after_s=2)
+    lifecycle.mark_warmed([1])
+    lifecycle.draining = True
+    with pytest.raises(ShuttingDown) as refused:
+        lifecycle.check_admitting()
+    assert refused.value.headers == {"Retry-After": "2"}

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Importing every app module must neither need torch nor open a model.
+SCRIPT = """
+import importlib, pkgutil, sys
+sys.modules["torch"] = None  # any "import torch" now raises ImportError
+import app, core
+names = [m.name for m in pkgutil.walk_packages(app.__path__, "app.")]
+names += [m.name for m in pkgutil.walk_packages(core.__path__, "core.")]
+for name in names:
+    importlib.import_module(name)
+assert {"app.__main__", "app.main", "core.contract"} <= set(names), names
+assert sys.modules["torch"] is None
+print(len(names))
+"""
+
+
+def test_every_app_and_core_module_imports_without_torch_and_without_a_model(
+    tmp_path: Path,
+) -> None:
+    env = {"RESNET_SERVE_MODEL_PATH": str(tmp_path / "absent.onnx"), "PATH": ""}
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout) >= 10
+
+
+def imported_packages(package: str) -> set[str]:
+    found = set()
+    for path in (ROOT / package).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                found.add(node.module.split(".")[0])
+    return found
+
+
+@pytest.mark.parametrize(
+    ("package", "forbidden"),
+    [("core", {"app", "model", "torch"}), ("model", {"app"}), ("app", {"model", "torch"})],
+)
+def test_layers_core_at_the_bottom_model_and_app_side_by_side(
+    package: str, forbidden: set[str]
+) -> None:
+    assert not imported_packages(package) & forbidden
