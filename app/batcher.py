@@ -52,6 +52,7 @@ class Batcher:
     _queue: asyncio.Queue[_Item] = field(init=False)
     _executor: ThreadPoolExecutor = field(init=False)
     on_failure: Callable[[BaseException], None] = lambda exc: None
+    on_batch: Callable[[int, float], None] = lambda images, seconds: None
     _task: asyncio.Task[None] | None = field(init=False, default=None)
     _closing: bool = field(init=False, default=False)
     _failed: BaseException | None = field(init=False, default=None)
@@ -92,9 +93,15 @@ class Batcher:
         """Run work such as warm-up on the inference thread, so it never races a batch."""
         await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
-    async def submit(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Model outputs for ``images``, in order; the images may be split across batches."""
-        futures = self._enqueue(images)
+    async def submit(
+        self, images: Sequence[np.ndarray], deadline: float | None = None
+    ) -> list[np.ndarray]:
+        """Model outputs for ``images``, in order; the images may be split across batches.
+
+        ``deadline`` (loop time): past it an image answers 504 instead of using the model;
+        default ``request_timeout_ms`` from now.
+        """
+        futures = self._enqueue(images, deadline)
         try:
             await asyncio.wait(futures, return_when=asyncio.FIRST_EXCEPTION)
         finally:
@@ -107,7 +114,9 @@ class Batcher:
             raise errors[0]
         return [future.result() for future in futures]
 
-    def _enqueue(self, images: Sequence[np.ndarray]) -> list[asyncio.Future[np.ndarray]]:
+    def _enqueue(
+        self, images: Sequence[np.ndarray], deadline: float | None = None
+    ) -> list[asyncio.Future[np.ndarray]]:
         if self._failed is not None:
             raise InferenceFailed(f"the batching task died: {self._failed!r}")
         if self._closing:
@@ -122,7 +131,8 @@ class Batcher:
             )
         loop = asyncio.get_running_loop()
         now = loop.time()
-        deadline = now + self.config.request_timeout_ms / 1000
+        if deadline is None:
+            deadline = now + self.config.request_timeout_ms / 1000
         items = [_Item(image, loop.create_future(), now, deadline) for image in images]
         for item in items:
             self._queue.put_nowait(item)
@@ -173,8 +183,8 @@ class Batcher:
                 waited_ms = (now - item.enqueued_at) * 1000
                 item.future.set_exception(
                     DeadlineExceeded(
-                        f"image waited {waited_ms:.0f} ms in the queue, over "
-                        f"request_timeout_ms={self.config.request_timeout_ms:g}"
+                        f"image waited {waited_ms:.0f} ms in the queue and is past its "
+                        f"deadline (request_timeout_ms={self.config.request_timeout_ms:g})"
                     )
                 )
                 continue
@@ -196,7 +206,9 @@ class Batcher:
             return InferenceFailed(
                 f"model returned {len(outputs)} outputs for a batch of {len(batch)} images"
             )
-        self.metrics.inference_seconds.observe(time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        self.on_batch(len(batch), seconds)
+        self.metrics.inference_seconds.observe(seconds)
         self.metrics.batch_size.observe(len(batch))
         self.metrics.images.inc(len(batch))
         return outputs

@@ -9,6 +9,11 @@ class InvalidMultipart(BadRequest):
     code = "invalid_multipart"
 
 
+class UploadTimeout(ServiceError):
+    status_code = 408
+    code = "upload_timeout"
+
+
 class InvalidParameter(ServiceError):
     status_code = 422
     code = "invalid_parameter"

@@ -26,7 +26,9 @@ def error_response(
 
 async def _service_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServiceError)
-    if exc.status_code >= 500:
+    # Only our own faults: 503/504 are load, counted in metrics, and at overload a line each
+    # would cost the loop as much as serving.
+    if exc.status_code == 500:
         log.warning("request failed", extra={"code": exc.code, "detail": exc.message})
     return error_response(exc.status_code, exc.code, exc.message, exc.headers)
 

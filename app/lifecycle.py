@@ -1,24 +1,20 @@
-"""Readiness (warmed up, not draining) and admission of inference work."""
+"""Readiness: whether the server takes inference work now (admission by load: app.admission)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from contextlib import contextmanager
 
-from app.errors import NotReady, Overloaded, ShuttingDown
+from app.errors import NotReady, ShuttingDown
 
 
 class Lifecycle:
-    """Readiness (warmed up, not draining) and admission of /predict work.
+    """Readiness: warmed up, not draining, nothing broken.
 
     Create it inside the running loop. ``draining`` is a plain flag so a signal handler may set it.
     """
 
-    def __init__(self, max_inflight_requests: int, retry_after_s: int) -> None:
-        self.max_inflight_requests = max_inflight_requests
+    def __init__(self, retry_after_s: int) -> None:
         self.retry_after = {"Retry-After": str(retry_after_s)}
-        self.predicting = 0
         self.warmed_batch_sizes: list[int] = []
         self.warmed = False
         self.draining = False
@@ -51,19 +47,3 @@ class Lifecycle:
             raise NotReady(f"the server is broken: {self.broken!r}", headers=self.retry_after)
         if not self.warmed:
             raise NotReady("the model is still warming up", headers=self.retry_after)
-
-    @contextmanager
-    def admit(self) -> Iterator[None]:
-        """Count a /predict request in flight; bounds memory held by uploads being decoded."""
-        self.check_admitting()
-        if self.predicting >= self.max_inflight_requests:
-            raise Overloaded(
-                f"{self.predicting} requests in flight, the limit is "
-                f"max_inflight_requests={self.max_inflight_requests}",
-                headers=self.retry_after,
-            )
-        self.predicting += 1
-        try:
-            yield
-        finally:
-            self.predicting -= 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -14,14 +15,15 @@ from functools import partial
 
 from fastapi import FastAPI
 
+from app.admission import Admission, AdmissionConfig
 from app.batcher import BatchConfig, Batcher
-from app.body_limit import BodyLimit
 from app.handlers import install_error_handlers
+from app.intake import Intake
 from app.lifecycle import Lifecycle
 from app.metrics import Metrics
 from app.middleware import RequestContext
 from app.routes import router
-from app.service import Classifier
+from app.service import Classifier, ClassifyConfig
 from app.session import OnnxModel, SessionConfig
 from app.settings import Settings
 from app.uploads import UploadLimits
@@ -34,6 +36,7 @@ def session_config(settings: Settings) -> SessionConfig:
         model_path=settings.model_path,
         providers=settings.providers,
         intra_op_threads=settings.intra_op_threads,
+        spinning=settings.ort_spinning,
         graph_optimization=settings.graph_optimization,
     )
 
@@ -48,6 +51,24 @@ def batch_config(settings: Settings) -> BatchConfig:
     )
 
 
+def admission_config(settings: Settings) -> AdmissionConfig:
+    return AdmissionConfig(
+        request_timeout_ms=settings.request_timeout_ms,
+        admission_wait_ms=settings.admission_wait_ms,
+        max_buffered_bytes=settings.max_buffered_bytes,
+        retry_after_s=settings.retry_after_s,
+    )
+
+
+def classify_config(settings: Settings) -> ClassifyConfig:
+    return ClassifyConfig(
+        default_top_k=settings.default_top_k,
+        limits=settings.limits,
+        max_request_pixels=settings.max_request_pixels,
+        request_timeout_ms=settings.request_timeout_ms,
+    )
+
+
 def create_app(settings: Settings, model: OnnxModel | None = None) -> FastAPI:
     """``model``: an already opened session (``python -m app`` opens it first to fail fast)."""
     metrics = Metrics()
@@ -59,21 +80,19 @@ def create_app(settings: Settings, model: OnnxModel | None = None) -> FastAPI:
         metrics.model.info(
             {"name": meta.name, "version": meta.version, "provider": loaded.provider}
         )
-        lifecycle = Lifecycle(settings.max_inflight_requests, settings.retry_after_s)
-        batcher = Batcher(loaded.predict, batch_config(settings), metrics, lifecycle.fail)
+        lifecycle = Lifecycle(settings.retry_after_s)
+        admission = Admission(admission_config(settings), lifecycle, metrics)
+        batcher = Batcher(
+            loaded.predict, batch_config(settings), metrics, lifecycle.fail, admission.observe_batch
+        )
         decoder = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         app.state.lifecycle = lifecycle
+        app.state.admission = admission
         app.state.classifier = Classifier(
-            loaded,
-            batcher,
-            decoder,
-            lifecycle,
-            metrics,
-            limits=settings.limits,
-            default_top_k=settings.default_top_k,
+            loaded, batcher, decoder, admission, metrics, classify_config(settings)
         )
         batcher.start()
-        warm_up = asyncio.create_task(_warm_up(loaded, batcher, lifecycle, settings.max_batch_size))
+        warm_up = asyncio.create_task(_warm_up(loaded, batcher, admission, settings.max_batch_size))
         try:
             yield
         finally:
@@ -91,22 +110,30 @@ def create_app(settings: Settings, model: OnnxModel | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     app.include_router(router)
-    # The last added is outermost: the request context sees (and counts) the body limit's 413s.
-    app.add_middleware(BodyLimit, max_request_bytes=settings.max_request_bytes)
+    # The last added is outermost: the request context sees (and counts) the intake's refusals.
+    app.add_middleware(
+        Intake,
+        max_request_bytes=settings.max_request_bytes,
+        upload_timeout_ms=settings.upload_timeout_ms,
+    )
     app.add_middleware(RequestContext, metrics=metrics)
     return app
 
 
 async def _warm_up(
-    model: OnnxModel, batcher: Batcher, lifecycle: Lifecycle, max_batch_size: int
+    model: OnnxModel, batcher: Batcher, admission: Admission, max_batch_size: int
 ) -> None:
     # Batches are not padded, so every size 1..max_batch_size can occur and each is warmed.
     sizes = list(range(1, max_batch_size + 1))
     log.info("warming up", extra={"batch_sizes": sizes})
     try:
         await batcher.run_in_model_thread(partial(model.warm_up, sizes))
+        # A warm, timed full batch: admission's first estimate of the cost per image.
+        started = time.perf_counter()
+        await batcher.run_in_model_thread(partial(model.warm_up, [max_batch_size]))
+        admission.observe_batch(max_batch_size, time.perf_counter() - started)
     except Exception:
         log.exception("warm-up failed; the server stays unready")
         return
-    lifecycle.mark_warmed(sizes)
+    admission.lifecycle.mark_warmed(sizes)
     log.info("ready", extra={"provider": model.provider})

@@ -58,6 +58,27 @@ class Metrics:
         self.queue_depth = Gauge(
             "resnet_serve_queue_depth", "Images waiting for a batch", registry=registry
         )
+        self.rejected = Counter(
+            "resnet_serve_rejected",
+            "Inference requests refused before their body was read or before decoding, by reason",
+            ["reason"],
+            registry=registry,
+        )
+        self.pending_images = Gauge(
+            "resnet_serve_pending_images",
+            "Images admitted (body read) and not finished: decoding, queued or computing",
+            registry=registry,
+        )
+        self.door_waiting = Gauge(
+            "resnet_serve_admission_waiting",
+            "Inference requests waiting for room before their body is read",
+            registry=registry,
+        )
+        self.buffered_bytes = Gauge(
+            "resnet_serve_buffered_bytes",
+            "Bytes of request bodies being received, all requests together",
+            registry=registry,
+        )
         self.images = Counter(
             "resnet_serve_images", "Images classified by the model", registry=registry
         )

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import re
 import time
-import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.handlers import error_response
+from app.intake import ENDPOINT_KEY
 from app.logs import request_id
 from app.metrics import Metrics
 
@@ -17,12 +19,36 @@ log = logging.getLogger("app.access")
 
 # Echo a caller's id only if it is short and harmless in logs and headers.
 _SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# Unique per process and cheap: uuid4 (a getrandom call each) showed up in overload profiles.
+_ID_PREFIX = os.urandom(6).hex() + "-"
+_ID_COUNTER = itertools.count(1)
+# Refusals under overload come by the thousand per second: one line per second stands for them.
+REFUSAL_LOG_INTERVAL_S = 1.0
+
+
+class _Sampler:
+    """Lets one event through per interval and counts the ones it held back."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self.next_at = 0.0
+        self.held_back = 0
+
+    def take(self, now: float) -> int | None:
+        """None to stay silent; else how many events were held back since the last one."""
+        if now < self.next_at:
+            self.held_back += 1
+            return None
+        held_back, self.held_back = self.held_back, 0
+        self.next_at = now + self.interval_s
+        return held_back
 
 
 class RequestContext:
     def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
+        self._refusals = _Sampler(REFUSAL_LOG_INTERVAL_S)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -30,7 +56,7 @@ class RequestContext:
             return
         headers = dict(scope["headers"])
         given = headers.get(b"x-request-id", b"").decode("latin-1")
-        rid = given if _SAFE_ID.fullmatch(given) else uuid.uuid4().hex
+        rid = given if _SAFE_ID.fullmatch(given) else f"{_ID_PREFIX}{next(_ID_COUNTER):x}"
         token = request_id.set(rid)
         status = 500
         started = time.perf_counter()
@@ -69,15 +95,18 @@ class RequestContext:
 
     def _record(self, scope: Scope, status: int, seconds: float) -> None:
         route = scope.get("route")
-        endpoint = getattr(route, "path", "unmatched")
+        endpoint = getattr(route, "path", None) or scope.get(ENDPOINT_KEY, "unmatched")
         self.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
         self.metrics.request_seconds.labels(endpoint=endpoint).observe(seconds)
-        log.info(
-            "request",
-            extra={
-                "method": scope["method"],
-                "path": scope["path"],
-                "status": status,
-                "duration_ms": round(seconds * 1000, 2),
-            },
-        )
+        extra = {
+            "method": scope["method"],
+            "path": scope["path"],
+            "status": status,
+            "duration_ms": round(seconds * 1000, 2),
+        }
+        if status == 503:
+            held_back = self._refusals.take(time.monotonic())
+            if held_back is None:
+                return
+            extra["similar_not_logged"] = held_back
+        log.info("request", extra=extra)

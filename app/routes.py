@@ -8,6 +8,7 @@ from fastapi import APIRouter, Query, Request, Response
 
 from app.deps import ClassifierDep, LifecycleDep, MetricsDep, UploadLimitsDep
 from app.disconnect import unless_disconnected
+from app.intake import TICKET_KEY
 from app.openapi import ERRORS, PREDICT_BODY
 from app.schemas import (
     Batching,
@@ -39,9 +40,9 @@ async def predict(
     request: Request, classifier: ClassifierDep, limits: UploadLimitsDep, top_k: TopK = None
 ) -> Response:
     k = classifier.top_k_or_default(top_k)
-    with classifier.admit():
-        images = await read_uploads(request, limits)
-        probabilities = await unless_disconnected(request, classifier.classify(images))
+    images = await read_uploads(request, limits)
+    ticket = getattr(request.state, TICKET_KEY, None)
+    probabilities = await unless_disconnected(request, classifier.classify(images, ticket))
     metadata = classifier.metadata
     body = PredictResponse(
         model_name=metadata.name,
@@ -97,6 +98,6 @@ async def describe_model(classifier: ClassifierDep) -> ModelDescription:
             max_wait_ms=batching.max_wait_ms,
             max_queue_images=batching.max_queue_images,
             request_timeout_ms=batching.request_timeout_ms,
-            warmed_batch_sizes=classifier.lifecycle.warmed_batch_sizes,
+            warmed_batch_sizes=classifier.admission.lifecycle.warmed_batch_sizes,
         ),
     )

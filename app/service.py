@@ -8,22 +8,25 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
-from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 
+from app.admission import Admission, Ticket
 from app.batcher import Batcher
-from app.errors import InvalidParameter
-from app.lifecycle import Lifecycle
+from app.errors import DeadlineExceeded, InvalidParameter
+from app.memory import release_after
 from app.metrics import Metrics
 from app.schemas import Prediction
 from app.session import OnnxModel
 from core.contract import ModelMetadata
-from core.errors import InvalidImage, ServiceError
-from core.preprocess import Limits, decode
+from core.errors import InvalidImage, ServiceError, TooManyPixels
+from core.preprocess import Limits, decode_cost, decode_counted
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -34,60 +37,68 @@ class Image:
     data: bytes
 
 
+@dataclass(frozen=True)
+class ClassifyConfig:
+    default_top_k: int
+    limits: Limits  # per image: pixels, formats
+    max_request_pixels: int
+    request_timeout_ms: float
+
+
 class Classifier:
     def __init__(
         self,
         model: OnnxModel,
         batcher: Batcher,
         decoder: Executor,
-        lifecycle: Lifecycle,
+        admission: Admission,
         metrics: Metrics,
-        *,
-        limits: Limits,
-        default_top_k: int,
+        config: ClassifyConfig,
     ) -> None:
         self.model = model
         self.batcher = batcher
-        self.lifecycle = lifecycle
+        self.admission = admission
+        self.config = config
         self._decoder = decoder
         self._metrics = metrics
-        self._limits = limits
-        self._default_top_k = default_top_k
 
     @property
     def metadata(self) -> ModelMetadata:
         return self.model.metadata
 
-    @contextmanager
-    def admit(self) -> Iterator[None]:
-        """Hold an admission slot while a request's uploads are read and classified."""
-        with self.lifecycle.admit():
-            yield
-
     def top_k_or_default(self, top_k: int | None) -> int:
         num_classes = self.metadata.num_classes
         if top_k is None:
-            return min(self._default_top_k, num_classes)
+            return min(self.config.default_top_k, num_classes)
         if not 1 <= top_k <= num_classes:
             raise InvalidParameter(f"top_k={top_k} is out of range 1..{num_classes} (the classes)")
         return top_k
 
-    async def classify(self, images: Sequence[Image]) -> list[np.ndarray]:
-        """Probabilities float32[C] per encoded image, in order."""
-        loop = asyncio.get_running_loop()
-        decoding = [loop.run_in_executor(self._decoder, self._decode, i.data) for i in images]
-        decoded = await asyncio.gather(*decoding, return_exceptions=True)
-        for index, (result, image) in enumerate(zip(decoded, images, strict=True)):
-            if isinstance(result, ServiceError):
-                name = f" ({image.name!r})" if image.name is not None else ""
-                raise type(result)(f"image {index}{name}: {result.message}", headers=result.headers)
-            if isinstance(result, BaseException):
-                raise result
-        return await self.batcher.submit(decoded)  # type: ignore[arg-type]
+    async def classify(
+        self, images: Sequence[Image], ticket: Ticket | None = None
+    ) -> list[np.ndarray]:
+        """Probabilities float32[C] per encoded image, in order.
 
-    async def infer(self, crops: Sequence[np.ndarray]) -> list[np.ndarray]:
+        A request decodes one image at a time, so it holds at most one decode thread: a request
+        of many large images cannot queue ahead of everyone else's. Its pixel budget is checked
+        from the headers before anything is decoded.
+        """
+        with self.admission.work(len(images), ticket):
+            deadline = self._deadline()
+            if len(images) > 1:  # one image is bounded by max_image_pixels <= the budget
+                await self._run(self._check_budget, images)
+            crops = []
+            for index, image in enumerate(images):
+                self._check_deadline(deadline, f"image {index} was not decoded")
+                crops.append(await self._run(self._decode_labelled, index, image))
+            return await self.batcher.submit(crops, deadline)
+
+    async def infer(
+        self, crops: Sequence[np.ndarray], ticket: Ticket | None = None
+    ) -> list[np.ndarray]:
         """Probabilities for already preprocessed uint8[S, S, 3] crops."""
-        return await self.batcher.submit(crops)
+        with self.admission.work(len(crops), ticket):
+            return await self.batcher.submit(crops, self._deadline())
 
     def top_k(self, probabilities: np.ndarray, k: int) -> list[Prediction]:
         # Stable sort: equal scores list the lower class id first, deterministically.
@@ -98,14 +109,48 @@ class Classifier:
             for i in order
         ]
 
-    def _decode(self, data: bytes) -> np.ndarray:
+    def _deadline(self) -> float:
+        return asyncio.get_running_loop().time() + self.config.request_timeout_ms / 1000
+
+    def _check_deadline(self, deadline: float, what: str) -> None:
+        if asyncio.get_running_loop().time() >= deadline:
+            timeout = self.config.request_timeout_ms
+            raise DeadlineExceeded(f"{what} before the deadline (request_timeout_ms={timeout:g})")
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._decoder, fn, *args)
+
+    def _check_budget(self, images: Sequence[Image]) -> None:
+        recipe, limits = self.metadata.recipe, self.config.limits
+        total = 0
+        for index, image in enumerate(images):
+            total += _labelled(index, image, decode_cost, image.data, recipe, limits)
+        if total > self.config.max_request_pixels:
+            raise TooManyPixels(
+                f"the request's {len(images)} images decode to {total} pixels, over "
+                f"max_request_pixels={self.config.max_request_pixels}"
+            )
+
+    def _decode_labelled(self, index: int, image: Image) -> np.ndarray:
         started = time.perf_counter()
         try:
-            return decode(data, self.metadata.recipe, self._limits)
-        except ServiceError:
-            raise
-        except Exception as exc:
-            # Untrusted bytes can trip any decoder bug; that is the image's fault, never a 500.
-            raise InvalidImage(f"cannot decode the image: {exc!r}") from exc
+            return _labelled(index, image, self._decode, image.data)
         finally:
             self._metrics.preprocess_seconds.observe(time.perf_counter() - started)
+
+    def _decode(self, data: bytes) -> np.ndarray:
+        crop, pixels = decode_counted(data, self.metadata.recipe, self.config.limits)
+        release_after(pixels)
+        return crop
+
+
+def _labelled(index: int, image: Image, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)``, its errors naming the image; any decoder failure is the image's fault."""
+    name = f" ({image.name!r})" if image.name is not None else ""
+    try:
+        return fn(*args)
+    except ServiceError as exc:
+        raise type(exc)(f"image {index}{name}: {exc.message}", headers=exc.headers) from exc
+    except Exception as exc:
+        # Untrusted bytes can trip any decoder bug: never a 500.
+        raise InvalidImage(f"image {index}{name}: cannot decode the image: {exc!r}") from exc

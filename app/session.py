@@ -30,6 +30,7 @@ class SessionConfig:
     model_path: Path
     providers: str  # auto | cuda | cpu
     intra_op_threads: int  # 0: ONNX Runtime picks
+    spinning: bool  # let ORT's threads busy-wait between runs
     graph_optimization: str
 
 
@@ -94,6 +95,10 @@ def _open_session(path: Path, providers: list[str], config: SessionConfig) -> or
     options.intra_op_num_threads = config.intra_op_threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = OPTIMIZATION_LEVELS[config.graph_optimization]
+    if not config.spinning:
+        # Measured (issue 9): spinning threads took the CPU the decoders needed at saturation.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as exc:  # ORT raises its own exception types, not importable uniformly

@@ -33,15 +33,22 @@ class Settings(BaseSettings):
 
     providers: Providers = "auto"
     intra_op_threads: int = Field(0, ge=0, description="0 lets ONNX Runtime pick")
+    # ORT's threads busy-wait between runs by default: that burns the cores decoding needs.
+    ort_spinning: bool = False
     graph_optimization: GraphOptimization = "all"
 
     max_batch_size: int = Field(8, ge=1, le=1024)
-    # A lone image waits this long for company; measured on 2 CPU cores, 2 ms kept full batches
-    # under load (c=16: all batches of 8) and cost +3 ms at concurrency 1, where 5 ms cost +6 ms.
-    max_wait_ms: float = Field(2.0, ge=0)
-    max_queue_images: int = Field(256, ge=1)
-    request_timeout_ms: float = Field(10_000.0, gt=0)
-    max_inflight_requests: int = Field(64, ge=1)
+    # Work-conserving by default (as Triton's dynamic batcher): an idle model runs what is queued
+    # now, and batches form while it is busy. A wait > 0 only holds a lone image back.
+    max_wait_ms: float = Field(0.0, ge=0)
+    max_queue_images: int = Field(1024, ge=1)
+    # From the moment the body is in: admission sheds what cannot finish inside it (503), and
+    # what still overstays it answers 504 without using the model.
+    request_timeout_ms: float = Field(5_000.0, gt=0)
+    # Longest wait for room before the body is read; then 503. Paces clients that retry at once.
+    admission_wait_ms: float = Field(1_000.0, ge=0)
+    upload_timeout_ms: float = Field(30_000.0, gt=0, description="whole body, else 408")
+    max_buffered_bytes: int = Field(256 * 1024 * 1024, ge=1, description="all uploads together")
     retry_after_s: int = Field(1, ge=1, description="Retry-After on every 503")
     decode_threads: int = Field(default_factory=_default_decode_threads, ge=1)
     shutdown_timeout_s: int = Field(30, ge=1)
@@ -51,6 +58,8 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(32 * 1024 * 1024, ge=1)
     max_images_per_request: int = Field(16, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1)
+    # Decoded pixels one request may cost (after JPEG draft scaling): bounds its decode CPU.
+    max_request_pixels: int = Field(100_000_000, ge=1)
     allowed_formats: tuple[str, ...] = DEFAULT_FORMATS
 
     @model_validator(mode="after")
@@ -60,6 +69,11 @@ class Settings(BaseSettings):
                 f"max_queue_images={self.max_queue_images} must be at least "
                 f"max_images_per_request={self.max_images_per_request}, "
                 "or the largest allowed request could never be admitted"
+            )
+        if self.max_request_pixels < self.max_image_pixels:
+            raise ValueError(
+                f"max_request_pixels={self.max_request_pixels} must be at least "
+                f"max_image_pixels={self.max_image_pixels}"
             )
         unknown = sorted(set(self.allowed_formats) - set(DEFAULT_FORMATS))
         if unknown:

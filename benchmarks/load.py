@@ -188,17 +188,23 @@ async def run_point(
                     statuses[type(exc).__name__] += 1
 
         me, stop = psutil.Process(), asyncio.Event()
+        served = psutil.Process(server.process.pid)
         rss_task = asyncio.ensure_future(_peak_rss(server.process.pid, stop))
         cpu_before, wall_started = me.cpu_times(), time.perf_counter()
+        server_before = served.cpu_times()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - wall_started
-        cpu_after = me.cpu_times()
+        cpu_after, server_after = me.cpu_times(), served.cpu_times()
         stop.set()
         peak_rss = await rss_task
         async with session.get(f"{server.url}/metrics") as response:
             after = batch_histogram(await response.text())
     ms = np.asarray(latencies) * 1000 if latencies else np.asarray([np.nan])
     client_cpu = (cpu_after.user + cpu_after.system - cpu_before.user - cpu_before.system) / wall
+    server_cpu_s = (
+        server_after.user + server_after.system - server_before.user - server_before.system
+    )
+    answered = sum(v for k, v in statuses.items() if k.isdigit())
     return {
         "concurrency": concurrency,
         "images_per_request": images_per_request,
@@ -212,4 +218,7 @@ async def run_point(
         "batch_sizes": batch_distribution(before, after),
         "server_peak_rss_mib": peak_rss / 2**20,
         "client_cpu_percent": 100 * client_cpu,
+        "server_cpu_percent": 100 * server_cpu_s / wall,
+        # Server CPU per answered request, refusals included: what a request costs the host.
+        "server_cpu_ms_per_request": 1000 * server_cpu_s / max(answered, 1),
     }

@@ -146,17 +146,35 @@ def to_model_input(image: Image.Image, recipe: Recipe) -> np.ndarray:
     return np.asarray(crop, dtype=np.uint8)
 
 
+def _drafted(image: Image.Image, recipe: Recipe) -> Image.Image:
+    if image.format == "JPEG":
+        # DCT-domain downscale: a 12 MP photo decoded at 1/8 costs a fraction of a full decode.
+        target = 2 * recipe.resize_size
+        image.draft(None, (target, target))
+    return image
+
+
+def decode_cost(data: bytes, recipe: Recipe, limits: Limits = Limits()) -> int:
+    """Pixels a decode of ``data`` will produce (after JPEG draft scaling), from the header only."""
+    width, height = _drafted(open_image(data, limits), recipe).size
+    return width * height
+
+
 def decode(data: bytes, recipe: Recipe, limits: Limits = Limits()) -> np.ndarray:
     """Untrusted bytes -> model input, or an error that names the problem."""
+    return decode_counted(data, recipe, limits)[0]
+
+
+def decode_counted(
+    data: bytes, recipe: Recipe, limits: Limits = Limits()
+) -> tuple[np.ndarray, int]:
+    """``decode``, and the number of pixels it decoded (what it cost)."""
     image = open_image(data, limits)
     try:
-        if image.format == "JPEG":
-            # DCT-domain downscale: a 12 MP photo decoded at 1/8 costs a fraction of a full decode.
-            target = 2 * recipe.resize_size
-            image.draft(None, (target, target))
+        _drafted(image, recipe)
         image.seek(0)
         image.load()
-        return to_model_input(image, recipe)
+        return to_model_input(image, recipe), image.width * image.height
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise TooManyPixels(f"image has too many pixels: {exc}") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:

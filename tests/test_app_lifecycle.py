@@ -9,7 +9,7 @@ pytestmark = pytest.mark.anyio
 
 
 async def test_ready_only_once_warmed_and_never_after_a_failure() -> None:
-    lifecycle = Lifecycle(max_inflight_requests=4, retry_after_s=3)
+    lifecycle = Lifecycle(retry_after_s=3)
     with pytest.raises(NotReady, match="warming up") as warming:
         lifecycle.check_admitting()
     assert warming.value.headers == {"Retry-After": "3"}
@@ -22,7 +22,7 @@ async def test_ready_only_once_warmed_and_never_after_a_failure() -> None:
 
 
 async def test_draining_refuses_with_retry_after() -> None:
-    lifecycle = Lifecycle(max_inflight_requests=4, retry_after_s=2)
+    lifecycle = Lifecycle(retry_after_s=2)
     lifecycle.mark_warmed([1])
     lifecycle.draining = True
     with pytest.raises(ShuttingDown) as refused:

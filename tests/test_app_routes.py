@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
@@ -252,6 +253,17 @@ async def test_request_byte_limit_is_enforced_while_streaming(serve: Serve) -> N
     assert sent <= 22_000
 
 
+async def test_request_pixel_budget_is_checked_before_any_decoding(serve: Serve) -> None:
+    # 3 images of 40x30: each under max_image_pixels, together over max_request_pixels.
+    async with serve(max_image_pixels=2000, max_request_pixels=3000) as client:
+        response = await client.post("/predict", files=files(*(image_bytes(i) for i in range(3))))
+        decoded = client._transport.app.state.metrics.registry.get_sample_value(  # type: ignore[attr-defined]
+            "resnet_serve_preprocess_seconds_count"
+        )
+    assert_error(response, 413, "too_many_pixels", "3600 pixels", "max_request_pixels=3000")
+    assert decoded == 0
+
+
 @pytest.mark.parametrize(
     ("method", "path", "status", "code"),
     [("GET", "/nope", 404, "not_found"), ("GET", "/predict", 405, "method_not_allowed")],
@@ -268,10 +280,11 @@ async def test_framework_errors_use_the_same_shape(
 
 async def test_request_id_is_generated_when_missing_or_unsafe(serve: Serve) -> None:
     async with serve() as client:
-        plain = await client.get("/healthz")
+        plain = [(await client.get("/healthz")).headers["x-request-id"] for _ in range(3)]
         unsafe = await client.get("/healthz", headers={"x-request-id": "a b\tc"})
-    assert len(plain.headers["x-request-id"]) == 32
-    assert unsafe.headers["x-request-id"] != "a b\tc"
+    assert len(set(plain)) == 3
+    assert all(re.fullmatch(r"[0-9a-f]{12}-[0-9a-f]+", rid) for rid in plain), plain
+    assert re.fullmatch(r"[0-9a-f]{12}-[0-9a-f]+", unsafe.headers["x-request-id"])
 
 
 async def test_unexpected_exception_is_500_with_the_error_shape(serve: Serve) -> None:
@@ -358,21 +371,48 @@ async def test_failed_inference_is_500_and_the_service_goes_on(
     assert recovered.status_code == 200
 
 
-async def test_overload_is_503_with_retry_after(serve: Serve, gated: GatedModel) -> None:
+async def test_overload_is_503_before_the_body_is_read(
+    gated: GatedModel, make_settings: Any
+) -> None:
     gated.gate_warm_up = False
-    async with serve(gated, max_inflight_requests=1) as client:
-        first = asyncio.ensure_future(client.post("/predict", files=files(PNG)))
-        await asyncio.to_thread(gated.entered.wait)
-        second = await client.post("/predict", files=files(PNG))
-        gated.release.set()
-        assert (await first).status_code == 200
-    assert_error(second, 503, "overloaded", "max_inflight_requests=1")
-    assert second.headers["retry-after"] == "1"
+    gated.release.clear()
+    app = create_app(make_settings(request_timeout_ms=1500, retry_after_s=2), gated)
+    bodies_read = 0
+
+    async def counting() -> AsyncIterator[bytes]:
+        nonlocal bodies_read
+        bodies_read += 1
+        yield PNG
+
+    async with app.router.lifespan_context(app):
+        await app.state.lifecycle.wait_warmed()
+        # As if measured: 1 s per image. One image in flight leaves room for no second one.
+        for _ in range(50):
+            app.state.admission.observe_batch(1, 1.0)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            first = asyncio.ensure_future(client.post("/predict", files=files(PNG)))
+            await asyncio.to_thread(gated.entered.wait)
+            headers = {"content-type": "image/png"}
+            second = await client.post("/predict", content=counting(), headers=headers)
+            gated.release.set()
+            assert (await first).status_code == 200
+    assert_error(second, 503, "overloaded", "predicted wait", "request_timeout_ms=1500")
+    assert second.headers["retry-after"] == "2"
+    assert bodies_read == 0
 
 
-async def test_queue_timeout_is_504(serve: Serve) -> None:
-    async with serve(request_timeout_ms=1e-6) as client:
-        response = await client.post("/predict", files=files(PNG))
+async def test_past_the_deadline_is_504_without_using_the_model(make_settings: Any) -> None:
+    app = create_app(make_settings(request_timeout_ms=1e-6))
+    async with app.router.lifespan_context(app):
+        await app.state.lifecycle.wait_warmed()
+        app.state.admission.seconds_per_image = 0.0  # admitted: the deadline is what fails it
+        registry = app.state.metrics.registry
+        before = registry.get_sample_value("resnet_serve_images_total")
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            response = await client.post("/predict", files=files(PNG))
+        assert registry.get_sample_value("resnet_serve_images_total") == before
     assert_error(response, 504, "timeout", "request_timeout_ms")
 
 

@@ -1,0 +1,192 @@
+"""Admission by predicted wait and buffered bytes, not by a count of open requests.
+
+A request is admitted while the work already admitted, at the model's measured rate, would let
+it finish inside ``request_timeout_ms``. Otherwise it waits at the door, without its body being
+read, for at most ``admission_wait_ms``, and is shed (503) if no room opens. Uploads hold almost
+nothing: they are bounded by the bytes they have actually buffered and by ``upload_timeout_ms``,
+so clients trickling bytes cannot starve honest ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from app.errors import Overloaded
+from app.lifecycle import Lifecycle
+from app.metrics import Metrics
+
+# How long an admitted request counts before its body is in (see Ticket).
+PROVISIONAL_S = 1.0
+# Admit only what the model alone would finish in this share of the deadline: decoding and
+# scheduling take the rest (measured: at 1.0, 8% of the admitted overload requests got 504).
+HEADROOM = 0.8
+# Weight of the newest batch in the per-image cost estimate: follows a load change within
+# a few batches without jumping on one slow batch.
+EWMA_WEIGHT = 0.2
+
+
+@dataclass(frozen=True)
+class AdmissionConfig:
+    request_timeout_ms: float
+    admission_wait_ms: float
+    max_buffered_bytes: int
+    retry_after_s: int
+
+
+class Admission:
+    def __init__(self, config: AdmissionConfig, lifecycle: Lifecycle, metrics: Metrics) -> None:
+        self.config = config
+        self.lifecycle = lifecycle
+        self.metrics = metrics
+        self.pending_images = 0  # admitted with their bytes read, not finished yet
+        self.provisional = 0  # admitted at the door, body still coming: one image each
+        self.buffered_bytes = 0  # request bodies being received, all requests together
+        self.seconds_per_image: float | None = None  # None until the model has run
+        self.retry_after = {"Retry-After": str(config.retry_after_s)}
+        self._door: deque[asyncio.Future[None]] = deque()
+        metrics.pending_images.set_function(lambda: self.pending_images)
+        metrics.buffered_bytes.set_function(lambda: self.buffered_bytes)
+        metrics.door_waiting.set_function(lambda: len(self._door))
+
+    def observe_batch(self, images: int, seconds: float) -> None:
+        cost = seconds / images
+        previous = self.seconds_per_image
+        self.seconds_per_image = (
+            cost if previous is None else previous + EWMA_WEIGHT * (cost - previous)
+        )
+
+    def predicted_wait_s(self, images: int = 1) -> float:
+        if self.seconds_per_image is None:
+            return 0.0
+        return (self.pending_images + self.provisional + images) * self.seconds_per_image
+
+    async def enter(self) -> Ticket:
+        """Admit a request before its body is read, waiting at the door while it would be late.
+
+        A request that cannot be admitted within ``admission_wait_ms`` gets 503. Waiting costs
+        no CPU, and it paces clients that retry at once, where refusing at once would turn
+        them into a storm of refusals that takes the CPU the admitted work needs.
+        """
+        self.lifecycle.check_admitting()
+        if self.buffered_bytes >= self.config.max_buffered_bytes:
+            raise self._shed(
+                "upload_buffers",
+                f"{self.buffered_bytes} bytes of uploads are buffered, the limit is "
+                f"max_buffered_bytes={self.config.max_buffered_bytes}",
+            )
+        if not self._door and self._fits(1):
+            self.provisional += 1
+            return Ticket(self)
+        turn = asyncio.get_running_loop().create_future()
+        self._door.append(turn)
+        try:
+            async with asyncio.timeout(self.config.admission_wait_ms / 1000):
+                await turn
+        except TimeoutError:
+            if turn.done() and not turn.cancelled():  # admitted as the clock ran out
+                return Ticket(self)
+            raise self._late(1) from None
+        return Ticket(self)
+
+    @contextmanager
+    def work(self, images: int, ticket: Ticket | None = None) -> Iterator[None]:
+        """Hold ``images`` in the predicted wait while they are decoded, queued and computed."""
+        self.lifecycle.check_admitting()
+        if ticket is not None:
+            ticket.spend()
+        if not self._fits(images):
+            raise self._late(images)
+        self.pending_images += images
+        try:
+            yield
+        finally:
+            self.pending_images -= images
+            self.open_door()
+
+    @contextmanager
+    def buffering(self) -> Iterator[BufferAccount]:
+        account = BufferAccount(self)
+        try:
+            yield account
+        finally:
+            self.buffered_bytes -= account.held
+
+    def open_door(self) -> None:
+        """Admit waiting requests, first come first served, while they fit."""
+        while self._door:
+            turn = self._door[0]
+            if turn.done():  # gave up waiting
+                self._door.popleft()
+                continue
+            if not self._fits(1):
+                return
+            self._door.popleft()
+            self.provisional += 1
+            turn.set_result(None)
+
+    def _fits(self, images: int) -> bool:
+        budget_s = HEADROOM * self.config.request_timeout_ms / 1000
+        return self.predicted_wait_s(images) <= budget_s
+
+    def _late(self, images: int) -> Overloaded:
+        return self._shed(
+            "predicted_wait",
+            f"predicted wait {self.predicted_wait_s(images) * 1000:.4g} ms for "
+            f"{self.pending_images + self.provisional} image(s) ahead does not fit "
+            f"request_timeout_ms={self.config.request_timeout_ms:g} "
+            f"(waited admission_wait_ms={self.config.admission_wait_ms:g} for room)",
+        )
+
+    def _shed(self, reason: str, message: str) -> Overloaded:
+        self.metrics.rejected.labels(reason=reason).inc()
+        return Overloaded(message, headers=self.retry_after)
+
+
+class Ticket:
+    """A request admitted at the door, counted as one image until its body is in.
+
+    An honest upload finishes well inside ``PROVISIONAL_S``; one still trickling in after that
+    stops counting, so slow clients cannot hold the room that honest ones need.
+    """
+
+    def __init__(self, admission: Admission) -> None:
+        self._admission = admission
+        self._held = True
+        self._expiry = asyncio.get_running_loop().call_later(PROVISIONAL_S, self.release)
+
+    def spend(self) -> None:
+        """The request's own images take the place it held (no door opens in between)."""
+        if self._held:
+            self._held = False
+            self._expiry.cancel()
+            self._admission.provisional -= 1
+
+    def release(self) -> None:
+        if self._held:
+            self.spend()
+            self._admission.open_door()
+
+
+class BufferAccount:
+    """The bytes one request body has put in memory so far."""
+
+    def __init__(self, admission: Admission) -> None:
+        self._admission = admission
+        self.held = 0
+
+    def add(self, size: int) -> None:
+        admission = self._admission
+        self.held += size
+        admission.buffered_bytes += size
+        limit = admission.config.max_buffered_bytes
+        # The first request always proceeds, however large: the limit sheds the excess, not all.
+        if admission.buffered_bytes > limit and admission.buffered_bytes > self.held:
+            raise admission._shed(
+                "upload_buffers",
+                f"uploads in flight hold {admission.buffered_bytes} bytes, over "
+                f"max_buffered_bytes={limit}",
+            )

@@ -1,0 +1,117 @@
+"""The front door, pure ASGI and before any routing: what a request may cost before it is served.
+
+- Inference requests are admitted here (app.admission), before their body is read and before
+  FastAPI's routing and dependency stack: waiting and refusing must cost far less than serving.
+- Bodies stream in under three bounds: ``max_request_bytes`` per request, ``max_buffered_bytes``
+  across all requests, and ``upload_timeout_ms`` for the whole upload (408, connection closed).
+- A client gone mid-upload is a 499, never a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.admission import Admission, BufferAccount
+from app.errors import ClientClosedRequest, UploadTimeout
+from app.handlers import error_response
+from core.errors import PayloadTooLarge, ServiceError
+
+CLOSE = {"Connection": "close"}
+# A refusal's endpoint label: FastAPI's routing, which sets scope["route"], never ran for it.
+ENDPOINT_KEY = "resnet_serve.endpoint"
+# Where handlers find the request's admission (``request.state.admission_ticket``).
+TICKET_KEY = "admission_ticket"
+
+
+def inference_endpoint(scope: Scope) -> str | None:
+    """The route template of an inference request, or None for any other request."""
+    path: str = scope["path"]
+    if scope["method"] != "POST":
+        return None
+    if path == "/predict":
+        return path
+    if path.startswith("/v2/models/") and path.endswith("/infer"):
+        if "/versions/" in path:
+            return "/v2/models/{model_name}/versions/{model_version}/infer"
+        return "/v2/models/{model_name}/infer"
+    return None
+
+
+class Intake:
+    def __init__(self, app: ASGIApp, *, max_request_bytes: int, upload_timeout_ms: float) -> None:
+        self.app = app
+        self.max_request_bytes = max_request_bytes
+        self.upload_timeout_s = upload_timeout_ms / 1000
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_request_bytes:
+            too_large = PayloadTooLarge(self._too_large(f"Content-Length {int(declared)}"))
+            await _refuse(too_large, scope, receive, send)
+            return
+        admission: Admission | None = getattr(scope["app"].state, "admission", None)
+        endpoint = inference_endpoint(scope)
+        if admission is None or endpoint is None:
+            await self.app(scope, self._limited(receive, None), send)
+            return
+        try:
+            ticket = await admission.enter()
+        except ServiceError as refused:
+            scope[ENDPOINT_KEY] = endpoint
+            await _refuse(refused, scope, receive, send)
+            return
+        scope.setdefault("state", {})[TICKET_KEY] = ticket
+        try:
+            with admission.buffering() as account:
+                await self.app(scope, self._limited(receive, account), send)
+        finally:
+            ticket.release()
+
+    def _limited(self, receive: Receive, account: BufferAccount | None) -> Receive:
+        received = 0
+        deadline = asyncio.get_running_loop().time() + self.upload_timeout_s
+        complete = False
+
+        async def receive_counted() -> Message:
+            nonlocal received, complete
+            if complete:  # from here on only a disconnect can come: no deadline
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise UploadTimeout(
+                    f"the upload took longer than upload_timeout_ms="
+                    f"{self.upload_timeout_s * 1000:g} ({received} bytes received)",
+                    headers=CLOSE,
+                ) from None
+            if message["type"] == "http.request":
+                size = len(message.get("body", b""))
+                received += size
+                complete = not message.get("more_body", False)
+                if received > self.max_request_bytes:
+                    raise PayloadTooLarge(self._too_large(f"body of at least {received} bytes"))
+                if account is not None:
+                    account.add(size)
+            elif message["type"] == "http.disconnect" and not complete:
+                raise ClientClosedRequest(
+                    f"the client closed the connection mid-upload ({received} bytes received)"
+                )
+            return message
+
+        return receive_counted
+
+    def _too_large(self, what: str) -> str:
+        return f"request {what} is over max_request_bytes={self.max_request_bytes}"
+
+
+async def _refuse(error: ServiceError, scope: Scope, receive: Receive, send: Send) -> None:
+    # The connection stays open: uvicorn discards the unread body in its C parser. Closing it
+    # with body bytes unread makes the kernel reset it, and clients saw errors instead of 503s.
+    response = error_response(error.status_code, error.code, error.message, error.headers)
+    await response(scope, receive, send)
