@@ -1,0 +1,125 @@
+"""The load: the same aiohttp client for every server, one 500x375 JPEG per request, sent as a
+multipart field named ``image`` to ``/predict`` (the field every peer reads; ours reads any)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import psutil
+
+from benchmarks.peers.report import OK, Outcome, cpu_seconds, summarize
+from benchmarks.peers.servers import Server, log_tail
+
+
+@dataclass(frozen=True)
+class Load:
+    warmup_s: float = 3.0
+    seconds: float = 15.0
+    # After a refused or failed request a client waits this long before its next one, the
+    # same for every server, so a fast 503 does not turn the client into a busy loop.
+    backoff_s: float = 0.1
+    timeout_s: float = 60.0
+    start_timeout_s: float = 300.0
+
+
+def form(image: bytes, filename: str, kind: str) -> aiohttp.FormData:
+    data = aiohttp.FormData()
+    data.add_field("image", image, filename=filename, content_type=kind)
+    return data
+
+
+def top1(body: Any) -> int:
+    """class_id of the best prediction, from ours ({"results": [...]}) or a peer's answer."""
+    if isinstance(body, list):  # BentoML returns the request's slice of the batch
+        body = body[0]
+    if "results" in body:
+        body = body["results"][0]
+    return int(body["predictions"][0]["class_id"])
+
+
+async def wait_ready(server: Server, image: bytes, load: Load) -> float:
+    """Seconds from process start to the first 200 from /predict with a real image."""
+    deadline = server.started + load.start_timeout_s
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        while time.perf_counter() < deadline:
+            if server.process.poll() is not None:
+                raise RuntimeError(f"{server.name} exited:\n{log_tail(server)}")
+            try:
+                async with session.post(server.url, data=form(image, "a.jpg", "image/jpeg")) as r:
+                    if r.status == 200:
+                        return time.perf_counter() - server.started
+            except (aiohttp.ClientError, TimeoutError):
+                pass
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"{server.name} not answering after {load.start_timeout_s} s")
+
+
+async def answers(server: Server, images: list[tuple[str, bytes]]) -> list[int]:
+    """Top-1 class of each image, one request at a time."""
+    out = []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        for name, data in images:
+            kind = "image/png" if name.endswith(".png") else "image/jpeg"
+            async with session.post(server.url, data=form(data, name, kind)) as response:
+                text = await response.text()
+                if response.status != 200:
+                    raise RuntimeError(f"{server.name}: {name} -> {response.status} {text[:200]}")
+                out.append(top1(json.loads(text)))
+    return out
+
+
+async def point(
+    server: Server, photos: list[bytes], concurrency: int, load: Load
+) -> dict[str, Any]:
+    """A closed loop of ``concurrency`` clients; measured over [warm-up end, + seconds)."""
+    outcomes: list[Outcome] = []
+    start = time.perf_counter() + load.warmup_s
+    end = start + load.seconds
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    timeout = aiohttp.ClientTimeout(total=load.timeout_s)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def client(index: int) -> None:
+            sent = index
+            while time.perf_counter() < end:
+                photo = photos[sent % len(photos)]
+                sent += concurrency
+                started = time.perf_counter()
+                body = form(photo, "p.jpg", "image/jpeg")
+                try:
+                    async with session.post(server.url, data=body) as r:
+                        await r.read()
+                        status = str(r.status)
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    status = type(exc).__name__
+                outcomes.append(Outcome(started, time.perf_counter(), status))
+                if status != OK:
+                    await asyncio.sleep(load.backoff_s)
+
+        clients = asyncio.gather(*(client(i) for i in range(concurrency)))
+        server_cpu, client_cpu = await _cpu_over(server, start, end)
+        await clients  # the drain: in-flight requests finish, uncounted, before the next point
+    rss, pss = server.tree.peak_mib(start, end)
+    return {
+        "concurrency": concurrency,
+        **summarize(outcomes, (start, end)),
+        "server_cpu_percent": 100 * server_cpu / load.seconds,
+        "client_cpu_percent": 100 * client_cpu / load.seconds,
+        "peak_rss_mib": rss,
+        "peak_pss_mib": pss,
+    }
+
+
+async def _cpu_over(server: Server, start: float, end: float) -> tuple[float, float]:
+    me = psutil.Process()
+    await asyncio.sleep(start - time.perf_counter())
+    tree_before, me_before = server.tree.cpu(), me.cpu_times()
+    await asyncio.sleep(end - time.perf_counter())
+    tree_after, me_after = server.tree.cpu(), me.cpu_times()
+    mine = me_after.user + me_after.system - me_before.user - me_before.system
+    return cpu_seconds(tree_before, tree_after), mine

@@ -1,0 +1,62 @@
+"""Ray Serve with ``@serve.batch`` on a local Ray instance.
+
+    PEER_MODEL_PATH=model.onnx PEER_PORT=8004 \
+        .venv-peers/bin/python -m benchmarks.peers.rayserve_app
+
+Follows Ray Serve's dynamic request batching guide
+(https://docs.ray.io/en/latest/serve/advanced-guides/dyn-req-batch.html): an ``async``
+``@serve.batch`` method that takes a list and returns a list of the same length, called with
+one item per HTTP request from the deployment's ``__call__`` (a starlette ``Request``,
+https://docs.ray.io/en/latest/serve/http-guide.html). ``max_batch_size`` and
+``batch_wait_timeout_s`` are ours (8 images, 2 ms); ``max_ongoing_requests`` is raised from
+its default of 5 to two batches, because the guide (and a warning Ray logs) says it must be at
+least ``max_batch_size`` or batches can never fill. One replica (the default), HTTP on
+127.0.0.1 through Serve's proxy. The Ray dashboard is left out: it is not part of serving and
+would only add CPU and memory to Ray's side of the table.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Any
+
+import numpy as np
+import ray
+from ray import serve
+from starlette.requests import Request
+
+from benchmarks.peers.common import Classifier, PeerConfig
+
+CONFIG = PeerConfig.from_env()
+
+
+@serve.deployment(max_ongoing_requests=2 * CONFIG.max_batch_size)
+class ImageClassifier:
+    def __init__(self) -> None:
+        self.classifier = Classifier(CONFIG.model_path)
+
+    @serve.batch(max_batch_size=CONFIG.max_batch_size, batch_wait_timeout_s=CONFIG.batch_wait_s)
+    async def classify(self, images: list[bytes]) -> list[dict[str, Any]]:
+        crops = np.stack([self.classifier.decode(data) for data in images])
+        return [self.classifier.answer(row) for row in self.classifier.predict(crops)]
+
+    async def __call__(self, request: Request) -> dict[str, Any]:
+        form = await request.form()
+        return await self.classify(await form["image"].read())
+
+
+def main() -> None:
+    ray.init(address="local", include_dashboard=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": CONFIG.port})
+    serve.run(ImageClassifier.bind(), route_prefix="/predict")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    serve.shutdown()
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
