@@ -12,10 +12,6 @@ request. The upload arrives as a multipart form field, read as LitServe's file-u
 with LitServe's default one inference worker and default request timeout.
 """
 
-from __future__ import annotations
-
-from typing import Any
-
 import litserve as ls
 import numpy as np
 
@@ -28,13 +24,15 @@ class ClassifierAPI(ls.LitAPI):
     def setup(self, device: str) -> None:
         self.classifier = Classifier(CONFIG.model_path)
 
-    def decode_request(self, request: Any) -> np.ndarray:
+    # No annotations on decode_request's argument or encode_response's result: LitServe builds
+    # the endpoint from them, and an unannotated ``request`` is the raw form (as in its docs).
+    def decode_request(self, request):
         return self.classifier.decode(request["image"].file.read())
 
     def predict(self, crops: np.ndarray) -> np.ndarray:
         return self.classifier.predict(crops)
 
-    def encode_response(self, probabilities: np.ndarray) -> dict[str, Any]:
+    def encode_response(self, probabilities):
         return self.classifier.answer(probabilities)
 
 
