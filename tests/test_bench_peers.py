@@ -12,7 +12,15 @@ from conftest import image_bytes
 from app.session import OnnxModel
 from app.settings import Settings
 from benchmarks.peers.common import Classifier
-from benchmarks.peers.report import Outcome, cpu_seconds, markdown, status_mix, summarize
+from benchmarks.peers.drive import Load, retry_after
+from benchmarks.peers.report import (
+    Outcome,
+    agreement,
+    cpu_seconds,
+    markdown,
+    status_mix,
+    summarize,
+)
 
 
 def test_summarize_counts_only_requests_finished_inside_the_window() -> None:
@@ -58,6 +66,22 @@ def test_status_mix(statuses: dict[str, int], text: str) -> None:
     assert status_mix(statuses) == text
 
 
+def test_agreement_compares_top1_and_the_whole_top5_with_ours() -> None:
+    ours = [[3, 1, 2, 0, 4], [7, 1, 2, 0, 4], [5, 6, 1, 2, 3]]
+    peer = [[3, 1, 2, 0, 4], [7, 2, 1, 0, 4], [6, 5, 1, 2, 3]]
+    assert agreement(peer, ours) == "top-1 2/3, top-5 1/3"
+    assert agreement(peer, None) == "no reference (ours not run)"
+
+
+@pytest.mark.parametrize(
+    ("header", "pause"),
+    [("1", 1.0), ("0.5", 0.5), ("120", 5.0), (None, 0.1), ("Wed, 21 Oct 2026 07:28:00 GMT", 0.1)],
+    ids=["seconds", "fraction", "capped", "absent", "http-date"],
+)
+def test_clients_wait_as_retry_after_says(header: str | None, pause: float) -> None:
+    assert retry_after(header, Load(backoff_s=0.1, max_retry_after_s=5.0)) == pause
+
+
 def test_markdown_has_one_table_per_model_and_the_agreement_line() -> None:
     point = {
         "concurrency": 16,
@@ -71,7 +95,13 @@ def test_markdown_has_one_table_per_model_and_the_agreement_line() -> None:
         "peak_pss_mib": 400.1,
     }
     runs = [
-        {"server": s, "model": m, "startup_s": 2.04, "top1_agreement": "18/18", "points": [point]}
+        {
+            "server": s,
+            "model": m,
+            "startup_s": 2.04,
+            "agreement": "top-1 18/18, top-5 17/18",
+            "points": [point],
+        }
         for m in ("fp32", "int8")
         for s in ("ours", "litserve")
     ]
@@ -81,7 +111,7 @@ def test_markdown_has_one_table_per_model_and_the_agreement_line() -> None:
     assert "## int8" in text
     row = "| litserve | 2.0 | 16 | 24.0 | 640 | 700 | - | 200 90%, 503 10% | 190 | 513 | 400 |"
     assert text.count(row) == 2
-    assert "Top-1 equal to ours on the check images: litserve 18/18" in text
+    assert "equal to ours on the check images: litserve top-1 18/18, top-5 17/18" in text
 
 
 def test_peer_classifier_opens_the_session_as_the_server_does(model_path: Path) -> None:

@@ -27,7 +27,7 @@ import psutil
 
 from benchmarks.load import photo
 from benchmarks.peers.drive import Load, answers, point, wait_ready
-from benchmarks.peers.report import markdown, plot
+from benchmarks.peers.report import agreement, markdown, plot
 from benchmarks.peers.servers import PEERS_VENV, ROOT, SERVERS, Batching, start
 
 MODELS = {
@@ -57,15 +57,17 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory(prefix="peers-") as workdir:
         for model_name, path in models.items():
-            reference: list[int] | None = None
+            reference: list[list[int]] | None = None
             for name in args.servers:
                 run = asyncio.run(
                     _run(name, path, batching, load, args.concurrency, photos, checks, workdir)
                 )
                 if name == "ours":
-                    reference = run["top1"]
-                run |= {"model": model_name, "top1_agreement": _agreement(run["top1"], reference)}
-                print(json.dumps({k: v for k, v in run.items() if k != "top1"}), flush=True)
+                    reference = run["top5"]
+                run |= {"model": model_name, "agreement": agreement(run["top5"], reference)}
+                print(
+                    json.dumps({k: run[k] for k in ("server", "model", "startup_s", "agreement")})
+                )
                 results["runs"].append(run)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(results, indent=2))
@@ -128,12 +130,6 @@ def _versions() -> dict[str, Any]:
     return {"ours": ours, "peers": peers}
 
 
-def _agreement(top1: list[int], reference: list[int] | None) -> str:
-    if reference is None:
-        return "no reference (ours not run)"
-    return f"{sum(a == b for a, b in zip(top1, reference, strict=True))}/{len(reference)}"
-
-
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -154,14 +150,14 @@ async def _run(
     server = start(name, model, _free_port(), batching, Path(workdir))
     try:
         startup = await wait_ready(server, photos[0], load)
-        top1 = await answers(server, checks)
+        top5 = await answers(server, checks)
         points = []
         for clients in concurrency:
             points.append(await point(server, photos, clients, load))
             print(json.dumps({"server": name, **points[-1]}), flush=True)
     finally:
         server.tree.stop()
-    return {"server": name, "startup_s": startup, "top1": top1, "points": points}
+    return {"server": name, "startup_s": startup, "top5": top5, "points": points}
 
 
 if __name__ == "__main__":

@@ -19,10 +19,11 @@ from benchmarks.peers.servers import Server, log_tail
 @dataclass(frozen=True)
 class Load:
     warmup_s: float = 3.0
-    seconds: float = 15.0
-    # After a refused or failed request a client waits this long before its next one, the
-    # same for every server, so a fast 503 does not turn the client into a busy loop.
+    seconds: float = 12.0
+    # After a refused or failed request a client waits as long as the answer's Retry-After
+    # says (as urllib3's Retry does), else backoff_s, so a fast 503 is not a busy loop.
     backoff_s: float = 0.1
+    max_retry_after_s: float = 5.0
     timeout_s: float = 60.0
     start_timeout_s: float = 300.0
 
@@ -33,13 +34,13 @@ def form(image: bytes, filename: str, kind: str) -> aiohttp.FormData:
     return data
 
 
-def top1(body: Any) -> int:
-    """class_id of the best prediction, from ours ({"results": [...]}) or a peer's answer."""
+def top5(body: Any) -> list[int]:
+    """class_ids of the five best predictions, from ours ({"results": [...]}) or a peer's."""
     if isinstance(body, list):  # BentoML returns the request's slice of the batch
         body = body[0]
     if "results" in body:
         body = body["results"][0]
-    return int(body["predictions"][0]["class_id"])
+    return [int(p["class_id"]) for p in body["predictions"][:5]]
 
 
 async def wait_ready(server: Server, image: bytes, load: Load) -> float:
@@ -59,8 +60,8 @@ async def wait_ready(server: Server, image: bytes, load: Load) -> float:
     raise RuntimeError(f"{server.name} not answering after {load.start_timeout_s} s")
 
 
-async def answers(server: Server, images: list[tuple[str, bytes]]) -> list[int]:
-    """Top-1 class of each image, one request at a time."""
+async def answers(server: Server, images: list[tuple[str, bytes]]) -> list[list[int]]:
+    """The top-5 classes of each image, one request at a time."""
     out = []
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
         for name, data in images:
@@ -69,7 +70,7 @@ async def answers(server: Server, images: list[tuple[str, bytes]]) -> list[int]:
                 text = await response.text()
                 if response.status != 200:
                     raise RuntimeError(f"{server.name}: {name} -> {response.status} {text[:200]}")
-                out.append(top1(json.loads(text)))
+                out.append(top5(json.loads(text)))
     return out
 
 
@@ -90,16 +91,17 @@ async def point(
                 photo = photos[sent % len(photos)]
                 sent += concurrency
                 started = time.perf_counter()
-                body = form(photo, "p.jpg", "image/jpeg")
+                body, pause = form(photo, "p.jpg", "image/jpeg"), load.backoff_s
                 try:
                     async with session.post(server.url, data=body) as r:
                         await r.read()
                         status = str(r.status)
+                        pause = retry_after(r.headers.get("Retry-After"), load)
                 except (aiohttp.ClientError, TimeoutError) as exc:
                     status = type(exc).__name__
                 outcomes.append(Outcome(started, time.perf_counter(), status))
                 if status != OK:
-                    await asyncio.sleep(load.backoff_s)
+                    await asyncio.sleep(pause)
 
         clients = asyncio.gather(*(client(i) for i in range(concurrency)))
         server_cpu, client_cpu = await _cpu_over(server, start, end)
@@ -113,6 +115,13 @@ async def point(
         "peak_rss_mib": rss,
         "peak_pss_mib": pss,
     }
+
+
+def retry_after(header: str | None, load: Load) -> float:
+    try:
+        return min(float(header), load.max_retry_after_s) if header else load.backoff_s
+    except ValueError:  # an HTTP date: not sent by any server here
+        return load.backoff_s
 
 
 async def _cpu_over(server: Server, start: float, end: float) -> tuple[float, float]:

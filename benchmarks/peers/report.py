@@ -61,6 +61,15 @@ def status_mix(statuses: Mapping[str, int]) -> str:
     return ", ".join(f"{status} {100 * count / total:.0f}%" for status, count in ranked)
 
 
+def agreement(top5: list[list[int]], reference: list[list[int]] | None) -> str:
+    """How many check images get ours' top-1 class, and ours' whole top-5 in order."""
+    if reference is None:
+        return "no reference (ours not run)"
+    pairs = list(zip(top5, reference, strict=True))
+    first = sum(a[0] == b[0] for a, b in pairs)
+    return f"top-1 {first}/{len(pairs)}, top-5 {sum(a == b for a, b in pairs)}/{len(pairs)}"
+
+
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}"
 
@@ -88,8 +97,8 @@ def markdown(results: dict[str, Any]) -> str:
 
 def _agreement(results: dict[str, Any], model: str) -> str:
     runs = [r for r in results["runs"] if r["model"] == model]
-    parts = [f"{r['server']} {r['top1_agreement']}" for r in runs if r["server"] != "ours"]
-    return "Top-1 equal to ours on the check images: " + (", ".join(parts) or "no peers")
+    parts = [f"{r['server']} {r['agreement']}" for r in runs if r["server"] != "ours"]
+    return "Answers equal to ours on the check images: " + ("; ".join(parts) or "no peers")
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
