@@ -129,3 +129,13 @@ def test_peer_classifier_answers_as_the_server_does(model_path: Path) -> None:
     assert [a["predictions"][0]["class_id"] for a in answers] == expected.tolist()
     assert len({a["predictions"][0]["label"] for a in answers}) > 1  # the images differ
     assert all(len(a["predictions"]) == 5 for a in answers)
+
+
+def test_markdown_shows_a_failed_server_and_leaves_it_out_of_the_agreement() -> None:
+    runs = [
+        {"server": "ours", "model": "fp32", "startup_s": 2.0, "agreement": "x", "points": []},
+        {"server": "rayserve", "model": "fp32", "error": "RuntimeError: exited\ntraceback"},
+    ]
+    text = markdown({"runs": runs})
+    assert "| rayserve | failed: RuntimeError: exited |" in text
+    assert text.endswith("Answers equal to ours on the check images: no peers\n")

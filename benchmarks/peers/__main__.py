@@ -19,10 +19,12 @@ import platform
 import socket
 import subprocess
 import tempfile
+import time
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import psutil
 
 from benchmarks.load import photo
@@ -48,9 +50,15 @@ def main() -> None:
     photos = [photo(500, 375, seed) for seed in range(8)]
     checks = [(p.name, p.read_bytes()) for p in sorted((ROOT / "examples").glob("*.png"))]
     checks += [(f"photo{i}.jpg", data) for i, data in enumerate(photos)]
+    began_all = time.perf_counter()
     results: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {"cpus": psutil.cpu_count(), "platform": platform.platform()},
+        "machine": {
+            "cpu": _cpu_model(),
+            "cpus": psutil.cpu_count(),
+            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "platform": platform.platform(),
+        },
         "versions": _versions(),
         "settings": {"load": vars(load), "batching": vars(batching), "quick": args.quick},
         "runs": [],
@@ -59,16 +67,22 @@ def main() -> None:
         for model_name, path in models.items():
             reference: list[list[int]] | None = None
             for name in args.servers:
-                run = asyncio.run(
-                    _run(name, path, batching, load, args.concurrency, photos, checks, workdir)
-                )
-                if name == "ours":
-                    reference = run["top5"]
-                run |= {"model": model_name, "agreement": agreement(run["top5"], reference)}
-                print(
-                    json.dumps({k: run[k] for k in ("server", "model", "startup_s", "agreement")})
-                )
+                began = time.perf_counter()
+                try:
+                    run = asyncio.run(
+                        _run(name, path, batching, load, args.concurrency, photos, checks, workdir)
+                    )
+                except (RuntimeError, aiohttp.ClientError, TimeoutError) as exc:
+                    # One peer that fails to start or answer must not cost the others' numbers.
+                    run = {"server": name, "error": f"{type(exc).__name__}: {exc}"}
+                run |= {"model": model_name, "elapsed_s": time.perf_counter() - began}
+                if "top5" in run:
+                    reference = run["top5"] if name == "ours" else reference
+                    run["agreement"] = agreement(run["top5"], reference)
+                skip = ("top5", "points")
+                print(json.dumps({k: v for k, v in run.items() if k not in skip}), flush=True)
                 results["runs"].append(run)
+    results["elapsed_s"] = time.perf_counter() - began_all
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(results, indent=2))
     (RESULTS / f"{args.out}.md").write_text(markdown(results))
@@ -128,6 +142,13 @@ def _versions() -> dict[str, Any]:
             "pin the same version in benchmarks/peers/requirements.txt"
         )
     return {"ours": ours, "peers": peers}
+
+
+def _cpu_model() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor()
 
 
 def _free_port() -> int:

@@ -70,7 +70,7 @@ def agreement(top5: list[list[int]], reference: list[list[int]] | None) -> str:
     return f"top-1 {first}/{len(pairs)}, top-5 {sum(a == b for a, b in pairs)}/{len(pairs)}"
 
 
-def _ms(value: float | None) -> str:
+def _whole(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}"
 
 
@@ -83,13 +83,15 @@ def markdown(results: dict[str, Any]) -> str:
     for model in dict.fromkeys(run["model"] for run in results["runs"]):
         lines += [f"## {model}", "", header, "|---" * 11 + "|"]
         for run in (r for r in results["runs"] if r["model"] == model):
-            for p in run["points"]:
+            if "error" in run:
+                lines.append(f"| {run['server']} | failed: {run['error'].splitlines()[0]} |")
+            for p in run.get("points", []):
                 lines.append(
                     f"| {run['server']} | {run['startup_s']:.1f} | {p['concurrency']} "
-                    f"| {p['images_per_s']:.1f} | {_ms(p['p50_ms'])} | {_ms(p['p95_ms'])} "
-                    f"| {_ms(p['p99_ms'])} | {status_mix(p['statuses'])} "
-                    f"| {p['server_cpu_percent']:.0f} | {p['peak_rss_mib']:.0f} "
-                    f"| {p['peak_pss_mib']:.0f} |"
+                    f"| {p['images_per_s']:.1f} | {_whole(p['p50_ms'])} | {_whole(p['p95_ms'])} "
+                    f"| {_whole(p['p99_ms'])} | {status_mix(p['statuses'])} "
+                    f"| {p['server_cpu_percent']:.0f} | {_whole(p['peak_rss_mib'])} "
+                    f"| {_whole(p['peak_pss_mib'])} |"
                 )
         lines += ["", _agreement(results, model), ""]
     return "\n".join(lines)
@@ -97,7 +99,11 @@ def markdown(results: dict[str, Any]) -> str:
 
 def _agreement(results: dict[str, Any], model: str) -> str:
     runs = [r for r in results["runs"] if r["model"] == model]
-    parts = [f"{r['server']} {r['agreement']}" for r in runs if r["server"] != "ours"]
+    parts = [
+        f"{r['server']} {r['agreement']}"
+        for r in runs
+        if r["server"] != "ours" and "error" not in r
+    ]
     return "Answers equal to ours on the check images: " + ("; ".join(parts) or "no peers")
 
 
@@ -110,7 +116,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     models = list(dict.fromkeys(run["model"] for run in results["runs"]))
     figure, axes = plt.subplots(len(models), 2, figsize=(12, 4.2 * len(models)), squeeze=False)
     for row, model in zip(axes, models, strict=True):
-        for run in (r for r in results["runs"] if r["model"] == model):
+        for run in (r for r in results["runs"] if r["model"] == model and "error" not in r):
             concurrency = [p["concurrency"] for p in run["points"]]
             p99 = [p["p99_ms"] if p["p99_ms"] is not None else np.nan for p in run["points"]]
             row[0].plot(concurrency, [p["images_per_s"] for p in run["points"]], marker="o")

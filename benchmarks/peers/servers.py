@@ -64,7 +64,6 @@ def environment(
         "BENTOML_HOME": str(home / "bentoml"),
         "BENTOML_DO_NOT_TRACK": "true",
         "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_TMPDIR": str(home / "ray"),
     }
 
 
@@ -81,16 +80,20 @@ class ProcessTree:
     def __init__(self, pid: int) -> None:
         self._root = psutil.Process(pid)
         self._seen: dict[int, psutil.Process] = {pid: self._root}
+        self._lock = threading.Lock()  # the sampler thread and the event loop both look
         self.samples: list[tuple[float, int, int]] = []  # (time, rss, pss)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
 
     def members(self) -> list[psutil.Process]:
-        with suppress(psutil.Error):
-            for child in self._root.children(recursive=True):
-                self._seen.setdefault(child.pid, child)
-        return [p for p in self._seen.values() if _alive(p)]
+        """Every process of the tree alive now, including orphans it left behind."""
+        with self._lock:
+            with suppress(psutil.Error):
+                for child in self._root.children(recursive=True):
+                    self._seen.setdefault(child.pid, child)
+            seen = list(self._seen.values())
+        return [p for p in seen if _alive(p)]
 
     def cpu(self) -> dict[int, float]:
         out = {}
@@ -100,10 +103,10 @@ class ProcessTree:
                 out[process.pid] = times.user + times.system
         return out
 
-    def peak_mib(self, start: float, end: float) -> tuple[float, float]:
+    def peak_mib(self, start: float, end: float) -> tuple[float | None, float | None]:
         inside = [(rss, pss) for t, rss, pss in self.samples if start <= t <= end]
         if not inside:
-            return float("nan"), float("nan")
+            return None, None
         return max(r for r, _ in inside) / 2**20, max(p for _, p in inside) / 2**20
 
     def _sample(self) -> None:
