@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,15 +79,20 @@ async def answers(server: Server, images: list[tuple[str, bytes]]) -> list[list[
 async def point(
     server: Server, photos: list[bytes], concurrency: int, load: Load
 ) -> dict[str, Any]:
-    """A closed loop of ``concurrency`` clients; measured over [warm-up end, + seconds)."""
+    """A closed loop of ``concurrency`` clients, measured for ``load.seconds`` once steady.
+
+    Steady means past the warm-up and after every client has had its first answer: a server
+    that queues is then measured with its queue full, not while the queue fills up.
+    """
     outcomes: list[Outcome] = []
-    start = time.perf_counter() + load.warmup_s
-    end = start + load.seconds
+    began, end = time.perf_counter(), math.inf  # end is set when the window opens
+    first_answers, steady = 0, asyncio.Event()
     connector = aiohttp.TCPConnector(limit=concurrency)
     timeout = aiohttp.ClientTimeout(total=load.timeout_s)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
 
         async def client(index: int) -> None:
+            nonlocal first_answers
             sent = index
             while time.perf_counter() < end:
                 photo = photos[sent % len(photos)]
@@ -100,15 +107,25 @@ async def point(
                 except (aiohttp.ClientError, TimeoutError) as exc:
                     status = type(exc).__name__
                 outcomes.append(Outcome(started, time.perf_counter(), status))
+                if sent == index + concurrency:  # this client's first answer
+                    first_answers += 1
+                    if first_answers == concurrency:
+                        steady.set()
                 if status != OK:
                     await asyncio.sleep(pause)
 
         clients = asyncio.gather(*(client(i) for i in range(concurrency)))
-        server_cpu, client_cpu = await _cpu_over(server, start, end)
+        with suppress(TimeoutError):  # every request ends by load.timeout_s: only a safety net
+            await asyncio.wait_for(steady.wait(), load.timeout_s + load.warmup_s)
+        await asyncio.sleep(began + load.warmup_s - time.perf_counter())
+        start = time.perf_counter()
+        end = start + load.seconds
+        server_cpu, client_cpu = await _cpu_over(server, end)
         await clients  # the drain: in-flight requests finish, uncounted, before the next point
     rss, pss = server.tree.peak_mib(start, end)
     return {
         "concurrency": concurrency,
+        "warmup_s": start - began,
         **summarize(outcomes, (start, end)),
         "server_cpu_percent": 100 * server_cpu / load.seconds,
         "client_cpu_percent": 100 * client_cpu / load.seconds,
@@ -124,9 +141,9 @@ def retry_after(header: str | None, load: Load) -> float:
         return load.backoff_s
 
 
-async def _cpu_over(server: Server, start: float, end: float) -> tuple[float, float]:
+async def _cpu_over(server: Server, end: float) -> tuple[float, float]:
+    """CPU seconds of the server's process tree and of this client, from now until ``end``."""
     me = psutil.Process()
-    await asyncio.sleep(start - time.perf_counter())
     tree_before, me_before = server.tree.cpu(), me.cpu_times()
     await asyncio.sleep(end - time.perf_counter())
     tree_after, me_after = server.tree.cpu(), me.cpu_times()
