@@ -10,8 +10,9 @@ one item per HTTP request from the deployment's ``__call__`` (a starlette ``Requ
 https://docs.ray.io/en/latest/serve/http-guide.html). ``max_batch_size`` and
 ``batch_wait_timeout_s`` are ours (8 images, 2 ms); ``max_ongoing_requests`` is raised from
 its default of 5 to two batches (one filling while one runs): below ``max_batch_size`` a batch
-can never fill, which Ray 2.60 warns about at start-up (``ray/serve/batching.py``), and the
-guide's tuning notes raise it for the same reason. One replica (the default), HTTP on
+can never fill, which Ray 2.60 warns about at start-up (``ray/serve/batching.py``); the
+guide's tuning tips (a power of 2 for the batch, a wait well under the latency target) hold
+for 8 and 2 ms. One replica (the default), HTTP on
 127.0.0.1 through Serve's proxy. The Ray dashboard is left out: it is not part of serving and
 would only add CPU and memory to Ray's side of the table.
 """
