@@ -4,13 +4,13 @@
         benchmarks.peers.bentoml_service:ImageClassifier --host 127.0.0.1 --port 8003
 
 Follows BentoML's adaptive-batching guide
-(https://docs.bentoml.com/en/latest/get-started/adaptive-batching.html): one
+(https://docs.bentoml.com/en/latest/guides/adaptive-batching.html): one
 ``@bentoml.api(batchable=True)`` method that takes a list along batch dimension 0 and returns a
 list of the same length; BentoML's dispatcher merges concurrent requests into one call and
 adapts the batch window to the measured latency, so there is no fixed wait to set.
 ``max_batch_size`` is ours (8); ``max_latency_ms`` stays at its documented default (60 s).
 Files arrive as ``pathlib.Path`` multipart fields
-(https://docs.bentoml.com/en/latest/build-with-bentoml/iotypes.html#files), so the bytes
+(https://docs.bentoml.com/en/latest/build-with-bentoml/iotypes.html), so the bytes
 reach our decode function unchanged (a ``PIL.Image`` input would decode with BentoML's own
 code). One worker, BentoML's default.
 """
