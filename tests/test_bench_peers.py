@@ -12,7 +12,7 @@ from conftest import image_bytes
 from app.session import OnnxModel
 from app.settings import Settings
 from benchmarks.peers.common import Classifier
-from benchmarks.peers.drive import Load, retry_after
+from benchmarks.peers.drive import Load, retry_after, top5
 from benchmarks.peers.report import (
     Outcome,
     agreement,
@@ -80,6 +80,18 @@ def test_agreement_compares_top1_and_the_whole_top5_with_ours() -> None:
 )
 def test_clients_wait_as_retry_after_says(header: str | None, pause: float) -> None:
     assert retry_after(header, Load(backoff_s=0.1, max_retry_after_s=5.0)) == pause
+
+
+PREDICTIONS = {"predictions": [{"class_id": c, "label": str(c)} for c in (4, 2, 9, 1, 0, 7)]}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{"results": [{"filename": "a.jpg", **PREDICTIONS}]}, PREDICTIONS, [PREDICTIONS]],
+    ids=["ours", "peer", "bentoml-batch-slice"],
+)
+def test_top5_reads_every_servers_answer(body: object) -> None:
+    assert top5(body) == [4, 2, 9, 1, 0]
 
 
 def test_markdown_has_one_table_per_model_and_the_agreement_line() -> None:
