@@ -97,6 +97,7 @@ def test_top5_reads_every_servers_answer(body: object) -> None:
 def test_markdown_has_one_table_per_model_and_the_agreement_line() -> None:
     point = {
         "concurrency": 16,
+        "steady": True,
         "images_per_s": 24.04,
         "p50_ms": 640.4,
         "p95_ms": 700.0,
@@ -124,6 +125,10 @@ def test_markdown_has_one_table_per_model_and_the_agreement_line() -> None:
     row = "| litserve | 2.0 | 16 | 24.0 | 640 | 700 | - | 200 90%, 503 10% | 190 | 513 | 400 |"
     assert text.count(row) == 2
     assert "equal to ours on the check images: litserve top-1 18/18, top-5 17/18" in text
+    assert "not steady" not in text
+    unsteady = markdown({"runs": [runs[1] | {"points": [point | {"steady": False}]}]})
+    assert "| litserve | 2.0 | 16\\* |" in unsteady
+    assert "\\* measured before every client had had an answer" in unsteady
 
 
 def test_peer_classifier_opens_the_session_as_the_server_does(model_path: Path) -> None:
@@ -150,4 +155,4 @@ def test_markdown_shows_a_failed_server_and_leaves_it_out_of_the_agreement() -> 
     ]
     text = markdown({"runs": runs})
     assert "| rayserve | failed: RuntimeError: exited |" in text
-    assert text.endswith("Answers equal to ours on the check images: no peers\n")
+    assert "Answers equal to ours on the check images: no peers\n" in text

@@ -45,7 +45,11 @@ PEER_PACKAGES = ("litserve", "bentoml", "ray", "fastapi", "uvicorn", "onnxruntim
 def main() -> None:
     args = _arguments()
     models = _models(args.model, args.quick)
-    load = Load(warmup_s=1.0, seconds=3.0) if args.quick else Load(seconds=args.seconds)
+    load = (
+        Load(warmup_s=1.0, max_warmup_s=5.0, seconds=3.0)
+        if args.quick
+        else Load(seconds=args.seconds)
+    )
     batching = Batching(args.max_batch_size, args.batch_wait_ms)
     photos = [photo(500, 375, seed) for seed in range(8)]
     checks = [(p.name, p.read_bytes()) for p in sorted((ROOT / "examples").glob("*.png"))]

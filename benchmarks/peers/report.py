@@ -87,14 +87,28 @@ def markdown(results: dict[str, Any]) -> str:
                 lines.append(f"| {run['server']} | failed: {run['error'].splitlines()[0]} |")
             for p in run.get("points", []):
                 lines.append(
-                    f"| {run['server']} | {run['startup_s']:.1f} | {p['concurrency']} "
+                    f"| {run['server']} | {run['startup_s']:.1f} | {_concurrency(p)} "
                     f"| {p['images_per_s']:.1f} | {_whole(p['p50_ms'])} | {_whole(p['p95_ms'])} "
                     f"| {_whole(p['p99_ms'])} | {status_mix(p['statuses'])} "
                     f"| {p['server_cpu_percent']:.0f} | {_whole(p['peak_rss_mib'])} "
                     f"| {_whole(p['peak_pss_mib'])} |"
                 )
         lines += ["", _agreement(results, model), ""]
+    points = [p for run in results["runs"] for p in run.get("points", [])]
+    if not all(p["steady"] for p in points):
+        lines += [UNSTEADY, ""]
     return "\n".join(lines)
+
+
+UNSTEADY = (
+    "\\* measured before every client had had an answer: the server was not steady within "
+    "the warm-up limit, so its latency there is understated."
+)
+
+
+def _concurrency(point: dict[str, Any]) -> str:
+    mark = "" if point["steady"] else "\\*"
+    return f"{point['concurrency']}{mark}"
 
 
 def _agreement(results: dict[str, Any], model: str) -> str:
