@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import image_bytes
 
+from app.main import session_config
 from app.session import OnnxModel
 from app.settings import Settings
 from benchmarks.peers.common import Classifier
@@ -21,6 +21,7 @@ from benchmarks.peers.report import (
     status_mix,
     summarize,
 )
+from tests.helpers.models import image_bytes
 
 
 def test_summarize_counts_only_requests_finished_inside_the_window() -> None:
@@ -131,15 +132,19 @@ def test_markdown_has_one_table_per_model_and_the_agreement_line() -> None:
     assert "\\* measured before every client had had an answer" in unsteady
 
 
+def _ours(model_path: Path) -> OnnxModel:
+    return OnnxModel.load(session_config(Settings(model_path=model_path)))
+
+
 def test_peer_classifier_opens_the_session_as_the_server_does(model_path: Path) -> None:
-    ours = OnnxModel.load(Settings(model_path=model_path))._session.get_session_options()
+    ours = _ours(model_path)._session.get_session_options()
     peers = Classifier(model_path).session.get_session_options()
     for option in ("intra_op_num_threads", "inter_op_num_threads", "graph_optimization_level"):
         assert getattr(peers, option) == getattr(ours, option), option
 
 
 def test_peer_classifier_answers_as_the_server_does(model_path: Path) -> None:
-    model, peer = OnnxModel.load(Settings(model_path=model_path)), Classifier(model_path)
+    model, peer = _ours(model_path), Classifier(model_path)
     crops = np.stack([peer.decode(image_bytes(seed)) for seed in range(6)])
     answers = [peer.answer(row) for row in peer.predict(crops)]
     expected = model.predict(crops).argmax(axis=1)

@@ -1,6 +1,6 @@
-"""What every peer server shares with ``app/``: the ONNX artifact, the decode function, the
-ONNX Runtime session options, and the top-k answer. Runs inside ``.venv-peers``, so it needs
-only numpy, Pillow and onnxruntime.
+"""What every peer server shares with ``app/``: the ONNX contract (``core.contract``), the
+decode function (``core.preprocess``), the ONNX Runtime session options and the top-k answer.
+Runs inside ``.venv-peers``, so it needs only numpy, Pillow and onnxruntime.
 
 Configuration comes from ``PEER_*`` environment variables, because BentoML and Ray load the
 service module themselves and pass no arguments to it.
@@ -8,7 +8,6 @@ service module themselves and pass no arguments to it.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +16,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-# The one line to change when the preprocessing moves (issue 8: core.preprocess).
-from app.preprocess import Recipe, decode
+from core.contract import INPUT_NAME, OUTPUT_NAME, ModelMetadata
+from core.preprocess import decode
 
-INPUT_NAME = "images"
-OUTPUT_NAME = "probabilities"
 TOP_K = 5
 
 
@@ -62,12 +59,11 @@ class Classifier:
         self.session = ort.InferenceSession(
             str(path), sess_options=session_options(), providers=["CPUExecutionProvider"]
         )
-        meta = self.session.get_modelmeta().custom_metadata_map
-        self.labels: list[str] = json.loads(meta["labels"])
-        self.recipe = Recipe.from_dict(json.loads(meta["preprocessing"]))
+        props = self.session.get_modelmeta().custom_metadata_map
+        self.metadata = ModelMetadata.from_props(props)
 
     def decode(self, data: bytes) -> np.ndarray:
-        return decode(data, self.recipe)
+        return decode(data, self.metadata.recipe)
 
     def predict(self, crops: np.ndarray) -> np.ndarray:
         """uint8[N, S, S, 3] -> probabilities float32[N, C]."""
@@ -79,7 +75,7 @@ class Classifier:
         return {
             "predictions": [
                 {
-                    "label": self.labels[i],
+                    "label": self.metadata.labels[i],
                     "class_id": int(i),
                     "score": round(float(probabilities[i]), 6),
                 }

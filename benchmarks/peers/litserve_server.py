@@ -26,13 +26,13 @@ class ClassifierAPI(ls.LitAPI):
 
     # No annotations on decode_request's argument or encode_response's result: LitServe builds
     # the endpoint from them, and an unannotated ``request`` is the raw form (as in its docs).
-    def decode_request(self, request):
+    def decode_request(self, request):  # type: ignore[no-untyped-def]
         return self.classifier.decode(request["image"].file.read())
 
     def predict(self, crops: np.ndarray) -> np.ndarray:
         return self.classifier.predict(crops)
 
-    def encode_response(self, probabilities):
+    def encode_response(self, probabilities):  # type: ignore[no-untyped-def]
         return self.classifier.answer(probabilities)
 
 
