@@ -15,6 +15,8 @@ from pathlib import Path
 
 import psutil
 
+from app.settings import Settings
+
 ROOT = Path(__file__).resolve().parents[2]
 PEERS_VENV = ROOT / ".venv-peers"
 SERVERS = ("ours", "handwritten", "litserve", "bentoml", "rayserve")
@@ -22,8 +24,10 @@ SERVERS = ("ours", "handwritten", "litserve", "bentoml", "rayserve")
 
 @dataclass(frozen=True)
 class Batching:
-    max_batch_size: int = 8  # app's default
-    wait_ms: float = 2.0  # app's max_wait_ms default
+    """What every batching server is given: by default, ours' own defaults."""
+
+    max_batch_size: int = Settings.model_fields["max_batch_size"].default
+    wait_ms: float = Settings.model_fields["max_wait_ms"].default
 
 
 def command(server: str, port: int) -> list[str]:
