@@ -7,8 +7,11 @@ TORCH ?= torch==2.13.0
 EXTRAS ?= cpu,train,dev,bench
 MODEL ?= artifacts/model.onnx
 PYTEST_ARGS ?=
+# The peer servers of benchmarks/peers: their own venv, never needed by run or test.
+PEERS_VENV ?= .venv-peers
+BENCH := artifacts/bench/resnet50-random
 
-.PHONY: run test lint build venv bench docker-test clean
+.PHONY: run test lint build venv bench bench-models peers-venv bench-peers docker-test clean
 
 venv: $(VENV)/.installed
 
@@ -38,8 +41,32 @@ test: lint
 bench: build
 	$(BIN)/python -m benchmarks
 
+# 224x224, 1000-class artifacts for the benchmarks: random weights (speed does not depend on them).
+bench-models: $(BENCH)-fp32.onnx $(BENCH)-int8.onnx
+
+$(BENCH)-init.pth: | venv
+	mkdir -p $(@D)
+	$(BIN)/python -c "import torch; from model.resnet import resnet50; torch.save(resnet50().state_dict(), '$@')"
+
+$(BENCH)-fp32.onnx: $(BENCH)-init.pth
+	$(BIN)/python -m model export $< --out $@
+
+$(BENCH)-int8.onnx: $(BENCH)-init.pth
+	$(BIN)/python -m model export $< --precision int8 --calib-data digits --out $@
+
+peers-venv: $(PEERS_VENV)/.installed
+
+$(PEERS_VENV)/.installed: benchmarks/peers/requirements.txt
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install --upgrade --progress-bar on pip
+	$(PEERS_VENV)/bin/python -m pip install --progress-bar on -r $<
+	@touch $@
+
+bench-peers: venv peers-venv bench-models
+	PYTHONPATH=. $(BIN)/python -m benchmarks.peers
+
 docker-test:
 	bash docker/test.sh
 
 clean:
-	rm -rf $(VENV) artifacts .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(PEERS_VENV) artifacts .pytest_cache .mypy_cache .ruff_cache

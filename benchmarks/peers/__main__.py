@@ -1,0 +1,189 @@
+"""Ours against LitServe, BentoML, Ray Serve and a hand-written FastAPI script, in one run.
+
+    make peers-venv bench-models
+    PYTHONPATH=. .venv/bin/python -m benchmarks.peers            # about 15 minutes on 2 cores
+    PYTHONPATH=. .venv/bin/python -m benchmarks.peers --quick    # smoke test, a few minutes
+
+Each server in turn, alone, on the same ONNX artifact: start-up time to the first 200, top-1
+on the check images (examples/ and the load photos) against ours, then one 500x375 JPEG per
+request at each concurrency. Writes benchmarks/results/peers.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import platform
+import socket
+import subprocess
+import tempfile
+import time
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+
+from benchmarks.load import photo
+from benchmarks.peers.drive import Load, answers, point, wait_ready
+from benchmarks.peers.report import agreement, markdown, plot
+from benchmarks.peers.servers import PEERS_VENV, ROOT, SERVERS, Batching, start
+
+MODELS = {
+    "fp32": ROOT / "artifacts/bench/resnet50-random-fp32.onnx",
+    "int8": ROOT / "artifacts/bench/resnet50-random-int8.onnx",
+}
+QUICK_MODELS = {"digits": ROOT / "artifacts/model.onnx"}
+CONCURRENCY = (1, 16, 64, 256)
+RESULTS = ROOT / "benchmarks" / "results"
+PEER_PACKAGES = ("litserve", "bentoml", "ray", "fastapi", "uvicorn", "onnxruntime")
+
+
+def main() -> None:
+    args = _arguments()
+    models = _models(args.model, args.quick)
+    load = (
+        Load(warmup_s=1.0, max_warmup_s=5.0, seconds=3.0)
+        if args.quick
+        else Load(seconds=args.seconds)
+    )
+    batching = Batching(args.max_batch_size, args.batch_wait_ms)
+    photos = [photo(500, 375, seed) for seed in range(8)]
+    checks = [(p.name, p.read_bytes()) for p in sorted((ROOT / "examples").glob("*.png"))]
+    checks += [(f"photo{i}.jpg", data) for i, data in enumerate(photos)]
+    began_all = time.perf_counter()
+    results: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "cpu": _cpu_model(),
+            "cpus": psutil.cpu_count(),
+            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "platform": platform.platform(),
+        },
+        "versions": _versions(),
+        "settings": {"load": vars(load), "batching": vars(batching), "quick": args.quick},
+        "runs": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="peers-") as workdir:
+        for model_name, path in models.items():
+            reference: list[list[int]] | None = None
+            for name in args.servers:
+                began = time.perf_counter()
+                try:
+                    run = asyncio.run(
+                        _run(name, path, batching, load, args.concurrency, photos, checks, workdir)
+                    )
+                except (RuntimeError, aiohttp.ClientError, TimeoutError) as exc:
+                    # One peer that fails to start or answer must not cost the others' numbers.
+                    run = {"server": name, "error": f"{type(exc).__name__}: {exc}"}
+                run |= {"model": model_name, "elapsed_s": time.perf_counter() - began}
+                if "top5" in run:
+                    reference = run["top5"] if name == "ours" else reference
+                    run["agreement"] = agreement(run["top5"], reference)
+                skip = ("top5", "points")
+                print(json.dumps({k: v for k, v in run.items() if k not in skip}), flush=True)
+                results["runs"].append(run)
+    results["elapsed_s"] = time.perf_counter() - began_all
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(results, indent=2))
+    (RESULTS / f"{args.out}.md").write_text(markdown(results))
+    plot(results, RESULTS / f"{args.out}.png")
+
+
+def _arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1+3 s per point, digits model")
+    parser.add_argument("--seconds", type=float, default=Load.seconds, help="measured s/point")
+    parser.add_argument("--servers", type=_names, default=list(SERVERS), help="comma-separated")
+    parser.add_argument("--concurrency", type=_numbers, default=list(CONCURRENCY))
+    parser.add_argument("--model", action="append", default=[], help="NAME=PATH, repeatable")
+    parser.add_argument("--max-batch-size", type=int, default=Batching.max_batch_size)
+    parser.add_argument("--batch-wait-ms", type=float, default=Batching.wait_ms)
+    parser.add_argument("--out", default="peers", help="results file stem")
+    return parser.parse_args()
+
+
+def _names(text: str) -> list[str]:
+    names = text.split(",")
+    unknown = sorted(set(names) - set(SERVERS))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown servers {unknown}; choose from {SERVERS}")
+    return names
+
+
+def _numbers(text: str) -> list[int]:
+    return [int(n) for n in text.split(",")]
+
+
+def _models(given: list[str], quick: bool) -> dict[str, Path]:
+    pairs = [m.split("=", 1) for m in given]
+    if any(len(pair) != 2 for pair in pairs):
+        raise SystemExit(f"--model takes NAME=PATH, got {given}")
+    models = {k: Path(v) for k, v in pairs} or (QUICK_MODELS if quick else MODELS)
+    missing = [str(path) for path in models.values() if not path.is_file()]
+    if missing:
+        raise SystemExit(f"missing model files {missing} (make bench-models; make build)")
+    return models
+
+
+def _versions() -> dict[str, Any]:
+    python = PEERS_VENV / "bin" / "python"
+    if not python.exists():
+        raise SystemExit(f"{PEERS_VENV} is missing: make peers-venv")
+    script = (
+        "import json, importlib.metadata as m; "
+        f"print(json.dumps({{p: m.version(p) for p in {PEER_PACKAGES!r}}}))"
+    )
+    found = subprocess.run([python, "-c", script], capture_output=True, check=True)
+    peers = json.loads(found.stdout)
+    ours = {p: version(p) for p in ("fastapi", "uvicorn", "onnxruntime")}
+    if peers["onnxruntime"] != ours["onnxruntime"]:
+        raise SystemExit(
+            f"onnxruntime {peers['onnxruntime']} in {PEERS_VENV} but {ours['onnxruntime']} here: "
+            "pin the same version in benchmarks/peers/requirements.txt"
+        )
+    return {"ours": ours, "peers": peers}
+
+
+def _cpu_model() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def _run(
+    name: str,
+    model: Path,
+    batching: Batching,
+    load: Load,
+    concurrency: list[int],
+    photos: list[bytes],
+    checks: list[tuple[str, bytes]],
+    workdir: str,
+) -> dict[str, Any]:
+    server = start(name, model, _free_port(), batching, Path(workdir))
+    try:
+        startup = await wait_ready(server, photos[0], load)
+        top5 = await answers(server, checks)
+        points = []
+        for clients in concurrency:
+            points.append(await point(server, photos, clients, load))
+            print(json.dumps({"server": name, **points[-1]}), flush=True)
+    finally:
+        server.tree.stop()
+    return {"server": name, "startup_s": startup, "top5": top5, "points": points}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""The load: the same aiohttp client for every server, one 500x375 JPEG per request, sent as a
+multipart field named ``image`` to ``/predict`` (the field every peer reads; ours reads any)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import psutil
+
+from benchmarks.peers.report import OK, Outcome, cpu_seconds, summarize
+from benchmarks.peers.servers import Server, log_tail
+
+
+@dataclass(frozen=True)
+class Load:
+    warmup_s: float = 3.0
+    # A server still not answering every client after this long is measured anyway, with
+    # "steady": false in its point, so one collapsing server cannot stretch the run.
+    max_warmup_s: float = 20.0
+    seconds: float = 12.0
+    # After a refused or failed request a client waits as long as the answer's Retry-After
+    # says (as urllib3's Retry does), else backoff_s, so a fast 503 is not a busy loop.
+    backoff_s: float = 0.1
+    max_retry_after_s: float = 5.0
+    timeout_s: float = 60.0
+    start_timeout_s: float = 300.0
+
+
+def form(image: bytes, filename: str, kind: str) -> aiohttp.FormData:
+    data = aiohttp.FormData()
+    data.add_field("image", image, filename=filename, content_type=kind)
+    return data
+
+
+def top5(body: Any) -> list[int]:
+    """class_ids of the five best predictions, from ours ({"results": [...]}) or a peer's."""
+    if isinstance(body, list):  # BentoML returns the request's slice of the batch
+        body = body[0]
+    if "results" in body:
+        body = body["results"][0]
+    return [int(p["class_id"]) for p in body["predictions"][:5]]
+
+
+async def wait_ready(server: Server, image: bytes, load: Load) -> float:
+    """Seconds from process start to the first 200 from /predict with a real image."""
+    deadline = server.started + load.start_timeout_s
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        while time.perf_counter() < deadline:
+            if server.process.poll() is not None:
+                raise RuntimeError(f"{server.name} exited:\n{log_tail(server)}")
+            try:
+                async with session.post(server.url, data=form(image, "a.jpg", "image/jpeg")) as r:
+                    if r.status == 200:
+                        return time.perf_counter() - server.started
+            except (aiohttp.ClientError, TimeoutError):
+                pass
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"{server.name} not answering after {load.start_timeout_s} s")
+
+
+async def answers(server: Server, images: list[tuple[str, bytes]]) -> list[list[int]]:
+    """The top-5 classes of each image, one request at a time."""
+    out = []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        for name, data in images:
+            kind = "image/png" if name.endswith(".png") else "image/jpeg"
+            async with session.post(server.url, data=form(data, name, kind)) as response:
+                text = await response.text()
+                if response.status != 200:
+                    raise RuntimeError(f"{server.name}: {name} -> {response.status} {text[:200]}")
+                out.append(top5(json.loads(text)))
+    return out
+
+
+async def point(
+    server: Server, photos: list[bytes], concurrency: int, load: Load
+) -> dict[str, Any]:
+    """A closed loop of ``concurrency`` clients, measured for ``load.seconds`` once steady.
+
+    Steady means past the warm-up and after every client has had its first answer: a server
+    that queues is then measured with its queue full, not while the queue fills up.
+    """
+    outcomes: list[Outcome] = []
+    began, end = time.perf_counter(), math.inf  # end is set when the window opens
+    first_answers, steady = 0, asyncio.Event()
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    timeout = aiohttp.ClientTimeout(total=load.timeout_s)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def client(index: int) -> None:
+            nonlocal first_answers
+            sent = index
+            while time.perf_counter() < end:
+                photo = photos[sent % len(photos)]
+                sent += concurrency
+                started = time.perf_counter()
+                body, pause = form(photo, "p.jpg", "image/jpeg"), load.backoff_s
+                try:
+                    async with session.post(server.url, data=body) as r:
+                        await r.read()
+                        status = str(r.status)
+                        pause = retry_after(r.headers.get("Retry-After"), load)
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    status = type(exc).__name__
+                outcomes.append(Outcome(started, time.perf_counter(), status))
+                if sent == index + concurrency:  # this client's first answer
+                    first_answers += 1
+                    if first_answers == concurrency:
+                        steady.set()
+                if status != OK:
+                    await asyncio.sleep(pause)
+
+        clients = asyncio.gather(*(client(i) for i in range(concurrency)))
+        with suppress(TimeoutError):
+            await asyncio.wait_for(steady.wait(), load.max_warmup_s)
+        await asyncio.sleep(began + load.warmup_s - time.perf_counter())
+        start = time.perf_counter()
+        end = start + load.seconds
+        server_cpu, client_cpu = await _cpu_over(server, end)
+        await clients  # the drain: in-flight requests finish, uncounted, before the next point
+    rss, pss = server.tree.peak_mib(start, end)
+    return {
+        "concurrency": concurrency,
+        "warmup_s": start - began,
+        "steady": steady.is_set(),
+        **summarize(outcomes, (start, end)),
+        "server_cpu_percent": 100 * server_cpu / load.seconds,
+        "client_cpu_percent": 100 * client_cpu / load.seconds,
+        "peak_rss_mib": rss,
+        "peak_pss_mib": pss,
+    }
+
+
+def retry_after(header: str | None, load: Load) -> float:
+    try:
+        return min(float(header), load.max_retry_after_s) if header else load.backoff_s
+    except ValueError:  # an HTTP date: not sent by any server here
+        return load.backoff_s
+
+
+async def _cpu_over(server: Server, end: float) -> tuple[float, float]:
+    """CPU seconds of the server's process tree and of this client, from now until ``end``."""
+    me = psutil.Process()
+    tree_before, me_before = server.tree.cpu(), me.cpu_times()
+    await asyncio.sleep(end - time.perf_counter())
+    tree_after, me_after = server.tree.cpu(), me.cpu_times()
+    mine = me_after.user + me_after.system - me_before.user - me_before.system
+    return cpu_seconds(tree_before, tree_after), mine
