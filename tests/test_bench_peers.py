@@ -105,6 +105,7 @@ def test_markdown_has_one_table_per_model_and_the_agreement_line() -> None:
         "p99_ms": None,
         "statuses": {"200": 9, "503": 1},
         "server_cpu_percent": 190.2,
+        "server_cpu_ms_per_request": 79.25,
         "peak_rss_mib": 512.6,
         "peak_pss_mib": 400.1,
     }
@@ -123,7 +124,9 @@ def test_markdown_has_one_table_per_model_and_the_agreement_line() -> None:
     assert text.count("| server | start-up s |") == 2
     assert "## fp32" in text
     assert "## int8" in text
-    row = "| litserve | 2.0 | 16 | 24.0 | 640 | 700 | - | 200 90%, 503 10% | 190 | 513 | 400 |"
+    row = (
+        "| litserve | 2.0 | 16 | 24.0 | 640 | 700 | - | 200 90%, 503 10% | 190 | 79.2 | 513 | 400 |"
+    )
     assert text.count(row) == 2
     assert "equal to ours on the check images: litserve top-1 18/18, top-5 17/18" in text
     assert "not steady" not in text

@@ -42,15 +42,15 @@ RESULTS = ROOT / "benchmarks" / "results"
 PEER_PACKAGES = ("litserve", "bentoml", "ray", "fastapi", "uvicorn", "onnxruntime")
 
 
-def main() -> None:
-    args = _arguments()
+def main(argv: list[str] | None = None) -> None:
+    args = _arguments(argv)
     models = _models(args.model, args.quick)
     load = (
         Load(warmup_s=1.0, max_warmup_s=5.0, seconds=3.0)
         if args.quick
         else Load(seconds=args.seconds)
     )
-    batching = Batching(args.max_batch_size, args.batch_wait_ms)
+    batching = Batching(args.max_batch_size, args.batch_wait_ms, args.ours_wait_ms)
     photos = [photo(500, 375, seed) for seed in range(8)]
     checks = [(p.name, p.read_bytes()) for p in sorted((ROOT / "examples").glob("*.png"))]
     checks += [(f"photo{i}.jpg", data) for i, data in enumerate(photos)]
@@ -93,7 +93,7 @@ def main() -> None:
     plot(results, RESULTS / f"{args.out}.png")
 
 
-def _arguments() -> argparse.Namespace:
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1+3 s per point, digits model")
     parser.add_argument("--seconds", type=float, default=Load.seconds, help="measured s/point")
@@ -101,9 +101,10 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--concurrency", type=_numbers, default=list(CONCURRENCY))
     parser.add_argument("--model", action="append", default=[], help="NAME=PATH, repeatable")
     parser.add_argument("--max-batch-size", type=int, default=Batching.max_batch_size)
-    parser.add_argument("--batch-wait-ms", type=float, default=Batching.wait_ms)
+    parser.add_argument("--batch-wait-ms", type=float, default=Batching.wait_ms, help="peers'")
+    parser.add_argument("--ours-wait-ms", type=float, help="ours' max_wait_ms (default: ours')")
     parser.add_argument("--out", default="peers", help="results file stem")
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def _names(text: str) -> list[str]:

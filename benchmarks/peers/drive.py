@@ -126,12 +126,16 @@ async def point(
         server_cpu, client_cpu = await _cpu_over(server, end)
         await clients  # the drain: in-flight requests finish, uncounted, before the next point
     rss, pss = server.tree.peak_mib(start, end)
+    summary = summarize(outcomes, (start, end))
+    answered = sum(n for status, n in summary["statuses"].items() if status.isdigit())
     return {
         "concurrency": concurrency,
         "warmup_s": start - began,
         "steady": steady.is_set(),
-        **summarize(outcomes, (start, end)),
+        **summary,
         "server_cpu_percent": 100 * server_cpu / load.seconds,
+        # Per answered request, refusals included: what one request costs the host.
+        "server_cpu_ms_per_request": 1000 * server_cpu / max(answered, 1),
         "client_cpu_percent": 100 * client_cpu / load.seconds,
         "peak_rss_mib": rss,
         "peak_pss_mib": pss,

@@ -77,11 +77,11 @@ def _whole(value: float | None) -> str:
 def markdown(results: dict[str, Any]) -> str:
     header = (
         "| server | start-up s | conc | images/s | p50 ms | p95 ms | p99 ms | statuses "
-        "| server CPU % | peak RSS MiB | peak PSS MiB |"
+        "| server CPU % | CPU ms/req | peak RSS MiB | peak PSS MiB |"
     )
     lines = []
     for model in dict.fromkeys(run["model"] for run in results["runs"]):
-        lines += [f"## {model}", "", header, "|---" * 11 + "|"]
+        lines += [f"## {model}", "", header, "|---" * 12 + "|"]
         for run in (r for r in results["runs"] if r["model"] == model):
             if "error" in run:
                 lines.append(f"| {run['server']} | failed: {run['error'].splitlines()[0]} |")
@@ -90,7 +90,9 @@ def markdown(results: dict[str, Any]) -> str:
                     f"| {run['server']} | {run['startup_s']:.1f} | {_concurrency(p)} "
                     f"| {p['images_per_s']:.1f} | {_whole(p['p50_ms'])} | {_whole(p['p95_ms'])} "
                     f"| {_whole(p['p99_ms'])} | {status_mix(p['statuses'])} "
-                    f"| {p['server_cpu_percent']:.0f} | {_whole(p['peak_rss_mib'])} "
+                    f"| {p['server_cpu_percent']:.0f} "
+                    f"| {p['server_cpu_ms_per_request']:.1f} "
+                    f"| {_whole(p['peak_rss_mib'])} "
                     f"| {_whole(p['peak_pss_mib'])} |"
                 )
         lines += ["", _agreement(results, model), ""]

@@ -24,10 +24,16 @@ SERVERS = ("ours", "handwritten", "litserve", "bentoml", "rayserve")
 
 @dataclass(frozen=True)
 class Batching:
-    """What every batching server is given: by default, ours' own defaults."""
+    """What every batching server is given.
+
+    The batch size is ours' default. The peers' wait is 2 ms, a small timeout as their batching
+    guides show (a window of 0 would turn LitServe's and Ray's batching off); ours runs with its
+    own default, work-conserving batching (``max_wait_ms=0``), unless ``--batch-wait-ms`` is given.
+    """
 
     max_batch_size: int = Settings.model_fields["max_batch_size"].default
-    wait_ms: float = Settings.model_fields["max_wait_ms"].default
+    wait_ms: float = 2.0
+    ours_wait_ms: float | None = None
 
 
 def command(server: str, port: int) -> list[str]:
@@ -57,7 +63,11 @@ def environment(
             "RESNET_SERVE_PORT": str(port),
             "RESNET_SERVE_LOG_LEVEL": "warning",
             "RESNET_SERVE_MAX_BATCH_SIZE": str(batching.max_batch_size),
-            "RESNET_SERVE_MAX_WAIT_MS": str(batching.wait_ms),
+            **(
+                {"RESNET_SERVE_MAX_WAIT_MS": str(batching.ours_wait_ms)}
+                if batching.ours_wait_ms is not None
+                else {}
+            ),
         }
     return env | {
         "PEER_MODEL_PATH": str(model),
