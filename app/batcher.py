@@ -25,6 +25,11 @@ log = logging.getLogger(__name__)
 ModelFn = Callable[[np.ndarray], np.ndarray]
 
 
+def bucket_for(size: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket that holds ``size`` images."""
+    return next(bucket for bucket in buckets if bucket >= size)
+
+
 @dataclass(eq=False)
 class _Item:
     image: np.ndarray
@@ -38,6 +43,9 @@ class BatchConfig:
     """Built once from ``Settings`` (where the defaults live) by ``create_app``."""
 
     max_batch_size: int
+    # Shapes the model ever sees, ascending, the last == max_batch_size: a batch is padded with
+    # zero images up to the next one (padding rows are dropped before anyone sees them).
+    buckets: tuple[int, ...]
     max_wait_ms: float
     max_queue_images: int
     request_timeout_ms: float
@@ -196,22 +204,27 @@ class Batcher:
         """The model's outputs for ``batch``, or the error that fails exactly this batch."""
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
+        size = bucket_for(len(batch), self.config.buckets)
         try:
             inputs = np.stack([item.image for item in batch])
+            if size > len(batch):
+                padding = np.zeros((size - len(batch), *inputs.shape[1:]), inputs.dtype)
+                inputs = np.concatenate([inputs, padding])
             outputs = await loop.run_in_executor(self._executor, self.model_fn, inputs)
         except Exception as exc:
             log.exception("inference failed", extra={"batch_size": len(batch)})
             return InferenceFailed(f"inference failed for a batch of {len(batch)}: {exc!r}")
-        if len(outputs) != len(batch):
+        if len(outputs) != size:
             return InferenceFailed(
-                f"model returned {len(outputs)} outputs for a batch of {len(batch)} images"
+                f"model returned {len(outputs)} outputs for a batch of {size} images"
             )
         seconds = time.perf_counter() - started
         self.on_batch(len(batch), seconds)
         self.metrics.inference_seconds.observe(seconds)
         self.metrics.batch_size.observe(len(batch))
+        self.metrics.padded_batch_size.observe(size)
         self.metrics.images.inc(len(batch))
-        return outputs
+        return outputs[: len(batch)]
 
     def _fan_out(self, batch: list[_Item], outputs: np.ndarray | ServiceError) -> None:
         for index, item in enumerate(batch):

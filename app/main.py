@@ -24,7 +24,7 @@ from app.metrics import Metrics
 from app.middleware import RequestContext
 from app.routes import router
 from app.service import Classifier, ClassifyConfig
-from app.session import OnnxModel, SessionConfig
+from app.session import CUDA, OnnxModel, SessionConfig
 from app.settings import Settings
 from app.uploads import UploadLimits
 
@@ -41,9 +41,20 @@ def session_config(settings: Settings) -> SessionConfig:
     )
 
 
-def batch_config(settings: Settings) -> BatchConfig:
+def batch_buckets(settings: Settings, provider: str) -> tuple[int, ...]:
+    if settings.batch_buckets is not None:
+        return settings.batch_buckets
+    largest = settings.max_batch_size
+    if provider == CUDA:
+        powers = (2**i for i in range(largest.bit_length()))
+        return (*(size for size in powers if size < largest), largest)
+    return tuple(range(1, largest + 1))
+
+
+def batch_config(settings: Settings, provider: str) -> BatchConfig:
     return BatchConfig(
         max_batch_size=settings.max_batch_size,
+        buckets=batch_buckets(settings, provider),
         max_wait_ms=settings.max_wait_ms,
         max_queue_images=settings.max_queue_images,
         request_timeout_ms=settings.request_timeout_ms,
@@ -83,7 +94,11 @@ def create_app(settings: Settings, model: OnnxModel | None = None) -> FastAPI:
         lifecycle = Lifecycle(settings.retry_after_s)
         admission = Admission(admission_config(settings), lifecycle, metrics)
         batcher = Batcher(
-            loaded.predict, batch_config(settings), metrics, lifecycle.fail, admission.observe_batch
+            loaded.predict,
+            batch_config(settings, loaded.provider),
+            metrics,
+            lifecycle.fail,
+            admission.observe_batch,
         )
         decoder = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         app.state.lifecycle = lifecycle
@@ -92,7 +107,7 @@ def create_app(settings: Settings, model: OnnxModel | None = None) -> FastAPI:
             loaded, batcher, decoder, admission, metrics, classify_config(settings)
         )
         batcher.start()
-        warm_up = asyncio.create_task(_warm_up(loaded, batcher, admission, settings.max_batch_size))
+        warm_up = asyncio.create_task(_warm_up(loaded, batcher, admission))
         try:
             yield
         finally:
@@ -120,11 +135,10 @@ def create_app(settings: Settings, model: OnnxModel | None = None) -> FastAPI:
     return app
 
 
-async def _warm_up(
-    model: OnnxModel, batcher: Batcher, admission: Admission, max_batch_size: int
-) -> None:
-    # Batches are not padded, so every size 1..max_batch_size can occur and each is warmed.
-    sizes = list(range(1, max_batch_size + 1))
+async def _warm_up(model: OnnxModel, batcher: Batcher, admission: Admission) -> None:
+    # Every bucket is a shape the model will see: each is warmed before readiness.
+    sizes = list(batcher.config.buckets)
+    max_batch_size = sizes[-1]
     log.info("warming up", extra={"batch_sizes": sizes})
     try:
         await batcher.run_in_model_thread(partial(model.warm_up, sizes))

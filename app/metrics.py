@@ -55,6 +55,12 @@ class Metrics:
             buckets=BATCH_BUCKETS,
             registry=registry,
         )
+        self.padded_batch_size = Histogram(
+            "resnet_serve_padded_batch_size",
+            "Images per model call including padding up to the batch bucket",
+            buckets=BATCH_BUCKETS,
+            registry=registry,
+        )
         self.queue_depth = Gauge(
             "resnet_serve_queue_depth", "Images waiting for a batch", registry=registry
         )

@@ -38,6 +38,11 @@ class Settings(BaseSettings):
     graph_optimization: GraphOptimization = "all"
 
     max_batch_size: int = Field(8, ge=1, le=1024)
+    # Batch shapes the model runs, as a JSON list ending at max_batch_size (a batch is padded up
+    # to the next one). Default: every size 1..max_batch_size on the CPU, where a padded row
+    # costs as much as a real one; powers of two on CUDA, where few shapes mean few kernels
+    # to select and warm up (and one CUDA graph each).
+    batch_buckets: tuple[int, ...] | None = None
     # Work-conserving by default (as Triton's dynamic batcher): an idle model runs what is queued
     # now, and batches form while it is busy. A wait > 0 only holds a lone image back.
     max_wait_ms: float = Field(0.0, ge=0)
@@ -75,6 +80,15 @@ class Settings(BaseSettings):
                 f"max_request_pixels={self.max_request_pixels} must be at least "
                 f"max_image_pixels={self.max_image_pixels}"
             )
+        if self.batch_buckets is not None:
+            buckets = self.batch_buckets
+            if list(buckets) != sorted(set(buckets)) or buckets[0] < 1:
+                raise ValueError(f"batch_buckets={list(buckets)} must be ascending, unique, >= 1")
+            if buckets[-1] != self.max_batch_size:
+                raise ValueError(
+                    f"batch_buckets={list(buckets)} must end at "
+                    f"max_batch_size={self.max_batch_size}"
+                )
         unknown = sorted(set(self.allowed_formats) - set(DEFAULT_FORMATS))
         if unknown:
             raise ValueError(f"allowed_formats {unknown} are not among {list(DEFAULT_FORMATS)}")

@@ -3,11 +3,12 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
 
-from app.batcher import BatchConfig, Batcher
+from app.batcher import BatchConfig, Batcher, bucket_for
 from app.errors import DeadlineExceeded, InferenceFailed, Overloaded, ShuttingDown
 from app.metrics import Metrics
 
@@ -33,15 +34,16 @@ class Recorder:
         return self.fn(batch)
 
 
-def make_batcher(model: Callable[[np.ndarray], np.ndarray], **config: float) -> Batcher:
-    defaults: dict[str, float] = {
+def make_batcher(model: Callable[[np.ndarray], np.ndarray], **config: Any) -> Batcher:
+    values: dict[str, Any] = {
         "max_batch_size": 4,
         "max_wait_ms": 0.0,
         "max_queue_images": 256,
         "request_timeout_ms": 10_000.0,
         "retry_after_s": 1,
-    }
-    return Batcher(model, BatchConfig(**(defaults | config)), Metrics())  # type: ignore[arg-type]
+    } | config
+    values.setdefault("buckets", tuple(range(1, values["max_batch_size"] + 1)))
+    return Batcher(model, BatchConfig(**values), Metrics())
 
 
 async def test_full_batch_closes_without_waiting_for_the_deadline() -> None:
@@ -205,3 +207,23 @@ async def test_a_dead_batching_task_fails_every_waiter_and_reports_it() -> None:
     with pytest.raises(InferenceFailed, match="batching task died"):
         await batcher.submit([image(9)])
     await batcher.drain()
+
+
+async def test_batches_are_padded_to_their_bucket_and_padding_never_comes_back() -> None:
+    model = Recorder()
+    batcher = make_batcher(model, max_batch_size=8, buckets=(1, 4, 8))
+    batcher.start()
+    three = await batcher.submit([image(v) for v in (7, 8, 9)])
+    six = await batcher.submit([image(v) for v in range(10, 16)])
+    await batcher.drain()
+    assert [float(r[0]) for r in three] == [7, 8, 9]
+    assert [float(r[0]) for r in six] == list(range(10, 16))
+    # Padding rows are zero images, after the real ones.
+    assert model.batches == [[7, 8, 9, 0], [10, 11, 12, 13, 14, 15, 0, 0]]
+    registry = batcher.metrics.registry
+    assert registry.get_sample_value("resnet_serve_batch_size_sum") == 9
+    assert registry.get_sample_value("resnet_serve_padded_batch_size_sum") == 12
+
+
+def test_bucket_for_picks_the_smallest_that_fits() -> None:
+    assert [bucket_for(n, (1, 2, 4, 8)) for n in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]

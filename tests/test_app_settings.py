@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from app.main import batch_buckets
 from app.settings import Settings
 
 
@@ -33,8 +34,20 @@ def test_environment_with_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
         ("RESNET_SERVE_MAX_BATCH_SIZE", "0", "max_batch_size"),
         ("RESNET_SERVE_ALLOWED_FORMATS", '["PSD"]', "PSD"),
         ("RESNET_SERVE_MAX_QUEUE_IMAGES", "4", "max_images_per_request=16"),
+        ("RESNET_SERVE_BATCH_BUCKETS", "[1, 4, 2, 8]", "ascending"),
+        ("RESNET_SERVE_BATCH_BUCKETS", "[1, 2, 4]", "must end at max_batch_size=8"),
+        ("RESNET_SERVE_MAX_REQUEST_PIXELS", "1000", "max_image_pixels=40000000"),
     ],
-    ids=["misspelt-name", "unknown-provider", "zero-batch", "unknown-format", "queue-too-small"],
+    ids=[
+        "misspelt-name",
+        "unknown-provider",
+        "zero-batch",
+        "unknown-format",
+        "queue-too-small",
+        "buckets-unsorted",
+        "buckets-short",
+        "request-pixels-below-image",
+    ],
 )
 def test_bad_configuration_fails_loudly(
     monkeypatch: pytest.MonkeyPatch, name: str, value: str, fragment: str
@@ -42,3 +55,21 @@ def test_bad_configuration_fails_loudly(
     monkeypatch.setenv(name, value)
     with pytest.raises(ValidationError, match=fragment):
         Settings()
+
+
+@pytest.mark.parametrize(
+    ("provider", "given", "expected"),
+    [
+        ("CPUExecutionProvider", None, (1, 2, 3, 4, 5, 6)),
+        ("CUDAExecutionProvider", None, (1, 2, 4, 6)),
+        ("CUDAExecutionProvider", "[2, 6]", (2, 6)),
+    ],
+    ids=["cpu-every-size", "cuda-powers-of-two", "given"],
+)
+def test_batch_buckets(
+    monkeypatch: pytest.MonkeyPatch, provider: str, given: str | None, expected: tuple[int, ...]
+) -> None:
+    monkeypatch.setenv("RESNET_SERVE_MAX_BATCH_SIZE", "6")
+    if given is not None:
+        monkeypatch.setenv("RESNET_SERVE_BATCH_BUCKETS", given)
+    assert batch_buckets(Settings(), provider) == expected
