@@ -37,6 +37,7 @@ def session_config(settings: Settings) -> SessionConfig:
         providers=settings.providers,
         intra_op_threads=settings.intra_op_threads,
         spinning=settings.ort_spinning,
+        cuda_graphs=settings.cuda_graphs,
         graph_optimization=settings.graph_optimization,
     )
 
@@ -106,6 +107,7 @@ def create_app(settings: Settings, model: OnnxModel | None = None) -> FastAPI:
         app.state.classifier = Classifier(
             loaded, batcher, decoder, admission, metrics, classify_config(settings)
         )
+        loaded.bind(batcher.config.buckets)
         batcher.start()
         warm_up = asyncio.create_task(_warm_up(loaded, batcher, admission))
         try:

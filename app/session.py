@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from app.bound import BoundBuckets
 from core.contract import INPUT_NAME, OUTPUT_NAME, ModelMetadata
 from core.errors import ModelError
 
@@ -31,6 +32,7 @@ class SessionConfig:
     providers: str  # auto | cuda | cpu
     intra_op_threads: int  # 0: ONNX Runtime picks
     spinning: bool  # let ORT's threads busy-wait between runs
+    cuda_graphs: bool  # on CUDA: capture one graph per batch bucket at warm-up, replay it after
     graph_optimization: str
 
 
@@ -46,10 +48,14 @@ def choose_providers(requested: str, available: Sequence[str]) -> tuple[list[str
 
 
 class OnnxModel:
-    def __init__(self, session: ort.InferenceSession, metadata: ModelMetadata) -> None:
+    def __init__(
+        self, session: ort.InferenceSession, metadata: ModelMetadata, cuda_graphs: bool = False
+    ) -> None:
         self._session = session
         self.metadata = metadata
         self.provider: str = session.get_providers()[0]
+        self.cuda_graphs = cuda_graphs
+        self._bound: BoundBuckets | None = None
 
     @classmethod
     def load(cls, config: SessionConfig) -> OnnxModel:
@@ -64,24 +70,27 @@ class OnnxModel:
             reason = f"{CUDA} is installed but failed to initialise; see the onnxruntime log"
         metadata = ModelMetadata.from_props(session.get_modelmeta().custom_metadata_map)
         _check_graph(session, metadata)
-        model = cls(session, metadata)
+        model = cls(session, metadata, cuda_graphs=config.cuda_graphs)
         log.info("model loaded", extra={"provider": model.provider, "reason": reason})
         return model
 
+    def bind(self, buckets: Sequence[int]) -> None:
+        """Allocate each bucket's buffers once; from now on only bucket sizes may be run."""
+        self._bound = BoundBuckets(
+            self._session,
+            buckets,
+            self.metadata.recipe.crop_size,
+            self.metadata.num_classes,
+            device="cuda" if self.provider == CUDA else "cpu",
+            graphs=self.provider == CUDA and self.cuda_graphs,
+        )
+
     def predict(self, images: np.ndarray) -> np.ndarray:
         """uint8[N, S, S, 3] -> probabilities float32[N, C]."""
-        if self.provider == CUDA:
-            return self._predict_bound(images)
+        if self._bound is not None:
+            return self._bound.run(images)
         outputs = self._session.run([OUTPUT_NAME], {INPUT_NAME: images})
         return np.asarray(outputs[0])
-
-    def _predict_bound(self, images: np.ndarray) -> np.ndarray:
-        # One host->device copy of the uint8 batch; only the probabilities come back, not logits.
-        binding = self._session.io_binding()
-        binding.bind_cpu_input(INPUT_NAME, np.ascontiguousarray(images))
-        binding.bind_output(OUTPUT_NAME, "cpu")
-        self._session.run_with_iobinding(binding)
-        return np.asarray(binding.copy_outputs_to_cpu()[0])
 
     def warm_up(self, batch_sizes: Iterable[int]) -> None:
         # The first run of each shape pays for memory planning and kernel selection.
@@ -99,8 +108,11 @@ def _open_session(path: Path, providers: list[str], config: SessionConfig) -> or
         # Measured (issue 9): spinning threads took the CPU the decoders needed at saturation.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    # A captured graph replays fixed device buffers: app.bound binds one set per bucket.
+    cuda_options = {"enable_cuda_graph": "1"} if config.cuda_graphs else {}
+    chosen = [(p, cuda_options) if p == CUDA else (p, {}) for p in providers]
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        return ort.InferenceSession(str(path), sess_options=options, providers=chosen)
     except Exception as exc:  # ORT raises its own exception types, not importable uniformly
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot load ONNX model {path}: {first_line}") from exc

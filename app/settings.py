@@ -35,6 +35,7 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(0, ge=0, description="0 lets ONNX Runtime pick")
     # ORT's threads busy-wait between runs by default: that burns the cores decoding needs.
     ort_spinning: bool = False
+    cuda_graphs: bool = True  # CUDA only: one captured graph per batch bucket
     graph_optimization: GraphOptimization = "all"
 
     max_batch_size: int = Field(8, ge=1, le=1024)

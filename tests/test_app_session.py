@@ -106,3 +106,22 @@ def test_choose_providers(requested: str, available: list[str], expected: list[s
 def test_cuda_requested_but_unavailable_is_an_error() -> None:
     with pytest.raises(ModelError, match="providers=cuda but CUDAExecutionProvider"):
         choose_providers("cuda", [CPU])
+
+
+def test_bound_buckets_match_a_plain_run_and_keep_earlier_results(
+    make_settings: Callable[..., Settings],
+) -> None:
+    plain = OnnxModel.load(session_config(make_settings()))
+    bound = OnnxModel.load(session_config(make_settings()))
+    bound.bind([1, 2, 4])
+    rng = np.random.default_rng(0)
+    batches = [
+        rng.integers(0, 256, (n, CROP_SIZE, CROP_SIZE, 3), dtype=np.uint8) for n in (4, 1, 2)
+    ]
+    results = [bound.predict(batch) for batch in batches]
+    again = bound.predict(batches[0][::-1].copy())  # reuses bucket 4's buffers
+    for batch, result in zip(batches, results, strict=True):
+        np.testing.assert_allclose(result, plain.predict(batch), atol=1e-6)
+    np.testing.assert_allclose(again, plain.predict(batches[0][::-1].copy()), atol=1e-6)
+    with pytest.raises(ValueError, match=r"batch of 3 is not one of the buckets \[1, 2, 4\]"):
+        bound.predict(np.zeros((3, CROP_SIZE, CROP_SIZE, 3), np.uint8))

@@ -1,0 +1,79 @@
+"""Bound buffers: per batch bucket, input and output tensors allocated once, where the model runs.
+
+On CUDA they live on the device: a batch costs one host-to-device copy of its uint8 images and one
+copy back of its probabilities, and with ``cuda_graphs`` each bucket replays the CUDA graph captured
+at warm-up (one ``gpu_graph_id`` per bucket). On the CPU the same code runs on host buffers, which
+is how CI tests it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from core.contract import INPUT_NAME, OUTPUT_NAME
+
+
+@dataclass
+class _Slot:
+    images: ort.OrtValue
+    probabilities: ort.OrtValue
+    binding: ort.IOBinding
+    options: ort.RunOptions
+
+
+class BoundBuckets:
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        buckets: Sequence[int],
+        crop_size: int,
+        num_classes: int,
+        *,
+        device: str,
+        graphs: bool,
+    ) -> None:
+        self._session = session
+        self._slots = {
+            bucket: _slot(
+                session, bucket, crop_size, num_classes, device, graph_id if graphs else None
+            )
+            for graph_id, bucket in enumerate(buckets)
+        }
+
+    @property
+    def buckets(self) -> list[int]:
+        return list(self._slots)
+
+    def run(self, images: np.ndarray) -> np.ndarray:
+        """uint8[B, S, S, 3] -> float32[B, C] for a bucket size B (the batcher pads to one)."""
+        slot = self._slots.get(len(images))
+        if slot is None:
+            raise ValueError(f"a batch of {len(images)} is not one of the buckets {self.buckets}")
+        slot.images.update_inplace(np.ascontiguousarray(images))
+        self._session.run_with_iobinding(slot.binding, slot.options)
+        # A copy: the buffer is overwritten by this bucket's next batch.
+        return np.array(slot.probabilities.numpy(), copy=True)
+
+
+def _slot(
+    session: ort.InferenceSession,
+    bucket: int,
+    crop_size: int,
+    num_classes: int,
+    device: str,
+    graph_id: int | None,
+) -> _Slot:
+    shape_in, shape_out = (bucket, crop_size, crop_size, 3), (bucket, num_classes)
+    images = ort.OrtValue.ortvalue_from_shape_and_type(shape_in, np.uint8, device, 0)
+    probabilities = ort.OrtValue.ortvalue_from_shape_and_type(shape_out, np.float32, device, 0)
+    binding = session.io_binding()
+    binding.bind_ortvalue_input(INPUT_NAME, images)
+    binding.bind_ortvalue_output(OUTPUT_NAME, probabilities)
+    options = ort.RunOptions()
+    if graph_id is not None:
+        options.add_run_config_entry("gpu_graph_id", str(graph_id))
+    return _Slot(images, probabilities, binding, options)
