@@ -217,9 +217,9 @@ async def test_limits_per_element_and_per_request(serve: Serve) -> None:
 
 @asynccontextmanager
 async def running(
-    make_settings: Callable[..., Settings],
+    make_settings: Callable[..., Settings], **overrides: Any
 ) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
-    app = create_app(make_settings())
+    app = create_app(make_settings(**overrides))
     async with app.router.lifespan_context(app):
         await app.state.lifecycle.wait_warmed()
         transport = httpx.ASGITransport(app=app)
@@ -242,6 +242,14 @@ async def test_draining_refuses_at_the_door_with_retry_after(
         assert_error(response, 503, "shutting down")
         assert response.headers["retry-after"] == "1"
     assert live.status_code == 200
+
+
+async def test_past_the_deadline_is_504(make_settings: Callable[..., Settings]) -> None:
+    async with running(make_settings, request_timeout_ms=1e-6) as (app, client):
+        app.state.admission.seconds_per_image = 0.0  # admitted: the deadline is what fails it
+        body, headers = bytes_request(image_bytes(0))
+        response = await client.post(INFER, content=body, headers=headers)
+    assert_error(response, 504, "request_timeout_ms")
 
 
 async def test_metrics_label_by_route_template(serve: Serve) -> None:
