@@ -28,6 +28,7 @@ from app.oip.tensors import (
     wanted_outputs,
 )
 from app.service import Classifier, Image
+from app.uploads import UploadLimits
 from core.contract import INPUT_NAME, OUTPUT_NAME
 from core.errors import EmptyUpload, ServiceError
 
@@ -113,7 +114,7 @@ async def infer_version(
     return await _infer(request, classifier, limits)
 
 
-async def _infer(request: Request, classifier: Classifier, limits: UploadLimitsDep) -> Response:
+async def _infer(request: Request, classifier: Classifier, limits: UploadLimits) -> Response:
     body = await request.body()
     if not body:
         raise EmptyUpload("the request body is empty (0 bytes): send an inference request")

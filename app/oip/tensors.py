@@ -95,7 +95,7 @@ def wanted_outputs(request: InferenceRequest, num_classes: int) -> list[Wanted]:
     default = request.parameters.get("binary_data_output", False)
     if type(default) is not bool:
         raise InvalidParameter(f"binary_data_output={default!r} is not a boolean")
-    if request.outputs is None:
+    if not request.outputs:  # none named: every output (the one), as Triton answers
         return [Wanted(default, 0)]
     wanted = []
     for output in request.outputs:
