@@ -1,4 +1,8 @@
-"""One JSON error shape for every failure: ours, FastAPI's validation, Starlette's 404/405."""
+"""One JSON error shape for every failure: ours, FastAPI's validation, Starlette's 404/405.
+
+Under ``/v2`` the Open Inference Protocol's shape, ``{"error": "..."}``, replaces ours: its
+clients (tritonclient, kserve) read exactly that.
+"""
 
 from __future__ import annotations
 
@@ -18,10 +22,23 @@ log = logging.getLogger(__name__)
 
 
 def error_response(
-    status: int, code: str, message: str, headers: dict[str, str] | None = None
+    status: int,
+    code: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+    *,
+    path: str = "",
 ) -> JSONResponse:
-    body = {"error": {"code": code, "message": message, "request_id": request_id.get() or "-"}}
+    body: dict[str, Any] = {
+        "error": {"code": code, "message": message, "request_id": request_id.get() or "-"}
+    }
+    if is_protocol_path(path):
+        body = {"error": message}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def is_protocol_path(path: str) -> bool:
+    return path == "/v2" or path.startswith("/v2/")
 
 
 async def _service_error(request: Request, exc: Exception) -> JSONResponse:
@@ -30,7 +47,9 @@ async def _service_error(request: Request, exc: Exception) -> JSONResponse:
     # would cost the loop as much as serving.
     if exc.status_code == 500:
         log.warning("request failed", extra={"code": exc.code, "detail": exc.message})
-    return error_response(exc.status_code, exc.code, exc.message, exc.headers)
+    return error_response(
+        exc.status_code, exc.code, exc.message, exc.headers, path=request.url.path
+    )
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -38,7 +57,9 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     status = HTTPStatus(exc.status_code)
     code = status.phrase.lower().replace(" ", "_").replace("-", "_")
     message = exc.detail if exc.detail != status.phrase else _describe(request, status)
-    return error_response(exc.status_code, code, message, dict(exc.headers or {}))
+    return error_response(
+        exc.status_code, code, message, dict(exc.headers or {}), path=request.url.path
+    )
 
 
 def _describe(request: Request, status: HTTPStatus) -> str:
@@ -52,7 +73,7 @@ def _describe(request: Request, status: HTTPStatus) -> str:
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     message = "; ".join(_describe_validation(error) for error in exc.errors())
-    return error_response(422, "invalid_parameter", message)
+    return error_response(422, "invalid_parameter", message, path=request.url.path)
 
 
 def _describe_validation(error: dict[str, Any]) -> str:

@@ -113,5 +113,7 @@ class Intake:
 async def _refuse(error: ServiceError, scope: Scope, receive: Receive, send: Send) -> None:
     # The connection stays open: uvicorn discards the unread body in its C parser. Closing it
     # with body bytes unread makes the kernel reset it, and clients saw errors instead of 503s.
-    response = error_response(error.status_code, error.code, error.message, error.headers)
+    response = error_response(
+        error.status_code, error.code, error.message, error.headers, path=scope["path"]
+    )
     await response(scope, receive, send)

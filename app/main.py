@@ -22,6 +22,7 @@ from app.intake import Intake
 from app.lifecycle import Lifecycle
 from app.metrics import Metrics
 from app.middleware import RequestContext
+from app.oip.routes import router as oip_router
 from app.routes import router
 from app.service import Classifier, ClassifyConfig
 from app.session import CUDA, OnnxModel, SessionConfig
@@ -127,6 +128,7 @@ def create_app(settings: Settings, model: OnnxModel | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(oip_router)
     # The last added is outermost: the request context sees (and counts) the intake's refusals.
     app.add_middleware(
         Intake,

@@ -90,7 +90,9 @@ class RequestContext:
             # Logged with its traceback here; the client only learns that it was our fault.
             log.exception("unhandled error")
             if not started:
-                response = error_response(500, "internal_error", "internal server error")
+                response = error_response(
+                    500, "internal_error", "internal server error", path=scope["path"]
+                )
                 await response(scope, receive, send)
 
     def _record(self, scope: Scope, status: int, seconds: float) -> None:

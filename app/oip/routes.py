@@ -1,0 +1,171 @@
+"""The protocol's endpoints under /v2: thin translations to the Classifier that /predict uses.
+
+Health and readiness mean what /healthz and /readyz mean; infer requests are admitted at the
+door (app.intake) and bounded like /predict's; errors are ``{"error": "..."}`` (app.handlers).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+
+from app.deps import ClassifierDep, LifecycleDep, UploadLimitsDep
+from app.disconnect import unless_disconnected
+from app.intake import TICKET_KEY
+from app.oip.codec import HEADER_LENGTH, encode_response, parse_request
+from app.oip.schemas import (
+    ModelMetadataResponse,
+    ProtocolError,
+    ServerMetadataResponse,
+    TensorMetadata,
+)
+from app.oip.tensors import (
+    encoded_images,
+    output_tensor,
+    the_input,
+    uint8_crops,
+    wanted_outputs,
+)
+from app.service import Classifier, Image
+from app.uploads import UploadLimits
+from core.contract import INPUT_NAME, OUTPUT_NAME
+from core.errors import EmptyUpload, ServiceError
+
+PLATFORM = "onnxruntime_onnx"
+EXTENSIONS = ["binary_tensor_data", "classification"]
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ProtocolError} for status in (400, 404, 413, 415, 422, 500, 503, 504)
+}
+
+router = APIRouter(prefix="/v2", tags=["Open Inference Protocol"], responses=ERRORS)
+
+
+class UnknownModel(ServiceError):
+    status_code = 404
+    code = "model_not_found"
+
+
+@router.get("", response_model=ServerMetadataResponse, summary="Server metadata")
+async def server_metadata(request: Request) -> ServerMetadataResponse:
+    return ServerMetadataResponse(
+        name=request.app.title, version=request.app.version, extensions=EXTENSIONS
+    )
+
+
+@router.get("/health/live", summary="Liveness (as /healthz)")
+async def live() -> Response:
+    return Response()
+
+
+@router.get("/health/ready", summary="Readiness (as /readyz)")
+async def ready(lifecycle: LifecycleDep) -> Response:
+    lifecycle.check_admitting()
+    return Response()
+
+
+@router.get("/models/{model_name}", response_model=ModelMetadataResponse)
+async def model_metadata(model_name: str, classifier: ClassifierDep) -> ModelMetadataResponse:
+    return _describe(classifier, model_name, None)
+
+
+@router.get("/models/{model_name}/versions/{model_version}", response_model=ModelMetadataResponse)
+async def version_metadata(
+    model_name: str, model_version: str, classifier: ClassifierDep
+) -> ModelMetadataResponse:
+    return _describe(classifier, model_name, model_version)
+
+
+@router.get("/models/{model_name}/ready", summary="Model readiness (as /readyz)")
+async def model_ready(
+    model_name: str, classifier: ClassifierDep, lifecycle: LifecycleDep
+) -> Response:
+    _check_model(classifier, model_name, None)
+    lifecycle.check_admitting()
+    return Response()
+
+
+@router.get("/models/{model_name}/versions/{model_version}/ready", summary="Model readiness")
+async def version_ready(
+    model_name: str, model_version: str, classifier: ClassifierDep, lifecycle: LifecycleDep
+) -> Response:
+    _check_model(classifier, model_name, model_version)
+    lifecycle.check_admitting()
+    return Response()
+
+
+@router.post("/models/{model_name}/infer", summary="Inference (JSON or binary tensor data)")
+async def infer(
+    request: Request, model_name: str, classifier: ClassifierDep, limits: UploadLimitsDep
+) -> Response:
+    _check_model(classifier, model_name, None)
+    return await _infer(request, classifier, limits)
+
+
+@router.post("/models/{model_name}/versions/{model_version}/infer", summary="Inference")
+async def infer_version(
+    request: Request,
+    model_name: str,
+    model_version: str,
+    classifier: ClassifierDep,
+    limits: UploadLimitsDep,
+) -> Response:
+    _check_model(classifier, model_name, model_version)
+    return await _infer(request, classifier, limits)
+
+
+async def _infer(request: Request, classifier: Classifier, limits: UploadLimits) -> Response:
+    body = await request.body()
+    if not body:
+        raise EmptyUpload("the request body is empty (0 bytes): send an inference request")
+    inference, parts = parse_request(body, request.headers.get(HEADER_LENGTH))
+    spec, binary = the_input(inference, parts)
+    wanted = wanted_outputs(inference, classifier.metadata.num_classes)
+    ticket = getattr(request.state, TICKET_KEY, None)
+    if spec.datatype == "BYTES":
+        images = [Image(None, data) for data in encoded_images(spec, binary, limits)]
+        work = classifier.classify(images, ticket)
+    else:
+        crops = uint8_crops(spec, binary, classifier.metadata.recipe.crop_size, limits)
+        work = classifier.infer(crops, ticket)
+    probabilities = await unless_disconnected(request, work)
+    metadata = classifier.metadata
+    header: dict[str, Any] = {"model_name": metadata.name, "model_version": metadata.version}
+    if inference.id is not None:
+        header["id"] = inference.id
+    outputs = [output_tensor(classifier, probabilities, one) for one in wanted]
+    content, header_length = encode_response(header, outputs)
+    if header_length is None:
+        return Response(content, media_type="application/json")
+    return Response(
+        content,
+        media_type="application/octet-stream",
+        headers={HEADER_LENGTH: str(header_length)},
+    )
+
+
+def _check_model(classifier: Classifier, name: str, version: str | None) -> None:
+    metadata = classifier.metadata
+    if name != metadata.name:
+        raise UnknownModel(f"unknown model {name!r}: this server serves {metadata.name!r}")
+    if version is not None and version != metadata.version:
+        raise UnknownModel(
+            f"unknown version {version!r} of model {name!r}: "
+            f"this server serves version {metadata.version!r}"
+        )
+
+
+def _describe(classifier: Classifier, name: str, version: str | None) -> ModelMetadataResponse:
+    _check_model(classifier, name, version)
+    metadata = classifier.metadata
+    crop = metadata.recipe.crop_size
+    return ModelMetadataResponse(
+        name=metadata.name,
+        versions=[metadata.version],
+        platform=PLATFORM,
+        # The graph's input; BYTES [-1] of encoded images is accepted under the same name.
+        inputs=[TensorMetadata(name=INPUT_NAME, datatype="UINT8", shape=[-1, crop, crop, 3])],
+        outputs=[
+            TensorMetadata(name=OUTPUT_NAME, datatype="FP32", shape=[-1, metadata.num_classes])
+        ],
+    )

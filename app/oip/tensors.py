@@ -1,0 +1,175 @@
+"""Protocol tensors <-> the classifier's inputs and answers, under the same limits as /predict.
+
+The model's one input takes two datatypes, as OpenVINO Model Server does: BYTES ``[N]`` of
+encoded images (decoded by our preprocessing) or UINT8 ``[N, S, S, 3]`` of preprocessed crops.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+
+import numpy as np
+
+from app.errors import InvalidParameter
+from app.oip.codec import OutputTensor, split_bytes
+from app.oip.schemas import InferenceRequest, RequestInput
+from app.service import Classifier
+from app.uploads import UploadLimits
+from core.contract import INPUT_NAME, OUTPUT_NAME
+from core.errors import BadRequest, EmptyUpload, PayloadTooLarge
+
+INPUT_DATATYPES = ("BYTES", "UINT8")
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """One output the request asked for: binary or JSON, and ``classification`` top-k or all."""
+
+    binary: bool
+    classification: int
+
+
+def the_input(
+    request: InferenceRequest, parts: list[bytes | None]
+) -> tuple[RequestInput, bytes | None]:
+    """The request's one input and its binary data, checked against the model's input."""
+    if len(request.inputs) != 1:
+        raise BadRequest(
+            f"the model takes exactly 1 input ({INPUT_NAME!r}), got {len(request.inputs)}"
+        )
+    spec = request.inputs[0]
+    if spec.name != INPUT_NAME:
+        raise BadRequest(f"unknown input {spec.name!r}: the model's input is {INPUT_NAME!r}")
+    if spec.datatype not in INPUT_DATATYPES:
+        raise BadRequest(
+            f"input {spec.name!r}: datatype {spec.datatype!r} is not one of {INPUT_DATATYPES}"
+        )
+    if parts[0] is not None and spec.data is not None:
+        raise BadRequest(f"input {spec.name!r} has both data and binary_data_size")
+    return spec, parts[0]
+
+
+def encoded_images(spec: RequestInput, binary: bytes | None, limits: UploadLimits) -> list[bytes]:
+    """BYTES ``[N]``: binary elements, or JSON strings holding base64 (JSON cannot carry bytes)."""
+    if len(spec.shape) != 1:
+        raise BadRequest(f"input {spec.name!r}: BYTES takes shape [N], got {spec.shape}")
+    _check_count(spec, limits)
+    what = f"input {spec.name!r}"
+    elements = split_bytes(binary, what) if binary is not None else _base64(spec)
+    if len(elements) != spec.shape[0]:
+        raise BadRequest(f"{what}: shape {spec.shape} but {len(elements)} elements were sent")
+    for index, element in enumerate(elements):
+        if not element:
+            raise EmptyUpload(f"{what}: element {index} is empty (0 bytes)")
+        if len(element) > limits.max_image_bytes:
+            raise PayloadTooLarge(
+                f"{what}: element {index} has {len(element)} bytes, "
+                f"over max_image_bytes={limits.max_image_bytes}"
+            )
+    return elements
+
+
+def uint8_crops(
+    spec: RequestInput, binary: bytes | None, crop_size: int, limits: UploadLimits
+) -> list[np.ndarray]:
+    """UINT8 ``[N, S, S, 3]`` RGB crops, channels last, as the model takes them."""
+    expected = [crop_size, crop_size, 3]
+    if len(spec.shape) != 4 or spec.shape[1:] != expected:
+        raise BadRequest(
+            f"input {spec.name!r}: UINT8 takes shape [N, {crop_size}, {crop_size}, 3], "
+            f"got {spec.shape}"
+        )
+    _check_count(spec, limits)
+    size = int(np.prod(spec.shape))
+    values = np.frombuffer(binary, np.uint8) if binary is not None else _json_uint8(spec)
+    if values.size != size:
+        raise BadRequest(
+            f"input {spec.name!r}: shape {spec.shape} needs {size} values, got {values.size}"
+        )
+    return list(values.reshape(spec.shape))
+
+
+def wanted_outputs(request: InferenceRequest, num_classes: int) -> list[Wanted]:
+    default = request.parameters.get("binary_data_output", False)
+    if type(default) is not bool:
+        raise InvalidParameter(f"binary_data_output={default!r} is not a boolean")
+    if not request.outputs:  # none named: every output (the one), as Triton answers
+        return [Wanted(default, 0)]
+    wanted = []
+    for output in request.outputs:
+        if output.name != OUTPUT_NAME:
+            raise BadRequest(
+                f"unknown output {output.name!r}: the model's output is {OUTPUT_NAME!r}"
+            )
+        binary = output.parameters.get("binary_data", default)
+        k = output.parameters.get("classification", 0)
+        if type(binary) is not bool:
+            raise InvalidParameter(
+                f"output {output.name!r}: binary_data={binary!r} is not a boolean"
+            )
+        if type(k) is not int or not 0 <= k <= num_classes:
+            raise InvalidParameter(
+                f"output {output.name!r}: classification={k!r} is out of range 0..{num_classes} "
+                "(the classes)"
+            )
+        wanted.append(Wanted(binary, k))
+    return wanted
+
+
+def output_tensor(
+    classifier: Classifier, probabilities: list[np.ndarray], wanted: Wanted
+) -> OutputTensor:
+    if not wanted.classification:
+        values = np.stack(probabilities).astype(np.float32, copy=False)
+        return OutputTensor(OUTPUT_NAME, "FP32", values, wanted.binary)
+    # Triton's classification format, "score:index:label", the score as C's "%f".
+    rows = [
+        [
+            f"{p.score:f}:{p.class_id}:{p.label}".encode()
+            for p in classifier.top_k(row, wanted.classification)
+        ]
+        for row in probabilities
+    ]
+    return OutputTensor(OUTPUT_NAME, "BYTES", np.array(rows, dtype=object), wanted.binary)
+
+
+def _check_count(spec: RequestInput, limits: UploadLimits) -> None:
+    count, limit = spec.shape[0], limits.max_images_per_request
+    if not 1 <= count <= limit:
+        raise BadRequest(
+            f"input {spec.name!r}: {count} images, the limit is 1..{limit} "
+            f"(max_images_per_request={limit})"
+        )
+
+
+def _base64(spec: RequestInput) -> list[bytes]:
+    if spec.data is None:
+        raise BadRequest(f"input {spec.name!r} has neither data nor binary_data_size")
+    elements = []
+    for index, item in enumerate(spec.data):
+        try:
+            if not isinstance(item, str):
+                raise TypeError(type(item).__name__)
+            elements.append(base64.b64decode(item, validate=True))
+        except (TypeError, binascii.Error) as exc:
+            raise BadRequest(
+                f"input {spec.name!r}: element {index} is not a base64 string ({exc}); "
+                "send images as binary data, or base64 text in JSON"
+            ) from None
+    return elements
+
+
+def _json_uint8(spec: RequestInput) -> np.ndarray:
+    if spec.data is None:
+        raise BadRequest(f"input {spec.name!r} has neither data nor binary_data_size")
+    try:
+        values = np.asarray(spec.data)
+    except ValueError as exc:  # ragged nesting
+        raise BadRequest(f"input {spec.name!r}: data is not a regular array ({exc})") from None
+    if values.dtype.kind not in "iu" or (
+        values.size and not 0 <= values.min() <= values.max() <= 255
+    ):
+        raise BadRequest(f"input {spec.name!r}: UINT8 data must be integers 0..255")
+    return values.astype(np.uint8).ravel()
