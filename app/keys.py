@@ -7,6 +7,7 @@ logged, only their count.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import os
@@ -60,26 +61,28 @@ class KeyFile:
         self.name = name
         self.check_interval_s = check_interval_s
         self.clock = clock
-        self._keys, self._signature = self._read()
+        self._digests, self._signature = self._read()
         self._next_check = clock() + check_interval_s
         self._log_loaded()
 
     @property
     def count(self) -> int:
-        return len(self._keys)
+        return len(self._digests)
 
     def matches(self, candidate: bytes) -> bool:
         """Constant time per key, and every key is compared: no early exit on a match."""
         self._check_for_change()
+        # Digests are all one length: compare_digest's time then says nothing of a key's length.
+        digest = hashlib.sha256(candidate).digest()
         found = False
-        for key in self._keys:
-            found |= hmac.compare_digest(key, candidate)
+        for key in self._digests:
+            found |= hmac.compare_digest(key, digest)
         return found
 
     def reload(self) -> None:
         """Re-read now. A file that is unreadable or holds no keys keeps the current keys in use."""
         try:
-            self._keys, self._signature = self._read()
+            self._digests, self._signature = self._read()
         except KeyFileError as exc:
             log.warning(
                 "api keys not reloaded; the previous keys stay in use",
@@ -112,14 +115,15 @@ class KeyFile:
         except UnicodeDecodeError:
             # The exception's own text would quote a byte of the file.
             raise KeyFileError(f"{self._source} is not UTF-8 text") from None
-        return parse_keys(text, self._source), signature
+        digests = tuple(hashlib.sha256(key).digest() for key in parse_keys(text, self._source))
+        return digests, signature
 
     @property
     def _source(self) -> str:
         return f"the {self.name} key file {self.path}"
 
     def _log_loaded(self) -> None:
-        log.info("api keys loaded", extra={"key_set": self.name, "keys": len(self._keys)})
+        log.info("api keys loaded", extra={"key_set": self.name, "keys": self.count})
 
 
 def _signature(stat: os.stat_result) -> Signature:

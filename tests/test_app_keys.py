@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 from pathlib import Path
@@ -144,3 +145,21 @@ def test_reload_reads_now_without_waiting_for_the_interval(tmp_path: Path) -> No
     keys.reload()
     assert keys.matches(b"after-reload")
     assert not keys.matches(b"before")
+
+
+def test_every_key_is_compared_with_compare_digest_even_after_a_match(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keys = KeyFile(write(tmp_path / "keys", "first\nsecond\nthird\n"), "api")
+    calls: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", spy)
+    assert keys.matches(b"first")
+    # Digests of one length: the comparison's time does not depend on the key's length.
+    assert len(calls) == 3
+    assert {len(a) for a, _ in calls} | {len(b) for _, b in calls} == {32}
