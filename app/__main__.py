@@ -29,7 +29,9 @@ class _Server(uvicorn.Server):
         self._app = app
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
-        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._reload_keys)
+        # Only with keys to re-read: otherwise SIGHUP (a closed terminal) still ends the server.
+        if self._app.state.key_files:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._reload_keys)
         await super().serve(sockets)
 
     def _reload_keys(self) -> None:
