@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
+import socket
 import sys
 from types import FrameType
 
@@ -10,6 +12,7 @@ import uvicorn
 from fastapi import FastAPI
 from pydantic import ValidationError
 
+from app.keys import KeyFileError
 from app.logs import configure_logging
 from app.main import create_app, session_config
 from app.session import OnnxModel
@@ -18,11 +21,22 @@ from core.errors import ModelError
 
 
 class _Server(uvicorn.Server):
-    """Turns readiness to 503 the moment a stop signal arrives, before uvicorn starts draining."""
+    """Turns readiness to 503 the moment a stop signal arrives, before uvicorn starts draining;
+    re-reads the key files on SIGHUP."""
 
     def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
         super().__init__(config)
         self._app = app
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        # Only with keys to re-read: otherwise SIGHUP (a closed terminal) still ends the server.
+        if self._app.state.key_files:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._reload_keys)
+        await super().serve(sockets)
+
+    def _reload_keys(self) -> None:
+        for keys in self._app.state.key_files.values():
+            keys.reload()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         lifecycle = getattr(self._app.state, "lifecycle", None)
@@ -48,7 +62,11 @@ def main() -> int:
     except ModelError as exc:
         print(f"resnet-serve: {exc}", file=sys.stderr)
         return 1
-    app = create_app(settings, model)
+    try:
+        app = create_app(settings, model)
+    except KeyFileError as exc:
+        print(f"resnet-serve: {exc}", file=sys.stderr)
+        return 1
     config = uvicorn.Config(
         app,
         host=settings.host,

@@ -16,9 +16,11 @@ from functools import partial
 from fastapi import FastAPI
 
 from app.admission import Admission, AdmissionConfig
+from app.auth import RequireKey
 from app.batcher import BatchConfig, Batcher
 from app.handlers import install_error_handlers
 from app.intake import Intake
+from app.keys import KeyFile
 from app.lifecycle import Lifecycle
 from app.metrics import Metrics
 from app.middleware import RequestContext
@@ -82,8 +84,18 @@ def classify_config(settings: Settings) -> ClassifyConfig:
     )
 
 
+def key_files(settings: Settings) -> dict[str, KeyFile]:
+    """The configured key sets by name, each read now (raises KeyFileError)."""
+    paths = {"api": settings.api_keys_file, "metrics": settings.metrics_api_keys_file}
+    return {name: KeyFile(path, name) for name, path in paths.items() if path is not None}
+
+
 def create_app(settings: Settings, model: OnnxModel | None = None) -> FastAPI:
-    """``model``: an already opened session (``python -m app`` opens it first to fail fast)."""
+    """``model``: an already opened session (``python -m app`` opens it first to fail fast).
+
+    Raises KeyFileError for a configured key file that cannot be used.
+    """
+    keys = key_files(settings)
     metrics = Metrics()
 
     @asynccontextmanager
@@ -122,6 +134,7 @@ def create_app(settings: Settings, model: OnnxModel | None = None) -> FastAPI:
 
     app = FastAPI(title="resnet-serve", version="0.1.0", lifespan=lifespan)
     app.state.metrics = metrics
+    app.state.key_files = keys
     app.state.upload_limits = UploadLimits(
         max_image_bytes=settings.max_image_bytes,
         max_images_per_request=settings.max_images_per_request,
@@ -129,11 +142,15 @@ def create_app(settings: Settings, model: OnnxModel | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(oip_router)
-    # The last added is outermost: the request context sees (and counts) the intake's refusals.
+    # The last added is outermost: the request context sees (and counts) the intake's refusals;
+    # keys are checked before the intake admits a request or reads its body.
     app.add_middleware(
         Intake,
         max_request_bytes=settings.max_request_bytes,
         upload_timeout_ms=settings.upload_timeout_ms,
+    )
+    app.add_middleware(
+        RequireKey, api_keys=keys.get("api"), metrics_keys=keys.get("metrics"), metrics=metrics
     )
     app.add_middleware(RequestContext, metrics=metrics)
     return app

@@ -70,6 +70,12 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
+        self.auth_refused = Counter(
+            "resnet_serve_auth_refused",
+            "Requests refused for a missing, empty, too long or invalid API key, by reason",
+            ["reason"],
+            registry=registry,
+        )
         self.pending_images = Gauge(
             "resnet_serve_pending_images",
             "Images admitted (body read) and not finished: decoding, queued or computing",

@@ -22,8 +22,10 @@ _SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # Unique per process and cheap: uuid4 (a getrandom call each) showed up in overload profiles.
 _ID_PREFIX = os.urandom(6).hex() + "-"
 _ID_COUNTER = itertools.count(1)
-# Refusals under overload come by the thousand per second: one line per second stands for them.
+# Refusals under overload (503) or from a key guesser (401) come by the thousand per second: one
+# line per second, per status, stands for them.
 REFUSAL_LOG_INTERVAL_S = 1.0
+SAMPLED_STATUSES = (401, 503)
 
 
 class _Sampler:
@@ -48,7 +50,7 @@ class RequestContext:
     def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
-        self._refusals = _Sampler(REFUSAL_LOG_INTERVAL_S)
+        self._refusals = {status: _Sampler(REFUSAL_LOG_INTERVAL_S) for status in SAMPLED_STATUSES}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -106,8 +108,8 @@ class RequestContext:
             "status": status,
             "duration_ms": round(seconds * 1000, 2),
         }
-        if status == 503:
-            held_back = self._refusals.take(time.monotonic())
+        if status in self._refusals:
+            held_back = self._refusals[status].take(time.monotonic())
             if held_back is None:
                 return
             extra["similar_not_logged"] = held_back

@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     host: str = "0.0.0.0"
     port: int = Field(8000, ge=0, le=65535)
     log_level: LogLevel = "info"
+    # Files of keys, one per line (app.keys): set, they guard inference and /v1/model, or /metrics.
+    api_keys_file: Path | None = None
+    metrics_api_keys_file: Path | None = None
 
     providers: Providers = "auto"
     intra_op_threads: int = Field(0, ge=0, description="0 lets ONNX Runtime pick")

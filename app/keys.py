@@ -1,0 +1,131 @@
+"""API keys from a file: one per line, blank lines and ``#`` comments ignored; rotated live.
+
+The file is re-read when it changes (its size, mtime or inode, looked at once per
+``check_interval_s`` at most, on the request path) and on ``reload()`` (SIGHUP). Keys are never
+logged, only their count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# Longer presented keys are refused before any comparison: bounds the work an attacker can ask for.
+MAX_KEY_BYTES = 256
+CHECK_INTERVAL_S = 1.0
+# Visible ASCII: what a header carries unchanged through every client, proxy and shell.
+_PRINTABLE = range(0x21, 0x7F)
+
+Signature = tuple[int, int, int]
+
+
+class KeyFileError(Exception):
+    """A key file that cannot be used at start-up: one line for the operator, never a key."""
+
+
+def parse_keys(text: str, source: str) -> tuple[bytes, ...]:
+    keys = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        key = line.strip()
+        if not key or key.startswith("#"):
+            continue
+        raw = key.encode()
+        if len(raw) > MAX_KEY_BYTES:
+            raise KeyFileError(f"{source} line {number}: key longer than {MAX_KEY_BYTES} bytes")
+        if any(byte not in _PRINTABLE for byte in raw):
+            raise KeyFileError(f"{source} line {number}: key has a space or non-ASCII character")
+        keys.append(raw)
+    if not keys:
+        raise KeyFileError(f"{source} holds no keys")
+    return tuple(dict.fromkeys(keys))
+
+
+class KeyFile:
+    def __init__(
+        self,
+        path: Path,
+        name: str,
+        *,
+        check_interval_s: float = CHECK_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``name`` says which key set this is in logs ("api", "metrics"). Raises KeyFileError."""
+        self.path = path
+        self.name = name
+        self.check_interval_s = check_interval_s
+        self.clock = clock
+        self._digests, self._signature = self._read()
+        self._next_check = clock() + check_interval_s
+        self._log_loaded()
+
+    @property
+    def count(self) -> int:
+        return len(self._digests)
+
+    def matches(self, candidate: bytes) -> bool:
+        """Constant time per key, and every key is compared: no early exit on a match."""
+        self._check_for_change()
+        # Digests are all one length: compare_digest's time then says nothing of a key's length.
+        digest = hashlib.sha256(candidate).digest()
+        found = False
+        for key in self._digests:
+            found |= hmac.compare_digest(key, digest)
+        return found
+
+    def reload(self) -> None:
+        """Re-read now. A file that is unreadable or holds no keys keeps the current keys in use."""
+        try:
+            self._digests, self._signature = self._read()
+        except KeyFileError as exc:
+            log.warning(
+                "api keys not reloaded; the previous keys stay in use",
+                extra={"key_set": self.name, "reason": str(exc)},
+            )
+            return
+        self._log_loaded()
+
+    def _check_for_change(self) -> None:
+        now = self.clock()
+        if now < self._next_check:
+            return
+        self._next_check = now + self.check_interval_s
+        try:
+            signature = _signature(os.stat(self.path))
+        except OSError:
+            signature = (0, 0, 0)
+        if signature != self._signature:
+            # Remembered even if the reload fails: a bad file is reported once, not every second.
+            self._signature = signature
+            self.reload()
+
+    def _read(self) -> tuple[tuple[bytes, ...], Signature]:
+        try:
+            with self.path.open(encoding="utf-8") as file:
+                signature = _signature(os.fstat(file.fileno()))
+                text = file.read()
+        except OSError as exc:
+            raise KeyFileError(f"cannot read {self._source}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            # The exception's own text would quote a byte of the file.
+            raise KeyFileError(f"{self._source} is not UTF-8 text") from None
+        digests = tuple(hashlib.sha256(key).digest() for key in parse_keys(text, self._source))
+        return digests, signature
+
+    @property
+    def _source(self) -> str:
+        return f"the {self.name} key file {self.path}"
+
+    def _log_loaded(self) -> None:
+        log.info("api keys loaded", extra={"key_set": self.name, "keys": self.count})
+
+
+def _signature(stat: os.stat_result) -> Signature:
+    # The inode catches Kubernetes' Secret updates, which swap a symlink to a new file.
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
