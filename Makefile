@@ -34,6 +34,7 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/yamllint --strict .
 
 test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

