@@ -4,7 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # CPU wheel pinned: an unpinned torch pulls gigabytes of CUDA packages. Override on GPU hosts.
 TORCH ?= torch==2.13.0
-EXTRAS ?= cpu,train,dev,bench
+# Every other package: pinned with hashes (requirements/lock.sh regenerates the locks from pyproject.toml).
+LOCK ?= requirements/dev.txt
+UV_VERSION ?= 0.13.9
 MODEL ?= artifacts/model.onnx
 PYTEST_ARGS ?=
 # The peer servers of benchmarks/peers: their own venv, never needed by run or test.
@@ -15,12 +17,16 @@ BENCH := artifacts/bench/resnet50-random
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
-	@echo "==> creating $(VENV) and installing resnet-serve[$(EXTRAS)] (first run: a few minutes)"
+$(VENV)/.installed: pyproject.toml $(LOCK)
+	@echo "==> creating $(VENV) from $(LOCK) (hash-checked pins) + $(TORCH)"
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --upgrade --progress-bar on pip
-	$(BIN)/python -m pip install --progress-bar on "$(TORCH)"
-	$(BIN)/python -m pip install --progress-bar on -e ".[$(EXTRAS)]"
+	$(BIN)/python -m pip install --progress-bar off "uv==$(UV_VERSION)"
+	$(BIN)/uv pip install --python $(BIN)/python --require-hashes -r $(LOCK)
+	@# torch is not in the lock (CPU or CUDA build is the host's choice); its dependencies are, so pip
+	@# adds torch alone. Here pip finds the local CPU wheel through its find-links configuration.
+	$(BIN)/python -m pip install --progress-bar off "$(TORCH)"
+	$(BIN)/uv pip install --python $(BIN)/python --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip check
 	@touch $@
 
 build: venv
