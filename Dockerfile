@@ -1,11 +1,13 @@
 # resnet-serve images, one Dockerfile, BuildKit required (Docker >= 20.10). Targets:
 #   builder  CPU torch + exporters; trains the built-in digits demo and exports /models/model.onnx at build time
+#   model    the ONNX file alone (/models/model.onnx, nothing else); its command copies it to /target
 #   cpu      API on ONNX Runtime (CPU)
 #   gpu      API on ONNX Runtime (CUDA); CUDA and cuDNN come as pip wheels, the host needs only the NVIDIA driver
 # Runtime images hold no model and no torch: they read RESNET_SERVE_MODEL_PATH (default /models/model.onnx),
-# which docker-compose.yml fills from the builder. Build one target:
+# which docker-compose.yml (and deploy/k8s) fill from the model image. Python packages are installed from the
+# hashed locks in requirements/. Build one target:
 #   docker build --target cpu -t resnet-serve:cpu .
-# Behind a TLS-intercepting proxy, give pip the host's CA bundle:
+# Behind a TLS-intercepting proxy (only there), give pip the host's CA bundle:
 #   --secret id=cacert,src=/etc/ssl/certs/ca-certificates.crt
 # Local wheels (an offline CPU torch) for the builder:
 #   docker buildx build --build-context wheels=/opt/wheels ...      (BuildKit >= 0.10: replaces the stage below)
@@ -47,27 +49,26 @@ COPY model/ model/
 RUN --mount=type=secret,id=cacert --mount=type=cache,target=/root/.cache/pip,sharing=locked \
     pip-with-cacert wheel --no-deps --wheel-dir /dist .
 
-# Dependencies per target, read from pyproject.toml alone so that they stay cached across source edits.
+# Dependencies per target from their lock alone (pinned, hash-checked), cached across source edits.
 FROM venv AS deps-cpu
-RUN --mount=type=bind,source=pyproject.toml,target=/tmp/pyproject.toml \
-    --mount=type=bind,source=docker/requirements.py,target=/tmp/requirements.py \
+RUN --mount=type=bind,source=requirements/serve-cpu.txt,target=/tmp/requirements.txt \
     --mount=type=secret,id=cacert --mount=type=cache,target=/root/.cache/pip,sharing=locked \
-    python3 /tmp/requirements.py /tmp/pyproject.toml cpu >/tmp/requirements.txt \
- && pip-with-cacert install -r /tmp/requirements.txt \
+    pip-with-cacert install --require-hashes --no-deps -r /tmp/requirements.txt \
  && pip uninstall -y setuptools
 
 FROM venv AS deps-gpu
-RUN --mount=type=bind,source=pyproject.toml,target=/tmp/pyproject.toml \
-    --mount=type=bind,source=docker/requirements.py,target=/tmp/requirements.py \
+RUN --mount=type=bind,source=requirements/serve-gpu.txt,target=/tmp/requirements.txt \
     --mount=type=secret,id=cacert --mount=type=cache,target=/root/.cache/pip,sharing=locked \
-    python3 /tmp/requirements.py /tmp/pyproject.toml gpu >/tmp/requirements.txt \
- && pip-with-cacert install -r /tmp/requirements.txt \
+    pip-with-cacert install --require-hashes --no-deps -r /tmp/requirements.txt \
  && pip uninstall -y setuptools
 
-# Training and export: CPU torch first (pinned), then the rest of `train` plus ONNX Runtime for verification.
+# Training and export: the `train` lock (torch's own dependencies included), then CPU torch itself, pinned.
 FROM venv AS builder
 ARG TORCH_VERSION=2.13.0+cpu
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+RUN --mount=type=bind,source=requirements/build.txt,target=/tmp/requirements.txt \
+    --mount=type=secret,id=cacert --mount=type=cache,target=/root/.cache/pip,sharing=locked \
+    pip-with-cacert install --require-hashes --no-deps -r /tmp/requirements.txt
 RUN --mount=type=bind,from=wheels,target=/wheels \
     --mount=type=secret,id=cacert --mount=type=cache,target=/root/.cache/pip,sharing=locked \
     if [ -n "$(find /wheels -maxdepth 1 -name 'torch-*.whl')" ]; then \
@@ -75,12 +76,8 @@ RUN --mount=type=bind,from=wheels,target=/wheels \
     else \
       export PIP_INDEX_URL="$TORCH_INDEX_URL"; \
     fi \
- && pip-with-cacert install "torch==${TORCH_VERSION}"
-RUN --mount=type=bind,source=pyproject.toml,target=/tmp/pyproject.toml \
-    --mount=type=bind,source=docker/requirements.py,target=/tmp/requirements.py \
-    --mount=type=secret,id=cacert --mount=type=cache,target=/root/.cache/pip,sharing=locked \
-    python3 /tmp/requirements.py /tmp/pyproject.toml cpu train >/tmp/requirements.txt \
- && pip-with-cacert install -r /tmp/requirements.txt
+ && pip-with-cacert install --no-deps "torch==${TORCH_VERSION}" \
+ && pip check
 # Only the sources `model` imports, not the installed project: editing the server must not retrain the model.
 WORKDIR /opt/resnet-serve
 COPY core/ core/
@@ -88,9 +85,19 @@ COPY model/ model/
 ENV PYTHONPATH=/opt/resnet-serve
 RUN install -d -o 10001 -g 10001 /models
 USER 10001:10001
-# Cached by `model build` itself: running it again (the compose one-shot service) is a no-op.
-RUN python -m model build --out /models/model.onnx
+# fp32 for CPUs; fp16 for the GPU image's model (deploy/k8s/overlays/gpu). Checkpoints stay in this stage.
+ARG MODEL_PRECISION=fp32
+RUN python -m model build --precision "$MODEL_PRECISION" --out /models/model.onnx
 CMD ["python", "-m", "model", "build", "--out", "/models/model.onnx"]
+
+# What serving needs of the builder, and nothing else: a copy of this image's /models is all a fresh volume
+# (compose) or an init container (Kubernetes) gets. The command copies the file into a volume at /target,
+# beside-then-rename, so a reader sees the old file or the new one, never half of one.
+FROM ${BASE_IMAGE} AS model
+COPY --from=builder --chown=10001:10001 /models/model.onnx /models/model.onnx
+RUN install -d -o 10001 -g 10001 /target
+USER 10001:10001
+CMD ["sh", "-c", "cp /models/model.onnx /target/.model.onnx.tmp && mv -f /target/.model.onnx.tmp /target/model.onnx"]
 
 FROM python AS cpu
 COPY --from=deps-cpu /opt/venv /opt/venv
