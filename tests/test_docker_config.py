@@ -1,0 +1,44 @@
+"""The compose stack's health checks, load balancer and scrape config point at the app's real paths
+and port (the stack itself runs in `make docker-test`, which needs Docker)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+
+from app.main import create_app
+from app.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+PORT = Settings().port
+
+
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def test_api_healthcheck_probes_readiness() -> None:
+    paths = set(create_app(Settings()).openapi()["paths"])
+    api = compose()["services"]["api"]
+    assert api["healthcheck"]["test"][-1] == "/readyz"
+    assert "/readyz" in paths
+    assert api["expose"] == [str(PORT)]
+
+
+def test_load_balancer_checks_readiness_on_the_app_port() -> None:
+    config = (ROOT / "docker" / "haproxy.cfg").read_text()
+    assert re.search(r"option httpchk GET /readyz\n", config)
+    assert re.search(rf"server-template api \d+-\d+ api:{PORT}\n", config)
+    ports = compose()["services"]["lb"]["ports"]
+    assert all(port.endswith(f":{PORT}") for port in ports)
+
+
+def test_prometheus_discovers_every_api_replica() -> None:
+    config = yaml.safe_load((ROOT / "docker" / "prometheus.yml").read_text())
+    (job,) = config["scrape_configs"]
+    assert job["metrics_path"] == "/metrics"
+    assert job["dns_sd_configs"] == [
+        {"names": ["api"], "type": "A", "port": PORT, "refresh_interval": "5s"}
+    ]
