@@ -28,6 +28,8 @@ export RESNET_DOCKER_PUBLISH_ADDR=127.0.0.1
 export RESNET_DOCKER_API_PORT=${RESNET_DOCKER_API_PORT:-18000}
 export RESNET_DOCKER_PROMETHEUS_PORT=${RESNET_DOCKER_PROMETHEUS_PORT:-19090}
 export DOCKER_BUILDKIT=1
+# Without buildx, compose 2.40 warns that it cannot build through Bake and uses the engine's BuildKit itself.
+export COMPOSE_BAKE=false
 api=http://127.0.0.1:$RESNET_DOCKER_API_PORT
 replicas=2
 prometheus=http://127.0.0.1:$RESNET_DOCKER_PROMETHEUS_PORT
