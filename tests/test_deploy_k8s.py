@@ -65,7 +65,8 @@ def pod_specs(targets: list[str] = TARGETS) -> Iterator[tuple[str, dict[str, Any
 
 
 def api_container(pod: dict[str, Any]) -> dict[str, Any]:
-    (container,) = [c for c in pod["containers"] if c["name"] in ("api", "kserve-container")]
+    containers: list[dict[str, Any]] = pod["containers"]
+    (container,) = [c for c in containers if c["name"] in ("api", "kserve-container")]
     return container
 
 
