@@ -45,6 +45,7 @@ FROM venv AS dist
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY app/ app/
+COPY core/ core/
 COPY model/ model/
 RUN --mount=type=secret,id=cacert --mount=type=cache,target=/root/.cache/pip,sharing=locked \
     pip-with-cacert wheel --no-deps --wheel-dir /dist .
