@@ -93,7 +93,8 @@ if [ -z "$wheels" ] && [ -d /opt/wheels ]; then
 fi
 if [ -n "$wheels" ]; then
   step "local wheels from $wheels (image resnet-serve-wheels:local)"
-  "$DOCKER" build --quiet --tag resnet-serve-wheels:local --file docker/wheels.Dockerfile "$wheels" >/dev/null
+  # `docker import`, not `docker build`: a newer CLI without buildx refuses BuildKit builds of its own.
+  tar -C "$wheels" -c . | "$DOCKER" import - resnet-serve-wheels:local >/dev/null
   export RESNET_DOCKER_WHEELS_IMAGE=resnet-serve-wheels:local
 fi
 
