@@ -14,6 +14,7 @@
 #   RESNET_DOCKER_CA_BUNDLE         a PEM bundle for pip inside builds, only behind a TLS-intercepting proxy
 #   RESNET_DOCKER_WHEELS_DIR        local wheels for the builder, e.g. an offline CPU torch
 #                                   (default: /opt/wheels when it exists; else torch from the PyTorch CPU index)
+#   RESNET_DOCKER_WHEELS_IMAGE      an image holding such wheels at / (instead of wrapping RESNET_DOCKER_WHEELS_DIR)
 #   RESNET_DOCKER_API_PORT          host port for the load balancer (default 18000, away from a dev server on 8000)
 #   RESNET_DOCKER_PROMETHEUS_PORT   host port for Prometheus (default 19090)
 #   BUILD_TIMEOUT_S / UP_TIMEOUT_S  bounds for the build (default 3600: first build trains the model) and start-up
@@ -91,7 +92,9 @@ wheels=${RESNET_DOCKER_WHEELS_DIR:-}
 if [ -z "$wheels" ] && [ -d /opt/wheels ]; then
   wheels=/opt/wheels
 fi
-if [ -n "$wheels" ]; then
+if [ -n "${RESNET_DOCKER_WHEELS_IMAGE:-}" ]; then
+  step "local wheels from the image $RESNET_DOCKER_WHEELS_IMAGE"
+elif [ -n "$wheels" ]; then
   step "local wheels from $wheels (image resnet-serve-wheels:local)"
   # `docker import`, not `docker build`: a newer CLI without buildx refuses BuildKit builds of its own.
   tar -C "$wheels" -c . | "$DOCKER" import - resnet-serve-wheels:local >/dev/null
