@@ -18,6 +18,8 @@
 #   RESNET_DOCKER_API_PORT          host port for the load balancer (default 18000, away from a dev server on 8000)
 #   RESNET_DOCKER_PROMETHEUS_PORT   host port for Prometheus (default 19090)
 #   BUILD_TIMEOUT_S / UP_TIMEOUT_S  bounds for the build (default 3600: first build trains the model) and start-up
+#   RESNET_DOCKER_SKIP_BUILD=1      check the images already built (resnet-serve:cpu, resnet-serve-model:latest...)
+#   RESNET_DOCKER_PROJECT           compose project name (default resnet-serve-test)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -86,13 +88,15 @@ files=(-f docker-compose.yml -f docker-compose.cpu.yml)
 if [ -n "${RESNET_DOCKER_CA_BUNDLE:-}" ]; then
   files+=(-f docker/compose.cacert.yml)
 fi
-compose=("${compose_bin[@]}" --project-name resnet-serve-test "${files[@]}")
+compose=("${compose_bin[@]}" --project-name "${RESNET_DOCKER_PROJECT:-resnet-serve-test}" "${files[@]}")
 
 wheels=${RESNET_DOCKER_WHEELS_DIR:-}
 if [ -z "$wheels" ] && [ -d /opt/wheels ]; then
   wheels=/opt/wheels
 fi
-if [ -n "${RESNET_DOCKER_WHEELS_IMAGE:-}" ]; then
+if [ "${RESNET_DOCKER_SKIP_BUILD:-}" = 1 ]; then
+  step "not building: checking the images already there"
+elif [ -n "${RESNET_DOCKER_WHEELS_IMAGE:-}" ]; then
   step "local wheels from the image $RESNET_DOCKER_WHEELS_IMAGE"
 elif [ -n "$wheels" ]; then
   step "local wheels from $wheels (image resnet-serve-wheels:local)"
@@ -102,7 +106,9 @@ elif [ -n "$wheels" ]; then
 fi
 
 # One service at a time: the builds share stages, and the machine's cores.
-for service in model api lb prometheus; do
+services=(model api lb prometheus)
+[ "${RESNET_DOCKER_SKIP_BUILD:-}" != 1 ] || services=()
+for service in "${services[@]}"; do
   step "building $service"
   start=$SECONDS
   timeout "$BUILD_TIMEOUT_S" "${compose[@]}" build "$service" >"$tmp/build-$service.log" 2>&1 ||
