@@ -228,3 +228,13 @@ def test_disruption_budget_leaves_a_pod_serving() -> None:
         floors += [s["spec"]["minReplicaCount"] for _, s in docs("ScaledObject", [target])]
         assert floors, f"{target}: no autoscaler"
         assert all(pdb["spec"]["maxUnavailable"] < floor for floor in floors), target
+
+
+def test_kserve_v2_is_served_by_the_app() -> None:
+    paths = app_paths()
+    for _, runtime in docs("ServingRuntime"):
+        assert runtime["spec"]["protocolVersions"] == ["v2"]
+    for _, isvc in docs("InferenceService"):
+        assert isvc["spec"]["predictor"]["model"]["protocolVersion"] == "v2"
+    # The Open Inference Protocol's REST endpoints that KServe clients call.
+    assert {"/v2/health/live", "/v2/health/ready", "/v2/models/{model_name}/infer"} <= paths
