@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from app.admission import Admission, AdmissionConfig
 from app.auth import RequireKey
 from app.batcher import BatchConfig, Batcher
+from app.docs import install_docs
 from app.handlers import install_error_handlers
 from app.intake import Intake
 from app.keys import KeyFile
@@ -25,6 +26,7 @@ from app.lifecycle import Lifecycle
 from app.metrics import Metrics
 from app.middleware import RequestContext
 from app.oip.routes import router as oip_router
+from app.page import install_page
 from app.routes import router
 from app.service import Classifier, ClassifyConfig
 from app.session import CUDA, OnnxModel, SessionConfig
@@ -132,7 +134,9 @@ def create_app(settings: Settings, model: OnnxModel | None = None) -> FastAPI:
             decoder.shutdown(wait=True)
             log.info("drained")
 
-    app = FastAPI(title="resnet-serve", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(
+        title="resnet-serve", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None
+    )
     app.state.metrics = metrics
     app.state.key_files = keys
     app.state.upload_limits = UploadLimits(
@@ -142,6 +146,8 @@ def create_app(settings: Settings, model: OnnxModel | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(oip_router)
+    install_page(app)
+    install_docs(app)
     # The last added is outermost: the request context sees (and counts) the intake's refusals;
     # keys are checked before the intake admits a request or reads its body.
     app.add_middleware(

@@ -98,8 +98,7 @@ class RequestContext:
                 await response(scope, receive, send)
 
     def _record(self, scope: Scope, status: int, seconds: float) -> None:
-        route = scope.get("route")
-        endpoint = getattr(route, "path", None) or scope.get(ENDPOINT_KEY, "unmatched")
+        endpoint = _endpoint_label(scope)
         self.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
         self.metrics.request_seconds.labels(endpoint=endpoint).observe(seconds)
         extra = {
@@ -114,3 +113,17 @@ class RequestContext:
                 return
             extra["similar_not_logged"] = held_back
         log.info("request", extra=extra)
+
+
+def _endpoint_label(scope: Scope) -> str:
+    """The matched route's path template; ``unmatched`` for 404s (bounded label values)."""
+    route = scope.get("route")
+    if route is None and ENDPOINT_KEY in scope:
+        return str(scope[ENDPOINT_KEY])
+    if route is None and "endpoint" in scope:
+        # Starlette routes and mounts (/openapi.json, /docs, /static) leave only their endpoint.
+        handled = scope["endpoint"]
+        routes = getattr(scope.get("app"), "routes", ())
+        owners = ((r, getattr(r, "endpoint", None), getattr(r, "app", None)) for r in routes)
+        route = next((r for r, endpoint, app in owners if handled in (endpoint, app)), None)
+    return str(getattr(route, "path", "unmatched"))

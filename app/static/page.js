@@ -1,0 +1,296 @@
+"use strict";
+// The page's only script: classify uploads through /predict, show /v1/model, and turn the
+// Prometheus text at /metrics into a live panel. No framework, no build step.
+
+const LIVE_REFRESH_MS = 1500;
+const LIVE_WINDOW_MS = 10000;
+const MAX_PARALLEL_UPLOADS = 4;
+
+const history = []; // metric snapshots over the last LIVE_WINDOW_MS
+let maxBatch = Infinity; // from /v1/model
+
+const PLAIN_ERRORS = {
+  unsupported_media_type:
+    "This file is not an image the service reads (JPEG, PNG, WebP, BMP, GIF or TIFF).",
+  invalid_image: "This looks like an image but could not be decoded: it may be corrupt or cut short.",
+  empty_upload: "The file is empty.",
+  payload_too_large: "The file is larger than the service accepts.",
+  too_many_pixels: "The image has more pixels than the service accepts.",
+  invalid_multipart: "The upload could not be read as a form upload.",
+  invalid_parameter: "'Labels per image' is out of range for this model.",
+  overloaded: "The service is busy right now. Try again in a moment.",
+  not_ready: "The model is still warming up. Try again in a moment.",
+  shutting_down: "The service is shutting down.",
+  timeout: "The service was too busy to answer in time.",
+  inference_failed: "The model failed on the batch holding this image.",
+  unauthorized: "The API key is missing or not accepted.",
+  forbidden: "The API key is not allowed to do this.",
+};
+
+const $ = (id) => document.getElementById(id);
+
+function el(tag, props = {}, ...children) {
+  const node = Object.assign(document.createElement(tag), props);
+  node.append(...children);
+  return node;
+}
+
+function authHeaders() {
+  const key = $("api-key").value.trim();
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
+function formatMs(seconds) {
+  if (seconds === null || !Number.isFinite(seconds)) return "–";
+  return seconds < 1 ? `${(seconds * 1000).toFixed(seconds < 0.01 ? 1 : 0)} ms` : `${seconds.toFixed(2)} s`;
+}
+
+function barList(rows) {
+  // rows: [{name, fraction, text}]; the bar is decoration, the text carries the value.
+  return el("ul", { className: "bars" }, ...rows.map(({ name, fraction, text }) => {
+    const fill = el("span");
+    fill.style.width = `${Math.max(0, Math.min(1, fraction)) * 100}%`;
+    const bar = el("span", { className: "bar" }, fill);
+    bar.setAttribute("aria-hidden", "true");
+    return el("li", {}, el("span", { className: "name", textContent: name }), bar,
+      el("span", { className: "value", textContent: text }));
+  }));
+}
+
+// ---- classify ------------------------------------------------------------------------------
+
+function resultCard(file) {
+  const card = el("li", { className: "card pending" });
+  card.dataset.filename = file.name;
+  const thumb = el("img", { alt: "" });
+  if (file.type.startsWith("image/")) thumb.src = URL.createObjectURL(file);
+  const body = el("div", {}, el("h3", { textContent: file.name }),
+    el("p", { className: "meta", textContent: "classifying…" }));
+  card.append(thumb, body);
+  return card;
+}
+
+function showPredictions(card, result, seconds) {
+  const body = card.lastChild;
+  const top = result.predictions[0];
+  card.className = "card ok";
+  card.dataset.top1 = top.label;
+  body.querySelector(".meta").textContent =
+    `top-1 ${top.label} (${(top.score * 100).toFixed(1)}%) · ${formatMs(seconds)}`;
+  body.append(barList(result.predictions.map((p) => ({
+    name: p.label, fraction: p.score, text: `${(p.score * 100).toFixed(1)}%`,
+  }))));
+}
+
+function showError(card, status, code, message, seconds) {
+  const body = card.lastChild;
+  card.className = "card error";
+  card.dataset.error = code;
+  body.querySelector(".meta").textContent = `HTTP ${status} · ${formatMs(seconds)}`;
+  body.append(
+    el("p", { className: "problem", textContent: PLAIN_ERRORS[code] || "The service refused this file." }),
+    el("p", { className: "detail", textContent: `${code}: ${message}` }),
+  );
+}
+
+async function classify(file, card) {
+  const form = new FormData();
+  form.append("file", file, file.name);
+  const topK = $("top-k").value.trim();
+  const url = topK ? `/predict?top_k=${encodeURIComponent(topK)}` : "/predict";
+  const started = performance.now();
+  let response;
+  try {
+    response = await fetch(url, { method: "POST", body: form, headers: authHeaders() });
+  } catch (error) {
+    showError(card, "–", "network", `could not reach the service (${error.message})`, null);
+    return;
+  }
+  const seconds = (performance.now() - started) / 1000;
+  let payload = null;
+  try {
+    payload = await response.json();
+  } catch {
+    // Not JSON: reported below with the status line.
+  }
+  if (response.ok && payload) {
+    showPredictions(card, payload.results[0], seconds);
+  } else {
+    const error = (payload && payload.error) || { code: "http_error", message: response.statusText };
+    showError(card, response.status, error.code, error.message, seconds);
+  }
+}
+
+async function classifyAll(files) {
+  const queue = [...files].map((file) => {
+    const card = resultCard(file);
+    $("results").prepend(card);
+    return [file, card];
+  });
+  const worker = async () => {
+    for (let item = queue.shift(); item; item = queue.shift()) await classify(...item);
+  };
+  await Promise.all(Array.from({ length: MAX_PARALLEL_UPLOADS }, worker));
+}
+
+function setUpUploads() {
+  const input = $("files");
+  input.addEventListener("change", () => {
+    classifyAll(input.files);
+    input.value = "";
+  });
+  const zone = $("dropzone");
+  zone.addEventListener("dragover", (event) => {
+    event.preventDefault();
+    zone.classList.add("over");
+  });
+  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+  zone.addEventListener("drop", (event) => {
+    event.preventDefault();
+    zone.classList.remove("over");
+    classifyAll(event.dataTransfer.files);
+  });
+}
+
+// ---- model card ----------------------------------------------------------------------------
+
+async function loadModelCard() {
+  const card = $("model-card");
+  let model;
+  try {
+    const response = await fetch("/v1/model", { headers: authHeaders() });
+    if (!response.ok) throw new Error(`HTTP ${response.status}`);
+    model = await response.json();
+  } catch (error) {
+    card.replaceChildren(el("dt", { textContent: "Status" }),
+      el("dd", { textContent: `not available yet (${error.message}); retrying` }));
+    setTimeout(loadModelCard, 2000);
+    return;
+  }
+  const accuracy = model.accuracy
+    ? `${(model.accuracy.top1 * 100).toFixed(2)}% top-1 on ${model.accuracy.images} images (${model.accuracy.dataset})`
+    : "not measured";
+  const [, height, width] = model.input.shape;
+  const rows = [
+    ["Name", model.name], ["Version", model.version], ["Architecture", model.architecture],
+    ["Precision", model.precision], ["Provider", model.provider], ["Accuracy", accuracy],
+    ["Classes", String(model.num_classes)], ["Input", `${height}×${width} RGB`],
+    ["Max batch", String(model.batching.max_batch_size)],
+  ];
+  card.replaceChildren(...rows.flatMap(([term, value]) =>
+    [el("dt", { textContent: term }), el("dd", { textContent: value })]));
+  $("top-k").max = String(model.num_classes);
+  maxBatch = model.batching.max_batch_size;
+}
+
+// ---- live panel ----------------------------------------------------------------------------
+
+function parseMetrics(text) {
+  const samples = [];
+  for (const line of text.split("\n")) {
+    if (!line || line.startsWith("#")) continue;
+    const match = line.match(/^([A-Za-z_:][\w:]*)(?:\{(.*)\})?\s+(\S+)/);
+    if (!match) continue;
+    const labels = {};
+    for (const [, key, value] of (match[2] || "").matchAll(/(\w+)="((?:[^"\\]|\\.)*)"/g)) {
+      labels[key] = value;
+    }
+    samples.push({ name: match[1], labels, value: Number(match[3]) });
+  }
+  return samples;
+}
+
+function pick(samples, name, labels = {}) {
+  return samples.filter((s) => s.name === name &&
+    Object.entries(labels).every(([key, value]) => s.labels[key] === value));
+}
+
+function buckets(samples, name, labels = {}) {
+  // Cumulative counts by upper bound, ascending, +Inf last.
+  return pick(samples, `${name}_bucket`, labels)
+    .map((s) => ({ le: s.labels.le === "+Inf" ? Infinity : Number(s.labels.le), count: s.value }))
+    .sort((a, b) => a.le - b.le);
+}
+
+function subtract(now, before) {
+  if (!before) return now;
+  return now.map((b, i) => ({ le: b.le, count: b.count - (before[i] ? before[i].count : 0) }));
+}
+
+function quantile(q, cumulative) {
+  // As Prometheus' histogram_quantile: linear inside the bucket that holds the rank.
+  const total = cumulative.length ? cumulative[cumulative.length - 1].count : 0;
+  if (total <= 0) return null;
+  const rank = q * total;
+  let lower = 0;
+  let below = 0;
+  for (const { le, count } of cumulative) {
+    if (count >= rank) {
+      if (le === Infinity) return lower;
+      return lower + (le - lower) * ((rank - below) / Math.max(count - below, 1e-9));
+    }
+    lower = le;
+    below = count;
+  }
+  return lower;
+}
+
+function snapshot(samples) {
+  const sum = (name) => pick(samples, name).reduce((acc, s) => acc + s.value, 0);
+  return {
+    at: performance.now(),
+    images: sum("resnet_serve_images_total"),
+    latency: buckets(samples, "resnet_serve_request_duration_seconds", { endpoint: "/predict" }),
+    batches: buckets(samples, "resnet_serve_batch_size"),
+    queue: sum("resnet_serve_queue_depth"),
+    inflight: sum("resnet_serve_requests_in_flight"),
+  };
+}
+
+function render(now) {
+  history.push(now);
+  while (history.length > 2 && now.at - history[1].at >= LIVE_WINDOW_MS) history.shift();
+  const old = history.length > 1 ? history[0] : null;
+  const seconds = old ? (now.at - old.at) / 1000 : 0;
+  const recent = subtract(now.latency, old && old.latency);
+  const active = recent.length && recent[recent.length - 1].count > 0;
+  $("live-throughput").textContent = old ? ((now.images - old.images) / seconds).toFixed(1) : "–";
+  $("live-p50").textContent = active ? formatMs(quantile(0.5, recent)) : "idle";
+  $("live-p99").textContent = active ? formatMs(quantile(0.99, recent)) : "idle";
+  $("live-queue").textContent = String(now.queue);
+  $("live-inflight").textContent = String(now.inflight);
+
+  let batches = subtract(now.batches, old && old.batches);
+  let scope = `(last ${Math.round(seconds)} s)`;
+  if (!batches.length || batches[batches.length - 1].count <= 0) {
+    batches = now.batches;
+    scope = "(since start)";
+  }
+  const counts = batches.map((b, i) => ({ le: b.le, n: b.count - (i ? batches[i - 1].count : 0) }));
+  const total = counts.reduce((acc, c) => acc + c.n, 0);
+  // Buckets up to the one holding max_batch_size: larger batches cannot happen.
+  const shown = counts.filter((c, i) => c.le !== Infinity && (i === 0 || counts[i - 1].le < maxBatch));
+  const rows = shown.map((c, i) => ({
+    name: i ? `${shown[i - 1].le + 1}–${c.le}`.replace(/^(\d+)–\1$/, "$1") : `${c.le}`,
+    fraction: total ? c.n / total : 0,
+    text: String(c.n),
+  }));
+  $("batch-scope").textContent = scope;
+  $("live-batches").replaceChildren(...Array.from(barList(rows).childNodes));
+  $("live-status").textContent = `updated ${new Date().toLocaleTimeString()}`;
+}
+
+async function refreshLive() {
+  try {
+    const response = await fetch("/metrics", { headers: authHeaders() });
+    if (!response.ok) throw new Error(`HTTP ${response.status}`);
+    render(snapshot(parseMetrics(await response.text())));
+  } catch (error) {
+    $("live-status").textContent = `metrics unavailable (${error.message})`;
+  }
+  setTimeout(refreshLive, LIVE_REFRESH_MS);
+}
+
+setUpUploads();
+loadModelCard();
+refreshLive();
