@@ -1,0 +1,237 @@
+"""Classify files and folders through a running server, a bounded number of requests at a time.
+
+python -m app.client examples/ --url http://127.0.0.1:8000
+python -m app.client photos/ a.jpg --url URL --top-k 3 --concurrency 8 --format jsonl -o out.jsonl
+
+Folders are walked recursively for image files (by suffix); files named on the command line are
+always sent, so the server says what is wrong with them. 503 answers are retried after the
+server's Retry-After. Exit status: 0 if every image was classified, 1 if any failed, 2 on bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import mimetypes
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+from tqdm import tqdm
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+MAX_RETRY_WAIT_S = 60.0  # a Retry-After beyond this is capped, not obeyed blindly
+CSV_FIELDS = ["path", "status", "top1", "score", "predictions", "latency_ms", "attempts", "error"]
+
+
+@dataclass
+class Outcome:
+    path: str
+    status: int | None = None  # None: no HTTP answer (connection failed)
+    predictions: list[dict[str, Any]] = field(default_factory=list)
+    latency_ms: float | None = None
+    attempts: int = 0
+    error: dict[str, str] | None = None
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "status": self.status,
+            "predictions": self.predictions,
+            "latency_ms": self.latency_ms,
+            "attempts": self.attempts,
+            "error": self.error,
+        }
+
+    def csv_row(self) -> dict[str, Any]:
+        top = self.predictions[0] if self.predictions else {}
+        error = f"{self.error['code']}: {self.error['message']}" if self.error else ""
+        return {
+            "path": self.path,
+            "status": self.status if self.status is not None else "",
+            "top1": top.get("label", ""),
+            "score": top.get("score", ""),
+            "predictions": ";".join(f"{p['label']}:{p['score']:.6g}" for p in self.predictions),
+            "latency_ms": self.latency_ms if self.latency_ms is not None else "",
+            "attempts": self.attempts,
+            "error": error,
+        }
+
+
+def find_images(paths: list[Path]) -> Iterator[Path]:
+    for path in paths:
+        if path.is_dir():
+            yield from sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+            )
+        elif path.is_file():
+            yield path
+        else:
+            raise FileNotFoundError(f"{path}: no such file or directory")
+
+
+def retry_after_s(value: str | None, default: float = 1.0) -> float:
+    """Seconds from a Retry-After header: delta-seconds or an HTTP date."""
+    if not value:
+        return default
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return default
+    return min(max(seconds, 0.0), MAX_RETRY_WAIT_S)
+
+
+async def classify(
+    client: httpx.AsyncClient, path: Path, top_k: int | None, retries: int
+) -> Outcome:
+    outcome = Outcome(str(path))
+    try:
+        data = await asyncio.to_thread(path.read_bytes)
+    except OSError as exc:
+        outcome.error = {"code": "unreadable_file", "message": str(exc)}
+        return outcome
+    media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    params = {"top_k": top_k} if top_k else {}
+    while True:
+        outcome.attempts += 1
+        started = time.perf_counter()
+        try:
+            files = {"file": (path.name, data, media_type)}
+            response = await client.post("/predict", files=files, params=params)
+        except httpx.TransportError as exc:
+            outcome.error = {"code": "connection_failed", "message": repr(exc)}
+            if outcome.attempts > retries:
+                return outcome
+            await asyncio.sleep(min(2.0 ** (outcome.attempts - 1), MAX_RETRY_WAIT_S))
+            continue
+        outcome.latency_ms = round((time.perf_counter() - started) * 1000, 2)
+        outcome.status = response.status_code
+        if response.status_code == 503 and outcome.attempts <= retries:
+            await asyncio.sleep(retry_after_s(response.headers.get("retry-after")))
+            continue
+        return _read_answer(outcome, response)
+
+
+def _read_answer(outcome: Outcome, response: httpx.Response) -> Outcome:
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if response.is_success and isinstance(body, dict):
+        outcome.predictions = body["results"][0]["predictions"]
+        outcome.error = None
+    elif isinstance(body, dict) and isinstance(body.get("error"), dict):
+        outcome.error = {"code": body["error"]["code"], "message": body["error"]["message"]}
+    else:
+        outcome.error = {"code": f"http_{response.status_code}", "message": response.text[:200]}
+    return outcome
+
+
+class Writer:
+    def __init__(self, stream: IO[str], fmt: str) -> None:
+        self.stream, self.fmt = stream, fmt
+        self.csv = csv.DictWriter(stream, CSV_FIELDS) if fmt == "csv" else None
+        if self.csv:
+            self.csv.writeheader()
+
+    def write(self, outcome: Outcome) -> None:
+        if self.csv:
+            self.csv.writerow(outcome.csv_row())
+        else:
+            self.stream.write(json.dumps(outcome.row()) + "\n")
+        self.stream.flush()
+
+
+async def run(args: argparse.Namespace, paths: list[Path], writer: Writer) -> int:
+    """Classify every path with at most ``args.concurrency`` requests in flight; return failures."""
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    limits = httpx.Limits(max_connections=args.concurrency)
+    pending = iter(paths)
+    failed = 0
+    bar = tqdm(total=len(paths), unit="img", desc="classifying", file=sys.stderr, smoothing=0.1)
+    async with httpx.AsyncClient(
+        base_url=args.url, headers=headers, limits=limits, timeout=args.timeout
+    ) as client:
+
+        async def worker() -> None:
+            nonlocal failed
+            for path in pending:
+                outcome = await classify(client, path, args.top_k, args.retries)
+                failed += outcome.error is not None
+                writer.write(outcome)
+                bar.update()
+                bar.set_postfix(failed=failed, refresh=False)
+
+        await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+    bar.close()
+    return failed
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m app.client",
+        description=__doc__,
+        allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="images or folders")
+    parser.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8000")
+    parser.add_argument("--top-k", type=int, help="labels per image (default: the server's)")
+    parser.add_argument("--concurrency", type=int, default=4, help="requests in flight (4)")
+    parser.add_argument("--format", choices=["csv", "jsonl"], default="csv")
+    parser.add_argument("-o", "--output", type=Path, help="write here instead of stdout")
+    parser.add_argument("--api-key-file", type=Path, help="file holding a bearer token")
+    parser.add_argument("--retries", type=int, default=5, help="retries on 503 / no connection")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    args = parser.parse_args(argv)
+    if args.concurrency < 1 or args.retries < 0 or (args.top_k is not None and args.top_k < 1):
+        parser.error("need --concurrency >= 1, --retries >= 0 and --top-k >= 1")
+    args.api_key = None
+    if args.api_key_file:
+        try:
+            args.api_key = args.api_key_file.read_text().strip()
+        except OSError as exc:
+            parser.error(f"--api-key-file: {exc}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        paths = list(find_images(args.paths))
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not paths:
+        print(f"error: no image files in {' '.join(map(str, args.paths))}", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    with ExitStack() as stack:
+        stream = sys.stdout
+        if args.output:
+            stream = stack.enter_context(open(args.output, "w", newline=""))
+        failed = asyncio.run(run(args, paths, Writer(stream, args.format)))
+    seconds = time.perf_counter() - started
+    print(
+        f"{len(paths)} images, {failed} failed, {seconds:.1f} s "
+        f"({len(paths) / seconds if seconds else 0:.1f} img/s)",
+        file=sys.stderr,
+    )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
