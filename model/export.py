@@ -94,6 +94,23 @@ def export(
     return metadata
 
 
+class _SkipTorchvisionOpsNotice(logging.Filter):
+    """Drops "torchvision is not installed. Skipping torchvision::nms" and its siblings.
+
+    torch's ONNX op registry says this once per torchvision op (nms, roi_align, ...) whenever
+    the torchvision package is absent. A ResNet export uses none of those ops, and torchvision
+    checkpoints load without the package, so the notice only alarms. Other messages pass.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("torchvision is not installed. Skipping ")
+
+
+logging.getLogger("torch.onnx._internal.exporter._registration").addFilter(
+    _SkipTorchvisionOpsNotice()
+)
+
+
 def _torch_export(serving: ServingModel, crop: int, path: Path) -> None:
     example = torch.zeros(2, crop, crop, 3, dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1, max=4096)

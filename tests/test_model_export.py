@@ -1,3 +1,5 @@
+import importlib.util
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,17 @@ def fp32_onnx(ckpt: checkpoint.Checkpoint, tmp_path_factory: pytest.TempPathFact
     out = tmp_path_factory.mktemp("export") / "model.onnx"
     export.export(ckpt, out, eval_set=evalsets.eval_set_for(ckpt, None), version="7")
     return out
+
+
+def test_export_log_has_no_torchvision_notice(
+    ckpt: checkpoint.Checkpoint, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # torch's registry logs one "torchvision is not installed. Skipping torchvision::..." per op.
+    assert importlib.util.find_spec("torchvision") is None
+    with caplog.at_level(logging.INFO):
+        export.export(ckpt, tmp_path / "m.onnx", eval_set=export.eval_set_for(ckpt, None))
+    assert caplog.records, "export logs what it wrote"
+    assert not [r.getMessage() for r in caplog.records if "torchvision" in r.getMessage()]
 
 
 def test_fp32_matches_pytorch_on_real_images(
