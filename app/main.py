@@ -28,6 +28,7 @@ from app.middleware import RequestContext
 from app.oip.routes import router as oip_router
 from app.page import install_page
 from app.routes import router
+from app.schema_bounds import install_schema_bounds
 from app.service import Classifier, ClassifyConfig
 from app.session import CUDA, OnnxModel, SessionConfig
 from app.settings import Settings
@@ -148,6 +149,7 @@ def create_app(settings: Settings, model: OnnxModel | None = None) -> FastAPI:
     app.include_router(oip_router)
     install_page(app)
     install_docs(app)
+    install_schema_bounds(app, settings.max_images_per_request, settings.default_top_k)
     # The last added is outermost: the request context sees (and counts) the intake's refusals;
     # keys are checked before the intake admits a request or reads its body.
     app.add_middleware(

@@ -9,15 +9,25 @@ from app.schemas import ErrorResponse
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description}
     for status, description in {
-        400: "Empty or missing upload, malformed multipart body",
-        413: "Over max_request_bytes, max_image_bytes or max_image_pixels",
-        415: "Not multipart/image content, or not an allowed image format",
-        422: "Corrupt or truncated image, or an invalid query parameter",
-        500: "Inference failed for the batch holding this request",
-        503: "Overloaded, warming up or shutting down; see Retry-After",
-        504: "Waited in the queue past request_timeout_ms",
+        400: "`empty_upload`: no file, or an empty one. `invalid_multipart`: malformed multipart"
+        " body, a form field that is not a file, or more files than max_images_per_request",
+        413: "`payload_too_large`: over max_request_bytes or max_image_bytes."
+        " `too_many_pixels`: over max_image_pixels (read from the image header)",
+        415: "`unsupported_media_type`: not multipart/form-data or image/*, or the bytes are not"
+        " an allowed image format (detected from the bytes, not the name)",
+        422: "`invalid_image`: corrupt or truncated image."
+        " `invalid_parameter`: top_k or another query parameter out of range",
+        500: "`inference_failed`: the model failed on the batch holding this request",
+        503: "`overloaded`, `not_ready`, `shutting_down`: queue full, warming up or draining",
+        504: "`timeout`: waited in the queue past request_timeout_ms; the model was not run",
     }.items()
 }
+ERRORS[503]["headers"] = {
+    "Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "integer"}}
+}
+# Bounds that depend on settings and the model (maxItems, top_k's maximum) are filled in by
+# app.schema_bounds when the document is first built.
+_IMAGE = {"type": "string", "format": "binary", "minLength": 1}
 PREDICT_BODY = {
     "requestBody": {
         "required": True,
@@ -25,13 +35,21 @@ PREDICT_BODY = {
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
+                    "required": ["files"],
                     "properties": {
-                        "files": {"type": "array", "items": {"type": "string", "format": "binary"}}
+                        "files": {
+                            "type": "array",
+                            "items": _IMAGE,
+                            "minItems": 1,
+                            "description": "One file part per image, each non-empty; any field"
+                            " name is accepted, every part must be a file",
+                        }
                     },
+                    "additionalProperties": False,
                 },
                 "encoding": {"files": {"contentType": "image/*"}},
             },
-            "image/*": {"schema": {"type": "string", "format": "binary"}},
+            "image/*": {"schema": _IMAGE},
         },
     }
 }

@@ -49,6 +49,7 @@ def build(config: BuildConfig) -> Path:
     source = _source_checkpoint(config, out)
     ckpt = checkpoint.load(source)
     calibration = calibration_for(ckpt, None) if config.precision == "int8" else None
+    log.info("exporting %s to ONNX (%s) and checking it against PyTorch", source, config.precision)
     metadata = export(
         ckpt,
         out,

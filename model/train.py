@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from core.contract import Preprocessing
 from core.errors import ModelError
@@ -192,7 +193,8 @@ def train(config: TrainConfig) -> Path:
     flip = (not config.is_digits) if config.flip is None else config.flip
     run = _Run(config, model, optimizer, scheduler, scaler, generator, device, flip)
     log.info(
-        "training %s on %s: %d train / %d val images, %d classes, %s, %d epochs",
+        "training %s on %s: %d train / %d val images, %d classes, %s, %d epochs of %d batches"
+        " (the time left is estimated after the first epoch)",
         config.arch,
         config.data,
         len(sets.train),
@@ -200,42 +202,56 @@ def train(config: TrainConfig) -> Path:
         len(labels),
         device,
         config.epochs,
+        steps_per_epoch,
     )
-    for epoch in range(state["epoch"] + 1, config.epochs + 1):
-        started = time.perf_counter()
-        train_loss, train_acc = _train_epoch(run, sets, epoch)
-        val_loss, val_acc = evaluate(model, sets.val, device)
-        metrics = {
-            "train_loss": train_loss,
-            "train_top1": train_acc,
-            "val_loss": val_loss,
-            "val_top1": val_acc,
-            "val_images": len(sets.val),
-            "epoch_seconds": time.perf_counter() - started,
-        }
-        improved = val_acc > state["best"]
-        payload = _payload(config, net, labels, metrics, epoch)
-        if improved:
-            state["best"] = val_acc
-            checkpoint.save(payload, out)
-        resume_state = {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "generator": generator.get_state(),
-            "best": state["best"],
-        }
-        checkpoint.save({**payload, "resume": resume_state}, last_path)
-        log.info(
-            "epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  %.1fs%s",
-            epoch,
-            config.epochs,
-            train_loss,
-            train_acc,
-            val_loss,
-            val_acc,
-            metrics["epoch_seconds"],
-            "  (best, saved)" if improved else "",
-        )
+    # One bar for the whole schedule: its remaining time is the measured rate x batches left.
+    bar = tqdm(
+        total=config.epochs * steps_per_epoch,
+        initial=state["epoch"] * steps_per_epoch,
+        desc="training",
+        unit="batch",
+    )
+    with bar, logging_redirect_tqdm():
+        for epoch in range(state["epoch"] + 1, config.epochs + 1):
+            started = time.perf_counter()
+            train_loss, train_acc = _train_epoch(run, sets, bar, epoch)
+            val_loss, val_acc = evaluate(model, sets.val, device)
+            metrics = {
+                "train_loss": train_loss,
+                "train_top1": train_acc,
+                "val_loss": val_loss,
+                "val_top1": val_acc,
+                "val_images": len(sets.val),
+                "epoch_seconds": time.perf_counter() - started,
+            }
+            improved = val_acc > state["best"]
+            payload = _payload(config, net, labels, metrics, epoch)
+            if improved:
+                state["best"] = val_acc
+                checkpoint.save(payload, out)
+            resume_state = {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "generator": generator.get_state(),
+                "best": state["best"],
+            }
+            checkpoint.save({**payload, "resume": resume_state}, last_path)
+            log.info(
+                "epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  %.1fs%s",
+                epoch,
+                config.epochs,
+                train_loss,
+                train_acc,
+                val_loss,
+                val_acc,
+                metrics["epoch_seconds"],
+                "  (best, saved)" if improved else "",
+            )
+            if epoch == state["epoch"] + 1 and epoch < config.epochs:
+                left = (config.epochs - epoch) * metrics["epoch_seconds"]
+                log.info(
+                    "about %s left for the other %d epochs", _duration(left), config.epochs - epoch
+                )
     log.info("best val top-1 %.4f -> %s", state["best"], out)
     return out
 
@@ -254,15 +270,13 @@ class _Run:
     flip: bool
 
 
-def _train_epoch(run: _Run, sets: Datasets, epoch: int) -> tuple[float, float]:
+def _train_epoch(run: _Run, sets: Datasets, bar: tqdm, epoch: int) -> tuple[float, float]:
     config, model, generator, device = run.config, run.model, run.generator, run.device
     model.train()
     order = torch.randperm(len(sets.train), generator=generator)
     use_alt = torch.rand(len(sets.train), generator=generator) < 0.5
     loss_sum, correct, seen = 0.0, 0, 0
-    batches = torch.split(order, config.batch_size)
-    bar = tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", unit="batch", leave=False)
-    for index in bar:
+    for index in torch.split(order, config.batch_size):
         images = torch.from_numpy(sets.train.images[index.numpy()])
         if sets.train_alt is not None:
             alt = torch.from_numpy(sets.train_alt.images[index.numpy()])
@@ -280,8 +294,19 @@ def _train_epoch(run: _Run, sets: Datasets, epoch: int) -> tuple[float, float]:
         loss_sum += loss.item() * len(index)
         correct += (logits.argmax(1) == targets).sum().item()
         seen += len(index)
-        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+        bar.update()
+        bar.set_postfix(
+            epoch=f"{epoch}/{config.epochs}",
+            loss=f"{loss_sum / seen:.3f}",
+            acc=f"{correct / seen:.3f}",
+            refresh=False,
+        )
     return loss_sum / seen, correct / seen
+
+
+def _duration(seconds: float) -> str:
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest:02d} s" if minutes else f"{rest} s"
 
 
 def _payload(

@@ -1,0 +1,57 @@
+"""Schemathesis against ``/openapi.json`` of a real ``python -m app``: the schema tells the truth.
+
+Every check (no 5xx, documented statuses, headers and bodies, schema-valid requests accepted,
+invalid ones refused), bounded in examples per operation and seeded, so the run is repeatable.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Serve
+from tests.test_app_server import ROOT, message_is, run_server
+
+MAX_EXAMPLES = 25
+
+
+def test_schemathesis_finds_no_mismatch(model_path: Path, tmp_path: Path) -> None:
+    with run_server(model_path) as server:
+        server.wait_for_log(message_is("ready"))
+        command = [
+            *(sys.executable, "-m", "schemathesis.cli", "--no-color"),
+            *("--config-file", str(ROOT / "tests" / "schemathesis.toml")),
+            *("run", f"{server.url}/openapi.json", "--checks", "all"),
+            *("--max-examples", str(MAX_EXAMPLES), "--seed", "0", "--workers", "1"),
+        ]
+        done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
+    assert "5 selected / 5 total" in done.stdout
+
+
+@pytest.mark.anyio
+async def test_bounds_come_from_settings_and_model(serve: Serve) -> None:
+    async with serve(max_images_per_request=3, default_top_k=20) as client:
+        schema = (await client.get("/openapi.json")).json()
+    predict = schema["paths"]["/predict"]["post"]
+    body = predict["requestBody"]["content"]
+    files = body["multipart/form-data"]["schema"]["properties"]["files"]
+    assert (files["minItems"], files["maxItems"], files["items"]["minLength"]) == (1, 3, 1)
+    assert body["image/*"]["schema"]["minLength"] == 1
+    (top_k,) = predict["parameters"]
+    assert top_k["schema"] | {"title": ""} == {
+        "type": "integer",
+        "minimum": 1,
+        "maximum": 10,  # the tiny model's classes
+        "default": 10,  # default_top_k capped at the classes
+        "title": "",
+    }
+    documented = predict["responses"]
+    assert set(documented) == {"200", "400", "413", "415", "422", "500", "503", "504"}
+    assert "Retry-After" in documented["503"]["headers"]
+    error = {"$ref": "#/components/schemas/ErrorResponse"}
+    for status in documented.keys() - {"200"}:
+        assert documented[status]["content"]["application/json"]["schema"] == error, status
