@@ -33,7 +33,7 @@ build: venv
 	$(BIN)/python -m model build --out $(MODEL)
 
 run: build
-	@echo "==> serving $(MODEL) on port $${RESNET_SERVE_PORT:-8000} (API docs at /docs)"
+	@echo "==> serving $(MODEL) on port $${RESNET_SERVE_PORT:-8000} (page at /, API docs at /docs)"
 	RESNET_SERVE_MODEL_PATH=$(MODEL) $(BIN)/python -m app
 
 lint: venv
