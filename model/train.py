@@ -40,14 +40,17 @@ class TrainConfig:
     val_data: str | None = None  # ImageFolder for validation; default: a seeded split of `data`
     val_fraction: float = 0.2  # share of `data` held out when no --val-data is given
     arch: str = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet101 | resnet152
-    crop_size: int | None = None  # default: 32 for digits, 224 for folders
+    crop_size: int | None = None  # default: 16 for digits, 224 for folders
     resize_size: int | None = None  # default: crop for digits, crop / 0.875 for folders
-    epochs: int = 15  # passes over the training set
-    batch_size: int = 64  # images per optimiser step
+    # Digits demo (16x16), measured: 5 epochs of batch 32 reach 98.9% / 98.6% validation top-1
+    # (seeds 0 / 1) in ~80 s of CPU time, under a third of 15 epochs of 64 at 32x32; 4 epochs
+    # stopped at 98.1%, too close to the 98% the demo promises.
+    epochs: int = 5  # passes over the training set
+    batch_size: int = 32  # images per optimiser step
     lr: float = 2e-3  # peak of the one-cycle schedule (AdamW)
     weight_decay: float = 0.05  # AdamW decoupled weight decay
     label_smoothing: float = 0.1  # cross-entropy target smoothing
-    shift: int = 3  # random translation in pixels, both axes
+    shift: int = 2  # random translation in pixels, both axes
     flip: bool | None = None  # horizontal flips; default: off for digits, on for folders
     seed: int = 0  # seeds data order, augmentation and initialisation
     init: str | None = None  # fine-tune from this checkpoint (ours or torchvision's)
@@ -72,7 +75,7 @@ class TrainConfig:
     def recipe(self) -> Recipe:
         if self.is_digits and self.crop_size is None and self.resize_size is None:
             return data.DIGITS_RECIPE
-        crop = self.crop_size or (32 if self.is_digits else 224)
+        crop = self.crop_size or (16 if self.is_digits else 224)
         resize = self.resize_size or (crop if self.is_digits else math.ceil(crop / 0.875))
         return Recipe(resize_size=resize, crop_size=crop)
 
