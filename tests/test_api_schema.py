@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Serve
-from tests.test_app_server import ROOT, message_is, run_server
+from tests.helpers.server import ROOT, message_is, run_server
 
 MAX_EXAMPLES = 25
 

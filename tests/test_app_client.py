@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from app.client import MAX_RETRY_WAIT_S, retry_after_s
-from tests.test_app_server import ROOT, Server, free_port, message_is, run_server
+from tests.helpers.server import ROOT, Server, free_port, message_is, run_server
 
 EXAMPLES = sorted((ROOT / "examples").glob("digit-*.png"))
 

@@ -18,7 +18,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.test_app_server import ROOT, Server, message_is, run_server
+from tests.helpers.server import ROOT, Server, message_is, run_server
 
 EXAMPLES = sorted((ROOT / "examples").glob("digit-*.png"))
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -62,7 +62,7 @@ def _until(browser: WebDriver, condition: object) -> object:
     return WebDriverWait(browser, WAIT_S).until(lambda _: condition())  # type: ignore[operator]
 
 
-def _cards(browser: WebDriver, state: str) -> dict[str, object]:
+def _cards(browser: WebDriver, state: str) -> dict[str | None, object]:
     cards = browser.find_elements(By.CSS_SELECTOR, f"#results .card.{state}")
     return {card.get_attribute("data-filename"): card for card in cards}
 

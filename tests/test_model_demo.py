@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.preprocess import decode
+from app.main import session_config
 from app.session import OnnxModel
 from app.settings import Settings
+from core.preprocess import decode
 from model.export import read_metadata
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,12 +30,13 @@ def test_default_build_reaches_98_percent_and_reads_the_examples(tmp_path: Path)
     assert "left for the other" in done.stderr  # the estimate after the first epoch
     assert "torchvision is not installed" not in done.stderr
 
-    accuracy = read_metadata(out)["accuracy"]
+    accuracy = read_metadata(out).accuracy
+    assert accuracy is not None
     assert accuracy["images"] == 360  # the validation split: 20% of the 1,797 scans
     assert accuracy["top1"] >= 0.98
 
-    model = OnnxModel.load(Settings(model_path=out, providers="cpu"))
+    model = OnnxModel.load(session_config(Settings(model_path=out, providers="cpu")))
     examples = sorted((ROOT / "examples").glob("digit-*.png"))
-    crops = np.stack([decode(path.read_bytes(), model.info.recipe) for path in examples])
-    predicted = [model.info.labels[i] for i in model.predict(crops).argmax(1)]
+    crops = np.stack([decode(path.read_bytes(), model.metadata.recipe) for path in examples])
+    predicted = [model.metadata.labels[i] for i in model.predict(crops).argmax(1)]
     assert predicted == [path.stem.removeprefix("digit-") for path in examples]

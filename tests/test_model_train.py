@@ -61,7 +61,7 @@ def test_resume_reproduces_an_uninterrupted_run(
     whole = checkpoint.read_raw(tmp_path / "whole.last.pt")
 
     real_epoch = train._train_epoch
-    epochs_started = []
+    epochs_started: list[int] = []
 
     def crash_in_epoch_two(*args: object) -> tuple[float, float]:
         epochs_started.append(len(epochs_started) + 1)
