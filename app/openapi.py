@@ -11,6 +11,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     for status, description in {
         400: "`empty_upload`: no file, or an empty one. `invalid_multipart`: malformed multipart"
         " body, a form field that is not a file, or more files than max_images_per_request",
+        401: "`unauthorized`: no API key, or not one of the keys (only when api_keys_file is set)",
         413: "`payload_too_large`: over max_request_bytes or max_image_bytes."
         " `too_many_pixels`: over max_image_pixels (read from the image header)",
         415: "`unsupported_media_type`: not multipart/form-data or image/*, or the bytes are not"

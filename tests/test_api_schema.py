@@ -50,7 +50,7 @@ async def test_bounds_come_from_settings_and_model(serve: Serve) -> None:
         "title": "",
     }
     documented = predict["responses"]
-    assert set(documented) == {"200", "400", "413", "415", "422", "500", "503", "504"}
+    assert set(documented) == {"200", "400", "401", "413", "415", "422", "500", "503", "504"}
     assert "Retry-After" in documented["503"]["headers"]
     error = {"$ref": "#/components/schemas/ErrorResponse"}
     for status in documented.keys() - {"200"}:

@@ -24,7 +24,6 @@ const PLAIN_ERRORS = {
   timeout: "The service was too busy to answer in time.",
   inference_failed: "The model failed on the batch holding this image.",
   unauthorized: "The API key is missing or not accepted.",
-  forbidden: "The API key is not allowed to do this.",
 };
 
 const $ = (id) => document.getElementById(id);
