@@ -28,8 +28,9 @@ OPTIMIZATION_LEVELS = {
 
 # ORT's thread pool spins while it waits for work. "always" (ORT's default) also spins between
 # runs, which took the CPU the decoders needed at saturation; "off" parks the threads after every
-# parallel operator, which cost about a millisecond per inference at concurrency 1 (measured on
-# the digits demo: p50 5.3 ms off, 4.7 in_run, 4.5 always; 543, 454, 447 img/s at 16 clients).
+# parallel operator. Measured (benchmarks/results/spin-*.md, peers-ours-in_run.md): on the digits
+# demo p50 at 1 client 5.3 / 4.7 / 4.5 ms and 543 / 454 / 447 img/s at 16 for off / in_run /
+# always; in_run also cost the 224x224 int8 model 17% at 16 clients. Throughput wins: "off".
 SPINNING = {
     "off": {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"},
     "in_run": {"session.force_spinning_stop": "1"},

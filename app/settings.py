@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     providers: Providers = "auto"
     intra_op_threads: int = Field(0, ge=0, description="0 lets ONNX Runtime pick")
     # When ORT's threads may busy-wait: within a run only (default), never, or always (ORT's own).
-    ort_spinning: Literal["off", "in_run", "always"] = "in_run"
+    ort_spinning: Literal["off", "in_run", "always"] = "off"
     cuda_graphs: bool = True  # CUDA only: one captured graph per batch bucket
     graph_optimization: GraphOptimization = "all"
 

@@ -15,6 +15,7 @@ from app.disconnect import unless_disconnected
 from app.intake import TICKET_KEY
 from app.oip.codec import HEADER_LENGTH, encode_response, parse_request
 from app.oip.schemas import (
+    InferenceRequest,
     ModelMetadataResponse,
     ProtocolError,
     ServerMetadataResponse,
@@ -38,6 +39,40 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ProtocolError} for status in (400, 404, 413, 415, 422, 500, 503, 504)
 }
 
+
+def _inlined(schema: dict[str, Any]) -> dict[str, Any]:
+    """Pydantic's schema with its local ``$defs`` references resolved in place (OpenAPI would
+    resolve ``#/$defs/...`` against the whole document, where they do not exist)."""
+    definitions = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return resolve(definitions[ref.removeprefix("#/$defs/")])
+            return {key: resolve(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [resolve(value) for value in node]
+        return node
+
+    resolved: dict[str, Any] = resolve(schema)
+    return resolved
+
+
+# The body is read raw (the binary extension puts tensor bytes after the JSON header), so FastAPI
+# cannot infer it: a JSON inference request, or JSON + binary tensor data.
+INFER_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": _inlined(InferenceRequest.model_json_schema())},
+            "application/octet-stream": {
+                "schema": {"type": "string", "format": "binary", "minLength": 1}
+            },
+        },
+    }
+}
+
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol"], responses=ERRORS)
 
 
@@ -53,12 +88,12 @@ async def server_metadata(request: Request) -> ServerMetadataResponse:
     )
 
 
-@router.get("/health/live", summary="Liveness (as /healthz)")
+@router.get("/health/live", response_class=Response, summary="Liveness (as /healthz)")
 async def live() -> Response:
     return Response()
 
 
-@router.get("/health/ready", summary="Readiness (as /readyz)")
+@router.get("/health/ready", response_class=Response, summary="Readiness (as /readyz)")
 async def ready(lifecycle: LifecycleDep) -> Response:
     lifecycle.check_admitting()
     return Response()
@@ -76,7 +111,9 @@ async def version_metadata(
     return _describe(classifier, model_name, model_version)
 
 
-@router.get("/models/{model_name}/ready", summary="Model readiness (as /readyz)")
+@router.get(
+    "/models/{model_name}/ready", response_class=Response, summary="Model readiness (as /readyz)"
+)
 async def model_ready(
     model_name: str, classifier: ClassifierDep, lifecycle: LifecycleDep
 ) -> Response:
@@ -85,7 +122,11 @@ async def model_ready(
     return Response()
 
 
-@router.get("/models/{model_name}/versions/{model_version}/ready", summary="Model readiness")
+@router.get(
+    "/models/{model_name}/versions/{model_version}/ready",
+    response_class=Response,
+    summary="Model readiness",
+)
 async def version_ready(
     model_name: str, model_version: str, classifier: ClassifierDep, lifecycle: LifecycleDep
 ) -> Response:
@@ -94,7 +135,11 @@ async def version_ready(
     return Response()
 
 
-@router.post("/models/{model_name}/infer", summary="Inference (JSON or binary tensor data)")
+@router.post(
+    "/models/{model_name}/infer",
+    openapi_extra=INFER_BODY,
+    summary="Inference (JSON or binary tensor data)",
+)
 async def infer(
     request: Request, model_name: str, classifier: ClassifierDep, limits: UploadLimitsDep
 ) -> Response:
@@ -102,7 +147,11 @@ async def infer(
     return await _infer(request, classifier, limits)
 
 
-@router.post("/models/{model_name}/versions/{model_version}/infer", summary="Inference")
+@router.post(
+    "/models/{model_name}/versions/{model_version}/infer",
+    openapi_extra=INFER_BODY,
+    summary="Inference",
+)
 async def infer_version(
     request: Request,
     model_name: str,
