@@ -34,7 +34,6 @@ class AdmissionConfig:
     request_timeout_ms: float
     admission_wait_ms: float
     max_buffered_bytes: int
-    retry_after_s: int
 
 
 class Admission:
@@ -46,7 +45,6 @@ class Admission:
         self.provisional = 0  # admitted at the door, body still coming: one image each
         self.buffered_bytes = 0  # request bodies being received, all requests together
         self.seconds_per_image: float | None = None  # None until the model has run
-        self.retry_after = {"Retry-After": str(config.retry_after_s)}
         self._door: deque[asyncio.Future[None]] = deque()
         metrics.pending_images.set_function(lambda: self.pending_images)
         metrics.buffered_bytes.set_function(lambda: self.buffered_bytes)
@@ -143,7 +141,7 @@ class Admission:
 
     def _shed(self, reason: str, message: str) -> Overloaded:
         self.metrics.rejected.labels(reason=reason).inc()
-        return Overloaded(message, headers=self.retry_after)
+        return Overloaded(message, headers=self.lifecycle.retry_after)
 
 
 class Ticket:

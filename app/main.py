@@ -74,7 +74,6 @@ def admission_config(settings: Settings) -> AdmissionConfig:
         request_timeout_ms=settings.request_timeout_ms,
         admission_wait_ms=settings.admission_wait_ms,
         max_buffered_bytes=settings.max_buffered_bytes,
-        retry_after_s=settings.retry_after_s,
     )
 
 

@@ -14,9 +14,9 @@ pytestmark = pytest.mark.anyio
 
 
 def make(timeout_ms: float = 1000, wait_ms: float = 60_000, max_bytes: int = 100) -> Admission:
-    lifecycle = Lifecycle(retry_after_s=1)
+    lifecycle = Lifecycle(retry_after_s=4)
     lifecycle.mark_warmed([1])
-    config = AdmissionConfig(timeout_ms, wait_ms, max_bytes, retry_after_s=4)
+    config = AdmissionConfig(timeout_ms, wait_ms, max_bytes)
     return Admission(config, lifecycle, Metrics())
 
 
