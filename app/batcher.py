@@ -172,9 +172,15 @@ class Batcher:
         close_at = first.enqueued_at + self.config.max_wait_ms / 1000
         loop = asyncio.get_running_loop()
         while len(batch) < self.config.max_batch_size:
+            if not self._queue.empty():  # what is queued now joins without a timer
+                batch.append(self._queue.get_nowait())
+                continue
+            remaining = close_at - loop.time()
+            if remaining <= 0:
+                break
             try:
                 # asyncio.timeout, not wait_for: on 3.11 wait_for can drop an item it got.
-                async with asyncio.timeout(max(0.0, close_at - loop.time())):
+                async with asyncio.timeout(remaining):
                     batch.append(await self._queue.get())
             except TimeoutError:
                 break

@@ -8,6 +8,7 @@ import os
 import re
 import time
 
+from prometheus_client import Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.handlers import error_response
@@ -51,6 +52,9 @@ class RequestContext:
         self.app = app
         self.metrics = metrics
         self._refusals = {status: _Sampler(REFUSAL_LOG_INTERVAL_S) for status in SAMPLED_STATUSES}
+        # Labelled children by (endpoint, status), bounded like the labels: a lookup in
+        # prometheus_client takes a lock and builds a tuple on every request.
+        self._series: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -99,8 +103,10 @@ class RequestContext:
 
     def _record(self, scope: Scope, status: int, seconds: float) -> None:
         endpoint = _endpoint_label(scope)
-        self.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
-        self.metrics.request_seconds.labels(endpoint=endpoint).observe(seconds)
+        key = (endpoint, status)
+        counter, histogram = self._series.get(key) or self._add_series(*key)
+        counter.inc()
+        histogram.observe(seconds)
         extra = {
             "method": scope["method"],
             "path": scope["path"],
@@ -113,6 +119,14 @@ class RequestContext:
                 return
             extra["similar_not_logged"] = held_back
         log.info("request", extra=extra)
+
+    def _add_series(self, endpoint: str, status: int) -> tuple[Counter, Histogram]:
+        series = (
+            self.metrics.requests.labels(endpoint=endpoint, status=str(status)),
+            self.metrics.request_seconds.labels(endpoint=endpoint),
+        )
+        self._series[(endpoint, status)] = series
+        return series
 
 
 def _endpoint_label(scope: Scope) -> str:

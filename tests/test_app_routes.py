@@ -16,6 +16,7 @@ from starlette.requests import Request
 from app.disconnect import unless_disconnected
 from app.errors import ClientClosedRequest
 from app.main import create_app, session_config
+from app.schemas import PredictResponse
 from app.session import OnnxModel
 from core.preprocess import Recipe
 from tests.conftest import Serve
@@ -56,6 +57,7 @@ async def test_predict_multipart_many_images_in_order_matching_offline(
         assert [c for c, _ in got] == [c for c, _ in expected]
         assert np.allclose([s for _, s in got], [s for _, s in expected], atol=1e-5)
         assert [p["label"] for p in result["predictions"]] == [LABELS[c] for c, _ in got]
+    assert response.json() == PredictResponse.model_validate_json(response.content).model_dump()
     assert len({r["predictions"][0]["class_id"] for r in body["results"]}) > 1
 
 
@@ -65,6 +67,9 @@ async def test_predict_raw_body_uses_default_top_k(serve: Serve) -> None:
             "/predict", content=image_bytes(1), headers={"content-type": "image/png"}
         )
     assert response.status_code == 200, response.text
+    # The body is written as text (app/routes.py): it must be exactly what the model describes.
+    parsed = PredictResponse.model_validate_json(response.content, strict=True)
+    assert response.json() == parsed.model_dump()
     (result,) = response.json()["results"]
     assert result["filename"] is None
     scores = [p["score"] for p in result["predictions"]]
