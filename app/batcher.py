@@ -1,8 +1,10 @@
 """Dynamic batching between the HTTP handlers and the model.
 
 FIFO and bounded. A batch closes when it holds ``max_batch_size`` images or when its oldest
-image has waited ``max_wait_ms``. The model runs in one dedicated thread, so the event loop
-keeps accepting and decoding while a batch computes.
+image has waited ``max_wait_ms``. Batches compute on dedicated inference threads ("lanes",
+``concurrent_batches`` of them, like Triton's instance count), so the event loop keeps accepting
+and decoding while a batch computes. A batch is collected only when a lane is free: an idle
+model runs what is queued now, and batches grow while every lane is busy.
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ class BatchConfig:
     max_queue_images: int
     request_timeout_ms: float
     retry_after_s: int
+    # Batches computing at once, each on its own thread, all on the one session: while one run
+    # is in a stretch ONNX Runtime cannot split across cores, another's work fills them.
+    concurrent_batches: int = 1
 
 
 @dataclass
@@ -58,18 +63,26 @@ class Batcher:
     config: BatchConfig
     metrics: Metrics
     _queue: asyncio.Queue[_Item] = field(init=False)
-    _executor: ThreadPoolExecutor = field(init=False)
+    _lanes: list[ThreadPoolExecutor] = field(init=False)
+    _free: asyncio.Queue[ThreadPoolExecutor] = field(init=False)
     on_failure: Callable[[BaseException], None] = lambda exc: None
     on_batch: Callable[[int, float], None] = lambda images, seconds: None
     _task: asyncio.Task[None] | None = field(init=False, default=None)
     _closing: bool = field(init=False, default=False)
     _failed: BaseException | None = field(init=False, default=None)
-    _current: list[_Item] = field(init=False, default_factory=list)
+    _collecting: list[_Item] = field(init=False, default_factory=list)
+    _running: dict[asyncio.Task[None], list[_Item]] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
-        # The queue is created here, so construct the Batcher inside the running loop.
+        # The queues are created here, so construct the Batcher inside the running loop.
         self._queue = asyncio.Queue(maxsize=self.config.max_queue_images)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._lanes = [
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"inference_{lane}")
+            for lane in range(self.config.concurrent_batches)
+        ]
+        self._free = asyncio.Queue()
+        for lane in self._lanes:
+            self._free.put_nowait(lane)
         self.metrics.track_queue_depth(self._queue.qsize)
 
     @property
@@ -81,25 +94,34 @@ class Batcher:
         self._task.add_done_callback(self._watch)
 
     def _watch(self, task: asyncio.Task[None]) -> None:
-        """If the loop ever dies, nobody would complete the queued futures: fail them all."""
+        """If the loop or a batch ever dies, nobody would complete the queued futures: fail them."""
+        stranded = list(self._running.pop(task, []))
         if task.cancelled() or task.exception() is None:
             return
         error = task.exception()
         assert error is not None
-        self._failed = error
-        log.error("the batching task died", exc_info=error)
-        stranded = list(self._current)
-        while not self._queue.empty():
-            stranded.append(self._queue.get_nowait())
-            self._queue.task_done()
+        if self._failed is None:
+            self._failed = error
+            log.error("the batching task died", exc_info=error)
+            stranded += self._collecting
+            stranded += (item for batch in self._running.values() for item in batch)
+            while not self._queue.empty():
+                stranded.append(self._queue.get_nowait())
+                self._queue.task_done()
         for item in stranded:
             if not item.future.done():
                 item.future.set_exception(InferenceFailed(f"the batching task died: {error!r}"))
-        self.on_failure(error)
+        if self._failed is error:
+            self.on_failure(error)
 
     async def run_in_model_thread(self, fn: Callable[[], None]) -> None:
-        """Run work such as warm-up on the inference thread, so it never races a batch."""
-        await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        """Run work such as timing a batch on an inference thread, so it never races a batch."""
+        await asyncio.get_running_loop().run_in_executor(self._lanes[0], fn)
+
+    async def run_on_every_lane(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on each inference thread in turn: warm-up, where a lane owns its buffers."""
+        for lane in self._lanes:
+            await asyncio.get_running_loop().run_in_executor(lane, fn)
 
     async def submit(
         self, images: Sequence[np.ndarray], deadline: float | None = None
@@ -152,19 +174,31 @@ class Batcher:
         await self._queue.join()
         if self._task is not None:
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        self._executor.shutdown(wait=True)
+            await asyncio.gather(self._task, *self._running, return_exceptions=True)
+        for lane in self._lanes:
+            lane.shutdown(wait=True)
 
     async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
-            self._current = batch = await self._collect()
-            try:
-                live = self._admit(batch)
-                if live:
-                    self._fan_out(live, await self._run(live))
-            finally:
-                for _ in batch:
-                    self._queue.task_done()
+            lane = await self._free.get()
+            if self._failed is not None:
+                return
+            self._collecting = batch = await self._collect()
+            task = loop.create_task(self._process(lane, batch), name="batch")
+            self._running[task] = batch
+            self._collecting = []
+            task.add_done_callback(self._watch)
+
+    async def _process(self, lane: ThreadPoolExecutor, batch: list[_Item]) -> None:
+        try:
+            live = self._admit(batch)
+            if live:
+                self._fan_out(live, await self._run(lane, live))
+        finally:
+            for _ in batch:
+                self._queue.task_done()
+            self._free.put_nowait(lane)
 
     async def _collect(self) -> list[_Item]:
         first = await self._queue.get()
@@ -206,9 +240,12 @@ class Batcher:
             live.append(item)
         return live
 
-    async def _run(self, batch: list[_Item]) -> np.ndarray | ServiceError:
+    async def _run(self, lane: ThreadPoolExecutor, batch: list[_Item]) -> np.ndarray | ServiceError:
         """The model's outputs for ``batch``, or the error that fails exactly this batch."""
         loop = asyncio.get_running_loop()
+        # Batches sharing the cores each take longer: admission needs the cost per image of the
+        # whole pipeline, so a run's time is shared among the batches running beside it.
+        sharing = max(1, len(self._lanes) - self._free.qsize())
         started = time.perf_counter()
         size = bucket_for(len(batch), self.config.buckets)
         try:
@@ -216,7 +253,7 @@ class Batcher:
             if size > len(batch):
                 padding = np.zeros((size - len(batch), *inputs.shape[1:]), inputs.dtype)
                 inputs = np.concatenate([inputs, padding])
-            outputs = await loop.run_in_executor(self._executor, self.model_fn, inputs)
+            outputs = await loop.run_in_executor(lane, self.model_fn, inputs)
         except Exception as exc:
             log.exception("inference failed", extra={"batch_size": len(batch)})
             return InferenceFailed(f"inference failed for a batch of {len(batch)}: {exc!r}")
@@ -225,7 +262,7 @@ class Batcher:
                 f"model returned {len(outputs)} outputs for a batch of {size} images"
             )
         seconds = time.perf_counter() - started
-        self.on_batch(len(batch), seconds)
+        self.on_batch(len(batch), seconds / sharing)
         self.metrics.inference_seconds.observe(seconds)
         self.metrics.batch_size.observe(len(batch))
         self.metrics.padded_batch_size.observe(size)

@@ -3,11 +3,14 @@
 On CUDA they live on the device: a batch costs one host-to-device copy of its uint8 images and one
 copy back of its probabilities, and with ``cuda_graphs`` each bucket replays the CUDA graph captured
 at warm-up (one ``gpu_graph_id`` per bucket). On the CPU the same code runs on host buffers, which
-is how CI tests it.
+is how CI tests it. Each inference thread (app.batcher's lanes) gets its own set on first use, so
+batches computing at once never share a buffer or a graph.
 """
 
 from __future__ import annotations
 
+import itertools
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -37,26 +40,39 @@ class BoundBuckets:
         graphs: bool,
     ) -> None:
         self._session = session
-        self._slots = {
-            bucket: _slot(
-                session, bucket, crop_size, num_classes, device, graph_id if graphs else None
-            )
-            for graph_id, bucket in enumerate(buckets)
-        }
-
-    @property
-    def buckets(self) -> list[int]:
-        return list(self._slots)
+        self.buckets = list(buckets)
+        self._shape = (crop_size, num_classes, device)
+        self._graphs = graphs
+        self._lanes = itertools.count()  # a CUDA graph id is unique per (thread, bucket)
+        self._local = threading.local()
 
     def run(self, images: np.ndarray) -> np.ndarray:
         """uint8[B, S, S, 3] -> float32[B, C] for a bucket size B (the batcher pads to one)."""
-        slot = self._slots.get(len(images))
+        slot = self._slots().get(len(images))
         if slot is None:
             raise ValueError(f"a batch of {len(images)} is not one of the buckets {self.buckets}")
         slot.images.update_inplace(np.ascontiguousarray(images))
         self._session.run_with_iobinding(slot.binding, slot.options)
         # A copy: the buffer is overwritten by this bucket's next batch.
         return np.array(slot.probabilities.numpy(), copy=True)
+
+    def _slots(self) -> dict[int, _Slot]:
+        slots: dict[int, _Slot] | None = getattr(self._local, "slots", None)
+        if slots is None:
+            first_id = next(self._lanes) * len(self.buckets)
+            crop_size, num_classes, device = self._shape
+            slots = self._local.slots = {
+                bucket: _slot(
+                    self._session,
+                    bucket,
+                    crop_size,
+                    num_classes,
+                    device,
+                    first_id + index if self._graphs else None,
+                )
+                for index, bucket in enumerate(self.buckets)
+            }
+        return slots
 
 
 def _slot(

@@ -66,6 +66,7 @@ def batch_config(settings: Settings, provider: str) -> BatchConfig:
         max_queue_images=settings.max_queue_images,
         request_timeout_ms=settings.request_timeout_ms,
         retry_after_s=settings.retry_after_s,
+        concurrent_batches=settings.concurrent_batches,
     )
 
 
@@ -169,7 +170,7 @@ async def _warm_up(model: OnnxModel, batcher: Batcher, admission: Admission) -> 
     max_batch_size = sizes[-1]
     log.info("warming up", extra={"batch_sizes": sizes})
     try:
-        await batcher.run_in_model_thread(partial(model.warm_up, sizes))
+        await batcher.run_on_every_lane(partial(model.warm_up, sizes))
         # A warm, timed full batch: admission's first estimate of the cost per image.
         started = time.perf_counter()
         await batcher.run_in_model_thread(partial(model.warm_up, [max_batch_size]))

@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     # now, and batches form while it is busy. A wait > 0 only holds a lone image back.
     max_wait_ms: float = Field(0.0, ge=0)
     max_queue_images: int = Field(1024, ge=1)
+    # Batches computing at once on the one session, each on its own inference thread.
+    concurrent_batches: int = Field(1, ge=1, le=16)
     # From the moment the body is in: admission sheds what cannot finish inside it (503), and
     # what still overstays it answers 504 without using the model.
     request_timeout_ms: float = Field(5_000.0, gt=0)

@@ -95,7 +95,7 @@ async def test_failing_batch_fails_exactly_its_own_requests() -> None:
     spared = batcher._enqueue([image(14)])
     for _ in range(2):
         batch = await batcher._collect()
-        batcher._fan_out(batch, await batcher._run(batch))
+        batcher._fan_out(batch, await batcher._run(batcher._lanes[0], batch))
     for future in doomed:
         with pytest.raises(InferenceFailed, match="boom"):
             future.result()
@@ -106,7 +106,7 @@ async def test_wrong_number_of_outputs_fails_the_batch() -> None:
     batcher = make_batcher(lambda batch: echo(batch)[:1])
     futures = batcher._enqueue([image(1), image(2)])
     batch = await batcher._collect()
-    batcher._fan_out(batch, await batcher._run(batch))
+    batcher._fan_out(batch, await batcher._run(batcher._lanes[0], batch))
     for future in futures:
         with pytest.raises(InferenceFailed, match="1 outputs for a batch of 2"):
             future.result()
@@ -137,7 +137,7 @@ async def test_cancelled_items_are_dropped_before_inference() -> None:
     gone[0].cancel()
     batch = await batcher._collect()
     live = batcher._admit(batch)
-    batcher._fan_out(live, await batcher._run(live))
+    batcher._fan_out(live, await batcher._run(batcher._lanes[0], live))
     assert model.batches == [[2]]
     assert float(kept[0].result()[0]) == 2
 
@@ -227,3 +227,36 @@ async def test_batches_are_padded_to_their_bucket_and_padding_never_comes_back()
 
 def test_bucket_for_picks_the_smallest_that_fits() -> None:
     assert [bucket_for(n, (1, 2, 4, 8)) for n in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]
+
+
+async def test_concurrent_batches_compute_at_once_on_their_own_threads() -> None:
+    # Each batch waits inside the model until the other arrives: only two lanes can pass.
+    both_inside = threading.Barrier(2, timeout=30)
+    threads: set[str] = set()
+
+    def meet(batch: np.ndarray) -> np.ndarray:
+        threads.add(threading.current_thread().name)
+        both_inside.wait()
+        return echo(batch)
+
+    batcher = make_batcher(meet, max_batch_size=2, concurrent_batches=2)
+    batcher.start()
+    first = asyncio.ensure_future(batcher.submit([image(1), image(2)]))
+    await asyncio.sleep(0)  # loop turns only: the first batch leaves before the second comes
+    second = asyncio.ensure_future(batcher.submit([image(3)]))
+    results = await asyncio.gather(first, second)
+    await batcher.drain()
+    assert [[float(r[0]) for r in result] for result in results] == [[1, 2], [3]]
+    assert len(threads) == 2
+
+
+async def test_a_dead_batch_among_concurrent_ones_fails_every_waiter() -> None:
+    failures: list[BaseException] = []
+    batcher = make_batcher(lambda batch: None, max_batch_size=1, concurrent_batches=3)  # type: ignore[arg-type,return-value]
+    batcher.on_failure = failures.append
+    queued = batcher._enqueue([image(v) for v in range(7)])
+    batcher.start()
+    results = await asyncio.gather(*queued, return_exceptions=True)
+    assert all(isinstance(r, InferenceFailed) for r in results), results
+    assert [type(f) for f in failures] == [TypeError]
+    await batcher.drain()

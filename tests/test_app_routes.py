@@ -354,6 +354,21 @@ async def test_not_ready_until_warmed_up_then_ready(gated: GatedModel, make_sett
     assert model["batching"]["warmed_batch_sizes"] == [1, 2, 3, 4]
 
 
+async def test_every_inference_lane_is_warm_before_readiness(make_settings: Any) -> None:
+    model = OnnxModel.load(session_config(make_settings()))
+    app = create_app(make_settings(concurrent_batches=3), model)
+    async with app.router.lifespan_context(app):
+        await app.state.lifecycle.wait_warmed()
+        assert model._bound is not None
+        assert next(model._bound._lanes) == 3  # three threads have bound their buffers
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            answers = await asyncio.gather(
+                *(client.post("/predict", files=files(image_bytes(s))) for s in range(6))
+            )
+    assert [a.status_code for a in answers] == [200] * 6
+
+
 async def test_draining_turns_readiness_and_admission_to_503(serve: Serve) -> None:
     async with serve() as client:
         client._transport.app.state.lifecycle.draining = True  # type: ignore[attr-defined]

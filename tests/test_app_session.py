@@ -2,12 +2,14 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from app.bound import BoundBuckets
 from app.main import session_config
 from app.session import CPU, CUDA, OnnxModel, choose_providers
 from app.settings import Settings
@@ -125,3 +127,30 @@ def test_bound_buckets_match_a_plain_run_and_keep_earlier_results(
     np.testing.assert_allclose(again, plain.predict(batches[0][::-1].copy()), atol=1e-6)
     with pytest.raises(ValueError, match=r"batch of 3 is not one of the buckets \[1, 2, 4\]"):
         bound.predict(np.zeros((3, CROP_SIZE, CROP_SIZE, 3), np.uint8))
+
+
+def test_each_inference_thread_binds_its_own_buffers_and_graph_ids(
+    make_settings: Callable[..., Settings],
+) -> None:
+    plain = OnnxModel.load(session_config(make_settings()))
+    bound = BoundBuckets(plain._session, [1, 2], CROP_SIZE, len(LABELS), device="cpu", graphs=True)
+    rng = np.random.default_rng(1)
+    batches = [rng.integers(0, 256, (2, CROP_SIZE, CROP_SIZE, 3), dtype=np.uint8) for _ in range(8)]
+    ids: dict[str, list[str]] = {}
+    outputs: dict[str, list[np.ndarray]] = {}
+
+    def lane(name: str) -> None:
+        slots = bound._slots()
+        options = [slot.options for slot in slots.values()]
+        ids[name] = [o.get_run_config_entry("gpu_graph_id") for o in options if o is not None]
+        outputs[name] = [bound.run(batch) for batch in batches]
+
+    threads = [threading.Thread(target=lane, args=(name,)) for name in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(ids["a"] + ids["b"]) == ["0", "1", "2", "3"]
+    for name in ("a", "b"):
+        for batch, output in zip(batches, outputs[name], strict=True):
+            np.testing.assert_allclose(output, plain.predict(batch), atol=1e-6)
