@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from core.errors import ModelError
@@ -31,6 +32,14 @@ REQUIRED_KEYS = (
     "source_sha256",
     "accuracy",
 )
+
+
+def variant_path(path: Path, precision: str) -> Path:
+    """Where ``model build --also PRECISION`` writes a variant, and where the server looks for it:
+    beside ``path``, ``model.onnx`` -> ``model.fp16.onnx``."""
+    if precision not in PRECISIONS:
+        raise ModelError(f"precision {precision!r} is not one of {PRECISIONS}")
+    return path.with_name(f"{path.stem}.{precision}{path.suffix}")
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 python -m model build                                   # digits demo: train + export
 python -m model build --checkpoint resnet50-0676ba61.pth # torchvision ImageNet weights
 python -m model build --data photos/ --checkpoint resnet50-0676ba61.pth  # fine-tune, export
+python -m model build --also fp16   # fp32 at --out, fp16 beside it (model.fp16.onnx) for CUDA
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from core.contract import PRECISIONS, variant_path
 from core.errors import ModelError
 from model import checkpoint
 from model.data import DIGITS, IMAGE_SUFFIXES
@@ -33,45 +35,83 @@ class BuildConfig:
     checkpoint: str | None = None  # torchvision .pth or our .pt; with --data: fine-tune from it
     data: str | None = None  # ImageFolder to train on; default: the digits demo
     precision: str = "fp32"  # fp32 | fp16 (for CUDA) | int8 (for CPU)
+    also: str | None = None  # more precisions, comma-separated, each beside --out: model.fp16.onnx
     epochs: int | None = None  # default: TrainConfig's
     seed: int = 0  # seeds data order, augmentation and initialisation
     force: bool = False  # rebuild even when the inputs are unchanged
 
 
 def build(config: BuildConfig) -> Path:
+    """Write every requested precision that is missing or stale; return ``config.out``."""
     out = Path(config.out)
-    stamp = out.with_name(out.name + ".build.json")
     inputs = _inputs(config)
-    key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
-    if not config.force and out.is_file() and _read_stamp(stamp).get("key") == key:
-        log.info("%s is up to date (inputs unchanged); nothing to do", out)
+    targets = _targets(config, out)
+    stale = []
+    for precision, path in targets:
+        # Keyed per file: adding --also fp16 later must not rebuild the fp32 file beside it.
+        key = _key({**inputs, "precision": precision})
+        stamp = path.with_name(path.name + ".build.json")
+        if not config.force and path.is_file() and _read_stamp(stamp).get("key") == key:
+            log.info("%s is up to date (inputs unchanged); nothing to do", path)
+        else:
+            stale.append((precision, path, key))
+    if not stale:
         return out
-    source = _source_checkpoint(config, out)
+    # A fresh sibling was exported from the checkpoint these same inputs trained: reuse it.
+    source = _source_checkpoint(config, out, reuse=len(stale) < len(targets))
     ckpt = checkpoint.load(source)
-    calibration = calibration_for(ckpt, None) if config.precision == "int8" else None
-    log.info("exporting %s to ONNX (%s) and checking it against PyTorch", source, config.precision)
-    metadata = export(
-        ckpt,
-        out,
-        precision=config.precision,
-        eval_set=eval_set_for(ckpt, None),
-        calibration=calibration,
-    )
-    with atomic_path(stamp) as tmp:
-        tmp.write_text(
-            json.dumps({"key": key, "inputs": inputs, "metadata": metadata.to_dict()}, indent=2)
+    for precision, path, key in stale:
+        calibration = calibration_for(ckpt, None) if precision == "int8" else None
+        log.info("exporting %s to ONNX (%s) and checking it against PyTorch", source, precision)
+        metadata = export(
+            ckpt,
+            path,
+            precision=precision,
+            eval_set=eval_set_for(ckpt, None),
+            calibration=calibration,
         )
+        stamp = path.with_name(path.name + ".build.json")
+        with atomic_path(stamp) as tmp:
+            tmp.write_text(
+                json.dumps(
+                    {
+                        "key": key,
+                        "inputs": {**inputs, "precision": precision},
+                        "metadata": metadata.to_dict(),
+                    },
+                    indent=2,
+                )
+            )
     return out
 
 
-def _source_checkpoint(config: BuildConfig, out: Path) -> Path:
+def _targets(config: BuildConfig, out: Path) -> list[tuple[str, Path]]:
+    also = [p.strip() for p in (config.also or "").split(",") if p.strip()]
+    for precision in [config.precision, *also]:
+        if precision not in PRECISIONS:
+            raise ModelError(f"precision {precision!r} is not one of {PRECISIONS}")
+    if config.precision in also or len(set(also)) != len(also):
+        raise ModelError(
+            f"--also {config.also!r} repeats a precision (--precision is {config.precision})"
+        )
+    return [(config.precision, out), *((p, variant_path(out, p)) for p in also)]
+
+
+def _key(inputs: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def _source_checkpoint(config: BuildConfig, out: Path, *, reuse: bool) -> Path:
     if config.data is None and config.checkpoint is not None:
         return Path(config.checkpoint)
+    trained = out.with_name(out.stem + ".checkpoint.pt")
+    if reuse and trained.is_file():
+        return trained
     train_config = TrainConfig(
         data=config.data or DIGITS,
         init=config.checkpoint,
         seed=config.seed,
-        out=str(out.with_name(out.stem + ".checkpoint.pt")),
+        out=str(trained),
     )
     if config.epochs:
         train_config = dataclasses.replace(train_config, epochs=config.epochs)
@@ -79,7 +119,8 @@ def _source_checkpoint(config: BuildConfig, out: Path) -> Path:
 
 
 def _inputs(config: BuildConfig) -> dict[str, Any]:
-    inputs: dict[str, Any] = {k: v for k, v in dataclasses.asdict(config).items() if k != "force"}
+    skip = ("force", "also", "precision")  # precision: set per file by build()
+    inputs: dict[str, Any] = {k: v for k, v in dataclasses.asdict(config).items() if k not in skip}
     try:
         inputs["resnet_serve"] = version("resnet-serve")
     except PackageNotFoundError:

@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from core.errors import ModelError
 from model.build import BuildConfig, build
 from model.export import read_metadata
 
@@ -40,3 +41,36 @@ def test_changed_checkpoint_or_precision_rebuilds(tiny_checkpoint: Path, tmp_pat
 
     build(BuildConfig(out=str(out), checkpoint=str(source), precision="fp16"))
     assert read_metadata(out).precision == "fp16"
+
+
+def test_also_writes_each_precision_beside_out_and_caches_each(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "model.onnx"
+    build(BuildConfig(out=str(out), checkpoint=str(tiny_checkpoint)))
+    fp32_written = out.stat().st_mtime_ns
+
+    build(BuildConfig(out=str(out), checkpoint=str(tiny_checkpoint), also="fp16"))
+    sibling = tmp_path / "model.fp16.onnx"
+    assert read_metadata(sibling).precision == "fp16"
+    assert read_metadata(out).precision == "fp32"
+    assert out.stat().st_mtime_ns == fp32_written  # the fp32 file was up to date
+
+
+@pytest.mark.parametrize(
+    ("precision", "also"),
+    [("fp32", "fp32"), ("fp32", "fp16,fp16"), ("fp32", "bf16")],
+    ids=["repeats-precision", "repeats-itself", "unknown"],
+)
+def test_bad_also_is_refused_before_any_work(
+    tiny_checkpoint: Path, tmp_path: Path, precision: str, also: str
+) -> None:
+    config = BuildConfig(
+        out=str(tmp_path / "m.onnx"),
+        checkpoint=str(tiny_checkpoint),
+        precision=precision,
+        also=also,
+    )
+    with pytest.raises(ModelError, match="precision"):
+        build(config)
+    assert not list(tmp_path.glob("*.onnx"))
