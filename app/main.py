@@ -27,10 +27,11 @@ from app.metrics import Metrics
 from app.middleware import RequestContext
 from app.oip.routes import router as oip_router
 from app.page import install_page
+from app.providers import CUDA, GPU, GpuOptions, default_trt_cache_dir
 from app.routes import router
 from app.schema_bounds import install_schema_bounds
 from app.service import Classifier, ClassifyConfig
-from app.session import CUDA, OnnxModel, SessionConfig
+from app.session import OnnxModel, SessionConfig
 from app.settings import Settings
 from app.uploads import UploadLimits
 
@@ -38,13 +39,21 @@ log = logging.getLogger(__name__)
 
 
 def session_config(settings: Settings) -> SessionConfig:
+    buckets = batch_buckets(settings, CUDA)
     return SessionConfig(
         model_path=settings.model_path,
         providers=settings.providers,
+        precision=settings.model_precision,
         intra_op_threads=settings.intra_op_threads,
         spinning=settings.ort_spinning,
-        cuda_graphs=settings.cuda_graphs,
         graph_optimization=settings.graph_optimization,
+        gpu=GpuOptions(
+            cuda_graphs=settings.cuda_graphs,
+            conv_algo_search=settings.cuda_conv_algo_search,
+            prefer_nhwc=settings.cuda_prefer_nhwc,
+            trt_cache_dir=settings.trt_cache_dir or default_trt_cache_dir(settings.model_path),
+            batch_range=(buckets[0], buckets[-1]),
+        ),
     )
 
 
@@ -52,7 +61,7 @@ def batch_buckets(settings: Settings, provider: str) -> tuple[int, ...]:
     if settings.batch_buckets is not None:
         return settings.batch_buckets
     largest = settings.max_batch_size
-    if provider == CUDA:
+    if provider in GPU:
         powers = (2**i for i in range(largest.bit_length()))
         return (*(size for size in powers if size < largest), largest)
     return tuple(range(1, largest + 1))

@@ -11,13 +11,23 @@ import numpy as np
 import onnxruntime as ort
 
 from app.bound import BoundBuckets
+from app.providers import (
+    CPU,
+    CUDA,
+    GPU,
+    TENSORRT,
+    GpuOptions,
+    check_precision,
+    choose_providers,
+    model_file,
+    provider_options,
+    session_providers,
+)
 from core.contract import INPUT_NAME, OUTPUT_NAME, ModelMetadata
 from core.errors import ModelError
 
 log = logging.getLogger(__name__)
 
-CUDA = "CUDAExecutionProvider"
-CPU = "CPUExecutionProvider"
 OPTIMIZATION_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -41,22 +51,12 @@ SPINNING = {
 @dataclass(frozen=True)
 class SessionConfig:
     model_path: Path
-    providers: str  # auto | cuda | cpu
+    providers: str  # auto | cuda | tensorrt | cpu (app.providers.ACCEPTABLE)
+    precision: str  # auto | fp32 | fp16 | int8: which file beside model_path (app.providers)
     intra_op_threads: int  # 0: ONNX Runtime picks
     spinning: str  # off | in_run | always: when ORT's threads may busy-wait for work
-    cuda_graphs: bool  # on CUDA: capture one graph per batch bucket at warm-up, replay it after
     graph_optimization: str
-
-
-def choose_providers(requested: str, available: Sequence[str]) -> tuple[list[str], str]:
-    """Providers to ask ONNX Runtime for, and why, from the setting and what is installed."""
-    if requested == "cpu":
-        return [CPU], "providers=cpu"
-    if CUDA in available:
-        return [CUDA, CPU], f"providers={requested} and {CUDA} is available"
-    if requested == "cuda":
-        raise ModelError(f"providers=cuda but {CUDA} is not available (have {list(available)})")
-    return [CPU], f"providers=auto and {CUDA} is not available (have {list(available)})"
+    gpu: GpuOptions
 
 
 class OnnxModel:
@@ -71,19 +71,38 @@ class OnnxModel:
 
     @classmethod
     def load(cls, config: SessionConfig) -> OnnxModel:
-        path = config.model_path
-        if not path.is_file():
-            raise ModelError(f"model file not found: {path} (set RESNET_SERVE_MODEL_PATH)")
-        providers, reason = choose_providers(config.providers, ort.get_available_providers())
-        session = _open_session(path, providers, config)
-        if CUDA in providers and session.get_providers()[0] != CUDA:
-            if config.providers == "cuda":
-                raise ModelError(f"{CUDA} failed to initialise; see the onnxruntime log above")
-            reason = f"{CUDA} is installed but failed to initialise; see the onnxruntime log"
+        if not config.model_path.is_file():
+            raise ModelError(
+                f"model file not found: {config.model_path} (set RESNET_SERVE_MODEL_PATH)"
+            )
+        chosen, reason = choose_providers(config.providers, ort.get_available_providers())
+        # A provider that fails to initialise (missing libraries) makes ORT fall back in
+        # silence; each fallback the setting accepts is opened afresh, with its own file.
+        for index, provider in enumerate(chosen):
+            path = model_file(config.model_path, config.precision, provider)
+            session = _open_session(path, session_providers(chosen[index:]), config)
+            if session.get_providers()[0] == provider:
+                break
+            following = chosen[index + 1] if index + 1 < len(chosen) else None
+            if following is None:
+                raise ModelError(
+                    f"providers={config.providers}: {provider} failed to initialise and "
+                    "nothing else is accepted; see the onnxruntime log above"
+                )
+            reason += f"; {provider} failed to initialise, falling back to {following}"
+            log.warning(
+                "%s failed to initialise (see the onnxruntime log above); trying %s",
+                provider,
+                following,
+            )
         metadata = ModelMetadata.from_props(session.get_modelmeta().custom_metadata_map)
+        check_precision(config.precision, metadata.precision, provider, path)
         _check_graph(session, metadata)
-        model = cls(session, metadata, cuda_graphs=config.cuda_graphs)
-        log.info("model loaded", extra={"provider": model.provider, "reason": reason})
+        model = cls(session, metadata, cuda_graphs=config.gpu.cuda_graphs)
+        log.info(
+            "model loaded",
+            extra={"provider": model.provider, "path": str(path), "reason": reason},
+        )
         return model
 
     def bind(self, buckets: Sequence[int]) -> None:
@@ -93,7 +112,8 @@ class OnnxModel:
             buckets,
             self.metadata.recipe.crop_size,
             self.metadata.num_classes,
-            device="cuda" if self.provider == CUDA else "cpu",
+            device="cuda" if self.provider in GPU else "cpu",
+            # TensorRT runs its engine in one launch already; graphs are the CUDA provider's.
             graphs=self.provider == CUDA and self.cuda_graphs,
         )
 
@@ -118,14 +138,29 @@ def _open_session(path: Path, providers: list[str], config: SessionConfig) -> or
     options.graph_optimization_level = OPTIMIZATION_LEVELS[config.graph_optimization]
     for key, value in SPINNING[config.spinning].items():
         options.add_session_config_entry(key, value)
-    # A captured graph replays fixed device buffers: app.bound binds one set per bucket.
-    cuda_options = {"enable_cuda_graph": "1"} if config.cuda_graphs else {}
-    chosen = [(p, cuda_options) if p == CUDA else (p, {}) for p in providers]
+    # TensorRT's profile needs the crop size before the session exists: a CPU session with
+    # optimisation off reads the metadata (well under a second even for ResNet-50).
+    crop = _crop_size(path) if TENSORRT in providers else 0
+    chosen = [(p, provider_options(p, config.gpu, crop)) for p in providers]
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=chosen)
     except Exception as exc:  # ORT raises its own exception types, not importable uniformly
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"cannot load ONNX model {path}: {first_line}") from exc
+        raise ModelError(f"cannot load ONNX model {path}: {_first_line(exc)}") from exc
+
+
+def _crop_size(path: Path) -> int:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        session = ort.InferenceSession(str(path), sess_options=options, providers=[CPU])
+    except Exception as exc:  # as above
+        raise ModelError(f"cannot load ONNX model {path}: {_first_line(exc)}") from exc
+    return ModelMetadata.from_props(session.get_modelmeta().custom_metadata_map).recipe.crop_size
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _check_graph(session: ort.InferenceSession, info: ModelMetadata) -> None:

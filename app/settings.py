@@ -12,7 +12,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from core.preprocess import DEFAULT_FORMATS, Limits
 
 ENV_PREFIX = "RESNET_SERVE_"
-Providers = Literal["auto", "cuda", "cpu"]
+Providers = Literal["auto", "cuda", "tensorrt", "cpu"]
+Precision = Literal["auto", "fp32", "fp16", "int8"]
 GraphOptimization = Literal["disable", "basic", "extended", "all"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 
@@ -34,11 +35,20 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = None
     metrics_api_keys_file: Path | None = None
 
+    # auto: CUDA where it works, else the CPU. cuda: CUDA or fail. tensorrt: TensorRT (fp16
+    # engine, cached), falling back to CUDA, never to the CPU (app.providers).
     providers: Providers = "auto"
+    # Which file beside model_path: auto serves model.fp16.onnx on CUDA where it exists (built
+    # by `model build --also fp16`), model_path everywhere else; a pinned one must match.
+    model_precision: Precision = "auto"
     intra_op_threads: int = Field(0, ge=0, description="0 lets ONNX Runtime pick")
     # When ORT's threads may busy-wait: within a run only (default), never, or always (ORT's own).
     ort_spinning: Literal["off", "in_run", "always"] = "off"
     cuda_graphs: bool = True  # CUDA only: one captured graph per batch bucket
+    cuda_conv_algo_search: Literal["exhaustive", "heuristic", "default"] = "exhaustive"
+    cuda_prefer_nhwc: bool = False
+    # TensorRT engines and timing cache; default: trt-cache/ beside model_path (must be writable).
+    trt_cache_dir: Path | None = None
     graph_optimization: GraphOptimization = "all"
 
     max_batch_size: int = Field(8, ge=1, le=1024)

@@ -11,7 +11,7 @@ import pytest
 
 from app.bound import BoundBuckets
 from app.main import session_config
-from app.session import CPU, CUDA, OnnxModel, choose_providers
+from app.session import CPU, OnnxModel
 from app.settings import Settings
 from core.errors import ModelError
 from tests.helpers.models import CROP_SIZE, LABELS, build_model
@@ -87,27 +87,6 @@ def test_corrupt_file(tmp_path: Path, make_settings: Callable[..., Settings]) ->
     with pytest.raises(ModelError, match="cannot load ONNX model") as raised:
         OnnxModel.load(session_config(make_settings(model_path=path)))
     assert "\n" not in str(raised.value)
-
-
-@pytest.mark.parametrize(
-    ("requested", "available", "expected"),
-    [
-        ("auto", [CUDA, CPU], [CUDA, CPU]),
-        ("auto", [CPU], [CPU]),
-        ("cuda", [CUDA, CPU], [CUDA, CPU]),
-        ("cpu", [CUDA, CPU], [CPU]),
-    ],
-    ids=["auto-with-cuda", "auto-without-cuda", "cuda", "cpu-forced"],
-)
-def test_choose_providers(requested: str, available: list[str], expected: list[str]) -> None:
-    providers, reason = choose_providers(requested, available)
-    assert providers == expected
-    assert requested in reason
-
-
-def test_cuda_requested_but_unavailable_is_an_error() -> None:
-    with pytest.raises(ModelError, match="providers=cuda but CUDAExecutionProvider"):
-        choose_providers("cuda", [CPU])
 
 
 def test_bound_buckets_match_a_plain_run_and_keep_earlier_results(
