@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import onnxruntime as ort
 import pytest
@@ -186,8 +187,9 @@ def test_gpu_providers_get_power_of_two_buckets(model_path: Path) -> None:
     ],
 )
 def test_gpu_settings_are_validated(model_path: Path, name: str, value: str) -> None:
+    values: dict[str, Any] = {"model_path": model_path, name: value}
     with pytest.raises(ValidationError, match=name):
-        Settings(model_path=model_path, **{name: value})
+        Settings(**values)
 
 
 @pytest.fixture
