@@ -86,7 +86,7 @@ COPY model/ model/
 ENV PYTHONPATH=/opt/resnet-serve
 RUN install -d -o 10001 -g 10001 /models
 USER 10001:10001
-# fp32 for CPUs; fp16 for the GPU image's model (deploy/k8s/overlays/gpu). Checkpoints stay in this stage.
+# fp32 for CPUs; fp16 for the GPU (docker-compose.yml, deploy/k8s/overlays/gpu). Checkpoints stay in this stage.
 ARG MODEL_PRECISION=fp32
 RUN python -m model build --precision "$MODEL_PRECISION" --out /models/model.onnx
 CMD ["python", "-m", "model", "build", "--out", "/models/model.onnx"]

@@ -44,3 +44,29 @@ def test_prometheus_discovers_every_api_replica() -> None:
     assert job["dns_sd_configs"] == [
         {"names": ["api"], "type": "A", "port": PORT, "refresh_interval": "5s"}
     ]
+
+
+def test_the_gpu_stack_builds_and_serves_fp16_and_the_cpu_stack_fp32() -> None:
+    gpu = compose()["services"]["model"]
+    cpu = _override(ROOT / "docker-compose.cpu.yml")["services"]["model"]
+    assert gpu["build"]["args"]["MODEL_PRECISION"] == "fp16"
+    assert cpu["build"]["args"]["MODEL_PRECISION"] == "fp32"
+    assert gpu["image"] != cpu["image"]  # neither build overwrites the other's model image
+    assert "BASE_IMAGE" in gpu["build"]["args"]  # the shared build arguments still apply
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert 'python -m model build --precision "$MODEL_PRECISION"' in dockerfile
+    assert compose()["services"]["api"]["environment"]["RESNET_SERVE_MODEL_PATH"] == (
+        "/models/model.onnx"
+    )
+
+
+class _ComposeLoader(yaml.SafeLoader):
+    """Compose's own tags (``!reset``, ``!override``) read as plain values."""
+
+
+_ComposeLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
+
+
+def _override(path: Path) -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.load(path.read_text(), Loader=_ComposeLoader)
+    return loaded
