@@ -46,19 +46,22 @@ def build(config: BuildConfig) -> Path:
     out = Path(config.out)
     inputs = _inputs(config)
     targets = _targets(config, out)
-    stale = []
+    stale, fresh_sources = [], set()
     for precision, path in targets:
         # Keyed per file: adding --also fp16 later must not rebuild the fp32 file beside it.
         key = _key({**inputs, "precision": precision})
         stamp = path.with_name(path.name + ".build.json")
-        if not config.force and path.is_file() and _read_stamp(stamp).get("key") == key:
+        written = _read_stamp(stamp)
+        if not config.force and path.is_file() and written.get("key") == key:
             log.info("%s is up to date (inputs unchanged); nothing to do", path)
+            fresh_sources.add(written.get("metadata", {}).get("source_sha256"))
         else:
             stale.append((precision, path, key))
     if not stale:
         return out
-    # A fresh sibling was exported from the checkpoint these same inputs trained: reuse it.
-    source = _source_checkpoint(config, out, reuse=len(stale) < len(targets))
+    source, trained = _source_checkpoint(config, out, fresh_sources)
+    if trained:  # every file must come from the one checkpoint: the fresh ones are redone too
+        stale = [(p, path, _key({**inputs, "precision": p})) for p, path in targets]
     ckpt = checkpoint.load(source)
     for precision, path, key in stale:
         calibration = calibration_for(ckpt, None) if precision == "int8" else None
@@ -101,12 +104,16 @@ def _key(inputs: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
-def _source_checkpoint(config: BuildConfig, out: Path, *, reuse: bool) -> Path:
+def _source_checkpoint(
+    config: BuildConfig, out: Path, fresh_sources: set[str]
+) -> tuple[Path, bool]:
+    """The checkpoint to export, and whether it was trained just now."""
     if config.data is None and config.checkpoint is not None:
-        return Path(config.checkpoint)
+        return Path(config.checkpoint), False
     trained = out.with_name(out.stem + ".checkpoint.pt")
-    if reuse and trained.is_file():
-        return trained
+    # An up-to-date sibling was exported from this very checkpoint: export from it, not retrain.
+    if trained.is_file() and checkpoint.sha256_file(trained) in fresh_sources:
+        return trained, False
     train_config = TrainConfig(
         data=config.data or DIGITS,
         init=config.checkpoint,
@@ -115,7 +122,7 @@ def _source_checkpoint(config: BuildConfig, out: Path, *, reuse: bool) -> Path:
     )
     if config.epochs:
         train_config = dataclasses.replace(train_config, epochs=config.epochs)
-    return train(train_config)
+    return train(train_config), True
 
 
 def _inputs(config: BuildConfig) -> dict[str, Any]:

@@ -60,6 +60,8 @@ def run_server(model_path: Path, **settings: str) -> Iterator[Server]:
     port = free_port()
     env = {
         "PATH": os.environ.get("PATH", ""),
+        # Where the GPU machine finds carried wheels and the CUDA libraries (make gpu-check).
+        **{k: os.environ[k] for k in ("PYTHONPATH", "LD_LIBRARY_PATH") if k in os.environ},
         "RESNET_SERVE_MODEL_PATH": str(model_path),
         "RESNET_SERVE_HOST": "127.0.0.1",
         "RESNET_SERVE_PORT": str(port),

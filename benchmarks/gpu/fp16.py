@@ -1,0 +1,26 @@
+"""The fp16 file the speed benchmark needs beside its random-weight fp32 model.
+
+``model build --also fp16`` is the way for real weights: it checks agreement with fp32 and
+refuses a model that disagrees. With random weights agreement means nothing (and can fail), so
+for speed alone this converts the same way export does (``keep_io_types``) and labels it fp16.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+from onnxruntime.transformers.float16 import convert_float_to_float16
+
+from core.contract import variant_path
+
+
+def ensure_fp16(fp32: Path) -> Path:
+    path = variant_path(fp32, "fp16")
+    if path.is_file():
+        return path
+    model = convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=True)
+    props = {p.key: p.value for p in model.metadata_props}
+    onnx.helper.set_model_props(model, props | {"precision": "fp16", "parity": "null"})
+    onnx.save(model, str(path))
+    return path
