@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 PEERS_VENV ?= .venv-peers
 BENCH := artifacts/bench/resnet50-random
 
-.PHONY: run test lint build venv bench bench-models peers-venv bench-peers docker-test clean
+.PHONY: run test lint build venv bench bench-models peers-venv bench-peers docker-test gpu-wheels gpu-check clean
 
 venv: $(VENV)/.installed
 
@@ -74,6 +74,14 @@ bench-peers: venv peers-venv bench-models
 
 docker-test:
 	bash docker/test.sh
+
+# The GPU proof (docs/gpu-check.md). gpu-wheels, here: the wheels a GPU machine with no registry
+# lacks, into .whl/. gpu-check, there: installs them, runs the gpu tests and benchmarks.gpu.
+gpu-wheels:
+	PYTHON=$(PYTHON) bash benchmarks/gpu/wheels.sh
+
+gpu-check:
+	PYTHON=$(PYTHON) bash benchmarks/gpu/check.sh
 
 clean:
 	rm -rf $(VENV) $(PEERS_VENV) artifacts .pytest_cache .mypy_cache .ruff_cache
