@@ -11,7 +11,8 @@ import pytest
 
 from app.bound import BoundBuckets
 from app.main import session_config
-from app.session import CPU, OnnxModel
+from app.providers import CPU
+from app.session import OnnxModel
 from app.settings import Settings
 from core.errors import ModelError
 from tests.helpers.models import CROP_SIZE, LABELS, build_model
