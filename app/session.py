@@ -76,6 +76,8 @@ class OnnxModel:
                 f"model file not found: {config.model_path} (set RESNET_SERVE_MODEL_PATH)"
             )
         chosen, reason = choose_providers(config.providers, ort.get_available_providers())
+        if config.providers == "tensorrt" and chosen[0] != TENSORRT:
+            log.warning("%s is not available: serving on %s", TENSORRT, chosen[0])
         # A provider that fails to initialise (missing libraries) makes ORT fall back in
         # silence; each fallback the setting accepts is opened afresh, with its own file.
         for index, provider in enumerate(chosen):

@@ -256,3 +256,16 @@ def test_a_provider_that_fails_to_initialise_falls_back_only_where_accepted(
     # CUDA would have served model.fp16.onnx; its CPU fallback reopens model.onnx instead.
     assert (model.provider, model.metadata.precision) == (CPU, "fp32")
     assert f"{CUDA} failed to initialise" in caplog.text
+
+
+@LACKING
+def test_tensorrt_missing_is_logged_before_cuda_is_tried(
+    model_path: Path,
+    make_settings: Callable[..., Settings],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU])
+    with pytest.raises(ModelError, match=f"{CUDA} failed to initialise"):
+        OnnxModel.load(session_config(make_settings(providers="tensorrt")))
+    assert f"{TENSORRT} is not available: serving on {CUDA}" in caplog.text
