@@ -46,9 +46,9 @@ class Admission:
         self.buffered_bytes = 0  # request bodies being received, all requests together
         self.seconds_per_image: float | None = None  # None until the model has run
         self._door: deque[asyncio.Future[None]] = deque()
-        metrics.pending_images.set_function(lambda: self.pending_images)
-        metrics.buffered_bytes.set_function(lambda: self.buffered_bytes)
-        metrics.door_waiting.set_function(lambda: len(self._door))
+        metrics.track(metrics.pending_images, lambda: self.pending_images)
+        metrics.track(metrics.buffered_bytes, lambda: self.buffered_bytes)
+        metrics.track(metrics.door_waiting, lambda: len(self._door))
 
     def observe_batch(self, images: int, seconds: float) -> None:
         cost = seconds / images

@@ -32,10 +32,16 @@ from app.routes import router
 from app.schema_bounds import install_schema_bounds
 from app.service import Classifier, ClassifyConfig
 from app.session import OnnxModel, SessionConfig
-from app.settings import Settings
+from app.settings import Settings, cpu_share
 from app.uploads import UploadLimits
 
 log = logging.getLogger(__name__)
+
+
+def intra_op_threads(settings: Settings) -> int:
+    if settings.intra_op_threads or settings.workers == 1:
+        return settings.intra_op_threads
+    return cpu_share(settings.workers)
 
 
 def session_config(settings: Settings) -> SessionConfig:
@@ -44,7 +50,7 @@ def session_config(settings: Settings) -> SessionConfig:
         model_path=settings.model_path,
         providers=settings.providers,
         precision=settings.model_precision,
-        intra_op_threads=settings.intra_op_threads,
+        intra_op_threads=intra_op_threads(settings),
         spinning=settings.ort_spinning,
         graph_optimization=settings.graph_optimization,
         gpu=GpuOptions(
@@ -108,7 +114,7 @@ def create_app(settings: Settings, model: OnnxModel | None = None) -> FastAPI:
     Raises KeyFileError for a configured key file that cannot be used.
     """
     keys = key_files(settings)
-    metrics = Metrics()
+    metrics = Metrics(multiprocess=settings.workers > 1)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -135,13 +141,23 @@ def create_app(settings: Settings, model: OnnxModel | None = None) -> FastAPI:
         loaded.bind(batcher.config.buckets)
         batcher.start()
         warm_up = asyncio.create_task(_warm_up(loaded, batcher, admission))
+        sampler = asyncio.create_task(metrics.sample_forever()) if metrics.multiprocess else None
         try:
+            if settings.workers > 1:
+                # uvicorn accepts only once the lifespan has started, and the workers share one
+                # listening socket: a warming worker leaves its connections to the warm ones.
+                await warm_up
+                if not lifecycle.warmed:
+                    raise RuntimeError("warm-up failed; this worker will not serve")
             yield
         finally:
             lifecycle.draining = True
             await asyncio.gather(warm_up, return_exceptions=True)
             await batcher.drain()
             decoder.shutdown(wait=True)
+            if sampler is not None:
+                sampler.cancel()
+                metrics.sample()
             log.info("drained")
 
     app = FastAPI(

@@ -1,18 +1,32 @@
-"""Prometheus metrics on a per-app registry, so tests (and embedders) can build many apps."""
+"""Prometheus metrics on a per-app registry, so tests (and embedders) can build many apps.
+
+With several workers (app.workers) every process writes its values to files in
+``PROMETHEUS_MULTIPROC_DIR`` (prometheus_client's multiprocess mode, chosen when it is imported),
+and ``/metrics``, whichever worker answers it, reads them all: counters and histograms summed over
+every worker that ever ran, gauges over the live ones (``livesum``).
+"""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 # Seconds; spans sub-millisecond preprocessing up to multi-second overload latencies.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
+# How often a worker writes its callback gauges to the shared files: fresher than any scrape.
+SAMPLE_INTERVAL_S = 0.1
+
+
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, multiprocess: bool = False) -> None:
+        self.multiprocess = multiprocess
+        self._sampled: list[tuple[Gauge, Callable[[], float]]] = []
         self.registry = CollectorRegistry()
         registry = self.registry
         self.requests = Counter(
@@ -29,7 +43,10 @@ class Metrics:
             registry=registry,
         )
         self.in_flight = Gauge(
-            "resnet_serve_requests_in_flight", "HTTP requests being handled", registry=registry
+            "resnet_serve_requests_in_flight",
+            "HTTP requests being handled",
+            multiprocess_mode="livesum",
+            registry=registry,
         )
         self.preprocess_seconds = Histogram(
             "resnet_serve_preprocess_seconds",
@@ -62,7 +79,10 @@ class Metrics:
             registry=registry,
         )
         self.queue_depth = Gauge(
-            "resnet_serve_queue_depth", "Images waiting for a batch", registry=registry
+            "resnet_serve_queue_depth",
+            "Images waiting for a batch",
+            multiprocess_mode="livesum",
+            registry=registry,
         )
         self.rejected = Counter(
             "resnet_serve_rejected",
@@ -79,16 +99,19 @@ class Metrics:
         self.pending_images = Gauge(
             "resnet_serve_pending_images",
             "Images admitted (body read) and not finished: decoding, queued or computing",
+            multiprocess_mode="livesum",
             registry=registry,
         )
         self.door_waiting = Gauge(
             "resnet_serve_admission_waiting",
             "Inference requests waiting for room before their body is read",
+            multiprocess_mode="livesum",
             registry=registry,
         )
         self.buffered_bytes = Gauge(
             "resnet_serve_buffered_bytes",
             "Bytes of request bodies being received, all requests together",
+            multiprocess_mode="livesum",
             registry=registry,
         )
         self.images = Counter(
@@ -96,9 +119,33 @@ class Metrics:
         )
         self.model = Info("resnet_serve_model", "The model being served", registry=registry)
 
+    def track(self, gauge: Gauge, value: Callable[[], float]) -> None:
+        """``value()`` is the gauge: read at scrape time, so the owner never has to remember to
+        update it. A callback cannot be read from another process, so with several workers it
+        is written to the shared files every SAMPLE_INTERVAL_S instead (``sample_forever``)."""
+        if self.multiprocess:
+            self._sampled.append((gauge, value))
+        else:
+            gauge.set_function(value)
+
     def track_queue_depth(self, depth: Callable[[], float]) -> None:
-        # Read at scrape time, so the batcher never has to remember to update it.
-        self.queue_depth.set_function(depth)
+        self.track(self.queue_depth, depth)
+
+    def sample(self) -> None:
+        for gauge, value in self._sampled:
+            gauge.set(value())
+
+    async def sample_forever(self) -> None:
+        while True:
+            self.sample()
+            await asyncio.sleep(SAMPLE_INTERVAL_S)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        self.sample()
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        # An Info has no multiprocess form; every worker serves the same model.
+        registry.register(self.model)
+        return generate_latest(registry)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +106,20 @@ class OnnxModel:
             extra={"provider": model.provider, "path": str(path), "reason": reason},
         )
         return model
+
+    @staticmethod
+    def check(config: SessionConfig) -> ModelMetadata:
+        """What ``load`` checks, on a throwaway unoptimised CPU session: a supervisor validates
+        the model this way and leaves the device to the workers, which open their own."""
+        path = config.model_path
+        if not path.is_file():
+            raise ModelError(f"model file not found: {path} (set RESNET_SERVE_MODEL_PATH)")
+        choose_providers(config.providers, ort.get_available_providers())
+        cpu = replace(config, intra_op_threads=1, graph_optimization="disable", cuda_graphs=False)
+        session = _open_session(path, [CPU], cpu)
+        metadata = ModelMetadata.from_props(session.get_modelmeta().custom_metadata_map)
+        _check_graph(session, metadata)
+        return metadata
 
     def bind(self, buckets: Sequence[int]) -> None:
         """Allocate each bucket's buffers once; from now on only bucket sizes may be run."""

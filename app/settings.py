@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -18,8 +18,14 @@ GraphOptimization = Literal["disable", "basic", "extended", "all"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 
 
-def _default_decode_threads() -> int:
-    return min(4, os.cpu_count() or 1)
+def cpu_share(workers: int) -> int:
+    """Cores each worker process may count on: those this process may run on (its affinity,
+    so ``taskset`` and container cpusets count), split evenly, at least one."""
+    return max(1, len(os.sched_getaffinity(0)) // workers)
+
+
+def _default_decode_threads(data: dict[str, Any]) -> int:
+    return min(4, cpu_share(data.get("workers", 1)))
 
 
 class Settings(BaseSettings):
@@ -35,13 +41,19 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = None
     metrics_api_keys_file: Path | None = None
 
+    # Processes serving the one port, each with its own session, batcher and admission
+    # (app.workers): HTTP parsing and decoding then use every core.
+    workers: int = Field(1, ge=1, le=64)
+
     # auto: CUDA where it works, else the CPU. cuda: CUDA or fail. tensorrt: TensorRT (fp16
     # engine, cached), falling back to CUDA, never to the CPU (app.providers).
     providers: Providers = "auto"
     # Which file beside model_path: auto serves model.fp16.onnx on CUDA where it exists (built
     # by `model build --also fp16`), model_path everywhere else; a pinned one must match.
     model_precision: Precision = "auto"
-    intra_op_threads: int = Field(0, ge=0, description="0 lets ONNX Runtime pick")
+    # 0: ONNX Runtime picks with one worker; with several, each worker gets its share of the
+    # cores (cpu_share), as it would otherwise assume the whole machine is its own.
+    intra_op_threads: int = Field(0, ge=0)
     # When ORT's threads may busy-wait: within a run only (default), never, or always (ORT's own).
     ort_spinning: Literal["off", "in_run", "always"] = "off"
     cuda_graphs: bool = True  # CUDA only: one captured graph per batch bucket
@@ -71,6 +83,7 @@ class Settings(BaseSettings):
     upload_timeout_ms: float = Field(30_000.0, gt=0, description="whole body, else 408")
     max_buffered_bytes: int = Field(256 * 1024 * 1024, ge=1, description="all uploads together")
     retry_after_s: int = Field(1, ge=1, description="Retry-After on every 503")
+    # Default: the worker's share of the cores, at most 4.
     decode_threads: int = Field(default_factory=_default_decode_threads, ge=1)
     shutdown_timeout_s: int = Field(30, ge=1)
 

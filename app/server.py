@@ -1,0 +1,65 @@
+"""The uvicorn server every process runs, alone (``python -m app``) or as one of the workers."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+from collections.abc import Callable
+from types import FrameType
+
+import uvicorn
+from fastapi import FastAPI
+
+from app.settings import Settings
+
+
+def uvicorn_config(settings: Settings, app: FastAPI) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        workers=1,
+        lifespan="on",
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=settings.shutdown_timeout_s,
+    )
+
+
+class Server(uvicorn.Server):
+    """Turns readiness to 503 the moment a stop signal arrives, before uvicorn starts draining;
+    re-reads the key files on SIGHUP; ``on_started`` runs once the server accepts connections."""
+
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        app: FastAPI,
+        on_started: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__(config)
+        self._app = app
+        self._on_started = on_started
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        # Only with keys to re-read: otherwise SIGHUP (a closed terminal) still ends the server.
+        if self._app.state.key_files:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._reload_keys)
+        await super().serve(sockets)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and self._on_started is not None:
+            self._on_started()
+
+    def _reload_keys(self) -> None:
+        for keys in self._app.state.key_files.values():
+            keys.reload()
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        lifecycle = getattr(self._app.state, "lifecycle", None)
+        if lifecycle is not None:
+            lifecycle.draining = True
+        super().handle_exit(sig, frame)

@@ -1,0 +1,246 @@
+"""Several worker processes on one port (``RESNET_SERVE_WORKERS``), so that HTTP parsing and
+decoding use every core: each worker is a whole server (its own ONNX Runtime session, batcher and
+admission) and the kernel hands each new connection to a worker that is accepting.
+
+The supervisor (this process) binds the port, starts the workers, and then only watches:
+- a worker accepts nothing until it is warm (see ``create_app``), so the port is served by warm
+  workers only; it tells the supervisor when it starts accepting;
+- a worker that dies after that is replaced (its live gauges are dropped from ``/metrics``);
+  one that dies before it ever accepted would fail again the same way, so the whole server
+  stops, exit 1;
+- SIGTERM or SIGINT: each worker turns ``/readyz`` to 503, stops accepting, finishes what it
+  has, and exits; the supervisor exits 0 once all have exited 0;
+- SIGHUP: with key files, passed on (each worker re-reads them); without, a stop like SIGTERM;
+- a worker whose supervisor has gone (SIGKILL) drains and exits by itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from types import FrameType
+
+from prometheus_client.multiprocess import mark_process_dead
+
+from app.keys import KeyFileError
+from app.logs import configure_logging
+from app.main import create_app, session_config
+from app.server import Server, uvicorn_config
+from app.session import OnnxModel
+from app.settings import Settings
+from core.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+# Workers are spawned, not forked: the supervisor has loaded ONNX Runtime, whose threads and
+# locks do not survive a fork.
+_spawn = multiprocessing.get_context("spawn")
+_STARTED = "started"
+
+
+@dataclass
+class _Worker:
+    index: int
+    process: BaseProcess
+    conn: Connection  # "started" arrives on it; the worker sees EOF when the supervisor dies
+    started: bool = False
+
+
+def supervise(settings: Settings) -> int:
+    """Serve with ``settings.workers`` processes until stopped; returns the exit status."""
+    try:
+        listener = _bind(settings.host, settings.port)
+    except OSError as exc:
+        where = f"{settings.host}:{settings.port}"
+        print(f"resnet-serve: cannot listen on {where}: {exc}", file=sys.stderr)
+        return 1
+    # prometheus_client picks its multiprocess mode when imported: the workers import it after
+    # this, and a fresh directory holds no counts from an earlier run.
+    metrics_dir = tempfile.mkdtemp(prefix="resnet-serve-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    wake_read, wake_write = socket.socketpair()
+    wake_write.setblocking(False)
+    previous_wakeup = signal.set_wakeup_fd(wake_write.fileno())
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _noted)
+    try:
+        return _Supervisor(settings, listener, wake_read, metrics_dir).run()
+    finally:
+        signal.set_wakeup_fd(previous_wakeup)
+        wake_read.close()
+        wake_write.close()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _noted(sig: int, frame: FrameType | None) -> None:
+    """Signals are read from the wakeup socket by the supervisor's loop."""
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((host, port))
+    listener.set_inheritable(True)
+    return listener
+
+
+class _Supervisor:
+    def __init__(
+        self, settings: Settings, listener: socket.socket, wake: socket.socket, metrics_dir: str
+    ) -> None:
+        self.settings = settings
+        self.listener = listener
+        self.wake = wake
+        self.metrics_dir = metrics_dir
+        self.workers: list[_Worker] = []
+
+    def run(self) -> int:
+        host, port = self.listener.getsockname()[:2]
+        log.info(
+            "starting workers",
+            extra={"workers": self.settings.workers, "host": host, "port": port},
+        )
+        self.workers = [self._start(index) for index in range(self.settings.workers)]
+        while True:
+            waiting: list[Connection | socket.socket | int] = [self.wake]
+            for worker in self.workers:
+                waiting.append(worker.process.sentinel)
+                if not worker.started:
+                    waiting.append(worker.conn)
+            for ready in wait(waiting):
+                if ready is self.wake:
+                    if self._on_signals():
+                        return self._stop()
+                    continue
+                owner = self._owner(ready)
+                if owner is None:  # replaced earlier in this round
+                    continue
+                if ready is owner.conn and self._on_message(owner):
+                    continue
+                if not self._on_exit(owner):
+                    self._stop()
+                    return 1
+
+    def _start(self, index: int) -> _Worker:
+        ours, theirs = _spawn.Pipe()
+        process = _spawn.Process(
+            target=serve_worker,
+            args=(self.settings, index, self.listener, theirs),
+            name=f"resnet-serve-worker-{index}",
+        )
+        process.start()
+        theirs.close()
+        return _Worker(index, process, ours)
+
+    def _owner(self, ready: object) -> _Worker | None:
+        for worker in self.workers:
+            if ready in (worker.process.sentinel, worker.conn):
+                return worker
+        return None
+
+    def _on_signals(self) -> bool:
+        """True when the server should stop."""
+        signals = self.wake.recv(64)
+        if signal.SIGHUP in signals:
+            settings = self.settings
+            if settings.api_keys_file is None and settings.metrics_api_keys_file is None:
+                return True
+            for worker in self.workers:
+                _send(worker, signal.SIGHUP)
+        return signal.SIGTERM in signals or signal.SIGINT in signals
+
+    def _on_message(self, worker: _Worker) -> bool:
+        """True for a message; False when the worker closed its end (it is exiting)."""
+        try:
+            message = worker.conn.recv()
+        except EOFError:
+            return False
+        if message == _STARTED:
+            worker.started = True
+            log.info("worker started", extra={"worker": worker.index, "pid": worker.process.pid})
+        return True
+
+    def _on_exit(self, worker: _Worker) -> bool:
+        """Replaces a worker that died while serving; False when it never started."""
+        worker.process.join()
+        worker.conn.close()
+        mark_process_dead(worker.process.pid, self.metrics_dir)  # type: ignore[no-untyped-call]
+        details = {"worker": worker.index, "pid": worker.process.pid}
+        if not worker.started:
+            log.error(
+                "worker exited before it served; stopping",
+                extra=details | {"exitcode": worker.process.exitcode},
+            )
+            return False
+        log.error(
+            "worker exited; starting a new one",
+            extra=details | {"exitcode": worker.process.exitcode},
+        )
+        self.workers[self.workers.index(worker)] = self._start(worker.index)
+        return True
+
+    def _stop(self) -> int:
+        log.info("stopping workers", extra={"workers": len(self.workers)})
+        # Once the workers have closed their copies, the port refuses new connections.
+        self.listener.close()
+        for worker in self.workers:
+            _send(worker, signal.SIGTERM)
+        status = 0
+        for worker in self.workers:
+            worker.process.join()
+            worker.conn.close()
+            if worker.process.pid is not None:
+                mark_process_dead(worker.process.pid, self.metrics_dir)  # type: ignore[no-untyped-call]
+            if worker.process.exitcode != 0:
+                status = 1
+        log.info("stopped", extra={"exitcode": status})
+        return status
+
+
+def _send(worker: _Worker, sig: int) -> None:
+    if worker.process.pid is not None and worker.process.exitcode is None:
+        os.kill(worker.process.pid, sig)
+
+
+def serve_worker(settings: Settings, index: int, listener: socket.socket, conn: Connection) -> None:
+    """One worker process: its own session, app and uvicorn server on the shared socket."""
+    # Until uvicorn takes the signals over (and after, when it re-raises the one that stopped
+    # it), a stop signal ends the worker quietly with status 0.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _exit_quietly)
+    configure_logging(settings.log_level, worker=index)
+    threading.Thread(target=_exit_with_supervisor, args=(conn,), daemon=True).start()
+    try:
+        model = OnnxModel.load(session_config(settings))
+        app = create_app(settings, model)
+    except (ModelError, KeyFileError) as exc:
+        print(f"resnet-serve: worker {index}: {exc}", file=sys.stderr)
+        sys.exit(1)
+    server = Server(uvicorn_config(settings, app), app, on_started=lambda: conn.send(_STARTED))
+    server.run(sockets=[listener])
+    if not server.started:
+        sys.exit(1)
+
+
+def _exit_quietly(sig: int, frame: FrameType | None) -> None:
+    sys.exit(0)
+
+
+def _exit_with_supervisor(conn: Connection) -> None:
+    # The supervisor never sends after start-up: EOF means it is gone, and nobody would
+    # replace this worker or stop it.
+    try:
+        conn.recv()
+    except (EOFError, OSError):
+        os.kill(os.getpid(), signal.SIGTERM)
