@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from app.main import batch_buckets
-from app.settings import Settings
+from app.main import batch_buckets, intra_op_threads
+from app.settings import Settings, cpu_share
 
 
 def test_defaults() -> None:
@@ -37,6 +37,8 @@ def test_environment_with_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
         ("RESNET_SERVE_BATCH_BUCKETS", "[1, 4, 2, 8]", "ascending"),
         ("RESNET_SERVE_BATCH_BUCKETS", "[1, 2, 4]", "must end at max_batch_size=8"),
         ("RESNET_SERVE_MAX_REQUEST_PIXELS", "1000", "max_image_pixels=40000000"),
+        ("RESNET_SERVE_WORKERS", "0", "workers"),
+        ("RESNET_SERVE_WORKERS", "65", "workers"),
     ],
     ids=[
         "misspelt-name",
@@ -47,6 +49,8 @@ def test_environment_with_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
         "buckets-unsorted",
         "buckets-short",
         "request-pixels-below-image",
+        "no-workers",
+        "too-many-workers",
     ],
 )
 def test_bad_configuration_fails_loudly(
@@ -73,3 +77,33 @@ def test_batch_buckets(
     if given is not None:
         monkeypatch.setenv("RESNET_SERVE_BATCH_BUCKETS", given)
     assert batch_buckets(Settings(), provider) == expected
+
+
+@pytest.mark.parametrize(
+    ("cores", "workers", "intra_op", "share", "threads", "decode"),
+    [
+        (8, 1, 0, 8, 0, 4),
+        (8, 2, 0, 4, 4, 4),
+        (8, 3, 0, 2, 2, 2),
+        (2, 2, 0, 1, 1, 1),
+        (2, 4, 0, 1, 1, 1),
+        (8, 4, 3, 2, 3, 2),
+    ],
+    ids=["one-worker-ort-picks", "halves", "thirds-round-down", "one-each", "never-zero", "set"],
+)
+def test_workers_share_the_cores_this_process_may_use(
+    monkeypatch: pytest.MonkeyPatch,
+    cores: int,
+    workers: int,
+    intra_op: int,
+    share: int,
+    threads: int,
+    decode: int,
+) -> None:
+    # The affinity, not the machine's core count: taskset and container cpusets count.
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(100, 100 + cores)))
+    settings = Settings(workers=workers, intra_op_threads=intra_op)
+    assert cpu_share(workers) == share
+    assert intra_op_threads(settings) == threads
+    assert settings.decode_threads == decode
+    assert Settings(workers=workers, decode_threads=7).decode_threads == 7

@@ -1,0 +1,165 @@
+"""``RESNET_SERVE_WORKERS=2 python -m app``: two real worker processes on one port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.helpers.models import build_model, image_bytes
+from tests.helpers.server import ROOT, STARTUP_TIMEOUT_S, Server, message_is, post_image, run_server
+
+WORKERS = {"workers": "2", "decode_threads": "1"}
+
+
+def start_workers(server: Server) -> dict[int, int]:
+    """Waits until both workers accept; returns their pids by index."""
+    started = [server.wait_for_log(message_is("worker started")) for _ in range(2)]
+    return {int(str(entry["worker"])): int(str(entry["pid"])) for entry in started}
+
+
+def predict_all(url: str, count: int) -> list[int]:
+    with ThreadPoolExecutor(max_workers=16) as clients:
+        futures = [clients.submit(post_image, url, image_bytes(i), "x.png") for i in range(count)]
+        return [future.result().status_code for future in futures]
+
+
+def stop(server: Server) -> int:
+    server.process.send_signal(signal.SIGTERM)
+    status = server.process.wait(timeout=60)
+    server.wait_for_log(message_is("stopped"))
+    return status
+
+
+def scrape_until(url: str, done: Callable[[str], bool]) -> str:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if done(metrics := httpx.get(f"{url}/metrics").text):
+            return metrics
+    raise AssertionError(f"/metrics never showed the expected values; last:\n{metrics}")
+
+
+def arrived(metrics: str) -> float:
+    """/predict requests in flight or answered (the scrape itself is in flight too)."""
+    families = {f.name: f for f in text_string_to_metric_families(metrics)}
+    in_flight = families["resnet_serve_requests_in_flight"].samples[0].value - 1
+    answered = families.get("resnet_serve_requests")
+    return in_flight + sum(
+        s.value
+        for s in (answered.samples if answered else [])
+        if s.name.endswith("_total") and s.labels["endpoint"] == "/predict"
+    )
+
+
+def samples(metrics: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    families = {f.name: f for f in text_string_to_metric_families(metrics)}
+    return {tuple(sorted(s.labels.items())): s.value for s in families[name].samples}
+
+
+def test_both_workers_serve_and_metrics_sum_over_them(slow_model: Path) -> None:
+    with run_server(slow_model, **WORKERS) as server:
+        pids = start_workers(server)
+        assert httpx.get(f"{server.url}/readyz").status_code == 200
+        statuses = predict_all(server.url, 48)
+        # Callback gauges reach the shared files every SAMPLE_INTERVAL_S: the scrape after the
+        # last answer may see a worker's previous sample, the next ones its final one.
+        metrics = scrape_until(
+            server.url, lambda text: samples(text, "resnet_serve_pending_images")[()] == 0
+        )
+        assert stop(server) == 0
+        assert not any(psutil.pid_exists(pid) for pid in pids.values())
+
+    assert statuses == [200] * 48
+    served_by = {
+        entry.get("worker")
+        for entry in server.seen
+        if entry.get("message") == "request" and entry.get("path") == "/predict"
+    }
+    assert served_by == {0, 1}
+    # Whichever worker answered the scrape, it counted both workers' work.
+    assert samples(metrics, "resnet_serve_images")[()] == 48
+    predicted = samples(metrics, "resnet_serve_requests")
+    assert predicted[(("endpoint", "/predict"), ("status", "200"))] == 48
+    # An Info has no multiprocess form: the scraped worker's own, one series.
+    assert len(samples(metrics, "resnet_serve_model_info")) == 1
+
+
+def test_sigterm_drains_every_worker_then_exits_zero(slow_model: Path) -> None:
+    with run_server(slow_model, **WORKERS) as server:
+        start_workers(server)
+        with ThreadPoolExecutor(max_workers=16) as clients:
+            pending = [
+                clients.submit(post_image, server.url, image_bytes(i), "x.png") for i in range(16)
+            ]
+            scrape_until(server.url, lambda text: arrived(text) >= 16)
+            server.process.send_signal(signal.SIGTERM)
+            statuses = [future.result().status_code for future in pending]
+        assert server.process.wait(timeout=60) == 0
+        server.wait_for_log(message_is("stopped"))
+    assert statuses == [200] * 16
+    drained = {e.get("worker") for e in server.seen if e.get("message") == "drained"}
+    assert drained == {0, 1}
+
+
+def test_a_killed_worker_is_replaced_and_only_warm_workers_take_requests(
+    slow_model: Path,
+) -> None:
+    with run_server(slow_model, **WORKERS) as server:
+        pids = start_workers(server)
+        os.kill(pids[0], signal.SIGKILL)
+        server.wait_for_log(message_is("worker exited; starting a new one"))
+        # While the new worker starts and warms up, the other one answers everything.
+        with ThreadPoolExecutor(max_workers=4) as clients:
+            during = [
+                clients.submit(post_image, server.url, image_bytes(i), "x.png") for i in range(8)
+            ]
+            replacement = server.wait_for_log(message_is("worker started"))
+            statuses = [future.result().status_code for future in during]
+        after = predict_all(server.url, 16)
+        metrics = httpx.get(f"{server.url}/metrics").text
+        assert stop(server) == 0
+
+    assert replacement["worker"] == 0 and replacement["pid"] != pids[0]
+    assert statuses == [200] * 8 and after == [200] * 16
+    # The dead worker's in-flight gauge left with it; its counts stay.
+    assert samples(metrics, "resnet_serve_requests_in_flight")[()] == 1  # this scrape
+
+
+@pytest.mark.parametrize("problem", ["missing-model", "port-in-use"])
+def test_bad_start_up_is_one_line_before_any_worker_starts(tmp_path: Path, problem: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        model = tmp_path / "model.onnx"
+        if problem == "port-in-use":
+            build_model(model)
+        env = {
+            "PATH": os.environ.get("PATH", ""),
+            "RESNET_SERVE_MODEL_PATH": str(model),
+            "RESNET_SERVE_HOST": "127.0.0.1",
+            "RESNET_SERVE_PORT": str(taken.getsockname()[1]),
+            "RESNET_SERVE_WORKERS": "2",
+        }
+        result = subprocess.run(
+            [sys.executable, "-m", "app"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("resnet-serve: "), result.stderr
+    assert ("model file not found" if problem == "missing-model" else "cannot listen") in lines[0]
