@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import onnx
 import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -130,10 +131,25 @@ def test_a_killed_worker_is_replaced_and_only_warm_workers_take_requests(
         metrics = httpx.get(f"{server.url}/metrics").text
         assert stop(server) == 0
 
-    assert replacement["worker"] == 0 and replacement["pid"] != pids[0]
-    assert statuses == [200] * 8 and after == [200] * 16
+    assert replacement["worker"] == 0
+    assert replacement["pid"] != pids[0]
+    assert statuses == [200] * 8
+    assert after == [200] * 16
     # The dead worker's in-flight gauge left with it; its counts stay.
     assert samples(metrics, "resnet_serve_requests_in_flight")[()] == 1  # this scrape
+
+
+def test_a_worker_that_never_serves_stops_the_server_with_exit_one(tmp_path: Path) -> None:
+    # Batch dimension fixed at 1: the supervisor's checks pass, each worker's warm-up of
+    # batch 2 fails, and a replacement would fail the same way.
+    model = onnx.load(build_model(tmp_path / "batch1.onnx"))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    onnx.save(model, tmp_path / "batch1.onnx")
+    with run_server(tmp_path / "batch1.onnx", **WORKERS) as server:
+        assert server.process.wait(timeout=60) == 1
+        server.wait_for_log(message_is("stopped"))
+    assert any(e.get("message") == "worker exited before it served; stopping" for e in server.seen)
+    assert not any(e.get("message") == "worker started" for e in server.seen)
 
 
 @pytest.mark.parametrize("problem", ["missing-model", "port-in-use"])
@@ -161,5 +177,6 @@ def test_bad_start_up_is_one_line_before_any_worker_starts(tmp_path: Path, probl
         )
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("resnet-serve: "), result.stderr
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("resnet-serve: ")
     assert ("model file not found" if problem == "missing-model" else "cannot listen") in lines[0]
