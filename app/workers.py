@@ -124,13 +124,13 @@ class _Supervisor:
                         return self._stop()
                     continue
                 owner = self._owner(ready)
-                if owner is None:  # replaced earlier in this round
-                    continue
-                if ready is owner.conn and self._on_message(owner):
+                if owner is None or (ready is owner.conn and self._on_message(owner)):
                     continue
                 if not self._on_exit(owner):
                     self._stop()
                     return 1
+                # A replacement may reuse the closed handles' numbers: wait afresh.
+                break
 
     def _start(self, index: int) -> _Worker:
         ours, theirs = _spawn.Pipe()
@@ -174,20 +174,18 @@ class _Supervisor:
     def _on_exit(self, worker: _Worker) -> bool:
         """Replaces a worker that died while serving; False when it never started."""
         worker.process.join()
-        worker.conn.close()
-        mark_process_dead(worker.process.pid, self.metrics_dir)  # type: ignore[no-untyped-call]
         details = {"worker": worker.index, "pid": worker.process.pid}
+        details["exitcode"] = worker.process.exitcode
+        worker.conn.close()
+        worker.process.close()
+        mark_process_dead(details["pid"], self.metrics_dir)  # type: ignore[no-untyped-call]
+        place = self.workers.index(worker)
         if not worker.started:
-            log.error(
-                "worker exited before it served; stopping",
-                extra=details | {"exitcode": worker.process.exitcode},
-            )
+            log.error("worker exited before it served; stopping", extra=details)
+            del self.workers[place]
             return False
-        log.error(
-            "worker exited; starting a new one",
-            extra=details | {"exitcode": worker.process.exitcode},
-        )
-        self.workers[self.workers.index(worker)] = self._start(worker.index)
+        log.error("worker exited; starting a new one", extra=details)
+        self.workers[place] = self._start(worker.index)
         return True
 
     def _stop(self) -> int:
