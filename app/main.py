@@ -144,8 +144,8 @@ def create_app(settings: Settings, model: OnnxModel | None = None) -> FastAPI:
         sampler = asyncio.create_task(metrics.sample_forever()) if metrics.multiprocess else None
         try:
             if settings.workers > 1:
-                # uvicorn accepts only once the lifespan has started, and the workers share one
-                # listening socket: a warming worker leaves its connections to the warm ones.
+                # uvicorn listens only once the lifespan has started: until this worker is
+                # warm, the kernel gives the port's connections to the other workers.
                 await warm_up
                 if not lifecycle.warmed:
                     raise RuntimeError("warm-up failed; this worker will not serve")

@@ -59,7 +59,7 @@ class _Worker:
 def supervise(settings: Settings) -> int:
     """Serve with ``settings.workers`` processes until stopped; returns the exit status."""
     try:
-        listener = _bind(settings.host, settings.port)
+        reserved = _reserve(settings.host, settings.port)
     except OSError as exc:
         where = f"{settings.host}:{settings.port}"
         print(f"resnet-serve: cannot listen on {where}: {exc}", file=sys.stderr)
@@ -74,7 +74,7 @@ def supervise(settings: Settings) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _noted)
     try:
-        return _Supervisor(settings, listener, wake_read, metrics_dir).run()
+        return _Supervisor(settings, reserved, wake_read, metrics_dir).run()
     finally:
         signal.set_wakeup_fd(previous_wakeup)
         wake_read.close()
@@ -86,30 +86,49 @@ def _noted(sig: int, frame: FrameType | None) -> None:
     """Signals are read from the wakeup socket by the supervisor's loop."""
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def _reserve(host: str, port: int) -> socket.socket:
+    """The port, checked free and then held for the workers' sockets (see ``_socket``).
+
+    The check is a plain bind, which fails while anyone listens there, even the workers of
+    another server that would otherwise share the port with ours in silence. The held socket is
+    bound, never listening, so the kernel gives it no connections.
+    """
+    with _socket(host, reuse_port=False) as probe:
+        probe.bind((host, port))
+        port = probe.getsockname()[1]
+    reserved = _socket(host, reuse_port=True)
+    reserved.bind((host, port))
+    return reserved
+
+
+def _socket(host: str, reuse_port: bool) -> socket.socket:
+    # SO_REUSEPORT: every worker listens on a socket of its own on the same port, and the kernel
+    # spreads new connections evenly over the listening ones (by a hash of the addresses). One
+    # shared socket would leave it to whichever worker wakes first, which took all 16 keep-alive
+    # connections of a burst in benchmarks.workers.
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    listener = socket.socket(family, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind((host, port))
-    listener.set_inheritable(True)
-    return listener
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    return sock
 
 
 class _Supervisor:
     def __init__(
-        self, settings: Settings, listener: socket.socket, wake: socket.socket, metrics_dir: str
+        self, settings: Settings, reserved: socket.socket, wake: socket.socket, metrics_dir: str
     ) -> None:
         self.settings = settings
-        self.listener = listener
+        self.reserved = reserved
+        self.port: int = reserved.getsockname()[1]
         self.wake = wake
         self.metrics_dir = metrics_dir
         self.workers: list[_Worker] = []
 
     def run(self) -> int:
-        host, port = self.listener.getsockname()[:2]
         log.info(
             "starting workers",
-            extra={"workers": self.settings.workers, "host": host, "port": port},
+            extra={"workers": self.settings.workers, "host": self.settings.host, "port": self.port},
         )
         self.workers = [self._start(index) for index in range(self.settings.workers)]
         while True:
@@ -136,7 +155,7 @@ class _Supervisor:
         ours, theirs = _spawn.Pipe()
         process = _spawn.Process(
             target=serve_worker,
-            args=(self.settings, index, self.listener, theirs),
+            args=(self.settings, index, self.port, theirs),
             name=f"resnet-serve-worker-{index}",
         )
         process.start()
@@ -190,8 +209,7 @@ class _Supervisor:
 
     def _stop(self) -> int:
         log.info("stopping workers", extra={"workers": len(self.workers)})
-        # Once the workers have closed their copies, the port refuses new connections.
-        self.listener.close()
+        self.reserved.close()
         for worker in self.workers:
             _send(worker, signal.SIGTERM)
         status = 0
@@ -211,8 +229,8 @@ def _send(worker: _Worker, sig: int) -> None:
         os.kill(worker.process.pid, sig)
 
 
-def serve_worker(settings: Settings, index: int, listener: socket.socket, conn: Connection) -> None:
-    """One worker process: its own session, app and uvicorn server on the shared socket."""
+def serve_worker(settings: Settings, index: int, port: int, conn: Connection) -> None:
+    """One worker process: its own session, app, socket and uvicorn server on the port."""
     # Until uvicorn takes the signals over (and after, when it re-raises the one that stopped
     # it), a stop signal ends the worker quietly with status 0.
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -220,9 +238,13 @@ def serve_worker(settings: Settings, index: int, listener: socket.socket, conn: 
     configure_logging(settings.log_level, worker=index)
     threading.Thread(target=_exit_with_supervisor, args=(conn,), daemon=True).start()
     try:
+        # Bound now; listening (so given connections) only once uvicorn has run the lifespan,
+        # which in a worker ends after the warm-up.
+        listener = _socket(settings.host, reuse_port=True)
+        listener.bind((settings.host, port))
         model = OnnxModel.load(session_config(settings))
         app = create_app(settings, model)
-    except (ModelError, KeyFileError) as exc:
+    except (OSError, ModelError, KeyFileError) as exc:
         print(f"resnet-serve: worker {index}: {exc}", file=sys.stderr)
         sys.exit(1)
     server = Server(uvicorn_config(settings, app), app, on_started=lambda: conn.send(_STARTED))
