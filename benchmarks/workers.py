@@ -153,6 +153,17 @@ def markdown(results: dict[str, Any]) -> str:
             for p in run["points"]
         )
         lines.append(f"| {run['name']} | {cells} |")
+    lines += [
+        "",
+        "CPU seconds of each server process over each point (were both workers busy?):",
+        "",
+    ]
+    for run in results["runs"]:
+        if run["workers"] > 1:
+            split = "; ".join(
+                f"c={p['concurrency']}: {p['cpu_s_by_process']}" for p in run["points"]
+            )
+            lines.append(f"- {run['name']}: {split}")
     rate = {r["name"]: [p["images_per_s"] for p in r["points"]] for r in results["runs"]}
     lines += ["", "Ratios within this run:", ""]
     for faster, slower in ((1, 0), (3, 2)):
