@@ -109,15 +109,19 @@ class OnnxModel:
 
     @staticmethod
     def check(config: SessionConfig) -> ModelMetadata:
-        """What ``load`` checks, on a throwaway unoptimised CPU session: a supervisor validates
-        the model this way and leaves the device to the workers, which open their own."""
-        path = config.model_path
-        if not path.is_file():
-            raise ModelError(f"model file not found: {path} (set RESNET_SERVE_MODEL_PATH)")
-        choose_providers(config.providers, ort.get_available_providers())
-        cpu = replace(config, intra_op_threads=1, graph_optimization="disable", cuda_graphs=False)
+        """What ``load`` checks of the file the best provider would serve, on a throwaway
+        unoptimised CPU session: a supervisor validates the model this way and leaves the
+        device to the workers, which open their own."""
+        if not config.model_path.is_file():
+            raise ModelError(
+                f"model file not found: {config.model_path} (set RESNET_SERVE_MODEL_PATH)"
+            )
+        chosen, _ = choose_providers(config.providers, ort.get_available_providers())
+        path = model_file(config.model_path, config.precision, chosen[0])
+        cpu = replace(config, intra_op_threads=1, graph_optimization="disable")
         session = _open_session(path, [CPU], cpu)
         metadata = ModelMetadata.from_props(session.get_modelmeta().custom_metadata_map)
+        check_precision(config.precision, metadata.precision, chosen[0], path)
         _check_graph(session, metadata)
         return metadata
 
