@@ -26,7 +26,8 @@ for dir in $WHEELS; do
   mkdir -p "$PARTS"
   if [ ! -f "$PARTS/$wheel" ]; then
     # Earlier calls carried one part each into $PARTS; a local run finds them in .whl/parts.
-    parts=$(find "$PARTS" .whl/parts -name "$wheel.part-*" 2>/dev/null |
+    # find fails on a folder that is not there (.whl/parts off the machine that downloaded them).
+    parts=$({ find "$PARTS" .whl/parts -name "$wheel.part-*" 2>/dev/null || true; } |
       awk -F/ '{print $NF "\t" $0}' | sort | awk -F'\t' '!seen[$1]++ {print $2}')
     [ -n "$parts" ] || { say "$wheel: no parts in $PARTS (carry .whl/parts/N there first)"; exit 2; }
     # shellcheck disable=SC2086  # one path per part, no spaces
