@@ -4,7 +4,9 @@ FIFO and bounded. A batch closes when it holds ``max_batch_size`` images or when
 image has waited ``max_wait_ms``. Batches compute on dedicated inference threads ("lanes",
 ``concurrent_batches`` of them, like Triton's instance count), so the event loop keeps accepting
 and decoding while a batch computes. A batch is collected only when a lane is free: an idle
-model runs what is queued now, and batches grow while every lane is busy.
+model runs what is queued now, and batches grow while the lanes are busy. A second lane starts
+a batch only when a full one is waiting, so concurrency is added only where batching alone
+cannot keep up.
 """
 
 from __future__ import annotations
@@ -65,8 +67,14 @@ class Batcher:
     _queue: asyncio.Queue[_Item] = field(init=False)
     _lanes: list[ThreadPoolExecutor] = field(init=False)
     _free: asyncio.Queue[ThreadPoolExecutor] = field(init=False)
+    _changed: asyncio.Event = field(init=False)  # images queued or a lane freed
+    _computing: int = field(init=False, default=0)  # batches between collection and fan-out
     on_failure: Callable[[BaseException], None] = lambda exc: None
     on_batch: Callable[[int, float], None] = lambda images, seconds: None
+    # For a batch with the machine to itself: nothing else computing, queued or on its way
+    # (``admitted_images``: all images admitted upstream and not finished, this batch's included).
+    alone_fn: ModelFn | None = None
+    admitted_images: Callable[[], int] = lambda: 0
     _task: asyncio.Task[None] | None = field(init=False, default=None)
     _closing: bool = field(init=False, default=False)
     _failed: BaseException | None = field(init=False, default=None)
@@ -81,6 +89,7 @@ class Batcher:
             for lane in range(self.config.concurrent_batches)
         ]
         self._free = asyncio.Queue()
+        self._changed = asyncio.Event()
         for lane in self._lanes:
             self._free.put_nowait(lane)
         self.metrics.track_queue_depth(self._queue.qsize)
@@ -166,6 +175,7 @@ class Batcher:
         items = [_Item(image, loop.create_future(), now, deadline) for image in images]
         for item in items:
             self._queue.put_nowait(item)
+        self._changed.set()
         return [item.future for item in items]
 
     async def drain(self) -> None:
@@ -182,9 +192,15 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             lane = await self._free.get()
+            # A batch beside a running one starts only when a full batch is waiting: until then
+            # one lane keeps up, and another run would take the CPU that decoding needs.
+            while self._computing and self._queue.qsize() < self.config.max_batch_size:
+                self._changed.clear()
+                await self._changed.wait()
             if self._failed is not None:
                 return
             self._collecting = batch = await self._collect()
+            self._computing += 1
             task = loop.create_task(self._process(lane, batch), name="batch")
             self._running[task] = batch
             self._collecting = []
@@ -198,7 +214,9 @@ class Batcher:
         finally:
             for _ in batch:
                 self._queue.task_done()
+            self._computing -= 1
             self._free.put_nowait(lane)
+            self._changed.set()
 
     async def _collect(self) -> list[_Item]:
         first = await self._queue.get()
@@ -245,7 +263,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         # Batches sharing the cores each take longer: admission needs the cost per image of the
         # whole pipeline, so a run's time is shared among the batches running beside it.
-        sharing = max(1, len(self._lanes) - self._free.qsize())
+        sharing = max(1, self._computing)
         started = time.perf_counter()
         size = bucket_for(len(batch), self.config.buckets)
         try:
@@ -253,7 +271,14 @@ class Batcher:
             if size > len(batch):
                 padding = np.zeros((size - len(batch), *inputs.shape[1:]), inputs.dtype)
                 inputs = np.concatenate([inputs, padding])
-            outputs = await loop.run_in_executor(lane, self.model_fn, inputs)
+            alone = (
+                self.alone_fn is not None
+                and sharing == 1
+                and self._queue.empty()
+                and self.admitted_images() <= len(batch)
+            )
+            model_fn = self.alone_fn if alone and self.alone_fn is not None else self.model_fn
+            outputs = await loop.run_in_executor(lane, model_fn, inputs)
         except Exception as exc:
             log.exception("inference failed", extra={"batch_size": len(batch)})
             return InferenceFailed(f"inference failed for a batch of {len(batch)}: {exc!r}")

@@ -81,7 +81,7 @@ def batch_config(settings: Settings, provider: str) -> BatchConfig:
         max_queue_images=settings.max_queue_images,
         request_timeout_ms=settings.request_timeout_ms,
         retry_after_s=settings.retry_after_s,
-        concurrent_batches=settings.concurrent_batches,
+        concurrent_batches=settings.concurrent_batches or (1 if provider in GPU else 2),
     )
 
 
@@ -131,6 +131,8 @@ def create_app(settings: Settings, model: OnnxModel | None = None) -> FastAPI:
             metrics,
             lifecycle.fail,
             admission.observe_batch,
+            loaded.predict_alone if loaded.adaptive else None,
+            lambda: admission.pending_images + admission.provisional,
         )
         decoder = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         app.state.lifecycle = lifecycle

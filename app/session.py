@@ -38,14 +38,22 @@ OPTIMIZATION_LEVELS = {
 
 # ORT's thread pool spins while it waits for work. "always" (ORT's default) also spins between
 # runs, which took the CPU the decoders needed at saturation; "off" parks the threads after every
-# parallel operator. Measured (benchmarks/results/spin-*.md, peers-ours-in_run.md): on the digits
-# demo p50 at 1 client 5.3 / 4.7 / 4.5 ms and 543 / 454 / 447 img/s at 16 for off / in_run /
-# always; in_run also cost the 224x224 int8 model 17% at 16 clients. Throughput wins: "off".
+# parallel operator, which costs each run the wake-ups; "in_run" spins within a run only.
+# "adaptive" (the default) is "off", plus a second session that spins within its runs for a batch
+# that has the machine to itself (app.batcher: nothing else computing, queued or admitted).
+# Measured (benchmarks/results/lanes.md, alternating servers, digits demo): at 1 client 268 vs
+# 239 req/s for adaptive vs off; at 16 clients adaptive costs nothing beyond the second lane.
+# The second session costs memory: RSS 458 vs 349 MiB (digits), 742 vs 491 MiB (224x224 fp32).
 SPINNING = {
     "off": {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"},
+    "adaptive": {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"},
     "in_run": {"session.force_spinning_stop": "1"},
     "always": {},
 }
+# "adaptive" on the CPU: a second session of the same file, whose threads spin within a run,
+# computes a batch that runs alone with nothing queued; under load the one that never spins
+# does. Spinning's latency at low load, its CPU kept for decoding under load.
+ALONE_SPINNING = "in_run"
 
 
 @dataclass(frozen=True)
@@ -54,20 +62,26 @@ class SessionConfig:
     providers: str  # auto | cuda | tensorrt | cpu (app.providers.ACCEPTABLE)
     precision: str  # auto | fp32 | fp16 | int8: which file beside model_path (app.providers)
     intra_op_threads: int  # 0: ONNX Runtime picks
-    spinning: str  # off | in_run | always: when ORT's threads may busy-wait for work
+    spinning: str  # off | adaptive | in_run | always: when ORT's threads may busy-wait for work
     graph_optimization: str
     gpu: GpuOptions
 
 
 class OnnxModel:
     def __init__(
-        self, session: ort.InferenceSession, metadata: ModelMetadata, cuda_graphs: bool = False
+        self,
+        session: ort.InferenceSession,
+        metadata: ModelMetadata,
+        cuda_graphs: bool = False,
+        alone: ort.InferenceSession | None = None,
     ) -> None:
         self._session = session
+        self._alone = alone
         self.metadata = metadata
         self.provider: str = session.get_providers()[0]
         self.cuda_graphs = cuda_graphs
         self._bound: BoundBuckets | None = None
+        self._alone_bound: BoundBuckets | None = None
 
     @classmethod
     def load(cls, config: SessionConfig) -> OnnxModel:
@@ -100,7 +114,10 @@ class OnnxModel:
         metadata = ModelMetadata.from_props(session.get_modelmeta().custom_metadata_map)
         check_precision(config.precision, metadata.precision, provider, path)
         _check_graph(session, metadata)
-        model = cls(session, metadata, cuda_graphs=config.gpu.cuda_graphs)
+        alone = None
+        if config.spinning == "adaptive" and session.get_providers()[0] == CPU:
+            alone = _open_session(path, [CPU], replace(config, spinning=ALONE_SPINNING))
+        model = cls(session, metadata, cuda_graphs=config.gpu.cuda_graphs, alone=alone)
         log.info(
             "model loaded",
             extra={"provider": model.provider, "path": str(path), "reason": reason},
@@ -125,10 +142,20 @@ class OnnxModel:
         _check_graph(session, metadata)
         return metadata
 
+    @property
+    def adaptive(self) -> bool:
+        """Whether ``predict_alone`` has a session of its own (``ort_spinning=adaptive``)."""
+        return self._alone is not None
+
     def bind(self, buckets: Sequence[int]) -> None:
         """Allocate each bucket's buffers once; from now on only bucket sizes may be run."""
-        self._bound = BoundBuckets(
-            self._session,
+        self._bound = self._bind(self._session, buckets)
+        if self._alone is not None:
+            self._alone_bound = self._bind(self._alone, buckets)
+
+    def _bind(self, session: ort.InferenceSession, buckets: Sequence[int]) -> BoundBuckets:
+        return BoundBuckets(
+            session,
             buckets,
             self.metadata.recipe.crop_size,
             self.metadata.num_classes,
@@ -139,16 +166,32 @@ class OnnxModel:
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """uint8[N, S, S, 3] -> probabilities float32[N, C]."""
-        if self._bound is not None:
-            return self._bound.run(images)
-        outputs = self._session.run([OUTPUT_NAME], {INPUT_NAME: images})
-        return np.asarray(outputs[0])
+        return _predict(self._session, self._bound, images)
+
+    def predict_alone(self, images: np.ndarray) -> np.ndarray:
+        """``predict`` for a batch that has the machine to itself (nothing else running or
+        queued): on the session that spins, where there is one."""
+        if self._alone is None:
+            return self.predict(images)
+        return _predict(self._alone, self._alone_bound, images)
 
     def warm_up(self, batch_sizes: Iterable[int]) -> None:
         # The first run of each shape pays for memory planning and kernel selection.
         size = self.metadata.recipe.crop_size
         for batch_size in batch_sizes:
-            self.predict(np.zeros((batch_size, size, size, 3), dtype=np.uint8))
+            images = np.zeros((batch_size, size, size, 3), dtype=np.uint8)
+            self.predict(images)
+            if self._alone is not None:
+                self.predict_alone(images)
+
+
+def _predict(
+    session: ort.InferenceSession, bound: BoundBuckets | None, images: np.ndarray
+) -> np.ndarray:
+    if bound is not None:
+        return bound.run(images)
+    outputs = session.run([OUTPUT_NAME], {INPUT_NAME: images})
+    return np.asarray(outputs[0])
 
 
 def _open_session(path: Path, providers: list[str], config: SessionConfig) -> ort.InferenceSession:

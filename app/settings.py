@@ -54,8 +54,9 @@ class Settings(BaseSettings):
     # 0: ONNX Runtime picks with one worker; with several, each worker gets its share of the
     # cores (cpu_share), as it would otherwise assume the whole machine is its own.
     intra_op_threads: int = Field(0, ge=0)
-    # When ORT's threads may busy-wait: within a run only (default), never, or always (ORT's own).
-    ort_spinning: Literal["off", "in_run", "always"] = "off"
+    # When ORT's threads may busy-wait (app/session.py SPINNING): "adaptive" spins only for a
+    # batch that has the machine to itself, on a second session (CPU only; more memory).
+    ort_spinning: Literal["off", "adaptive", "in_run", "always"] = "adaptive"
     cuda_graphs: bool = True  # CUDA only: one captured graph per batch bucket
     cuda_conv_algo_search: Literal["exhaustive", "heuristic", "default"] = "exhaustive"
     cuda_prefer_nhwc: bool = False
@@ -73,8 +74,10 @@ class Settings(BaseSettings):
     # now, and batches form while it is busy. A wait > 0 only holds a lone image back.
     max_wait_ms: float = Field(0.0, ge=0)
     max_queue_images: int = Field(1024, ge=1)
-    # Batches computing at once on the one session, each on its own inference thread.
-    concurrent_batches: int = Field(1, ge=1, le=16)
+    # Batches computing at once on the one session, each on its own inference thread; a second
+    # starts only with a full batch waiting. Default (None): 2 on the CPU, where a run leaves
+    # cores idle between its operators (benchmarks/results/lanes.md), 1 on a GPU.
+    concurrent_batches: int | None = Field(None, ge=1, le=16)
     # From the moment the body is in: admission sheds what cannot finish inside it (503), and
     # what still overstays it answers 504 without using the model.
     request_timeout_ms: float = Field(5_000.0, gt=0)

@@ -34,7 +34,12 @@ class Recorder:
         return self.fn(batch)
 
 
-def make_batcher(model: Callable[[np.ndarray], np.ndarray], **config: Any) -> Batcher:
+def make_batcher(
+    model: Callable[[np.ndarray], np.ndarray],
+    alone_fn: Callable[[np.ndarray], np.ndarray] | None = None,
+    admitted_images: Callable[[], int] = lambda: 0,
+    **config: Any,
+) -> Batcher:
     values: dict[str, Any] = {
         "max_batch_size": 4,
         "max_wait_ms": 0.0,
@@ -43,7 +48,9 @@ def make_batcher(model: Callable[[np.ndarray], np.ndarray], **config: Any) -> Ba
         "retry_after_s": 1,
     } | config
     values.setdefault("buckets", tuple(range(1, values["max_batch_size"] + 1)))
-    return Batcher(model, BatchConfig(**values), Metrics())
+    batcher = Batcher(model, BatchConfig(**values), Metrics(), alone_fn=alone_fn)
+    batcher.admitted_images = admitted_images
+    return batcher
 
 
 async def test_full_batch_closes_without_waiting_for_the_deadline() -> None:
@@ -243,11 +250,39 @@ async def test_concurrent_batches_compute_at_once_on_their_own_threads() -> None
     batcher.start()
     first = asyncio.ensure_future(batcher.submit([image(1), image(2)]))
     await asyncio.sleep(0)  # loop turns only: the first batch leaves before the second comes
-    second = asyncio.ensure_future(batcher.submit([image(3)]))
+    second = asyncio.ensure_future(batcher.submit([image(3), image(4)]))
     results = await asyncio.gather(first, second)
     await batcher.drain()
-    assert [[float(r[0]) for r in result] for result in results] == [[1, 2], [3]]
+    assert [[float(r[0]) for r in result] for result in results] == [[1, 2], [3, 4]]
     assert len(threads) == 2
+
+
+async def test_a_second_lane_starts_only_with_a_full_batch_waiting() -> None:
+    release, started = threading.Event(), threading.Semaphore(0)
+    model = Recorder()
+
+    def held(batch: np.ndarray) -> np.ndarray:
+        started.release()
+        if 1 in batch[:, 0, 0, 0]:
+            release.wait(timeout=30)
+        return model(batch)
+
+    batcher = make_batcher(held, max_batch_size=2, concurrent_batches=2)
+    batcher.start()
+    first = asyncio.ensure_future(batcher.submit([image(1)]))
+    await asyncio.to_thread(started.acquire)  # the first batch is computing
+    lone = asyncio.ensure_future(batcher.submit([image(2)]))
+    for _ in range(20):  # loop turns: the lone image waits for the first lane, not a second
+        await asyncio.sleep(0)
+    assert len(batcher._running) == 1
+    assert batcher.depth == 1
+    joined = asyncio.ensure_future(batcher.submit([image(3)]))  # now a full batch waits
+    await asyncio.gather(lone, joined)
+    assert model.batches == [[2, 3]]  # on the second lane while the first still holds
+    release.set()
+    await first
+    await batcher.drain()
+    assert model.batches == [[2, 3], [1]]
 
 
 async def test_a_dead_batch_among_concurrent_ones_fails_every_waiter() -> None:
@@ -260,3 +295,16 @@ async def test_a_dead_batch_among_concurrent_ones_fails_every_waiter() -> None:
     assert all(isinstance(r, InferenceFailed) for r in results), results
     assert [type(f) for f in failures] == [TypeError]
     await batcher.drain()
+
+
+async def test_a_batch_alone_runs_on_the_alone_function_and_any_other_does_not() -> None:
+    shared, alone = Recorder(), Recorder()
+    upstream = 1  # images admitted upstream and not finished, as admission counts them
+    batcher = make_batcher(shared, alone_fn=alone, admitted_images=lambda: upstream)
+    batcher.start()
+    await batcher.submit([image(1)])  # nothing else anywhere: alone
+    upstream = 3  # two more images are being read or decoded: not alone
+    await batcher.submit([image(2)])
+    await batcher.drain()
+    assert alone.batches == [[1]]
+    assert shared.batches == [[2]]

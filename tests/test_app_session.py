@@ -134,3 +134,15 @@ def test_each_inference_thread_binds_its_own_buffers_and_graph_ids(
     for name in ("a", "b"):
         for batch, output in zip(batches, outputs[name], strict=True):
             np.testing.assert_allclose(output, plain.predict(batch), atol=1e-6)
+
+
+def test_adaptive_spinning_opens_a_second_cpu_session_that_answers_the_same(
+    make_settings: Callable[..., Settings],
+) -> None:
+    model = OnnxModel.load(session_config(make_settings(ort_spinning="adaptive")))
+    assert model.adaptive
+    assert not OnnxModel.load(session_config(make_settings(ort_spinning="off"))).adaptive
+    model.bind([1, 2])
+    model.warm_up([1, 2])
+    images = np.random.default_rng(2).integers(0, 256, (2, CROP_SIZE, CROP_SIZE, 3), np.uint8)
+    np.testing.assert_allclose(model.predict_alone(images), model.predict(images), atol=1e-6)
