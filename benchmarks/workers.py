@@ -29,7 +29,7 @@ from typing import Any
 
 from benchmarks.load import photo
 from benchmarks.peers.__main__ import _cpu_model, _free_port
-from benchmarks.peers.drive import Load, point, wait_ready
+from benchmarks.peers.drive import Load, point, pooled, wait_ready
 from benchmarks.peers.servers import ROOT, Batching, ProcessTree, Server, environment
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -98,7 +98,7 @@ async def _run(
         points = []
         for clients in args.concurrency or CONCURRENCY:
             before = server.tree.cpu()
-            measured = await point(server, photos, clients, load)
+            measured = pooled([await point(server, photos, clients, load)])
             # Whether the kernel spread the connections: CPU seconds of each process, largest
             # first (the supervisor's share is near zero).
             after = server.tree.cpu()

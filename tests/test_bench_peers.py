@@ -12,7 +12,7 @@ from app.main import session_config
 from app.session import OnnxModel
 from app.settings import Settings
 from benchmarks.peers.common import Classifier
-from benchmarks.peers.drive import Load, retry_after, top5
+from benchmarks.peers.drive import Load, Measured, pooled, retry_after, top5
 from benchmarks.peers.report import (
     Outcome,
     agreement,
@@ -164,3 +164,24 @@ def test_markdown_shows_a_failed_server_and_leaves_it_out_of_the_agreement() -> 
     text = markdown({"runs": runs})
     assert "| rayserve | failed: RuntimeError: exited |" in text
     assert "Answers equal to ours on the check images: no peers\n" in text
+
+
+def test_rounds_pool_into_one_point_over_their_summed_seconds() -> None:
+    def window(start: float, latencies: list[float], statuses: list[str]) -> Measured:
+        outcomes = [
+            Outcome(start + i - latency, start + i + 0.5, status)
+            for i, (latency, status) in enumerate(zip(latencies, statuses, strict=True))
+        ]
+        return Measured(16, start, 3.0, True, outcomes, 4.0, 2.0, 0.1, 300.0, None)
+
+    point = pooled(
+        [window(100.0, [0.1, 0.2, 0.3], ["200"] * 3), window(500.0, [0.9, 0.4], ["200", "503"])]
+    )
+    assert point["rounds"] == 2
+    assert point["images_per_s"] == 4 / 8  # four 200s in two windows of 4 s
+    assert point["statuses"] == {"200": 4, "503": 1}
+    assert point["server_cpu_percent"] == 50.0
+    # The 200s took 0.6, 0.7, 0.8 and 1.4 s: percentiles over both windows together.
+    assert point["p50_ms"] is not None
+    assert 700 <= point["p50_ms"] <= 800
+    assert point["peak_rss_mib"] == 300.0

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.peers.drive import Load, point, wait_ready
+from benchmarks.peers.drive import Load, point, pooled, wait_ready
 from benchmarks.peers.servers import ROOT, ProcessTree, Server
 
 
@@ -65,7 +65,7 @@ async def sweep(
             startup_s = await wait_ready(server, photos[0], load)
             points = []
             for clients in concurrency:
-                points.append(await point(server, photos, clients, load))
+                points.append(pooled([await point(server, photos, clients, load)]))
                 print(json.dumps({"workers": workers, **points[-1]}), flush=True)
         except RuntimeError as exc:  # the server died or never answered: say so, keep going
             return {"workers": workers, "error": str(exc)[-2000:]}

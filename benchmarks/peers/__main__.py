@@ -4,9 +4,11 @@
     PYTHONPATH=. .venv/bin/python -m benchmarks.peers            # about 15 minutes on 2 cores
     PYTHONPATH=. .venv/bin/python -m benchmarks.peers --quick    # smoke test, a few minutes
 
-Each server in turn, alone, on the same ONNX artifact: start-up time to the first 200, top-1
-on the check images (examples/ and the load photos) against ours, then one 500x375 JPEG per
-request at each concurrency. Writes benchmarks/results/peers.{json,md,png}.
+Each server on the same ONNX artifact: start-up time to the first 200, top-1 on the check
+images (examples/ and the load photos) against ours, then one 500x375 JPEG per request at each
+concurrency. By default each server runs alone, in turn; with ``--rounds N`` all are up at once
+and each point is N windows per server, the servers taking turns, so that drift in a shared
+machine's speed hits them alike. Writes benchmarks/results/peers.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from dataclasses import replace
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -28,9 +31,9 @@ import aiohttp
 import psutil
 
 from benchmarks.load import photo
-from benchmarks.peers.drive import Load, answers, point, wait_ready
+from benchmarks.peers.drive import Load, Measured, answers, point, pooled, wait_ready
 from benchmarks.peers.report import agreement, markdown, plot
-from benchmarks.peers.servers import PEERS_VENV, ROOT, SERVERS, Batching, start
+from benchmarks.peers.servers import PEERS_VENV, ROOT, SERVERS, Batching, Server, start
 
 MODELS = {
     "fp32": ROOT / "artifacts/bench/resnet50-random-fp32.onnx",
@@ -69,19 +72,24 @@ def main(argv: list[str] | None = None) -> None:
     }
     with tempfile.TemporaryDirectory(prefix="peers-") as workdir:
         for model_name, path in models.items():
-            reference: list[list[int]] | None = None
-            for name in args.servers:
-                began = time.perf_counter()
-                try:
-                    run = asyncio.run(
-                        _run(name, path, batching, load, args.concurrency, photos, checks, workdir)
-                    )
-                except (RuntimeError, aiohttp.ClientError, TimeoutError) as exc:
-                    # One peer that fails to start or answer must not cost the others' numbers.
-                    run = {"server": name, "error": f"{type(exc).__name__}: {exc}"}
-                run |= {"model": model_name, "elapsed_s": time.perf_counter() - began}
+            runs = asyncio.run(
+                _run(
+                    args.servers,
+                    path,
+                    batching,
+                    load,
+                    args.concurrency,
+                    photos,
+                    checks,
+                    workdir,
+                    args.rounds,
+                )
+            )
+            ours = [r["top5"] for r in runs if r["server"] == "ours" and "top5" in r]
+            reference = ours[0] if ours else None
+            for run in runs:
+                run["model"] = model_name
                 if "top5" in run:
-                    reference = run["top5"] if name == "ours" else reference
                     run["agreement"] = agreement(run["top5"], reference)
                 skip = ("top5", "points")
                 print(json.dumps({k: v for k, v in run.items() if k not in skip}), flush=True)
@@ -104,6 +112,9 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-wait-ms", type=float, default=Batching.wait_ms, help="peers'")
     parser.add_argument("--ours-wait-ms", type=float, help="ours' max_wait_ms (default: ours')")
     parser.add_argument("--out", default="peers", help="results file stem")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="windows per point, servers taking turns (>1: all up)"
+    )
     return parser.parse_args(argv)
 
 
@@ -164,7 +175,7 @@ def _free_port() -> int:
 
 
 async def _run(
-    name: str,
+    names: list[str],
     model: Path,
     batching: Batching,
     load: Load,
@@ -172,18 +183,66 @@ async def _run(
     photos: list[bytes],
     checks: list[tuple[str, bytes]],
     workdir: str,
-) -> dict[str, Any]:
-    server = start(name, model, _free_port(), batching, Path(workdir))
+    rounds: int,
+) -> list[dict[str, Any]]:
+    """Every server started in turn, then at each concurrency ``rounds`` windows per server,
+    the servers taking turns: drift in the machine's speed over the run (it is shared) then hits
+    each server alike. With one round each server runs alone, started and stopped in turn."""
+    if rounds == 1:
+        return [
+            (
+                await _run_servers(
+                    [name], model, batching, load, concurrency, photos, checks, workdir, 1
+                )
+            )[0]
+            for name in names
+        ]
+    return await _run_servers(
+        names, model, batching, load, concurrency, photos, checks, workdir, rounds
+    )
+
+
+async def _run_servers(
+    names: list[str],
+    model: Path,
+    batching: Batching,
+    load: Load,
+    concurrency: list[int],
+    photos: list[bytes],
+    checks: list[tuple[str, bytes]],
+    workdir: str,
+    rounds: int,
+) -> list[dict[str, Any]]:
+    servers: dict[str, Server] = {}
+    runs: dict[str, dict[str, Any]] = {}
     try:
-        startup = await wait_ready(server, photos[0], load)
-        top5 = await answers(server, checks)
-        points = []
+        for name in names:
+            began = time.perf_counter()
+            server = start(name, model, _free_port(), batching, Path(workdir))
+            try:
+                startup = await wait_ready(server, photos[0], load)
+                top5 = await answers(server, checks)
+            except (RuntimeError, aiohttp.ClientError, TimeoutError) as exc:
+                # One peer that fails to start or answer must not cost the others' numbers.
+                server.tree.stop()
+                runs[name] = {"server": name, "error": f"{type(exc).__name__}: {exc}"}
+                continue
+            servers[name] = server
+            runs[name] = {"server": name, "startup_s": startup, "top5": top5, "points": []}
+            runs[name]["elapsed_s"] = time.perf_counter() - began
+        window = replace(load, seconds=load.seconds / rounds)
         for clients in concurrency:
-            points.append(await point(server, photos, clients, load))
-            print(json.dumps({"server": name, **points[-1]}), flush=True)
+            measured: dict[str, list[Measured]] = {name: [] for name in servers}
+            for _ in range(rounds):
+                for name, server in servers.items():
+                    measured[name].append(await point(server, photos, clients, window))
+            for name, windows in measured.items():
+                runs[name]["points"].append(pooled(windows))
+                print(json.dumps({"server": name, **runs[name]["points"][-1]}), flush=True)
     finally:
-        server.tree.stop()
-    return {"server": name, "startup_s": startup, "top5": top5, "points": points}
+        for server in servers.values():
+            server.tree.stop()
+    return [runs[name] for name in names]
 
 
 if __name__ == "__main__":

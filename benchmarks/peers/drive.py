@@ -7,6 +7,7 @@ import asyncio
 import json
 import math
 import time
+from collections.abc import Iterable
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
@@ -79,9 +80,7 @@ async def answers(server: Server, images: list[tuple[str, bytes]]) -> list[list[
     return out
 
 
-async def point(
-    server: Server, photos: list[bytes], concurrency: int, load: Load
-) -> dict[str, Any]:
+async def point(server: Server, photos: list[bytes], concurrency: int, load: Load) -> Measured:
     """A closed loop of ``concurrency`` clients, measured for ``load.seconds`` once steady.
 
     Steady means past the warm-up and after every client has had its first answer: a server
@@ -126,20 +125,67 @@ async def point(
         server_cpu, client_cpu = await _cpu_over(server, end)
         await clients  # the drain: in-flight requests finish, uncounted, before the next point
     rss, pss = server.tree.peak_mib(start, end)
-    summary = summarize(outcomes, (start, end))
+    return Measured(
+        concurrency=concurrency,
+        start=start,
+        warmup_s=start - began,
+        steady=steady.is_set(),
+        outcomes=[o for o in outcomes if start <= o.finished < end],
+        seconds=end - start,
+        server_cpu_s=server_cpu,
+        client_cpu_s=client_cpu,
+        peak_rss_mib=rss,
+        peak_pss_mib=pss,
+    )
+
+
+@dataclass
+class Measured:
+    """One window of load on one server: the requests that finished inside it, and the costs."""
+
+    concurrency: int
+    start: float
+    warmup_s: float
+    steady: bool
+    outcomes: list[Outcome]
+    seconds: float
+    server_cpu_s: float
+    client_cpu_s: float
+    peak_rss_mib: float | None
+    peak_pss_mib: float | None
+
+
+def pooled(windows: list[Measured]) -> dict[str, Any]:
+    """A point of the report from one or more windows at the same concurrency (rounds)."""
+    seconds = sum(w.seconds for w in windows)
+    server_cpu = sum(w.server_cpu_s for w in windows)
+    # Laid end to end, the windows are one window of their summed length.
+    outcomes, offset = [], 0.0
+    for window in windows:
+        shift = offset - window.start
+        outcomes += [
+            Outcome(o.started + shift, o.finished + shift, o.status) for o in window.outcomes
+        ]
+        offset += window.seconds
+    summary = summarize(outcomes, (0.0, seconds))
     answered = sum(n for status, n in summary["statuses"].items() if status.isdigit())
     return {
-        "concurrency": concurrency,
-        "warmup_s": start - began,
-        "steady": steady.is_set(),
+        "concurrency": windows[0].concurrency,
+        "warmup_s": windows[0].warmup_s,
+        "steady": all(w.steady for w in windows),
+        "rounds": len(windows),
         **summary,
-        "server_cpu_percent": 100 * server_cpu / load.seconds,
+        "server_cpu_percent": 100 * server_cpu / seconds,
         # Per answered request, refusals included: what one request costs the host.
         "server_cpu_ms_per_request": 1000 * server_cpu / max(answered, 1),
-        "client_cpu_percent": 100 * client_cpu / load.seconds,
-        "peak_rss_mib": rss,
-        "peak_pss_mib": pss,
+        "client_cpu_percent": 100 * sum(w.client_cpu_s for w in windows) / seconds,
+        "peak_rss_mib": _peak(w.peak_rss_mib for w in windows),
+        "peak_pss_mib": _peak(w.peak_pss_mib for w in windows),
     }
+
+
+def _peak(values: Iterable[float | None]) -> float | None:
+    return max((v for v in values if v is not None), default=None)
 
 
 def retry_after(header: str | None, load: Load) -> float:
