@@ -115,7 +115,8 @@ class OnnxModel:
         check_precision(config.precision, metadata.precision, provider, path)
         _check_graph(session, metadata)
         alone = None
-        if config.spinning == "adaptive" and session.get_providers()[0] == CPU:
+        # With one thread per run there is no pool to spin: a second session would buy nothing.
+        if config.spinning == "adaptive" and provider == CPU and config.intra_op_threads != 1:
             alone = _open_session(path, [CPU], replace(config, spinning=ALONE_SPINNING))
         model = cls(session, metadata, cuda_graphs=config.gpu.cuda_graphs, alone=alone)
         log.info(

@@ -139,9 +139,14 @@ def test_each_inference_thread_binds_its_own_buffers_and_graph_ids(
 def test_adaptive_spinning_opens_a_second_cpu_session_that_answers_the_same(
     make_settings: Callable[..., Settings],
 ) -> None:
-    model = OnnxModel.load(session_config(make_settings(ort_spinning="adaptive")))
+    def load(spinning: str, threads: int) -> OnnxModel:
+        settings = make_settings(ort_spinning=spinning, intra_op_threads=threads)
+        return OnnxModel.load(session_config(settings))
+
+    model = load("adaptive", 2)
     assert model.adaptive
-    assert not OnnxModel.load(session_config(make_settings(ort_spinning="off"))).adaptive
+    assert not load("off", 2).adaptive
+    assert not load("adaptive", 1).adaptive  # one thread a run: no pool that could spin
     model.bind([1, 2])
     model.warm_up([1, 2])
     images = np.random.default_rng(2).integers(0, 256, (2, CROP_SIZE, CROP_SIZE, 3), np.uint8)
