@@ -379,8 +379,8 @@ async def test_lanes_are_chosen_by_a_trial_at_warm_up_when_not_set(
         async with app.router.lifespan_context(app):
             await app.state.lifecycle.wait_warmed()
     (chosen,) = [r for r in caplog.records if r.getMessage() == "inference lanes chosen"]
-    assert chosen.__dict__["lanes"] in (1, 2)
-    assert set(chosen.__dict__["batches_per_s"]) == {"1", "2"}
+    assert chosen.lanes in (1, 2)
+    assert set(chosen.batches_per_s) == {"1", "2"}
 
 
 async def test_draining_turns_readiness_and_admission_to_503(serve: Serve) -> None:
