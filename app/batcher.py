@@ -69,7 +69,6 @@ class Batcher:
     _free: asyncio.Queue[ThreadPoolExecutor] = field(init=False)
     _changed: asyncio.Event = field(init=False)  # images queued or a lane freed
     _computing: int = field(init=False, default=0)  # batches between collection and fan-out
-    _lane_limit: int = field(init=False, default=1_000_000)  # see keep_one_lane
     on_failure: Callable[[BaseException], None] = lambda exc: None
     on_batch: Callable[[int, float], None] = lambda images, seconds: None
     # For a batch with the machine to itself: nothing else computing, queued or on its way
@@ -127,22 +126,6 @@ class Batcher:
     async def run_in_model_thread(self, fn: Callable[[], None]) -> None:
         """Run work such as timing a batch on an inference thread, so it never races a batch."""
         await asyncio.get_running_loop().run_in_executor(self._lanes[0], fn)
-
-    async def lane_throughput(self, fn: Callable[[], object], lanes: int, runs: int) -> float:
-        """Calls per second of ``fn``, called ``runs`` times on each of ``lanes`` lanes at once."""
-        loop = asyncio.get_running_loop()
-
-        def repeat() -> None:
-            for _ in range(runs):
-                fn()
-
-        started = time.perf_counter()
-        await asyncio.gather(*(loop.run_in_executor(lane, repeat) for lane in self._lanes[:lanes]))
-        return lanes * runs / (time.perf_counter() - started)
-
-    def keep_one_lane(self) -> None:
-        """From now on batches compute one at a time."""
-        self._lane_limit = 1
 
     async def run_on_every_lane(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` on each inference thread in turn: warm-up, where a lane owns its buffers."""
@@ -211,10 +194,7 @@ class Batcher:
             lane = await self._free.get()
             # A batch beside a running one starts only when a full batch is waiting: until then
             # one lane keeps up, and another run would take the CPU that decoding needs.
-            while self._computing and (
-                self._computing >= self._lane_limit
-                or self._queue.qsize() < self.config.max_batch_size
-            ):
+            while self._computing and self._queue.qsize() < self.config.max_batch_size:
                 self._changed.clear()
                 await self._changed.wait()
             if self._failed is not None:

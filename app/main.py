@@ -13,7 +13,6 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from functools import partial
 
-import numpy as np
 from fastapi import FastAPI
 
 from app.admission import Admission, AdmissionConfig
@@ -143,8 +142,7 @@ def create_app(settings: Settings, model: OnnxModel | None = None) -> FastAPI:
         )
         loaded.bind(batcher.config.buckets)
         batcher.start()
-        choose_lanes = settings.concurrent_batches is None and batcher.config.concurrent_batches > 1
-        warm_up = asyncio.create_task(_warm_up(loaded, batcher, admission, choose_lanes))
+        warm_up = asyncio.create_task(_warm_up(loaded, batcher, admission))
         sampler = asyncio.create_task(metrics.sample_forever()) if metrics.multiprocess else None
         try:
             if settings.workers > 1:
@@ -193,25 +191,13 @@ def create_app(settings: Settings, model: OnnxModel | None = None) -> FastAPI:
     return app
 
 
-# Batches timed per lane when choosing between one lane and several at warm-up, and the gain
-# that several must show: a second lane helped the 224x224 int8 model (62.5 vs 55.0 img/s at 16
-# clients) and hurt fp32 (21.2 vs 25.2), whose runs already keep both cores busy
-# (python -m benchmarks.compare, benchmarks/results/lanes.md).
-LANE_TRIAL_RUNS = 3
-LANE_GAIN = 1.05
-
-
-async def _warm_up(
-    model: OnnxModel, batcher: Batcher, admission: Admission, choose_lanes: bool
-) -> None:
+async def _warm_up(model: OnnxModel, batcher: Batcher, admission: Admission) -> None:
     # Every bucket is a shape the model will see: each is warmed before readiness.
     sizes = list(batcher.config.buckets)
     max_batch_size = sizes[-1]
     log.info("warming up", extra={"batch_sizes": sizes})
     try:
         await batcher.run_on_every_lane(partial(model.warm_up, sizes))
-        if choose_lanes:
-            await _choose_lanes(model, batcher, max_batch_size)
         # A warm, timed full batch: admission's first estimate of the cost per image.
         started = time.perf_counter()
         await batcher.run_in_model_thread(partial(model.warm_up, [max_batch_size]))
@@ -221,21 +207,3 @@ async def _warm_up(
         return
     admission.lifecycle.mark_warmed(sizes)
     log.info("ready", extra={"provider": model.provider})
-
-
-async def _choose_lanes(model: OnnxModel, batcher: Batcher, max_batch_size: int) -> None:
-    """Keep several lanes only where full batches side by side beat one at a time."""
-    lanes = batcher.config.concurrent_batches
-    crop = model.metadata.recipe.crop_size
-    full = partial(model.predict, np.zeros((max_batch_size, crop, crop, 3), dtype=np.uint8))
-    alone = await batcher.lane_throughput(full, 1, LANE_TRIAL_RUNS)
-    together = await batcher.lane_throughput(full, lanes, LANE_TRIAL_RUNS)
-    if together < LANE_GAIN * alone:
-        batcher.keep_one_lane()
-    log.info(
-        "inference lanes chosen",
-        extra={
-            "lanes": lanes if together >= LANE_GAIN * alone else 1,
-            "batches_per_s": {"1": round(alone, 2), str(lanes): round(together, 2)},
-        },
-    )

@@ -40,9 +40,6 @@ def make_settings(model_path: Path) -> Callable[..., Settings]:
             "max_wait_ms": 2.0,
             "decode_threads": 2,
             "intra_op_threads": 1,
-            # One lane unless a test asks for more: batch counts stay deterministic, and no
-            # lane trial runs the model at warm-up (tests gate the model's runs).
-            "concurrent_batches": 1,
         }
         return Settings(**(values | overrides))
 

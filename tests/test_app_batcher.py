@@ -308,27 +308,3 @@ async def test_a_batch_alone_runs_on_the_alone_function_and_any_other_does_not()
     await batcher.drain()
     assert alone.batches == [[1]]
     assert shared.batches == [[2]]
-
-
-async def test_with_one_lane_kept_full_batches_wait_for_the_running_one() -> None:
-    release, started = threading.Event(), threading.Semaphore(0)
-
-    def held(batch: np.ndarray) -> np.ndarray:
-        started.release()
-        release.wait(timeout=30)
-        return echo(batch)
-
-    batcher = make_batcher(held, max_batch_size=2, concurrent_batches=2)
-    assert await batcher.lane_throughput(lambda: None, 2, 3) > 0
-    batcher.keep_one_lane()
-    batcher.start()
-    first = asyncio.ensure_future(batcher.submit([image(1), image(2)]))
-    await asyncio.to_thread(started.acquire)
-    second = asyncio.ensure_future(batcher.submit([image(3), image(4)]))  # a full batch
-    for _ in range(20):  # loop turns: with two lanes in use it would start now
-        await asyncio.sleep(0)
-    assert len(batcher._running) == 1
-    release.set()
-    assert [float(r[0]) for r in await second] == [3, 4]
-    await first
-    await batcher.drain()

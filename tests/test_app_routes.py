@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import re
 import threading
 from collections.abc import AsyncIterator, Iterable
@@ -368,19 +367,6 @@ async def test_every_inference_lane_is_warm_before_readiness(make_settings: Any)
                 *(client.post("/predict", files=files(image_bytes(s))) for s in range(6))
             )
     assert [a.status_code for a in answers] == [200] * 6
-
-
-async def test_lanes_are_chosen_by_a_trial_at_warm_up_when_not_set(
-    make_settings: Any, caplog: pytest.LogCaptureFixture
-) -> None:
-    settings = make_settings(concurrent_batches=None, max_batch_size=2)
-    app = create_app(settings, OnnxModel.load(session_config(settings)))
-    with caplog.at_level(logging.INFO, logger="app.main"):
-        async with app.router.lifespan_context(app):
-            await app.state.lifecycle.wait_warmed()
-    (chosen,) = [r for r in caplog.records if r.getMessage() == "inference lanes chosen"]
-    assert chosen.lanes in (1, 2)
-    assert set(chosen.batches_per_s) == {"1", "2"}
 
 
 async def test_draining_turns_readiness_and_admission_to_503(serve: Serve) -> None:
