@@ -81,7 +81,7 @@ def batch_config(settings: Settings, provider: str) -> BatchConfig:
         max_queue_images=settings.max_queue_images,
         request_timeout_ms=settings.request_timeout_ms,
         retry_after_s=settings.retry_after_s,
-        concurrent_batches=settings.concurrent_batches or (1 if provider in GPU else 2),
+        concurrent_batches=settings.concurrent_batches,
     )
 
 

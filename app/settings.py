@@ -75,9 +75,9 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(0.0, ge=0)
     max_queue_images: int = Field(1024, ge=1)
     # Batches computing at once on the one session, each on its own inference thread; a second
-    # starts only with a full batch waiting. Default (None): 2 on the CPU, where a run leaves
-    # cores idle between its operators (benchmarks/results/lanes.md), 1 on a GPU.
-    concurrent_batches: int | None = Field(None, ge=1, le=16)
+    # starts only with a full batch waiting. Measured at 16 clients (benchmarks/results/lanes.md):
+    # 2 lanes +14% on the 224x224 int8 model, -16% on fp32, -5% on the digits demo; default 1.
+    concurrent_batches: int = Field(1, ge=1, le=16)
     # From the moment the body is in: admission sheds what cannot finish inside it (503), and
     # what still overstays it answers 504 without using the model.
     request_timeout_ms: float = Field(5_000.0, gt=0)
