@@ -72,19 +72,24 @@ def main(argv: list[str] | None = None) -> None:
     }
     with tempfile.TemporaryDirectory(prefix="peers-") as workdir:
         for model_name, path in models.items():
-            runs = asyncio.run(
-                _run(
-                    args.servers,
-                    path,
-                    batching,
-                    load,
-                    args.concurrency,
-                    photos,
-                    checks,
-                    workdir,
-                    args.rounds,
+            # One round: each server alone, started and stopped in turn. More: all up at once,
+            # taking turns at each point, so drift in the machine's speed hits each alike.
+            groups = [[name] for name in args.servers] if args.rounds == 1 else [args.servers]
+            runs = []
+            for group in groups:
+                runs += asyncio.run(
+                    _run_servers(
+                        group,
+                        path,
+                        batching,
+                        load,
+                        args.concurrency,
+                        photos,
+                        checks,
+                        workdir,
+                        args.rounds,
+                    )
                 )
-            )
             ours = [r["top5"] for r in runs if r["server"] == "ours" and "top5" in r]
             reference = ours[0] if ours else None
             for run in runs:
@@ -174,34 +179,6 @@ def _free_port() -> int:
         return port
 
 
-async def _run(
-    names: list[str],
-    model: Path,
-    batching: Batching,
-    load: Load,
-    concurrency: list[int],
-    photos: list[bytes],
-    checks: list[tuple[str, bytes]],
-    workdir: str,
-    rounds: int,
-) -> list[dict[str, Any]]:
-    """Every server started in turn, then at each concurrency ``rounds`` windows per server,
-    the servers taking turns: drift in the machine's speed over the run (it is shared) then hits
-    each server alike. With one round each server runs alone, started and stopped in turn."""
-    if rounds == 1:
-        return [
-            (
-                await _run_servers(
-                    [name], model, batching, load, concurrency, photos, checks, workdir, 1
-                )
-            )[0]
-            for name in names
-        ]
-    return await _run_servers(
-        names, model, batching, load, concurrency, photos, checks, workdir, rounds
-    )
-
-
 async def _run_servers(
     names: list[str],
     model: Path,
@@ -213,6 +190,8 @@ async def _run_servers(
     workdir: str,
     rounds: int,
 ) -> list[dict[str, Any]]:
+    """Start the servers in turn, then measure each concurrency as ``rounds`` windows per
+    server, the servers taking turns; the windows of a point are pooled."""
     servers: dict[str, Server] = {}
     runs: dict[str, dict[str, Any]] = {}
     try:
