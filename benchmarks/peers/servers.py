@@ -9,6 +9,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,10 +165,18 @@ class Server:
     started: float
 
 
-def start(server: str, model: Path, port: int, batching: Batching, workdir: Path) -> Server:
+def start(
+    server: str,
+    model: Path,
+    port: int,
+    batching: Batching,
+    workdir: Path,
+    settings: Mapping[str, str] | None = None,
+) -> Server:
+    """``settings``: environment variables on top (benchmarks.compare: ours with other settings)."""
     home = Path(tempfile.mkdtemp(prefix=f"{server}-", dir=workdir))
     log = home / "server.log"
-    env = environment(server, model, port, batching, home)
+    env = environment(server, model, port, batching, home) | dict(settings or {})
     started = time.perf_counter()
     with log.open("wb") as sink:
         process = subprocess.Popen(
