@@ -57,10 +57,15 @@ class Admission:
             cost if previous is None else previous + EWMA_WEIGHT * (cost - previous)
         )
 
+    @property
+    def admitted_images(self) -> int:
+        """Images admitted and not finished: bodies read, plus one per body still coming."""
+        return self.pending_images + self.provisional
+
     def predicted_wait_s(self, images: int = 1) -> float:
         if self.seconds_per_image is None:
             return 0.0
-        return (self.pending_images + self.provisional + images) * self.seconds_per_image
+        return (self.admitted_images + images) * self.seconds_per_image
 
     async def enter(self) -> Ticket:
         """Admit a request before its body is read, waiting at the door while it would be late.
@@ -134,7 +139,7 @@ class Admission:
         return self._shed(
             "predicted_wait",
             f"predicted wait {self.predicted_wait_s(images) * 1000:.4g} ms for "
-            f"{self.pending_images + self.provisional} image(s) ahead does not fit "
+            f"{self.admitted_images} image(s) ahead does not fit "
             f"request_timeout_ms={self.config.request_timeout_ms:g} "
             f"(waited admission_wait_ms={self.config.admission_wait_ms:g} for room)",
         )

@@ -266,18 +266,15 @@ class Batcher:
         sharing = max(1, self._computing)
         started = time.perf_counter()
         size = bucket_for(len(batch), self.config.buckets)
+        model_fn = self.model_fn
+        alone = sharing == 1 and self._queue.empty() and self.admitted_images() <= len(batch)
+        if alone and self.alone_fn is not None:
+            model_fn = self.alone_fn
         try:
             inputs = np.stack([item.image for item in batch])
             if size > len(batch):
                 padding = np.zeros((size - len(batch), *inputs.shape[1:]), inputs.dtype)
                 inputs = np.concatenate([inputs, padding])
-            alone = (
-                self.alone_fn is not None
-                and sharing == 1
-                and self._queue.empty()
-                and self.admitted_images() <= len(batch)
-            )
-            model_fn = self.alone_fn if alone and self.alone_fn is not None else self.model_fn
             outputs = await loop.run_in_executor(lane, model_fn, inputs)
         except Exception as exc:
             log.exception("inference failed", extra={"batch_size": len(batch)})

@@ -132,7 +132,7 @@ def create_app(settings: Settings, model: OnnxModel | None = None) -> FastAPI:
             lifecycle.fail,
             admission.observe_batch,
             loaded.predict_alone if loaded.adaptive else None,
-            lambda: admission.pending_images + admission.provisional,
+            lambda: admission.admitted_images,
         )
         decoder = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         app.state.lifecycle = lifecycle

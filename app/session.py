@@ -42,11 +42,13 @@ OPTIMIZATION_LEVELS = {
 # "adaptive" (the default) is "off", plus a second session that spins within its runs for a batch
 # that has the machine to itself (app.batcher: nothing else computing, queued or admitted).
 # Measured (benchmarks/results/lanes.md, alternating servers, digits demo): at 1 client 268 vs
-# 239 req/s for adaptive vs off; at 16 clients adaptive costs nothing beyond the second lane.
+# 239 req/s for adaptive vs off (166 vs 145 in another run); at 16 clients it costs nothing
+# (572 vs 574 img/s, both with two lanes): a busy server never takes the spinning session.
 # The second session costs memory: RSS 458 vs 349 MiB (digits), 742 vs 491 MiB (224x224 fp32).
+NEVER_SPIN = {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}
 SPINNING = {
-    "off": {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"},
-    "adaptive": {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"},
+    "off": NEVER_SPIN,
+    "adaptive": NEVER_SPIN,  # the session under load; the one for lone batches: ALONE_SPINNING
     "in_run": {"session.force_spinning_stop": "1"},
     "always": {},
 }
