@@ -4,9 +4,7 @@ FIFO and bounded. A batch closes when it holds ``max_batch_size`` images or when
 image has waited ``max_wait_ms``. Batches compute on dedicated inference threads ("lanes",
 ``concurrent_batches`` of them, like Triton's instance count), so the event loop keeps accepting
 and decoding while a batch computes. A batch is collected only when a lane is free: an idle
-model runs what is queued now, and batches grow while the lanes are busy. A second lane starts
-a batch only when a full one is waiting, so concurrency is added only where batching alone
-cannot keep up.
+model runs what is queued now, and batches grow while the lanes are busy.
 """
 
 from __future__ import annotations
@@ -54,8 +52,8 @@ class BatchConfig:
     max_queue_images: int
     request_timeout_ms: float
     retry_after_s: int
-    # Batches computing at once, each on its own thread, all on the one session: while one run
-    # is in a stretch ONNX Runtime cannot split across cores, another's work fills them.
+    # Batches computing at once, each on its own thread, all on the one session: on the CPU,
+    # runs on one core each side by side beat one run spread over all of them (app.main).
     concurrent_batches: int = 1
 
 
@@ -67,7 +65,6 @@ class Batcher:
     _queue: asyncio.Queue[_Item] = field(init=False)
     _lanes: list[ThreadPoolExecutor] = field(init=False)
     _free: asyncio.Queue[ThreadPoolExecutor] = field(init=False)
-    _changed: asyncio.Event = field(init=False)  # images queued or a lane freed
     _computing: int = field(init=False, default=0)  # batches between collection and fan-out
     on_failure: Callable[[BaseException], None] = lambda exc: None
     on_batch: Callable[[int, float], None] = lambda images, seconds: None
@@ -89,7 +86,6 @@ class Batcher:
             for lane in range(self.config.concurrent_batches)
         ]
         self._free = asyncio.Queue()
-        self._changed = asyncio.Event()
         for lane in self._lanes:
             self._free.put_nowait(lane)
         self.metrics.track_queue_depth(self._queue.qsize)
@@ -127,10 +123,16 @@ class Batcher:
         """Run work such as timing a batch on an inference thread, so it never races a batch."""
         await asyncio.get_running_loop().run_in_executor(self._lanes[0], fn)
 
-    async def run_on_every_lane(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` on each inference thread in turn: warm-up, where a lane owns its buffers."""
-        for lane in self._lanes:
-            await asyncio.get_running_loop().run_in_executor(lane, fn)
+    async def run_on_lanes(self, work: Sequence[Callable[[], None]], at_once: bool) -> None:
+        """Run ``work[i]`` on inference thread i (warm-up, where a lane owns its buffers): all
+        at once, or one lane after another."""
+        loop = asyncio.get_running_loop()
+        runs = (loop.run_in_executor(lane, fn) for lane, fn in zip(self._lanes, work, strict=True))
+        if at_once:
+            await asyncio.gather(*runs)
+        else:
+            for run in runs:
+                await run
 
     async def submit(
         self, images: Sequence[np.ndarray], deadline: float | None = None
@@ -175,7 +177,6 @@ class Batcher:
         items = [_Item(image, loop.create_future(), now, deadline) for image in images]
         for item in items:
             self._queue.put_nowait(item)
-        self._changed.set()
         return [item.future for item in items]
 
     async def drain(self) -> None:
@@ -192,11 +193,6 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             lane = await self._free.get()
-            # A batch beside a running one starts only when a full batch is waiting: until then
-            # one lane keeps up, and another run would take the CPU that decoding needs.
-            while self._computing and self._queue.qsize() < self.config.max_batch_size:
-                self._changed.clear()
-                await self._changed.wait()
             if self._failed is not None:
                 return
             self._collecting = batch = await self._collect()
@@ -216,7 +212,6 @@ class Batcher:
                 self._queue.task_done()
             self._computing -= 1
             self._free.put_nowait(lane)
-            self._changed.set()
 
     async def _collect(self) -> list[_Item]:
         first = await self._queue.get()

@@ -27,21 +27,35 @@ from app.metrics import Metrics
 from app.middleware import RequestContext
 from app.oip.routes import router as oip_router
 from app.page import install_page
-from app.providers import CUDA, GPU, GpuOptions, default_trt_cache_dir
+from app.providers import CPU, CUDA, GPU, GpuOptions, default_trt_cache_dir
 from app.routes import router
 from app.schema_bounds import install_schema_bounds
 from app.service import Classifier, ClassifyConfig
 from app.session import OnnxModel, SessionConfig
-from app.settings import Settings, cpu_share
+from app.settings import MAX_LANES, Settings, cpu_share
 from app.uploads import UploadLimits
 
 log = logging.getLogger(__name__)
 
 
+def concurrent_batches(settings: Settings, provider: str) -> int:
+    if settings.concurrent_batches:
+        return settings.concurrent_batches
+    return 1 if provider in GPU else min(MAX_LANES, cpu_share(settings.workers))
+
+
 def intra_op_threads(settings: Settings) -> int:
-    if settings.intra_op_threads or settings.workers == 1:
+    """Threads of one run: the share of the cores each CPU lane may count on. Chosen before
+    the provider is known; on a GPU they only run the few operators left on the CPU."""
+    if settings.intra_op_threads:
         return settings.intra_op_threads
-    return cpu_share(settings.workers)
+    return max(1, cpu_share(settings.workers) // concurrent_batches(settings, CPU))
+
+
+def alone_threads(settings: Settings) -> int:
+    """Threads of the session for a batch alone on the machine (ort_spinning=adaptive): all
+    the lanes' threads together, as the lone batch has their cores to itself."""
+    return intra_op_threads(settings) * concurrent_batches(settings, CPU)
 
 
 def session_config(settings: Settings) -> SessionConfig:
@@ -51,6 +65,7 @@ def session_config(settings: Settings) -> SessionConfig:
         providers=settings.providers,
         precision=settings.model_precision,
         intra_op_threads=intra_op_threads(settings),
+        alone_threads=alone_threads(settings),
         spinning=settings.ort_spinning,
         graph_optimization=settings.graph_optimization,
         gpu=GpuOptions(
@@ -81,7 +96,7 @@ def batch_config(settings: Settings, provider: str) -> BatchConfig:
         max_queue_images=settings.max_queue_images,
         request_timeout_ms=settings.request_timeout_ms,
         retry_after_s=settings.retry_after_s,
-        concurrent_batches=settings.concurrent_batches,
+        concurrent_batches=concurrent_batches(settings, provider),
     )
 
 
@@ -197,11 +212,18 @@ async def _warm_up(model: OnnxModel, batcher: Batcher, admission: Admission) -> 
     max_batch_size = sizes[-1]
     log.info("warming up", extra={"batch_sizes": sizes})
     try:
-        await batcher.run_on_every_lane(partial(model.warm_up, sizes))
-        # A warm, timed full batch: admission's first estimate of the cost per image.
+        lanes = batcher.config.concurrent_batches
+        if model.warms_per_thread:  # one after another: each captures its own CUDA graphs
+            await batcher.run_on_lanes([partial(model.warm_up, sizes)] * lanes, at_once=False)
+        else:  # the lanes share the buckets out and warm the session at once
+            work = [partial(model.warm_up, sizes[lane::lanes]) for lane in range(lanes)]
+            await batcher.run_on_lanes(work, at_once=True)
+        await batcher.run_in_model_thread(partial(model.warm_up_alone, sizes))
+        # A warm, timed full batch: admission's first estimate of the cost per image, where
+        # every lane computes one beside it.
         started = time.perf_counter()
         await batcher.run_in_model_thread(partial(model.warm_up, [max_batch_size]))
-        admission.observe_batch(max_batch_size, time.perf_counter() - started)
+        admission.observe_batch(max_batch_size, (time.perf_counter() - started) / lanes)
     except Exception:
         log.exception("warm-up failed; the server stays unready")
         return

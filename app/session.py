@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -64,6 +64,9 @@ class SessionConfig:
     providers: str  # auto | cuda | tensorrt | cpu (app.providers.ACCEPTABLE)
     precision: str  # auto | fp32 | fp16 | int8: which file beside model_path (app.providers)
     intra_op_threads: int  # 0: ONNX Runtime picks
+    # Threads of the session for lone batches (adaptive): the process's share of the cores,
+    # whatever intra_op_threads says, as a lone batch has them to itself. 0: ORT picks.
+    alone_threads: int
     spinning: str  # off | adaptive | in_run | always: when ORT's threads may busy-wait for work
     graph_optimization: str
     gpu: GpuOptions
@@ -117,9 +120,10 @@ class OnnxModel:
         check_precision(config.precision, metadata.precision, provider, path)
         _check_graph(session, metadata)
         alone = None
-        # With one thread per run there is no pool to spin: a second session would buy nothing.
-        if config.spinning == "adaptive" and provider == CPU and config.intra_op_threads != 1:
-            alone = _open_session(path, [CPU], replace(config, spinning=ALONE_SPINNING))
+        # With one core to the process there is no pool to spin: a second session buys nothing.
+        if config.spinning == "adaptive" and provider == CPU and config.alone_threads != 1:
+            lone = replace(config, spinning=ALONE_SPINNING, intra_op_threads=config.alone_threads)
+            alone = _open_session(path, [CPU], lone)
         model = cls(session, metadata, cuda_graphs=config.gpu.cuda_graphs, alone=alone)
         log.info(
             "model loaded",
@@ -178,14 +182,28 @@ class OnnxModel:
             return self.predict(images)
         return _predict(self._alone, self._alone_bound, images)
 
+    @property
+    def warms_per_thread(self) -> bool:
+        """Whether each inference thread must warm every bucket itself: on a GPU it captures
+        its own CUDA graphs and selects kernels on its own buffers. On the CPU a shape's plan
+        belongs to the session, and a thread's buffers are allocated at its first batch."""
+        return self.provider in GPU
+
     def warm_up(self, batch_sizes: Iterable[int]) -> None:
         # The first run of each shape pays for memory planning and kernel selection.
+        for images in self._zeros(batch_sizes):
+            self.predict(images)
+
+    def warm_up_alone(self, batch_sizes: Iterable[int]) -> None:
+        """``warm_up`` for the session of lone batches, where there is one."""
+        if self._alone is not None:
+            for images in self._zeros(batch_sizes):
+                self.predict_alone(images)
+
+    def _zeros(self, batch_sizes: Iterable[int]) -> Iterator[np.ndarray]:
         size = self.metadata.recipe.crop_size
         for batch_size in batch_sizes:
-            images = np.zeros((batch_size, size, size, 3), dtype=np.uint8)
-            self.predict(images)
-            if self._alone is not None:
-                self.predict_alone(images)
+            yield np.zeros((batch_size, size, size, 3), dtype=np.uint8)
 
 
 def _predict(

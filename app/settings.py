@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -16,12 +17,28 @@ Providers = Literal["auto", "cuda", "tensorrt", "cpu"]
 Precision = Literal["auto", "fp32", "fp16", "int8"]
 GraphOptimization = Literal["disable", "basic", "extended", "all"]
 LogLevel = Literal["debug", "info", "warning", "error"]
+MAX_LANES = 16  # each lane holds a batch's activations: bounded memory on large machines
+
+
+# cgroup v2: "QUOTA PERIOD" or "max PERIOD"; Docker's --cpus and a Kubernetes CPU limit set it.
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def usable_cpus() -> int:
+    """Cores this process may count on: those it may run on (its affinity, so ``taskset`` and
+    cpusets count), at most its CPU quota rounded up: in a container limited to 2 CPUs on a
+    64-core node, 2, where ONNX Runtime's own count would start 64 threads to share them."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = CGROUP_CPU_MAX.read_text().split()[:2]
+        return max(1, min(cores, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):  # no cgroup v2 file, or "max": no quota
+        return cores
 
 
 def cpu_share(workers: int) -> int:
-    """Cores each worker process may count on: those this process may run on (its affinity,
-    so ``taskset`` and container cpusets count), split evenly, at least one."""
-    return max(1, len(os.sched_getaffinity(0)) // workers)
+    """Cores each worker process may count on: the usable ones split evenly, at least one."""
+    return max(1, usable_cpus() // workers)
 
 
 def _default_decode_threads(data: dict[str, Any]) -> int:
@@ -51,8 +68,9 @@ class Settings(BaseSettings):
     # Which file beside model_path: auto serves model.fp16.onnx on CUDA where it exists (built
     # by `model build --also fp16`), model_path everywhere else; a pinned one must match.
     model_precision: Precision = "auto"
-    # 0: ONNX Runtime picks with one worker; with several, each worker gets its share of the
-    # cores (cpu_share), as it would otherwise assume the whole machine is its own.
+    # Threads of one batch's run under load. 0: the worker's share of the cores (cpu_share)
+    # split among its lanes, at least one each. A batch alone on the machine runs on the
+    # whole share (ort_spinning=adaptive).
     intra_op_threads: int = Field(0, ge=0)
     # When ORT's threads may busy-wait (app/session.py SPINNING): "adaptive" spins only for a
     # batch that has the machine to itself, on a second session (CPU only; more memory).
@@ -74,10 +92,12 @@ class Settings(BaseSettings):
     # now, and batches form while it is busy. A wait > 0 only holds a lone image back.
     max_wait_ms: float = Field(0.0, ge=0)
     max_queue_images: int = Field(1024, ge=1)
-    # Batches computing at once on the one session, each on its own inference thread; a second
-    # starts only with a full batch waiting. Measured at 16 clients (benchmarks/results/lanes.md):
-    # 2 lanes +14% on the 224x224 int8 model, -16% on fp32, -5% on the digits demo; default 1.
-    concurrent_batches: int = Field(1, ge=1, le=16)
+    # Batches computing at once on the one session, each on its own inference thread ("lanes").
+    # 0: on the CPU one per core of the worker's share (at most 16), each run on one thread:
+    # no thread pool to wake and no barrier after each operator, and the cores stay busy
+    # between one lane's batches (benchmarks/results/lanes.md: +7-18% over one lane on two
+    # threads); on a GPU 1, since one stream of batches keeps it busy.
+    concurrent_batches: int = Field(0, ge=0, le=MAX_LANES)
     # From the moment the body is in: admission sheds what cannot finish inside it (503), and
     # what still overstays it answers 504 without using the model.
     request_timeout_ms: float = Field(5_000.0, gt=0)

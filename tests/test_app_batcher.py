@@ -257,7 +257,7 @@ async def test_concurrent_batches_compute_at_once_on_their_own_threads() -> None
     assert len(threads) == 2
 
 
-async def test_a_second_lane_starts_only_with_a_full_batch_waiting() -> None:
+async def test_a_free_lane_starts_what_waits_while_another_lane_computes() -> None:
     release, started = threading.Event(), threading.Semaphore(0)
     model = Recorder()
 
@@ -267,22 +267,39 @@ async def test_a_second_lane_starts_only_with_a_full_batch_waiting() -> None:
             release.wait(timeout=30)
         return model(batch)
 
-    batcher = make_batcher(held, max_batch_size=2, concurrent_batches=2)
+    batcher = make_batcher(held, max_batch_size=4, concurrent_batches=2)
     batcher.start()
     first = asyncio.ensure_future(batcher.submit([image(1)]))
     await asyncio.to_thread(started.acquire)  # the first batch is computing
-    lone = asyncio.ensure_future(batcher.submit([image(2)]))
-    for _ in range(20):  # loop turns: the lone image waits for the first lane, not a second
-        await asyncio.sleep(0)
-    assert len(batcher._running) == 1
-    assert batcher.depth == 1
-    joined = asyncio.ensure_future(batcher.submit([image(3)]))  # now a full batch waits
-    await asyncio.gather(lone, joined)
-    assert model.batches == [[2, 3]]  # on the second lane while the first still holds
+    await batcher.submit([image(2)])  # a lone image: the second lane, while the first holds
+    assert model.batches == [[2]]
     release.set()
     await first
     await batcher.drain()
-    assert model.batches == [[2, 3], [1]]
+    assert model.batches == [[2], [1]]
+
+
+async def test_work_runs_on_every_lane_at_once_or_one_after_another() -> None:
+    batcher = make_batcher(echo, concurrent_batches=2)
+    both_inside = threading.Barrier(2, timeout=30)  # passed only by two lanes at once
+    threads: list[str] = []
+
+    def meet() -> None:
+        both_inside.wait()
+        threads.append(threading.current_thread().name)
+
+    await batcher.run_on_lanes([meet, meet], at_once=True)
+    assert len(set(threads)) == 2
+    second_started = threading.Event()
+    overlapped: list[bool] = []
+
+    def first() -> None:  # in turn, the second cannot start while this waits for it
+        overlapped.append(second_started.wait(timeout=0.2))
+
+    await batcher.run_on_lanes([first, second_started.set], at_once=False)
+    assert overlapped == [False]
+    assert second_started.is_set()
+    await batcher.drain()
 
 
 async def test_a_dead_batch_among_concurrent_ones_fails_every_waiter() -> None:

@@ -137,17 +137,20 @@ def test_each_inference_thread_binds_its_own_buffers_and_graph_ids(
 
 
 def test_adaptive_spinning_opens_a_second_cpu_session_that_answers_the_same(
-    make_settings: Callable[..., Settings],
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    def load(spinning: str, threads: int) -> OnnxModel:
-        settings = make_settings(ort_spinning=spinning, intra_op_threads=threads)
+    def load(spinning: str, workers: int = 1) -> OnnxModel:
+        settings = make_settings(ort_spinning=spinning, workers=workers)
         return OnnxModel.load(session_config(settings))
 
-    model = load("adaptive", 2)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr("app.settings.CGROUP_CPU_MAX", tmp_path / "no-cgroup")
+    model = load("adaptive")  # one thread a run under load: the lone batch gets both cores
     assert model.adaptive
-    assert not load("off", 2).adaptive
-    assert not load("adaptive", 1).adaptive  # one thread a run: no pool that could spin
+    assert not load("off").adaptive
+    assert not load("adaptive", workers=2).adaptive  # one core each: no pool that could spin
     model.bind([1, 2])
     model.warm_up([1, 2])
+    model.warm_up_alone([1, 2])
     images = np.random.default_rng(2).integers(0, 256, (2, CROP_SIZE, CROP_SIZE, 3), np.uint8)
     np.testing.assert_allclose(model.predict_alone(images), model.predict(images), atol=1e-6)

@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from app.main import batch_buckets, intra_op_threads
-from app.settings import Settings, cpu_share
+from app.main import alone_threads, batch_buckets, concurrent_batches, intra_op_threads
+from app.providers import CPU, CUDA
+from app.settings import Settings, cpu_share, usable_cpus
 
 
 def test_defaults() -> None:
@@ -80,30 +81,65 @@ def test_batch_buckets(
 
 
 @pytest.mark.parametrize(
-    ("cores", "workers", "intra_op", "share", "threads", "decode"),
+    ("cores", "workers", "lanes_set", "intra_op", "share", "lanes", "threads", "alone", "decode"),
     [
-        (8, 1, 0, 8, 0, 4),
-        (8, 2, 0, 4, 4, 4),
-        (8, 3, 0, 2, 2, 2),
-        (2, 2, 0, 1, 1, 1),
-        (2, 4, 0, 1, 1, 1),
-        (8, 4, 3, 2, 3, 2),
+        (8, 1, 0, 0, 8, 8, 1, 8, 4),
+        (8, 2, 0, 0, 4, 4, 1, 4, 4),
+        (8, 3, 0, 0, 2, 2, 1, 2, 2),
+        (2, 2, 0, 0, 1, 1, 1, 1, 1),
+        (2, 4, 0, 0, 1, 1, 1, 1, 1),
+        (64, 1, 0, 0, 64, 16, 4, 64, 4),
+        (8, 1, 2, 0, 8, 2, 4, 8, 4),
+        (8, 4, 0, 3, 2, 2, 3, 6, 2),
     ],
-    ids=["one-worker-ort-picks", "halves", "thirds-round-down", "one-each", "never-zero", "set"],
+    ids=[
+        "one-worker-a-lane-a-core",
+        "halves",
+        "thirds-round-down",
+        "one-each",
+        "never-zero",
+        "lanes-capped",
+        "lanes-set",
+        "threads-set",
+    ],
 )
 def test_workers_share_the_cores_this_process_may_use(
     monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
     cores: int,
     workers: int,
+    lanes_set: int,
     intra_op: int,
     share: int,
+    lanes: int,
     threads: int,
+    alone: int,
     decode: int,
 ) -> None:
     # The affinity, not the machine's core count: taskset and container cpusets count.
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(100, 100 + cores)))
-    settings = Settings(workers=workers, intra_op_threads=intra_op)
+    monkeypatch.setattr("app.settings.CGROUP_CPU_MAX", tmp_path / "no-cgroup")
+    settings = Settings(workers=workers, concurrent_batches=lanes_set, intra_op_threads=intra_op)
     assert cpu_share(workers) == share
+    assert concurrent_batches(settings, CPU) == lanes
+    assert concurrent_batches(settings, CUDA) == (lanes_set or 1)  # a GPU: one stream of batches
     assert intra_op_threads(settings) == threads
+    assert alone_threads(settings) == alone  # a lone batch: every lane's threads
     assert settings.decode_threads == decode
     assert Settings(workers=workers, decode_threads=7).decode_threads == 7
+
+
+@pytest.mark.parametrize(
+    ("cpu_max", "usable"),
+    [("200000 100000\n", 2), ("150000 100000\n", 2), ("50000 100000\n", 1), ("max 100000\n", 8)],
+    ids=["two-cpus", "rounded-up", "at-least-one", "no-quota"],
+)
+def test_a_cgroup_cpu_quota_caps_the_usable_cores(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, cpu_max: str, usable: int
+) -> None:
+    # Docker's --cpus and a Kubernetes CPU limit: the affinity still lists every core of the node.
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
+    (tmp_path / "cpu.max").write_text(cpu_max)
+    monkeypatch.setattr("app.settings.CGROUP_CPU_MAX", tmp_path / "cpu.max")
+    assert usable_cpus() == usable
+    assert concurrent_batches(Settings(), CPU) == usable

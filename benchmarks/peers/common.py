@@ -40,10 +40,11 @@ class PeerConfig:
 
 
 def session_options() -> ort.SessionOptions:
-    """The options ``app.session._open_session`` sets with the default ``Settings``.
-
-    intra_op_num_threads=0 lets ONNX Runtime use one thread per physical core, inter-op
-    parallelism is off, and every graph optimisation is on. A test checks they stay equal.
+    """The options a session opened by hand has, with ``app.session._open_session``'s
+    inter-op and optimisation choices: inter-op parallelism off, every graph optimisation on
+    (a test checks they stay equal). intra_op_num_threads=0 lets ONNX Runtime use one thread
+    per physical core, as a user's own session would; ours, by design, runs one thread per
+    lane under load and every core for a lone batch (``app.main``).
     """
     options = ort.SessionOptions()
     options.intra_op_num_threads = 0
