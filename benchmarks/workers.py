@@ -2,13 +2,14 @@
 
     PYTHONPATH=. .venv/bin/python -m benchmarks.workers       # about 2 minutes on 2 cores
 
-Our server (``python -m app``, the digits model by default) in four set-ups, each alone:
-one worker pinned to core 0 (``taskset -c 0``), two workers on cores 0 and 1 (``taskset -c 0,1``;
-the kernel spreads the two processes), and one against two workers on the whole machine with
-every setting at its default. The pinned runs give each worker one ONNX Runtime thread, so that
-they compare front ends, not thread counts. Closed-loop aiohttp clients (benchmarks.peers.drive)
-send one 500x375 photo-like JPEG per request; the client runs on the same machine, unpinned, and
-its own CPU is reported beside the server's. Writes benchmarks/results/workers.{json,md}.
+Our server (``python -m app``, the digits model by default, every setting at its default) in
+four set-ups, each alone: one worker pinned to core 0 (``taskset -c 0``), two workers pinned to
+one core each (started on cores 0-1, then each worker, threads and all, pinned to its own core
+once ready), and one against two workers on the whole machine. A worker's lanes and threads
+follow the cores it may use (one core: one lane, one thread). Closed-loop aiohttp clients
+(benchmarks.peers.drive) send one 500x375 photo-like JPEG per request; the client runs on the
+same machine, unpinned, and its own CPU is reported beside the server's. Writes
+benchmarks/results/workers.{json,md}.
 """
 
 from __future__ import annotations
@@ -41,14 +42,14 @@ class Setup:
     name: str
     workers: int
     cpus: str | None  # taskset's list, or None for the whole machine
-    intra_op_threads: int | None  # None: the default (ORT picks, or the worker's share)
+    pin_each: bool = False  # worker i to the i-th of ``cpus`` once the workers are up
 
 
 SETUPS = (
-    Setup("1 worker, core 0", 1, "0", 1),
-    Setup("2 workers, cores 0-1", 2, "0,1", 1),
-    Setup("1 worker, whole machine", 1, None, None),
-    Setup("2 workers, whole machine", 2, None, None),
+    Setup("1 worker, core 0", 1, "0"),
+    Setup("2 workers, one core each", 2, "0,1", pin_each=True),
+    Setup("1 worker, whole machine", 1, None),
+    Setup("2 workers, whole machine", 2, None),
 )
 
 
@@ -95,6 +96,8 @@ async def _run(
     server = _start(setup, args.model, workdir)
     try:
         startup = await wait_ready(server, photos[0], load)
+        if setup.pin_each and setup.cpus:
+            _pin_workers(server, [int(cpu) for cpu in setup.cpus.split(",")])
         points = []
         for clients in args.concurrency or CONCURRENCY:
             before = server.tree.cpu()
@@ -115,8 +118,6 @@ def _start(setup: Setup, model: Path, workdir: Path) -> Server:
     env = environment("ours", model, port, Batching(), workdir) | {
         "RESNET_SERVE_WORKERS": str(setup.workers)
     }
-    if setup.intra_op_threads is not None:
-        env["RESNET_SERVE_INTRA_OP_THREADS"] = str(setup.intra_op_threads)
     pin = ["taskset", "-c", setup.cpus] if setup.cpus else []
     log = workdir / f"server-{port}.log"
     started = time.perf_counter()
@@ -130,6 +131,16 @@ def _start(setup: Setup, model: Path, workdir: Path) -> Server:
         )
     url = f"http://127.0.0.1:{port}/predict"
     return Server(setup.name, process, ProcessTree(process.pid), url, log, started)
+
+
+def _pin_workers(server: Server, cpus: list[int]) -> None:
+    """Worker i, every thread of it, to ``cpus[i]``; threads it starts later inherit that."""
+    workers = sorted(p.pid for p in server.tree.members() if p.pid != server.process.pid)
+    if len(workers) != len(cpus):
+        raise RuntimeError(f"{len(workers)} workers to pin to {len(cpus)} cores")
+    for pid, cpu in zip(workers, cpus, strict=True):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            os.sched_setaffinity(int(task), {cpu})
 
 
 def markdown(results: dict[str, Any]) -> str:

@@ -3,6 +3,8 @@ the peers run (same session options and same answers as app/)."""
 
 from __future__ import annotations
 
+from email import policy
+from email.parser import BytesParser
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,7 @@ from app.main import intra_op_threads, session_config
 from app.session import OnnxModel
 from app.settings import Settings
 from benchmarks.peers.common import Classifier
-from benchmarks.peers.drive import Load, Measured, pooled, retry_after, top5
+from benchmarks.peers.drive import MULTIPART, Load, Measured, form, pooled, retry_after, top5
 from benchmarks.peers.report import (
     Outcome,
     agreement,
@@ -187,3 +189,16 @@ def test_rounds_pool_into_one_point_over_their_summed_seconds() -> None:
     assert point["p50_ms"] is not None
     assert 700 <= point["p50_ms"] <= 800
     assert point["peak_rss_mib"] == 300.0
+
+
+def test_the_load_sends_one_multipart_image_field_encoded_once() -> None:
+    image = image_bytes(3)
+    header = "".join(f"{k}: {v}\r\n" for k, v in MULTIPART.items()).encode()
+    message = BytesParser(policy=policy.HTTP).parsebytes(
+        header + b"\r\n" + form(image, "p.jpg", "image/jpeg")
+    )
+    (part,) = message.iter_parts()
+    assert part.get_param("name", header="content-disposition") == "image"
+    assert part.get_filename() == "p.jpg"
+    assert part.get_content_type() == "image/jpeg"
+    assert part.get_payload(decode=True) == image
