@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from app.admission import Admission, AdmissionConfig
 from app.auth import RequireKey
 from app.batcher import BatchConfig, Batcher
+from app.cpus import cpu_share
 from app.docs import install_docs
 from app.handlers import install_error_handlers
 from app.intake import Intake
@@ -32,7 +33,7 @@ from app.routes import router
 from app.schema_bounds import install_schema_bounds
 from app.service import Classifier, ClassifyConfig
 from app.session import OnnxModel, SessionConfig
-from app.settings import MAX_LANES, Settings, cpu_share
+from app.settings import MAX_LANES, Settings
 from app.uploads import UploadLimits
 
 log = logging.getLogger(__name__)

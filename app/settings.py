@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -10,6 +9,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.cpus import cpu_share
 from core.preprocess import DEFAULT_FORMATS, Limits
 
 ENV_PREFIX = "RESNET_SERVE_"
@@ -18,27 +18,6 @@ Precision = Literal["auto", "fp32", "fp16", "int8"]
 GraphOptimization = Literal["disable", "basic", "extended", "all"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 MAX_LANES = 16  # each lane holds a batch's activations: bounded memory on large machines
-
-
-# cgroup v2: "QUOTA PERIOD" or "max PERIOD"; Docker's --cpus and a Kubernetes CPU limit set it.
-CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
-
-
-def usable_cpus() -> int:
-    """Cores this process may count on: those it may run on (its affinity, so ``taskset`` and
-    cpusets count), at most its CPU quota rounded up: in a container limited to 2 CPUs on a
-    64-core node, 2, where ONNX Runtime's own count would start 64 threads to share them."""
-    cores = len(os.sched_getaffinity(0))
-    try:
-        quota, period = CGROUP_CPU_MAX.read_text().split()[:2]
-        return max(1, min(cores, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):  # no cgroup v2 file, or "max": no quota
-        return cores
-
-
-def cpu_share(workers: int) -> int:
-    """Cores each worker process may count on: the usable ones split evenly, at least one."""
-    return max(1, usable_cpus() // workers)
 
 
 def _default_decode_threads(data: dict[str, Any]) -> int:
@@ -61,6 +40,8 @@ class Settings(BaseSettings):
     # Processes serving the one port, each with its own session, batcher and admission
     # (app.workers): HTTP parsing and decoding then use every core.
     workers: int = Field(1, ge=1, le=64)
+    # Each worker on its own equal slice of the cores (app.cpus.pin_worker says when it does not).
+    pin_workers: bool = True
 
     # auto: CUDA where it works, else the CPU. cuda: CUDA or fail. tensorrt: TensorRT (fp16
     # engine, cached), falling back to CUDA, never to the CPU (app.providers).

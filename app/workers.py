@@ -32,6 +32,7 @@ from types import FrameType
 
 from prometheus_client.multiprocess import mark_process_dead
 
+from app.cpus import pin_worker
 from app.keys import KeyFileError
 from app.logs import configure_logging
 from app.main import create_app, session_config
@@ -235,7 +236,11 @@ def serve_worker(settings: Settings, index: int, port: int, conn: Connection) ->
     # it), a stop signal ends the worker quietly with status 0.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _exit_quietly)
+    # First, so that every thread the worker starts inherits its cores.
+    cores = pin_worker(index, settings.workers) if settings.pin_workers else None
     configure_logging(settings.log_level, worker=index)
+    if cores is not None:
+        log.info("worker pinned", extra={"cores": cores})
     threading.Thread(target=_exit_with_supervisor, args=(conn,), daemon=True).start()
     try:
         # Bound now; listening (so given connections) only once uvicorn has run the lifespan,

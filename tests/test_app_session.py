@@ -144,7 +144,7 @@ def test_adaptive_spinning_opens_a_second_cpu_session_that_answers_the_same(
         return OnnxModel.load(session_config(settings))
 
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
-    monkeypatch.setattr("app.settings.CGROUP_CPU_MAX", tmp_path / "no-cgroup")
+    monkeypatch.setattr("app.cpus.CGROUP_CPU_MAX", tmp_path / "no-cgroup")
     model = load("adaptive")  # one thread a run under load: the lone batch gets both cores
     assert model.adaptive
     assert not load("off").adaptive

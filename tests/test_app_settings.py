@@ -1,13 +1,19 @@
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
+from app.cpus import cpu_share, usable_cpus
 from app.main import alone_threads, batch_buckets, concurrent_batches, intra_op_threads
 from app.providers import CPU, CUDA
-from app.settings import Settings, cpu_share, usable_cpus
+from app.settings import Settings
+from tests.helpers.server import ROOT
 
 
 def test_defaults() -> None:
@@ -118,7 +124,7 @@ def test_workers_share_the_cores_this_process_may_use(
 ) -> None:
     # The affinity, not the machine's core count: taskset and container cpusets count.
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(100, 100 + cores)))
-    monkeypatch.setattr("app.settings.CGROUP_CPU_MAX", tmp_path / "no-cgroup")
+    monkeypatch.setattr("app.cpus.CGROUP_CPU_MAX", tmp_path / "no-cgroup")
     settings = Settings(workers=workers, concurrent_batches=lanes_set, intra_op_threads=intra_op)
     assert cpu_share(workers) == share
     assert concurrent_batches(settings, CPU) == lanes
@@ -140,6 +146,35 @@ def test_a_cgroup_cpu_quota_caps_the_usable_cores(
     # Docker's --cpus and a Kubernetes CPU limit: the affinity still lists every core of the node.
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
     (tmp_path / "cpu.max").write_text(cpu_max)
-    monkeypatch.setattr("app.settings.CGROUP_CPU_MAX", tmp_path / "cpu.max")
+    monkeypatch.setattr("app.cpus.CGROUP_CPU_MAX", tmp_path / "cpu.max")
     assert usable_cpus() == usable
     assert concurrent_batches(Settings(), CPU) == usable
+
+
+PIN = """
+import json, os, sys
+from app import cpus
+cpus.CGROUP_CPU_MAX = cpus.Path(sys.argv[1])
+os.sched_setaffinity(0, json.loads(sys.argv[2]))
+pinned = cpus.pin_worker(1, 2)
+print(json.dumps([pinned, sorted(os.sched_getaffinity(0)), cpus.cpu_share(2)]))
+"""
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores to pin to")
+@pytest.mark.parametrize("quota", [False, True], ids=["no-quota", "quota"])
+def test_a_worker_pins_itself_to_its_slice_of_the_cores_unless_a_quota_applies(
+    tmp_path: Path, quota: bool
+) -> None:
+    # In a child process: pinning the test runner would slow every later test.
+    cgroup = tmp_path / "cpu.max"
+    if quota:
+        cgroup.write_text("100000 100000\n")
+    two = sorted(os.sched_getaffinity(0))[:2]
+    run = [sys.executable, "-c", PIN, str(cgroup), json.dumps(two)]
+    out = subprocess.run(run, capture_output=True, text=True, check=True, cwd=ROOT)
+    pinned, affinity, share = json.loads(out.stdout)
+    if quota:  # the affinity lists cores the quota never lets us fill: left alone
+        assert (pinned, affinity, share) == (None, two, 1)
+    else:  # worker 1 of 2 gets the second core, and then that core is its whole share
+        assert (pinned, affinity, share) == ([two[1]], [two[1]], 1)

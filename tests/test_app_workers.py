@@ -18,6 +18,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from app.cpus import usable_cpus
 from tests.helpers.models import build_model, image_bytes
 from tests.helpers.server import ROOT, STARTUP_TIMEOUT_S, Server, message_is, post_image, run_server
 
@@ -72,6 +73,7 @@ def test_both_workers_serve_and_metrics_sum_over_them(slow_model: Path) -> None:
     with run_server(slow_model, **WORKERS) as server:
         pids = start_workers(server)
         assert httpx.get(f"{server.url}/readyz").status_code == 200
+        cores = [set(psutil.Process(pids[index]).cpu_affinity()) for index in (0, 1)]
         statuses = predict_all(server.url, 48)
         # Callback gauges reach the shared files every SAMPLE_INTERVAL_S: the scrape after the
         # last answer may see a worker's previous sample, the next ones its final one.
@@ -82,6 +84,13 @@ def test_both_workers_serve_and_metrics_sum_over_them(slow_model: Path) -> None:
         assert not any(psutil.pid_exists(pid) for pid in pids.values())
 
     assert statuses == [200] * 48
+    mine = set(os.sched_getaffinity(0))
+    if len(mine) % 2 == 0 and usable_cpus() == len(mine):  # each on its own half
+        assert cores[0] | cores[1] == mine
+        assert len(cores[0]) == len(cores[1])
+        assert not cores[0] & cores[1]
+    else:  # uneven cores or a CPU quota: left where the kernel puts them
+        assert cores == [mine, mine]
     served_by = {
         entry.get("worker")
         for entry in server.seen
