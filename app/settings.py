@@ -76,8 +76,8 @@ class Settings(BaseSettings):
     # Batches computing at once on the one session, each on its own inference thread ("lanes").
     # 0: on the CPU one per core of the worker's share (at most 16), each run on one thread:
     # no thread pool to wake and no barrier after each operator, and the cores stay busy
-    # between one lane's batches (benchmarks/results/lanes.md: +7-18% over one lane on two
-    # threads); on a GPU 1, since one stream of batches keeps it busy.
+    # between one lane's batches (benchmarks/results/lanes.md: up to +25% over one lane on two
+    # threads, level at worst); on a GPU 1, since one stream of batches keeps it busy.
     concurrent_batches: int = Field(0, ge=0, le=MAX_LANES)
     # From the moment the body is in: admission sheds what cannot finish inside it (503), and
     # what still overstays it answers 504 without using the model.
