@@ -39,6 +39,7 @@ def make_settings(model_path: Path) -> Callable[..., Settings]:
             "max_batch_size": 4,
             "max_wait_ms": 2.0,
             "decode_threads": 2,
+            "concurrent_batches": 2,  # as on two cores, whatever the machine
             "intra_op_threads": 1,
         }
         return Settings(**(values | overrides))

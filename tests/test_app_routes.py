@@ -313,18 +313,18 @@ class GatedModel(OnnxModel):
         self.release = threading.Event()
         self.entered = threading.Event()
         self.gate_warm_up = True
-        self.warming = False
+        self.warming = threading.local()  # per lane: the lanes warm up at once
         self.fail_next = False
 
     def warm_up(self, batch_sizes: Iterable[int]) -> None:
         if self.gate_warm_up:
             self.release.wait()
-        self.warming = True
+        self.warming.now = True
         super().warm_up(batch_sizes)
-        self.warming = False
+        self.warming.now = False
 
     def predict(self, images: np.ndarray) -> np.ndarray:
-        if self.warming:
+        if getattr(self.warming, "now", False):
             return super().predict(images)
         self.entered.set()
         if self.fail_next:

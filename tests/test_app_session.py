@@ -140,7 +140,7 @@ def test_adaptive_spinning_opens_a_second_cpu_session_that_answers_the_same(
     make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     def load(spinning: str, workers: int = 1) -> OnnxModel:
-        settings = make_settings(ort_spinning=spinning, workers=workers)
+        settings = make_settings(ort_spinning=spinning, workers=workers, concurrent_batches=0)
         return OnnxModel.load(session_config(settings))
 
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})

@@ -35,6 +35,8 @@ def server(slow_model: Path) -> Iterator[Server]:
         "max_queue_images": "8",
         "max_images_per_request": "4",
         "request_timeout_ms": "1500",
+        # One lane: two clients keep the model busy, so the requests a test abandons stay queued.
+        "concurrent_batches": "1",
     }
     with run_server(slow_model, **settings) as running:
         running.wait_for_log(message_is("ready"))

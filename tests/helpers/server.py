@@ -67,6 +67,8 @@ def run_server(model_path: Path, **settings: str) -> Iterator[Server]:
         "RESNET_SERVE_PORT": str(port),
         "RESNET_SERVE_MAX_BATCH_SIZE": "8",
         "RESNET_SERVE_MAX_WAIT_MS": "10",
+        # Lanes and threads as on two cores, whatever the machine: the same test, the same load.
+        "RESNET_SERVE_CONCURRENT_BATCHES": "2",
         "RESNET_SERVE_INTRA_OP_THREADS": "1",
         "RESNET_SERVE_DECODE_THREADS": "2",
         **{f"RESNET_SERVE_{k.upper()}": v for k, v in settings.items()},
