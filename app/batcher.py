@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -55,6 +56,10 @@ class BatchConfig:
     # Batches computing at once, each on its own thread, all on the one session: on the CPU,
     # runs on one core each side by side beat one run spread over all of them (app.main).
     concurrent_batches: int = 1
+    # A lone batch (on alone_fn) whose size last ran in under this runs on the event loop itself:
+    # no hand-off to an inference thread and back, at the price of the loop stalling that long.
+    # 0: never.
+    inline_max_ms: float = 0.0
 
 
 @dataclass
@@ -77,6 +82,7 @@ class Batcher:
     _failed: BaseException | None = field(init=False, default=None)
     _collecting: list[_Item] = field(init=False, default_factory=list)
     _running: dict[asyncio.Task[None], list[_Item]] = field(init=False, default_factory=dict)
+    _alone_seconds: dict[int, float] = field(init=False, default_factory=dict)  # by bucket
 
     def __post_init__(self) -> None:
         # The queues are created here, so construct the Batcher inside the running loop.
@@ -93,6 +99,11 @@ class Batcher:
     @property
     def depth(self) -> int:
         return self._queue.qsize()
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued or computing."""
+        return self._computing == 0 and self._queue.empty()
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
@@ -261,16 +272,21 @@ class Batcher:
         sharing = max(1, self._computing)
         started = time.perf_counter()
         size = bucket_for(len(batch), self.config.buckets)
-        model_fn = self.model_fn
+        model_fn, inline = self.model_fn, False
         alone = sharing == 1 and self._queue.empty() and self.admitted_images() <= len(batch)
         if alone and self.alone_fn is not None:
             model_fn = self.alone_fn
+            last = self._alone_seconds.get(size, math.inf)
+            inline = last * 1000 < self.config.inline_max_ms
         try:
             inputs = np.stack([item.image for item in batch])
             if size > len(batch):
                 padding = np.zeros((size - len(batch), *inputs.shape[1:]), inputs.dtype)
                 inputs = np.concatenate([inputs, padding])
-            outputs = await loop.run_in_executor(lane, model_fn, inputs)
+            if inline:  # nothing else is computing, queued or on its way
+                outputs = model_fn(inputs)
+            else:
+                outputs = await loop.run_in_executor(lane, model_fn, inputs)
         except Exception as exc:
             log.exception("inference failed", extra={"batch_size": len(batch)})
             return InferenceFailed(f"inference failed for a batch of {len(batch)}: {exc!r}")
@@ -279,6 +295,8 @@ class Batcher:
                 f"model returned {len(outputs)} outputs for a batch of {size} images"
             )
         seconds = time.perf_counter() - started
+        if model_fn is self.alone_fn:
+            self._alone_seconds[size] = seconds
         self.on_batch(len(batch), seconds / sharing)
         self.metrics.inference_seconds.observe(seconds)
         self.metrics.batch_size.observe(len(batch))

@@ -98,6 +98,7 @@ def batch_config(settings: Settings, provider: str) -> BatchConfig:
         request_timeout_ms=settings.request_timeout_ms,
         retry_after_s=settings.retry_after_s,
         concurrent_batches=concurrent_batches(settings, provider),
+        inline_max_ms=settings.inline_max_ms,
     )
 
 
@@ -115,6 +116,7 @@ def classify_config(settings: Settings) -> ClassifyConfig:
         limits=settings.limits,
         max_request_pixels=settings.max_request_pixels,
         request_timeout_ms=settings.request_timeout_ms,
+        inline_max_ms=settings.inline_max_ms,
     )
 
 

@@ -44,6 +44,10 @@ class ClassifyConfig:
     limits: Limits  # per image: pixels, formats
     max_request_pixels: int
     request_timeout_ms: float
+    # A lone request's image predicted to decode in under this (from its header's pixels and
+    # the last decode's speed) decodes on the event loop: no hand-off to a decode thread and
+    # back, at the price of the loop stalling that long. 0: never.
+    inline_max_ms: float = 0.0
 
 
 class Classifier:
@@ -63,6 +67,7 @@ class Classifier:
         self._decoder = decoder
         self._metrics = metrics
         self._label_json = [json.dumps(label) for label in model.metadata.labels]
+        self._seconds_per_pixel: float | None = None  # of the last decode
 
     @property
     def metadata(self) -> ModelMetadata:
@@ -92,7 +97,10 @@ class Classifier:
             crops = []
             for index, image in enumerate(images):
                 self._check_deadline(deadline, f"image {index} was not decoded")
-                crops.append(await self._run(self._decode_labelled, index, image))
+                if self._decodes_inline(image, len(images)):
+                    crops.append(self._decode_labelled(index, image))
+                else:
+                    crops.append(await self._run(self._decode_labelled, index, image))
             return await self.batcher.submit(crops, deadline)
 
     async def infer(
@@ -153,9 +161,23 @@ class Classifier:
             self._metrics.preprocess_seconds.observe(time.perf_counter() - started)
 
     def _decode(self, data: bytes) -> np.ndarray:
+        started = time.perf_counter()
         crop, pixels = decode_counted(data, self.metadata.recipe, self.config.limits)
+        self._seconds_per_pixel = (time.perf_counter() - started) / max(pixels, 1)
         release_after(pixels)
         return crop
+
+    def _decodes_inline(self, image: Image, images: int) -> bool:
+        """Whether this request has the server to itself (nothing else admitted, computing or
+        queued) and ``image`` is predicted to decode within ``inline_max_ms``."""
+        rate = self._seconds_per_pixel
+        if rate is None or self.admission.admitted_images > images or not self.batcher.idle:
+            return False
+        try:
+            pixels = decode_cost(image.data, self.metadata.recipe, self.config.limits)
+        except Exception:  # a bad image fails on the decode thread, as any other does
+            return False
+        return pixels * rate * 1000 < self.config.inline_max_ms
 
 
 def _ranked(probabilities: np.ndarray, k: int) -> list[tuple[int, float]]:

@@ -79,6 +79,11 @@ class Settings(BaseSettings):
     # between one lane's batches (benchmarks/results/lanes.md: up to +25% over one lane on two
     # threads, level at worst); on a GPU 1, since one stream of batches keeps it busy.
     concurrent_batches: int = Field(0, ge=0, le=MAX_LANES)
+    # A request alone on the server does its work on the event loop where it is predicted to take
+    # under this many ms (its image's decode; its batch's run, CPU and ort_spinning=adaptive
+    # only), saving the hand-offs to a thread and back (benchmarks/results/lanes.md); the loop
+    # stalls that long. 0: never.
+    inline_max_ms: float = Field(5.0, ge=0)
     # From the moment the body is in: admission sheds what cannot finish inside it (503), and
     # what still overstays it answers 504 without using the model.
     request_timeout_ms: float = Field(5_000.0, gt=0)

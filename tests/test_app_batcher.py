@@ -325,3 +325,24 @@ async def test_a_batch_alone_runs_on_the_alone_function_and_any_other_does_not()
     await batcher.drain()
     assert alone.batches == [[1]]
     assert shared.batches == [[2]]
+
+
+async def test_a_lone_batch_runs_on_the_event_loop_only_under_inline_max_ms() -> None:
+    ran_on: list[str] = []
+
+    def alone(batch: np.ndarray) -> np.ndarray:
+        ran_on.append(threading.current_thread().name)
+        return echo(batch)
+
+    fast = make_batcher(echo, alone_fn=alone, admitted_images=lambda: 1, inline_max_ms=60_000.0)
+    slow = make_batcher(echo, alone_fn=alone, admitted_images=lambda: 1, inline_max_ms=1e-9)
+    loop = threading.current_thread().name
+    for batcher in (fast, slow):
+        batcher.start()
+        for value in (1, 2, 3):
+            assert float((await batcher.submit([image(value)]))[0][0]) == value
+        await batcher.drain()
+    # The first run of the size is timed on a lane; then the fast one's stay on the loop.
+    assert ran_on[0] != loop
+    assert ran_on[1:3] == [loop, loop]
+    assert loop not in ran_on[3:]
