@@ -64,8 +64,8 @@ class SessionConfig:
     providers: str  # auto | cuda | tensorrt | cpu (app.providers.ACCEPTABLE)
     precision: str  # auto | fp32 | fp16 | int8: which file beside model_path (app.providers)
     intra_op_threads: int  # 0: ONNX Runtime picks
-    # Threads of the session for lone batches (adaptive): the process's share of the cores,
-    # whatever intra_op_threads says, as a lone batch has them to itself. 0: ORT picks.
+    # Threads of the session for lone batches (adaptive): all the lanes' threads together, as a
+    # lone batch has their cores to itself (app.main.alone_threads).
     alone_threads: int
     spinning: str  # off | adaptive | in_run | always: when ORT's threads may busy-wait for work
     graph_optimization: str
