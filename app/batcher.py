@@ -100,10 +100,10 @@ class Batcher:
     def depth(self) -> int:
         return self._queue.qsize()
 
-    @property
-    def idle(self) -> bool:
-        """Nothing queued or computing."""
-        return self._computing == 0 and self._queue.empty()
+    def alone(self, images: int) -> bool:
+        """Whether ``images`` have the machine to themselves: nothing else computing or queued,
+        and nothing admitted upstream beyond them (``admitted_images`` counts them too)."""
+        return self._computing == 0 and self._queue.empty() and self.admitted_images() <= images
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
@@ -207,17 +207,18 @@ class Batcher:
             if self._failed is not None:
                 return
             self._collecting = batch = await self._collect()
+            alone = self.alone(len(batch))
             self._computing += 1
-            task = loop.create_task(self._process(lane, batch), name="batch")
+            task = loop.create_task(self._process(lane, batch, alone), name="batch")
             self._running[task] = batch
             self._collecting = []
             task.add_done_callback(self._watch)
 
-    async def _process(self, lane: ThreadPoolExecutor, batch: list[_Item]) -> None:
+    async def _process(self, lane: ThreadPoolExecutor, batch: list[_Item], alone: bool) -> None:
         try:
             live = self._admit(batch)
             if live:
-                self._fan_out(live, await self._run(lane, live))
+                self._fan_out(live, await self._run(lane, live, alone))
         finally:
             for _ in batch:
                 self._queue.task_done()
@@ -264,7 +265,9 @@ class Batcher:
             live.append(item)
         return live
 
-    async def _run(self, lane: ThreadPoolExecutor, batch: list[_Item]) -> np.ndarray | ServiceError:
+    async def _run(
+        self, lane: ThreadPoolExecutor, batch: list[_Item], alone: bool
+    ) -> np.ndarray | ServiceError:
         """The model's outputs for ``batch``, or the error that fails exactly this batch."""
         loop = asyncio.get_running_loop()
         # Batches sharing the cores each take longer: admission needs the cost per image of the
@@ -273,7 +276,6 @@ class Batcher:
         started = time.perf_counter()
         size = bucket_for(len(batch), self.config.buckets)
         model_fn, inline = self.model_fn, False
-        alone = sharing == 1 and self._queue.empty() and self.admitted_images() <= len(batch)
         if alone and self.alone_fn is not None:
             model_fn = self.alone_fn
             last = self._alone_seconds.get(size, math.inf)

@@ -171,9 +171,7 @@ class Classifier:
         """Whether this request has the server to itself (nothing else admitted, computing or
         queued) and ``image`` is predicted to decode within ``inline_max_ms``."""
         rate = self._seconds_per_pixel
-        if not self.config.inline_max_ms or rate is None:
-            return False
-        if self.admission.admitted_images > images or not self.batcher.idle:
+        if not self.config.inline_max_ms or rate is None or not self.batcher.alone(images):
             return False
         try:
             pixels = decode_cost(image.data, self.metadata.recipe, self.config.limits)

@@ -102,7 +102,7 @@ async def test_failing_batch_fails_exactly_its_own_requests() -> None:
     spared = batcher._enqueue([image(14)])
     for _ in range(2):
         batch = await batcher._collect()
-        batcher._fan_out(batch, await batcher._run(batcher._lanes[0], batch))
+        batcher._fan_out(batch, await batcher._run(batcher._lanes[0], batch, alone=False))
     for future in doomed:
         with pytest.raises(InferenceFailed, match="boom"):
             future.result()
@@ -113,7 +113,7 @@ async def test_wrong_number_of_outputs_fails_the_batch() -> None:
     batcher = make_batcher(lambda batch: echo(batch)[:1])
     futures = batcher._enqueue([image(1), image(2)])
     batch = await batcher._collect()
-    batcher._fan_out(batch, await batcher._run(batcher._lanes[0], batch))
+    batcher._fan_out(batch, await batcher._run(batcher._lanes[0], batch, alone=False))
     for future in futures:
         with pytest.raises(InferenceFailed, match="1 outputs for a batch of 2"):
             future.result()
@@ -144,7 +144,7 @@ async def test_cancelled_items_are_dropped_before_inference() -> None:
     gone[0].cancel()
     batch = await batcher._collect()
     live = batcher._admit(batch)
-    batcher._fan_out(live, await batcher._run(batcher._lanes[0], live))
+    batcher._fan_out(live, await batcher._run(batcher._lanes[0], live, alone=False))
     assert model.batches == [[2]]
     assert float(kept[0].result()[0]) == 2
 
