@@ -20,8 +20,6 @@ import datetime
 import json
 import os
 import platform
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -31,7 +29,7 @@ from typing import Any
 from benchmarks.load import photo
 from benchmarks.peers.__main__ import _cpu_model, _free_port
 from benchmarks.peers.drive import Load, point, pooled, wait_ready
-from benchmarks.peers.servers import ROOT, Batching, ProcessTree, Server, environment
+from benchmarks.peers.servers import ROOT, Batching, Server, start
 
 RESULTS = ROOT / "benchmarks" / "results"
 CONCURRENCY = (16, 64)
@@ -118,24 +116,14 @@ async def _run(
 
 
 def _start(setup: Setup, model: Path, workdir: Path) -> Server:
-    port = _free_port()
-    env = environment("ours", model, port, Batching(), workdir) | {
+    settings = {
         "RESNET_SERVE_WORKERS": str(setup.workers),
         "RESNET_SERVE_PIN_WORKERS": str(setup.pin_workers).lower(),
     }
     pin = ["taskset", "-c", setup.cpus] if setup.cpus else []
-    log = workdir / f"server-{port}.log"
-    started = time.perf_counter()
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [*pin, sys.executable, "-m", "app"],
-            cwd=ROOT,
-            env=env,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}/predict"
-    return Server(setup.name, process, ProcessTree(process.pid), url, log, started)
+    server = start("ours", model, _free_port(), Batching(), workdir, settings, prefix=pin)
+    server.name = setup.name
+    return server
 
 
 async def _listening_workers(server: Server, count: int) -> None:

@@ -9,7 +9,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,15 +172,21 @@ def start(
     batching: Batching,
     workdir: Path,
     settings: Mapping[str, str] | None = None,
+    prefix: Sequence[str] = (),
 ) -> Server:
-    """``settings``: environment variables on top (benchmarks.compare: ours with other settings)."""
+    """``settings``: environment variables on top (benchmarks.compare: ours with other settings);
+    ``prefix``: a command the server runs under (benchmarks.workers: ``taskset``)."""
     home = Path(tempfile.mkdtemp(prefix=f"{server}-", dir=workdir))
     log = home / "server.log"
     env = environment(server, model, port, batching, home) | dict(settings or {})
     started = time.perf_counter()
     with log.open("wb") as sink:
         process = subprocess.Popen(
-            command(server, port), cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT
+            [*prefix, *command(server, port)],
+            cwd=ROOT,
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
         )
     return Server(
         server, process, ProcessTree(process.pid), f"http://127.0.0.1:{port}/predict", log, started
