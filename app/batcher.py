@@ -1,10 +1,11 @@
 """Dynamic batching between the HTTP handlers and the model.
 
-FIFO and bounded. A batch closes when it holds ``max_batch_size`` images or when its oldest
-image has waited ``max_wait_ms``. Batches compute on dedicated inference threads ("lanes",
-``concurrent_batches`` of them, like Triton's instance count), so the event loop keeps accepting
-and decoding while a batch computes. A batch is collected only when a lane is free: an idle
-model runs what is queued now, and batches grow while the lanes are busy.
+FIFO and bounded. A batch closes when it holds ``limit`` images (``max_batch_size`` until
+warm-up fits it: app.batch_limit) or when its oldest image has waited ``max_wait_ms``. Batches
+compute on dedicated inference threads ("lanes", ``concurrent_batches`` of them, like Triton's
+instance count), so the event loop keeps accepting and decoding while a batch computes. A batch
+is collected only when a lane is free: an idle model runs what is queued now, and batches grow
+while the lanes are busy.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 
@@ -26,6 +28,7 @@ from core.errors import ServiceError
 log = logging.getLogger(__name__)
 
 ModelFn = Callable[[np.ndarray], np.ndarray]
+T = TypeVar("T")
 
 
 def bucket_for(size: int, buckets: Sequence[int]) -> int:
@@ -60,6 +63,9 @@ class BatchConfig:
     # no hand-off to an inference thread and back, at the price of the loop stalling that long.
     # 0: never.
     inline_max_ms: float = 0.0
+    # Where a bigger batch costs no less per image, batches stop at the first size whose run
+    # takes this long (app.batch_limit); warm-up sets ``Batcher.limit``.
+    flat_batch_ms: float = 0.0
 
 
 @dataclass
@@ -83,10 +89,12 @@ class Batcher:
     _collecting: list[_Item] = field(init=False, default_factory=list)
     _running: dict[asyncio.Task[None], list[_Item]] = field(init=False, default_factory=dict)
     _alone_seconds: dict[int, float] = field(init=False, default_factory=dict)  # by bucket
+    limit: int = field(init=False)  # the most images one batch takes
 
     def __post_init__(self) -> None:
         # The queues are created here, so construct the Batcher inside the running loop.
         self._queue = asyncio.Queue(maxsize=self.config.max_queue_images)
+        self.limit = self.config.max_batch_size
         self._lanes = [
             ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"inference_{lane}")
             for lane in range(self.config.concurrent_batches)
@@ -134,16 +142,14 @@ class Batcher:
         """Run work such as timing a batch on an inference thread, so it never races a batch."""
         await asyncio.get_running_loop().run_in_executor(self._lanes[0], fn)
 
-    async def run_on_lanes(self, work: Sequence[Callable[[], None]], at_once: bool) -> None:
+    async def run_on_lanes(self, work: Sequence[Callable[[], T]], at_once: bool) -> list[T]:
         """Run ``work[i]`` on inference thread i (warm-up, where a lane owns its buffers): all
         at once, or one lane after another."""
         loop = asyncio.get_running_loop()
         runs = (loop.run_in_executor(lane, fn) for lane, fn in zip(self._lanes, work, strict=True))
         if at_once:
-            await asyncio.gather(*runs)
-        else:
-            for run in runs:
-                await run
+            return list(await asyncio.gather(*runs))
+        return [await run for run in runs]
 
     async def submit(
         self, images: Sequence[np.ndarray], deadline: float | None = None
@@ -230,7 +236,7 @@ class Batcher:
         batch = [first]
         close_at = first.enqueued_at + self.config.max_wait_ms / 1000
         loop = asyncio.get_running_loop()
-        while len(batch) < self.config.max_batch_size:
+        while len(batch) < self.limit:
             if not self._queue.empty():  # what is queued now joins without a timer
                 batch.append(self._queue.get_nowait())
                 continue

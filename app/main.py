@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
+import statistics
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -17,6 +17,7 @@ from fastapi import FastAPI
 
 from app.admission import Admission, AdmissionConfig
 from app.auth import RequireKey
+from app.batch_limit import fit_batch_limit, timed_sizes
 from app.batcher import BatchConfig, Batcher
 from app.cpus import cpu_share
 from app.docs import install_docs
@@ -99,6 +100,7 @@ def batch_config(settings: Settings, provider: str) -> BatchConfig:
         retry_after_s=settings.retry_after_s,
         concurrent_batches=concurrent_batches(settings, provider),
         inline_max_ms=settings.inline_max_ms,
+        flat_batch_ms=settings.flat_batch_ms,
     )
 
 
@@ -212,7 +214,6 @@ def create_app(settings: Settings, model: OnnxModel | None = None) -> FastAPI:
 async def _warm_up(model: OnnxModel, batcher: Batcher, admission: Admission) -> None:
     # Every bucket is a shape the model will see: each is warmed before readiness.
     sizes = list(batcher.config.buckets)
-    max_batch_size = sizes[-1]
     log.info("warming up", extra={"batch_sizes": sizes})
     try:
         lanes = batcher.config.concurrent_batches
@@ -222,13 +223,23 @@ async def _warm_up(model: OnnxModel, batcher: Batcher, admission: Admission) -> 
             work = [partial(model.warm_up, sizes[lane::lanes]) for lane in range(lanes)]
             await batcher.run_on_lanes(work, at_once=True)
         await batcher.run_in_model_thread(partial(model.warm_up_alone, sizes))
-        # A warm, timed full batch: admission's first estimate of the cost per image, where
-        # every lane computes one beside it.
-        started = time.perf_counter()
-        await batcher.run_in_model_thread(partial(model.warm_up, [max_batch_size]))
-        admission.observe_batch(max_batch_size, (time.perf_counter() - started) / lanes)
+        # Timed on every lane at once, as under load: the batch limit, and admission's first
+        # estimate of the cost per image.
+        timed = timed_sizes(sizes)
+        runs = await batcher.run_on_lanes([partial(model.time_runs, timed)] * lanes, at_once=True)
+        seconds = {size: statistics.median(run[size] for run in runs) for size in timed}
+        batcher.limit = fit_batch_limit(seconds, batcher.config.flat_batch_ms)
+        batcher.metrics.batch_limit.set(batcher.limit)
+        admission.observe_batch(batcher.limit, seconds[batcher.limit] / lanes)
     except Exception:
         log.exception("warm-up failed; the server stays unready")
         return
     admission.lifecycle.mark_warmed(sizes)
-    log.info("ready", extra={"provider": model.provider})
+    log.info(
+        "ready",
+        extra={
+            "provider": model.provider,
+            "batch_limit": batcher.limit,
+            "batch_ms": {size: round(s * 1000, 1) for size, s in seconds.items()},
+        },
+    )

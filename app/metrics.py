@@ -114,6 +114,12 @@ class Metrics:
             multiprocess_mode="livesum",
             registry=registry,
         )
+        self.batch_limit = Gauge(
+            "resnet_serve_batch_limit",
+            "The most images one batch takes (fitted at warm-up: app.batch_limit)",
+            multiprocess_mode="livemax",
+            registry=registry,
+        )
         self.images = Counter(
             "resnet_serve_images", "Images classified by the model", registry=registry
         )

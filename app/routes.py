@@ -92,6 +92,7 @@ async def describe_model(classifier: ClassifierDep) -> ModelDescription:
         provider=classifier.model.provider,
         batching=Batching(
             max_batch_size=batching.max_batch_size,
+            batch_limit=classifier.batcher.limit,
             max_wait_ms=batching.max_wait_ms,
             max_queue_images=batching.max_queue_images,
             request_timeout_ms=batching.request_timeout_ms,

@@ -42,6 +42,10 @@ class Status(BaseModel):
 
 class Batching(BaseModel):
     max_batch_size: int
+    batch_limit: int = Field(
+        description="The most images one batch takes: max_batch_size, or less where warm-up "
+        "timed no lower cost per image for bigger batches (flat_batch_ms)"
+    )
     max_wait_ms: float
     max_queue_images: int
     request_timeout_ms: float

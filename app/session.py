@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -193,6 +194,15 @@ class OnnxModel:
         # The first run of each shape pays for memory planning and kernel selection.
         for images in self._zeros(batch_sizes):
             self.predict(images)
+
+    def time_runs(self, batch_sizes: Iterable[int]) -> dict[int, float]:
+        """Seconds of one warm run of each size (app.batch_limit)."""
+        seconds = {}
+        for images in self._zeros(batch_sizes):
+            started = time.perf_counter()
+            self.predict(images)
+            seconds[len(images)] = time.perf_counter() - started
+        return seconds
 
     def warm_up_alone(self, batch_sizes: Iterable[int]) -> None:
         """``warm_up`` for the session of lone batches, where there is one."""

@@ -72,6 +72,11 @@ class Settings(BaseSettings):
     # Work-conserving by default (as Triton's dynamic batcher): an idle model runs what is queued
     # now, and batches form while it is busy. A wait > 0 only holds a lone image back.
     max_wait_ms: float = Field(0.0, ge=0)
+    # Batches grow to max_batch_size only where that cuts the cost per image (timed at warm-up
+    # on every lane at once). Where it does not, they stop at the first size whose run takes
+    # this long: a request that just missed a batch then waits for a short one (app.batch_limit).
+    # A very large value: always up to max_batch_size.
+    flat_batch_ms: float = Field(200.0, ge=0)
     max_queue_images: int = Field(1024, ge=1)
     # Batches computing at once on the one session, each on its own inference thread ("lanes").
     # 0: on the CPU one per core of the worker's share (at most 16), each run on one thread:

@@ -17,6 +17,8 @@ import asyncio
 import tempfile
 from pathlib import Path
 
+import aiohttp
+
 from benchmarks.load import photo
 from benchmarks.peers.drive import Load, Measured, point, pooled, wait_ready
 from benchmarks.peers.servers import ROOT, SERVERS, Batching, Server, start
@@ -36,8 +38,10 @@ def launch(spec: str, index: int, model: Path, workdir: Path) -> Server:
 async def compare(servers: list[Server], args: argparse.Namespace) -> None:
     photos = [photo(500, 375, seed) for seed in range(8)]
     window = Load(warmup_s=1.0, seconds=args.seconds)
+    limits = {}
     for server in servers:
         await wait_ready(server, photos[0], window)
+        limits[server.name] = await batch_limit(server)
     measured: dict[str, list[Measured]] = {server.name: [] for server in servers}
     for _ in range(args.rounds):
         for server in servers:
@@ -49,8 +53,17 @@ async def compare(servers: list[Server], args: argparse.Namespace) -> None:
         print(
             f"{name:14s} {p['images_per_s']:7.1f} img/s  p50 {p['p50_ms']:7.2f} ms  "
             f"p99 {p['p99_ms']:7.2f} ms  CPU {p['server_cpu_ms_per_request']:6.2f} ms/request  "
-            f"(answers/s by round: {rounds})"
+            f"(answers/s by round: {rounds}){limits[name]}"
         )
+
+
+async def batch_limit(server: Server) -> str:
+    """Ours' batch limit as warm-up fitted it (servers warming at once fit smaller ones)."""
+    if server.name in SERVERS and server.name != "ours":
+        return ""
+    url = server.url.replace("/predict", "/v1/model")
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        return f", batch limit {(await response.json())['batching']['batch_limit']}"
 
 
 def main(argv: list[str] | None = None) -> None:

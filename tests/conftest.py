@@ -41,6 +41,7 @@ def make_settings(model_path: Path) -> Callable[..., Settings]:
             "decode_threads": 2,
             "concurrent_batches": 2,  # as on two cores, whatever the machine
             "intra_op_threads": 1,
+            "flat_batch_ms": 1e9,  # batches up to max_batch_size, whatever the timings fit
         }
         return Settings(**(values | overrides))
 

@@ -91,6 +91,18 @@ async def test_multi_image_request_spans_batches_in_order() -> None:
     assert len(model.batches) >= 3
 
 
+async def test_batches_stop_at_the_limit_warm_up_fitted() -> None:
+    model = Recorder()
+    batcher = make_batcher(model, max_batch_size=4, max_wait_ms=3_600_000)
+    batcher.limit = 2  # as warm-up sets it
+    batcher._enqueue([image(v) for v in range(5)])  # queued before the loop collects
+    batcher.start()
+    results = await batcher.submit([image(v) for v in range(5, 8)])
+    await batcher.drain()
+    assert [float(r[0]) for r in results] == [5, 6, 7]
+    assert [len(batch) for batch in model.batches] == [2, 2, 2, 2]
+
+
 async def test_failing_batch_fails_exactly_its_own_requests() -> None:
     def fail_on_13(batch: np.ndarray) -> np.ndarray:
         if 13 in batch[:, 0, 0, 0]:
@@ -282,13 +294,12 @@ async def test_a_free_lane_starts_what_waits_while_another_lane_computes() -> No
 async def test_work_runs_on_every_lane_at_once_or_one_after_another() -> None:
     batcher = make_batcher(echo, concurrent_batches=2)
     both_inside = threading.Barrier(2, timeout=30)  # passed only by two lanes at once
-    threads: list[str] = []
 
-    def meet() -> None:
+    def meet() -> str:
         both_inside.wait()
-        threads.append(threading.current_thread().name)
+        return threading.current_thread().name
 
-    await batcher.run_on_lanes([meet, meet], at_once=True)
+    threads = await batcher.run_on_lanes([meet, meet], at_once=True)
     assert len(set(threads)) == 2
     second_started = threading.Event()
     overlapped: list[bool] = []

@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
+import time
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
@@ -323,6 +324,13 @@ class GatedModel(OnnxModel):
         super().warm_up(batch_sizes)
         self.warming.now = False
 
+    def time_runs(self, batch_sizes: Iterable[int]) -> dict[int, float]:
+        self.warming.now = True  # warm-up's timed runs are not held either
+        try:
+            return super().time_runs(batch_sizes)
+        finally:
+            self.warming.now = False
+
     def predict(self, images: np.ndarray) -> np.ndarray:
         if getattr(self.warming, "now", False):
             return super().predict(images)
@@ -367,6 +375,36 @@ async def test_every_inference_lane_is_warm_before_readiness(make_settings: Any)
                 *(client.post("/predict", files=files(image_bytes(s))) for s in range(6))
             )
     assert [a.status_code for a in answers] == [200] * 6
+
+
+class FlatModel(OnnxModel):
+    """The real tiny model, 60 ms an image whatever the batch: as a big model on one CPU core."""
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        time.sleep(0.06 * len(images))
+        return super().predict(images)
+
+
+async def test_warm_up_limits_batches_where_the_cost_per_image_is_flat(
+    make_settings: Any,
+) -> None:
+    settings = make_settings(flat_batch_ms=100.0)
+    app = create_app(settings, FlatModel.load(session_config(settings)))
+    async with app.router.lifespan_context(app):
+        await app.state.lifecycle.wait_warmed()
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            answers = await asyncio.gather(
+                *(client.post("/predict", files=files(image_bytes(s))) for s in range(8))
+            )
+            model = (await client.get("/v1/model")).json()
+        registry = app.state.metrics.registry
+    assert [a.status_code for a in answers] == [200] * 8
+    # 60 ms for one image, 120 ms for two: the first size at 100 ms, not max_batch_size=4.
+    assert model["batching"]["batch_limit"] == 2
+    batches = registry.get_sample_value("resnet_serve_batch_size_count")
+    assert registry.get_sample_value("resnet_serve_batch_size_bucket", {"le": "2.0"}) == batches
+    assert registry.get_sample_value("resnet_serve_batch_size_sum") == 8
 
 
 async def test_draining_turns_readiness_and_admission_to_503(serve: Serve) -> None:
@@ -448,7 +486,9 @@ async def test_health_model_and_metrics_endpoints(serve: Serve) -> None:
     assert model["accuracy"]["top1"] == 0.5
     assert model["provider"] == "CPUExecutionProvider"
     assert model["batching"]["max_batch_size"] == 4
+    assert model["batching"]["batch_limit"] == 4  # flat_batch_ms is out of reach in tests
     families = {f.name: f for f in text_string_to_metric_families(metrics.text)}
+    assert families["resnet_serve_batch_limit"].samples[0].value == 4
     (info,) = families["resnet_serve_model_info"].samples
     assert info.labels == {"name": "tiny-test", "version": "7", "provider": "CPUExecutionProvider"}
     (images,) = [s for s in families["resnet_serve_images"].samples if s.name.endswith("_total")]

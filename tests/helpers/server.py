@@ -71,6 +71,8 @@ def run_server(model_path: Path, **settings: str) -> Iterator[Server]:
         "RESNET_SERVE_CONCURRENT_BATCHES": "2",
         "RESNET_SERVE_INTRA_OP_THREADS": "1",
         "RESNET_SERVE_DECODE_THREADS": "2",
+        # Batches up to max_batch_size, whatever this machine's warm-up timings fit.
+        "RESNET_SERVE_FLAT_BATCH_MS": "1e9",
         **{f"RESNET_SERVE_{k.upper()}": v for k, v in settings.items()},
     }
     process = subprocess.Popen(

@@ -1,0 +1,37 @@
+"""How many images one batch may take: fitted to the model's timings at warm-up.
+
+A bigger batch pays where it cuts the cost per image (a GPU, a small model whose per-call
+overhead dominates). Where it does not, it only makes a request that just missed a batch wait
+for a longer one: fp32 ResNet-50 on a one-thread CPU lane costs 75 ms an image alone or in a
+batch of 8, and a batch of 8 holds the next request 0.6 s (benchmarks/results/batch_limit.md:
+p99 at 16 clients about 1 s with batches of 8, under 0.8 s with batches of at most 4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+# A bigger batch counts as cheaper when its cost per image is more than this fraction above
+# the cheapest timed: warm-up timings on a busy machine move by a few percent.
+COST_SLACK = 0.10
+
+
+def timed_sizes(buckets: Sequence[int]) -> list[int]:
+    """The batch sizes warm-up times: the smallest, the largest and the powers of two between,
+    so a fit costs a few runs whatever the number of buckets."""
+    return sorted({buckets[0], buckets[-1], *(b for b in buckets if b & (b - 1) == 0)})
+
+
+def fit_batch_limit(seconds: Mapping[int, float], flat_batch_ms: float) -> int:
+    """The most images a batch takes, given each timed size's run in ``seconds``.
+
+    Batches grow to the largest size, except where the cost per image stops falling: there
+    they stop at the first size whose run takes ``flat_batch_ms``, long enough that the hand-
+    offs around each batch (a few ms under load: the lane waits for the event loop) stay small
+    beside it.
+    """
+    sizes = sorted(seconds)
+    cheapest = min(seconds[size] / size for size in sizes)
+    flat = next(s for s in sizes if seconds[s] / s <= cheapest * (1 + COST_SLACK))
+    long_enough = next((s for s in sizes if seconds[s] * 1000 >= flat_batch_ms), sizes[-1])
+    return max(flat, long_enough)
