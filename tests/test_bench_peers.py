@@ -13,6 +13,7 @@ import pytest
 from app.main import intra_op_threads, session_config
 from app.session import OnnxModel
 from app.settings import Settings
+from benchmarks.peers.__main__ import _merged
 from benchmarks.peers.common import Classifier
 from benchmarks.peers.drive import MULTIPART, Load, Measured, form, pooled, retry_after, top5
 from benchmarks.peers.report import (
@@ -189,6 +190,28 @@ def test_rounds_pool_into_one_point_over_their_summed_seconds() -> None:
     assert point["p50_ms"] is not None
     assert 700 <= point["p50_ms"] <= 800
     assert point["peak_rss_mib"] == 300.0
+
+
+def test_passes_merge_into_one_run_with_each_point_pooled_over_them() -> None:
+    def window(clients: int, start: float, answers: int) -> Measured:
+        step = 2.0 / answers  # all finished inside the 2 s window
+        outcomes = [
+            Outcome(start + i * step, start + (i + 0.5) * step, "200") for i in range(answers)
+        ]
+        return Measured(clients, start, 3.0, True, outcomes, 2.0, 1.0, 0.1, 100.0, None)
+
+    first = {"server": "ours", "startup_s": 5.0, "top5": [[1]], "windows": {}}
+    first["windows"] = {1: [window(1, 0.0, 10)], 16: [window(16, 10.0, 20)]}
+    second = {"server": "ours", "startup_s": 6.0, "top5": [[1]], "windows": {}}
+    second["windows"] = {1: [window(1, 50.0, 30)], 16: [window(16, 60.0, 20)]}
+    run = _merged([first, second])
+    assert [p["concurrency"] for p in run["points"]] == [1, 16]
+    assert [p["rounds"] for p in run["points"]] == [2, 2]
+    assert run["points"][0]["images_per_s"] == 40 / 4  # 10 + 30 answers in two windows of 2 s
+    assert (run["startup_s"], run["startups_s"]) == (5.0, [5.0, 6.0])
+    assert "windows" not in run
+    failed = {"server": "ours", "error": "RuntimeError: no answer"}
+    assert _merged([first, failed]) == failed
 
 
 def test_the_load_sends_one_multipart_image_field_encoded_once() -> None:

@@ -6,9 +6,10 @@
 
 Each server on the same ONNX artifact: start-up time to the first 200, top-1 on the check
 images (examples/ and the load photos) against ours, then one 500x375 JPEG per request at each
-concurrency. By default each server runs alone, in turn; with ``--rounds N`` all are up at once
-and each point is N windows per server, the servers taking turns, so that drift in a shared
-machine's speed hits them alike. Writes benchmarks/results/peers.{json,md,png}.
+concurrency. By default each server runs alone, in turn, in two passes (``--passes``), the second
+in reverse order, each point pooled over both, so that a drift in a shared machine's speed hits
+them alike; with ``--rounds N`` all are up at once and each point is N windows per server, the
+servers taking turns. Writes benchmarks/results/peers.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -72,17 +73,24 @@ def main(argv: list[str] | None = None) -> None:
     }
     with tempfile.TemporaryDirectory(prefix="peers-") as workdir:
         for model_name, path in models.items():
-            # One round: each server alone, started and stopped in turn. More: all up at once,
-            # taking turns at each point, so drift in the machine's speed hits each alike.
-            groups = [[name] for name in args.servers] if args.rounds == 1 else [args.servers]
-            runs = []
+            # One round: each server alone, started and stopped in turn, in ``passes`` passes
+            # (the order reversed each time), each point pooled over the passes, so a drift in
+            # the machine's speed during the run hits every server alike, to first order. More
+            # rounds: all up at once, taking turns at each point.
+            passes = args.passes if args.rounds == 1 else 1
+            groups = []
+            for index in range(passes):
+                order = args.servers if index % 2 == 0 else args.servers[::-1]
+                groups += [[name] for name in order] if args.rounds == 1 else [order]
+            window = replace(load, seconds=load.seconds / passes)
+            found: list[dict[str, Any]] = []
             for group in groups:
-                runs += asyncio.run(
+                found += asyncio.run(
                     _run_servers(
                         group,
                         path,
                         batching,
-                        load,
+                        window,
                         args.concurrency,
                         photos,
                         checks,
@@ -90,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
                         args.rounds,
                     )
                 )
+            runs = [_merged([r for r in found if r["server"] == name]) for name in args.servers]
             ours = [r["top5"] for r in runs if r["server"] == "ours" and "top5" in r]
             reference = ours[0] if ours else None
             for run in runs:
@@ -106,6 +115,21 @@ def main(argv: list[str] | None = None) -> None:
     plot(results, RESULTS / f"{args.out}.png")
 
 
+def _merged(passes: list[dict[str, Any]]) -> dict[str, Any]:
+    """One server's passes as one run: each point pooled over them, the first start-up time
+    (every pass's in ``startups_s``); a pass that failed makes the run that failure."""
+    failed = [run for run in passes if "error" in run]
+    if failed:
+        return failed[0]
+    run = {k: v for k, v in passes[0].items() if k != "windows"}
+    run["startups_s"] = [p["startup_s"] for p in passes]
+    run["points"] = [
+        pooled([w for p in passes for w in p["windows"][clients]])
+        for clients in passes[0]["windows"]
+    ]
+    return run
+
+
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1+3 s per point, digits model")
@@ -116,6 +140,9 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-batch-size", type=int, default=Batching.max_batch_size)
     parser.add_argument("--batch-wait-ms", type=float, default=Batching.wait_ms, help="peers'")
     parser.add_argument("--ours-wait-ms", type=float, help="ours' max_wait_ms (default: ours')")
+    parser.add_argument(
+        "--passes", type=int, default=2, help="alone: passes over the servers, order reversed"
+    )
     parser.add_argument("--out", default="peers", help="results file stem")
     parser.add_argument(
         "--rounds", type=int, default=1, help="windows per point, servers taking turns (>1: all up)"
@@ -191,7 +218,7 @@ async def _run_servers(
     rounds: int,
 ) -> list[dict[str, Any]]:
     """Start the servers in turn, then measure each concurrency as ``rounds`` windows per
-    server, the servers taking turns; the windows of a point are pooled."""
+    server, the servers taking turns: each run's ``windows`` by concurrency (``_merged``)."""
     servers: dict[str, Server] = {}
     runs: dict[str, dict[str, Any]] = {}
     try:
@@ -207,7 +234,7 @@ async def _run_servers(
                 runs[name] = {"server": name, "error": f"{type(exc).__name__}: {exc}"}
                 continue
             servers[name] = server
-            runs[name] = {"server": name, "startup_s": startup, "top5": top5, "points": []}
+            runs[name] = {"server": name, "startup_s": startup, "top5": top5, "windows": {}}
             runs[name]["elapsed_s"] = time.perf_counter() - began
         window = replace(load, seconds=load.seconds / rounds)
         for clients in concurrency:
@@ -216,8 +243,8 @@ async def _run_servers(
                 for name, server in servers.items():
                     measured[name].append(await point(server, photos, clients, window))
             for name, windows in measured.items():
-                runs[name]["points"].append(pooled(windows))
-                print(json.dumps({"server": name, **runs[name]["points"][-1]}), flush=True)
+                runs[name]["windows"][clients] = windows
+                print(json.dumps({"server": name, **pooled(windows)}), flush=True)
     finally:
         for server in servers.values():
             server.tree.stop()
