@@ -174,12 +174,14 @@ async function loadModelCard() {
     ["Name", model.name], ["Version", model.version], ["Architecture", model.architecture],
     ["Precision", model.precision], ["Provider", model.provider], ["Accuracy", accuracy],
     ["Classes", String(model.num_classes)], ["Input", `${height}×${width} RGB`],
-    ["Max batch", String(model.batching.max_batch_size)],
+    ["Batch", model.batching.batch_limit === model.batching.max_batch_size
+      ? `up to ${model.batching.max_batch_size}`
+      : `up to ${model.batching.batch_limit} (fitted; max ${model.batching.max_batch_size})`],
   ];
   card.replaceChildren(...rows.flatMap(([term, value]) =>
     [el("dt", { textContent: term }), el("dd", { textContent: value })]));
   $("top-k").max = String(model.num_classes);
-  maxBatch = model.batching.max_batch_size;
+  maxBatch = model.batching.batch_limit;
 }
 
 // ---- live panel ----------------------------------------------------------------------------
@@ -267,7 +269,7 @@ function render(now) {
   }
   const counts = batches.map((b, i) => ({ le: b.le, n: b.count - (i ? batches[i - 1].count : 0) }));
   const total = counts.reduce((acc, c) => acc + c.n, 0);
-  // Buckets up to the one holding max_batch_size: larger batches cannot happen.
+  // Buckets up to the one holding the batch limit: larger batches cannot happen.
   const shown = counts.filter((c, i) => c.le !== Infinity && (i === 0 || counts[i - 1].le < maxBatch));
   const rows = shown.map((c, i) => ({
     name: i ? `${shown[i - 1].le + 1}–${c.le}`.replace(/^(\d+)–\1$/, "$1") : `${c.le}`,
