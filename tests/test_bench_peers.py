@@ -15,7 +15,16 @@ from app.session import OnnxModel
 from app.settings import Settings
 from benchmarks.peers.__main__ import _merged
 from benchmarks.peers.common import Classifier
-from benchmarks.peers.drive import MULTIPART, Load, Measured, form, pooled, retry_after, top5
+from benchmarks.peers.drive import (
+    MULTIPART,
+    Load,
+    Measured,
+    form,
+    pooled,
+    retry_after,
+    top5,
+    window_seconds,
+)
 from benchmarks.peers.report import (
     Outcome,
     agreement,
@@ -212,6 +221,24 @@ def test_passes_merge_into_one_run_with_each_point_pooled_over_them() -> None:
     assert "windows" not in run
     failed = {"server": "ours", "error": "RuntimeError: no answer"}
     assert _merged([first, failed]) == failed
+
+
+@pytest.mark.parametrize(
+    ("answers", "min_answers", "seconds"),
+    [
+        (30, 0, 12.0),  # no target: the window as given
+        (30, 600, 48.0),  # 10 a second: 600 need 60 s, capped at 4 x 12
+        (90, 600, 20.0),  # 30 a second: 20 s hold 600
+        (600, 600, 12.0),  # fast enough: never shorter than given
+        (0, 600, 12.0),  # nothing answered yet: no rate to go by
+    ],
+)
+def test_a_window_stretches_to_hold_min_answers_at_the_warm_up_rate(
+    answers: int, min_answers: int, seconds: float
+) -> None:
+    warmup = [Outcome(0.0, 1.0, "200")] * answers + [Outcome(0.0, 1.0, "503")] * 50
+    load = Load(seconds=12.0, min_answers=min_answers)
+    assert window_seconds(load, warmup, warmup_s=3.0) == seconds
 
 
 def test_the_load_sends_one_multipart_image_field_encoded_once() -> None:

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     load = (
         Load(warmup_s=1.0, max_warmup_s=5.0, seconds=3.0)
         if args.quick
-        else Load(seconds=args.seconds)
+        else Load(seconds=args.seconds, min_answers=args.min_answers)
     )
     batching = Batching(args.max_batch_size, args.batch_wait_ms, args.ours_wait_ms)
     photos = [photo(500, 375, seed) for seed in range(8)]
@@ -82,7 +82,9 @@ def main(argv: list[str] | None = None) -> None:
             for index in range(passes):
                 order = args.servers if index % 2 == 0 else args.servers[::-1]
                 groups += [[name] for name in order] if args.rounds == 1 else [order]
-            window = replace(load, seconds=load.seconds / passes)
+            window = replace(
+                load, seconds=load.seconds / passes, min_answers=load.min_answers // passes
+            )
             found: list[dict[str, Any]] = []
             for group in groups:
                 found += asyncio.run(
@@ -134,6 +136,9 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1+3 s per point, digits model")
     parser.add_argument("--seconds", type=float, default=Load.seconds, help="measured s/point")
+    parser.add_argument(
+        "--min-answers", type=int, default=600, help="200s a point aims at (up to 4x --seconds)"
+    )
     parser.add_argument("--servers", type=_names, default=list(SERVERS), help="comma-separated")
     parser.add_argument("--concurrency", type=_numbers, default=list(CONCURRENCY))
     parser.add_argument("--model", action="append", default=[], help="NAME=PATH, repeatable")
@@ -236,7 +241,9 @@ async def _run_servers(
             servers[name] = server
             runs[name] = {"server": name, "startup_s": startup, "top5": top5, "windows": {}}
             runs[name]["elapsed_s"] = time.perf_counter() - began
-        window = replace(load, seconds=load.seconds / rounds)
+        window = replace(
+            load, seconds=load.seconds / rounds, min_answers=load.min_answers // rounds
+        )
         for clients in concurrency:
             measured: dict[str, list[Measured]] = {name: [] for name in servers}
             for _ in range(rounds):
