@@ -1,7 +1,7 @@
 """Ours against LitServe, BentoML, Ray Serve and a hand-written FastAPI script, in one run.
 
     make peers-venv bench-models
-    PYTHONPATH=. .venv/bin/python -m benchmarks.peers            # about 18 minutes on 2 cores
+    PYTHONPATH=. .venv/bin/python -m benchmarks.peers            # about 25 minutes on 2 cores
     PYTHONPATH=. .venv/bin/python -m benchmarks.peers --quick    # smoke test, a few minutes
 
 Each server on the same ONNX artifact: start-up time to the first 200, top-1 on the check
