@@ -103,6 +103,7 @@ class Batcher:
         for lane in self._lanes:
             self._free.put_nowait(lane)
         self.metrics.track_queue_depth(self._queue.qsize)
+        self.metrics.track(self.metrics.batch_limit, lambda: self.limit)
 
     @property
     def depth(self) -> int:
@@ -139,7 +140,8 @@ class Batcher:
             self.on_failure(error)
 
     async def run_in_model_thread(self, fn: Callable[[], None]) -> None:
-        """Run work such as timing a batch on an inference thread, so it never races a batch."""
+        """Run work such as warming a session on an inference thread, so it never races a
+        batch."""
         await asyncio.get_running_loop().run_in_executor(self._lanes[0], fn)
 
     async def run_on_lanes(self, work: Sequence[Callable[[], T]], at_once: bool) -> list[T]:

@@ -229,7 +229,6 @@ async def _warm_up(model: OnnxModel, batcher: Batcher, admission: Admission) -> 
         runs = await batcher.run_on_lanes([partial(model.time_runs, timed)] * lanes, at_once=True)
         seconds = {size: statistics.median(run[size] for run in runs) for size in timed}
         batcher.limit = fit_batch_limit(seconds, batcher.config.flat_batch_ms)
-        batcher.metrics.batch_limit.set(batcher.limit)
         admission.observe_batch(batcher.limit, seconds[batcher.limit] / lanes)
     except Exception:
         log.exception("warm-up failed; the server stays unready")
