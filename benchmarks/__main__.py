@@ -91,11 +91,14 @@ def load_section(quick: bool) -> None:
 
 def markdown(results: dict[str, Any]) -> str:
     lines = ["## In-process ceiling (ONNX Runtime, preprocessed inputs)", ""]
-    lines += ["| precision | batch | images/s | p50 ms | p95 ms |", "|---|---|---|---|---|"]
+    lines += [
+        "| precision | batch | lanes | images/s | p50 ms | p95 ms |",
+        "|---|---|---|---|---|---|",
+    ]
     for precision, rows in results["ceiling"].items():
         lines += [
-            f"| {precision} | {r['batch_size']} | {r['images_per_s']:.1f} | {r['p50_ms']:.1f} "
-            f"| {r['p95_ms']:.1f} |"
+            f"| {precision} | {r['batch_size']} | {r['lanes']} | {r['images_per_s']:.1f} "
+            f"| {r['p50_ms']:.1f} | {r['p95_ms']:.1f} |"
             for r in rows
         ]
     lines += ["", "## HTTP load (python -m app on 127.0.0.1)", ""]
