@@ -7,13 +7,14 @@ import sys
 
 from pydantic import ValidationError
 
-from app.keys import KeyFileError
-from app.logs import configure_logging
-from app.main import create_app, key_files, session_config
-from app.server import Server, uvicorn_config
-from app.session import OnnxModel
+from app.engine.session import OnnxModel
+from app.engine.sizing import session_config
+from app.main import key_files, open_app
+from app.process.keys import KeyFileError
+from app.process.logs import configure_logging
+from app.process.server import Server, uvicorn_config
+from app.process.workers import supervise
 from app.settings import Settings
-from app.workers import supervise
 from core.errors import ModelError
 
 
@@ -37,11 +38,10 @@ def main() -> int:
         except (ModelError, KeyFileError) as exc:
             print(f"resnet-serve: {exc}", file=sys.stderr)
             return 1
-        return supervise(settings)
+        return supervise(settings, open_app)
     try:
         # Opened before uvicorn starts, so a bad model is one line and exit 1, not a traceback.
-        model = OnnxModel.load(session_config(settings))
-        app = create_app(settings, model)
+        app = open_app(settings)
     except (ModelError, KeyFileError) as exc:
         print(f"resnet-serve: {exc}", file=sys.stderr)
         return 1

@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.cpus import cpu_share
+from app.process.cpus import cpu_share
 from core.preprocess import DEFAULT_FORMATS, Limits
 
 ENV_PREFIX = "RESNET_SERVE_"
@@ -25,90 +25,129 @@ def _default_decode_threads(data: dict[str, Any]) -> int:
 
 
 class Settings(BaseSettings):
+    """Every setting, with its default and meaning: each attribute's docstring is its
+    description in the configuration reference (docs/configuration.md is generated from here)."""
+
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, extra="forbid", frozen=True, protected_namespaces=()
+        env_prefix=ENV_PREFIX,
+        extra="forbid",
+        frozen=True,
+        protected_namespaces=(),
+        use_attribute_docstrings=True,
     )
 
     model_path: Path = Path("artifacts/model.onnx")
+    """The ONNX file to serve (its labels, preprocessing and identity come from its metadata)."""
     host: str = "0.0.0.0"
+    """Bind address."""
     port: int = Field(8000, ge=0, le=65535)
+    """Bind port."""
     log_level: LogLevel = "info"
-    # Files of keys, one per line (app.keys): set, they guard inference and /v1/model, or /metrics.
+    """debug, info, warning or error: JSON lines, each with the request id while serving one.
+    Health probes are logged at debug."""
     api_keys_file: Path | None = None
+    """A file of API keys, one per line (app.process.keys). Set, inference, /v1/model and the
+    protocol's model routes need one of them (Authorization: Bearer or X-API-Key). Unset: open."""
     metrics_api_keys_file: Path | None = None
+    """A separate file of keys for /metrics (a scraper's key cannot run inference). Unset: open."""
 
-    # Processes serving the one port, each with its own session, batcher and admission
-    # (app.workers): HTTP parsing and decoding then use every core.
     workers: int = Field(1, ge=1, le=64)
-    # Each worker on its own equal slice of the cores (app.cpus.pin_worker says when it does not).
+    """Processes serving the one port, each with its own session, batcher and admission
+    (app.process.workers): HTTP parsing and decoding then use every core."""
     pin_workers: bool = True
+    """Each worker on its own equal slice of the cores; not when they do not divide evenly, nor
+    under a CPU quota (app.process.cpus.pin_worker)."""
 
-    # auto: CUDA where it works, else the CPU. cuda: CUDA or fail. tensorrt: TensorRT (fp16
-    # engine, cached), falling back to CUDA, never to the CPU (app.providers).
     providers: Providers = "auto"
-    # Which file beside model_path: auto serves model.fp16.onnx on CUDA where it exists (built
-    # by `model build --also fp16`), model_path everywhere else; a pinned one must match.
+    """auto: CUDA where it loads, else the CPU (the reason is logged). cuda: CUDA or fail.
+    tensorrt: TensorRT's fp16 engine (cached), falling back to CUDA, never to the CPU. cpu."""
     model_precision: Precision = "auto"
-    # Threads of one batch's run under load. 0: the worker's share of the cores (cpu_share)
-    # split among its lanes, at least one each. A batch alone on the machine runs on the
-    # whole share (ort_spinning=adaptive).
+    """Which file beside model_path: auto serves model.fp16.onnx on CUDA where it exists (built by
+    `model build --also fp16`) and model_path everywhere else (never fp16 on the CPU); fp32, fp16
+    or int8 pin one (that variant beside model_path, or model_path itself, whose metadata must
+    agree)."""
     intra_op_threads: int = Field(0, ge=0)
-    # When ORT's threads may busy-wait (app/session.py SPINNING): "adaptive" spins only for a
-    # batch that has the machine to itself, on a second session (CPU only; more memory).
+    """ONNX Runtime threads of one batch's run under load. 0: the worker's share of the cores
+    (its affinity, capped by a cgroup CPU quota, divided among the workers) split among its lanes,
+    at least one: one thread per lane on the CPU."""
     ort_spinning: Literal["off", "adaptive", "in_run", "always"] = "adaptive"
-    cuda_graphs: bool = True  # CUDA only: one captured graph per batch bucket
+    """When ONNX Runtime's threads may busy-wait for work. adaptive: never under load, plus a
+    second CPU session whose threads spin within a run for a batch that has the machine to itself
+    (a lone request gets spinning's latency; costs a second copy of the weights). off: never
+    (least memory). in_run: within each run. always: ORT's own default, also between runs."""
+    cuda_graphs: bool = True
+    """CUDA only: one CUDA graph per batch bucket, captured at warm-up and replayed."""
     cuda_conv_algo_search: Literal["exhaustive", "heuristic", "default"] = "exhaustive"
+    """cuDNN's convolution algorithm search; exhaustive is paid once per bucket at warm-up."""
     cuda_prefer_nhwc: bool = False
-    # TensorRT engines and timing cache; default: trt-cache/ beside model_path (must be writable).
+    """CUDA: channels-last kernels where ONNX Runtime has them."""
     trt_cache_dir: Path | None = None
+    """TensorRT engines and timing cache (must be writable). Default: trt-cache/ beside
+    model_path."""
     graph_optimization: GraphOptimization = "all"
+    """ONNX Runtime's graph optimisation level: disable, basic, extended or all."""
 
     max_batch_size: int = Field(8, ge=1, le=1024)
-    # Batch shapes the model runs, as a JSON list ending at max_batch_size (a batch is padded up
-    # to the next one). Default: every size 1..max_batch_size on the CPU, where a padded row
-    # costs as much as a real one; powers of two on CUDA, where few shapes mean few kernels
-    # to select and warm up (and one CUDA graph each).
+    """The most images one model call takes."""
     batch_buckets: tuple[int, ...] | None = None
-    # Work-conserving by default (as Triton's dynamic batcher): an idle model runs what is queued
-    # now, and batches form while it is busy. A wait > 0 only holds a lone image back.
+    """The batch shapes the model runs, as a JSON list ending at max_batch_size; a batch is padded
+    with zero images up to the next one (padding never reaches a response) and every bucket is
+    warmed up before ready. Default: every size 1..max_batch_size on the CPU, where a padded row
+    costs as much as a real one; powers of two on CUDA (few shapes: few kernels, one CUDA graph
+    each)."""
     max_wait_ms: float = Field(0.0, ge=0)
-    # Batches grow to max_batch_size only where that cuts the cost per image (timed at warm-up
-    # on every lane at once). Where it does not, they stop at the first size whose run takes
-    # this long: a request that just missed a batch then waits for a short one (app.batch_limit).
-    # A very large value: always up to max_batch_size.
+    """Extra wait for a batch to fill. 0: work-conserving, as Triton's dynamic batcher: an idle
+    model runs what is queued now, and batches form while it is busy."""
     flat_batch_ms: float = Field(200.0, ge=0)
+    """Batches grow to max_batch_size only where that cuts the cost per image (timed at warm-up on
+    every lane at once); where it does not, they stop at the first size whose run takes this long,
+    so a request that just missed a batch waits for a short one (app.engine.batch_limit). A very
+    large value: always up to max_batch_size."""
     max_queue_images: int = Field(1024, ge=1)
-    # Batches computing at once on the one session, each on its own inference thread ("lanes").
-    # 0: on the CPU one per core of the worker's share (at most 16), each run on one thread:
-    # no thread pool to wake and no barrier after each operator, and the cores stay busy
-    # between one lane's batches (benchmarks/results/lanes.md: up to +25% over one lane on two
-    # threads, level at worst); on a GPU 1, since one stream of batches keeps it busy.
+    """Images the batch queue holds (memory); beyond it 503 with Retry-After."""
     concurrent_batches: int = Field(0, ge=0, le=MAX_LANES)
-    # A request alone on the server does its work on the event loop where it is predicted to take
-    # under this many ms (its image's decode; its batch's run, CPU and ort_spinning=adaptive
-    # only), saving the hand-offs to a thread and back (benchmarks/results/lanes.md); the loop
-    # stalls that long. 0: never.
+    """Batches computing at once on the one session, each on its own inference thread (lanes,
+    like Triton's instance count). 0: on the CPU one lane per core of the worker's share (at most
+    16), each run on one thread; on a GPU one."""
     inline_max_ms: float = Field(5.0, ge=0)
-    # From the moment the body is in: admission sheds what cannot finish inside it (503), and
-    # what still overstays it answers 504 without using the model.
+    """A request alone on the server decodes its image, and runs its batch, on the event loop
+    where that is predicted to take under this (app.engine.inline): no hand-off to a thread and
+    back; other connections wait that long. 0: never."""
     request_timeout_ms: float = Field(5_000.0, gt=0)
-    # Longest wait for room before the body is read; then 503. Paces clients that retry at once.
+    """Deadline from the moment a request's body is in: admission lets in only what the model can
+    finish inside it (else 503), and what still overstays it answers 504 without using the
+    model."""
     admission_wait_ms: float = Field(1_000.0, ge=0)
-    upload_timeout_ms: float = Field(30_000.0, gt=0, description="whole body, else 408")
-    max_buffered_bytes: int = Field(256 * 1024 * 1024, ge=1, description="all uploads together")
-    retry_after_s: int = Field(1, ge=1, description="Retry-After on every 503")
-    # Default: the worker's share of the cores, at most 4.
+    """Longest wait for room before the body is read; then 503 with Retry-After. Paces clients
+    that retry at once."""
+    upload_timeout_ms: float = Field(30_000.0, gt=0)
+    """The whole body must arrive within this; else 408 and the connection is closed."""
+    max_buffered_bytes: int = Field(256 * 1024 * 1024, ge=1)
+    """Request bytes held in memory by all uploads together; beyond it 503."""
+    retry_after_s: int = Field(1, ge=1)
+    """Retry-After on every 503."""
     decode_threads: int = Field(default_factory=_default_decode_threads, ge=1)
+    """Each worker's thread pool for decoding, resizing and cropping. Default: the worker's share
+    of the cores, at most 4."""
     shutdown_timeout_s: int = Field(30, ge=1)
+    """Graceful-shutdown limit: the drain of what was admitted."""
 
     default_top_k: int = Field(5, ge=1)
+    """top_k when a request does not say (capped at the number of classes)."""
     max_image_bytes: int = Field(10 * 1024 * 1024, ge=1)
+    """Bytes per image."""
     max_request_bytes: int = Field(32 * 1024 * 1024, ge=1)
+    """Bytes per request, enforced while the body streams in."""
     max_images_per_request: int = Field(16, ge=1)
+    """Images per request (multipart files, or the protocol's N)."""
     max_image_pixels: int = Field(40_000_000, ge=1)
-    # Decoded pixels one request may cost (after JPEG draft scaling): bounds its decode CPU.
+    """Decoded pixels per image, checked from its header before decoding."""
     max_request_pixels: int = Field(100_000_000, ge=1)
+    """Pixels all images of one request decode to (after JPEG draft scaling), checked from the
+    headers before decoding anything: bounds one request's decode CPU."""
     allowed_formats: tuple[str, ...] = DEFAULT_FORMATS
+    """Image formats accepted, as a JSON list: a subset of JPEG, PNG, WEBP, BMP, GIF, TIFF
+    (detected from the bytes, not the name)."""
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

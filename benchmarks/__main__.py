@@ -23,7 +23,7 @@ import psutil
 from app.settings import Settings
 from benchmarks.ceiling import ceiling
 from benchmarks.load import image_pool, run_point, run_server
-from benchmarks.peers import __main__ as peers
+from benchmarks.peers import run as peers
 
 ARTIFACTS = {
     "fp32": Path("artifacts/bench/resnet50-random-fp32.onnx"),

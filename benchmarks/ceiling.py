@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from app.main import concurrent_batches, session_config
-from app.session import OnnxModel
+from app.engine.session import OnnxModel
+from app.engine.sizing import concurrent_batches, session_config
 from app.settings import Settings
 
 BATCH_SIZES = (1, 2, 4, 8, 16)

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.load import photo
-from benchmarks.peers.__main__ import _cpu_model, _free_port
 from benchmarks.peers.drive import Load, point, pooled, wait_ready
+from benchmarks.peers.run import cpu_model, free_port
 from benchmarks.peers.servers import ROOT, Batching, Server, start
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": {
-            "cpu": _cpu_model(),
+            "cpu": cpu_model(),
             "cpus": len(os.sched_getaffinity(0)),
             "platform": platform.platform(),
             "load_average_at_start": os.getloadavg(),
@@ -121,7 +121,7 @@ def _start(setup: Setup, model: Path, workdir: Path) -> Server:
         "RESNET_SERVE_PIN_WORKERS": str(setup.pin_workers).lower(),
     }
     pin = ["taskset", "-c", setup.cpus] if setup.cpus else []
-    server = start("ours", model, _free_port(), Batching(), workdir, settings, prefix=pin)
+    server = start("ours", model, free_port(), Batching(), workdir, settings, prefix=pin)
     server.name = setup.name
     return server
 

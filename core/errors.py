@@ -1,6 +1,6 @@
 """Errors that carry their HTTP status, raised below the web layer (decoding, model files).
 
-Framework-free: the trainer's data loader and the exporter meet these too. ``app.handlers``
+Framework-free: the trainer's data loader and the exporter meet these too. ``app.http.handlers``
 renders every ``ServiceError`` as the one JSON error shape.
 """
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -10,10 +10,11 @@ from typing import Any
 import httpx
 import pytest
 
+from app.engine.session import OnnxModel
 from app.main import create_app
-from app.session import OnnxModel
 from app.settings import Settings
 from tests.helpers.models import build_model, build_slow_model
+from tests.helpers.server import Server, message_is, run_server
 from tests.helpers.training import (  # noqa: F401  (fixtures)
     color_eval_folder,
     color_folder,
@@ -24,6 +25,14 @@ from tests.helpers.training import (  # noqa: F401  (fixtures)
 @pytest.fixture(scope="session")
 def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_model(tmp_path_factory.mktemp("model") / "tiny.onnx")
+
+
+@pytest.fixture(scope="module")
+def server(model_path: Path) -> Iterator[Server]:
+    """``python -m app`` on the tiny model, ready, shared by one test module."""
+    with run_server(model_path) as running:
+        running.wait_for_log(message_is("ready"))
+        yield running
 
 
 @pytest.fixture(scope="session")

@@ -4,11 +4,11 @@ import asyncio
 
 import pytest
 
-from app import admission as admission_module
-from app.admission import Admission, AdmissionConfig
+from app.engine import admission as admission_module
+from app.engine.admission import Admission, AdmissionConfig
+from app.engine.lifecycle import Lifecycle
 from app.errors import Overloaded
-from app.lifecycle import Lifecycle
-from app.metrics import Metrics
+from app.process.metrics import Metrics
 
 pytestmark = pytest.mark.anyio
 

@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from app.batcher import BatchConfig, Batcher, bucket_for
+from app.engine.batcher import BatchConfig, Batcher, bucket_for
 from app.errors import DeadlineExceeded, InferenceFailed, Overloaded, ShuttingDown
-from app.metrics import Metrics
+from app.process.metrics import Metrics
 
 pytestmark = pytest.mark.anyio
 
@@ -63,9 +63,16 @@ async def test_full_batch_closes_without_waiting_for_the_deadline() -> None:
 
 async def test_partial_batch_closes_at_the_deadline() -> None:
     batcher = make_batcher(echo, max_wait_ms=20)
+    loop = asyncio.get_running_loop()
     batcher._enqueue([image(1), image(2)])
+    started = loop.time()
     batch = await batcher._collect()
-    assert len(batch) == 2
+    # It waited for company until its oldest image's deadline (a lower bound: never early),
+    # then closed with what it had; what comes after goes into the next batch.
+    assert loop.time() - started >= 0.020 - 1e-3
+    assert [int(item.image[0, 0, 0]) for item in batch] == [1, 2]
+    batcher._enqueue([image(3)])
+    assert batcher.depth == 1
 
 
 async def test_fifo_order_and_results_across_requests() -> None:
@@ -114,7 +121,7 @@ async def test_failing_batch_fails_exactly_its_own_requests() -> None:
     spared = batcher._enqueue([image(14)])
     for _ in range(2):
         batch = await batcher._collect()
-        batcher._fan_out(batch, await batcher._run(batcher._lanes[0], batch, alone=False))
+        batcher._fan_out(batch, await batcher._run(batcher.lanes.first, batch, alone=False))
     for future in doomed:
         with pytest.raises(InferenceFailed, match="boom"):
             future.result()
@@ -125,7 +132,7 @@ async def test_wrong_number_of_outputs_fails_the_batch() -> None:
     batcher = make_batcher(lambda batch: echo(batch)[:1])
     futures = batcher._enqueue([image(1), image(2)])
     batch = await batcher._collect()
-    batcher._fan_out(batch, await batcher._run(batcher._lanes[0], batch, alone=False))
+    batcher._fan_out(batch, await batcher._run(batcher.lanes.first, batch, alone=False))
     for future in futures:
         with pytest.raises(InferenceFailed, match="1 outputs for a batch of 2"):
             future.result()
@@ -156,7 +163,7 @@ async def test_cancelled_items_are_dropped_before_inference() -> None:
     gone[0].cancel()
     batch = await batcher._collect()
     live = batcher._admit(batch)
-    batcher._fan_out(live, await batcher._run(batcher._lanes[0], live, alone=False))
+    batcher._fan_out(live, await batcher._run(batcher.lanes.first, live, alone=False))
     assert model.batches == [[2]]
     assert float(kept[0].result()[0]) == 2
 
@@ -299,7 +306,7 @@ async def test_work_runs_on_every_lane_at_once_or_one_after_another() -> None:
         both_inside.wait()
         return threading.current_thread().name
 
-    threads = await batcher.run_on_lanes([meet, meet], at_once=True)
+    threads = await batcher.lanes.run_on_each([meet, meet], at_once=True)
     assert len(set(threads)) == 2
     second_started = threading.Event()
     overlapped: list[bool] = []
@@ -307,7 +314,7 @@ async def test_work_runs_on_every_lane_at_once_or_one_after_another() -> None:
     def first() -> None:  # in turn, the second cannot start while this waits for it
         overlapped.append(second_started.wait(timeout=0.2))
 
-    await batcher.run_on_lanes([first, second_started.set], at_once=False)
+    await batcher.lanes.run_on_each([first, second_started.set], at_once=False)
     assert overlapped == [False]
     assert second_started.is_set()
     await batcher.drain()

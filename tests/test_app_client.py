@@ -20,16 +20,9 @@ import httpx
 import pytest
 
 from app.client import MAX_RETRY_WAIT_S, retry_after_s
-from tests.helpers.server import ROOT, Server, free_port, message_is, run_server
+from tests.helpers.server import ROOT, Server, free_port
 
 EXAMPLES = sorted((ROOT / "examples").glob("digit-*.png"))
-
-
-@pytest.fixture(scope="module")
-def server(model_path: Path) -> Iterator[Server]:
-    with run_server(model_path) as running:
-        running.wait_for_log(message_is("ready"))
-        yield running
 
 
 def run_client(*args: str | Path) -> subprocess.CompletedProcess[str]:
@@ -97,7 +90,7 @@ def test_csv_on_stdout_names_a_file_that_is_not_an_image(server: Server, tmp_pat
     ("args", "message"),
     [
         (["missing-folder"], "no such file or directory"),
-        ([str(ROOT / "app" / "static")], "no image files"),
+        ([str(ROOT / "app" / "http" / "static")], "no image files"),
     ],
     ids=["missing", "no-images"],
 )
@@ -111,7 +104,14 @@ def test_nothing_to_send_is_a_usage_error(args: list[str], message: str) -> None
 def flaky_server(refusals: str, retry_after: str) -> Iterator[str]:
     port = free_port()
     env = {**os.environ, "FLAKY_REFUSALS": refusals, "FLAKY_RETRY_AFTER": retry_after}
-    command = [sys.executable, "-m", "uvicorn", "tests.flaky_server:app", "--port", str(port)]
+    command = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "tests.helpers.flaky_server:app",
+        "--port",
+        str(port),
+    ]
     process = subprocess.Popen(
         [*command, "--host", "127.0.0.1"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True
     )

@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Serve
+from tests.helpers.metrics import families
 
 pytestmark = pytest.mark.anyio
 
@@ -37,9 +37,7 @@ async def test_docs_schema_and_static_files_are_counted_under_their_route(serve:
         text = (await client.get("/metrics")).text
     counted = {
         sample.labels["endpoint"]: sample.labels["status"]
-        for family in text_string_to_metric_families(text)
-        if family.name == "resnet_serve_requests"
-        for sample in family.samples
+        for sample in families(text)["resnet_serve_requests"].samples
         if sample.name.endswith("_total")
     }
     assert counted == {

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
+from app.engine.lifecycle import Lifecycle
 from app.errors import NotReady, ShuttingDown
-from app.lifecycle import Lifecycle
 
 pytestmark = pytest.mark.anyio
 

@@ -13,11 +13,11 @@ import httpx
 import numpy as np
 import pytest
 from fastapi import FastAPI
-from prometheus_client.parser import text_string_to_metric_families
 
 from app.main import create_app
 from app.settings import Settings
 from tests.conftest import Serve
+from tests.helpers.metrics import families
 from tests.helpers.models import CROP_SIZE, image_bytes
 
 pytestmark = pytest.mark.anyio
@@ -261,9 +261,7 @@ async def test_metrics_label_by_route_template(serve: Serve) -> None:
         text = (await client.get("/metrics")).text
     counts = {
         (s.labels["endpoint"], s.labels["status"]): s.value
-        for family in text_string_to_metric_families(text)
-        if family.name == "resnet_serve_requests"
-        for s in family.samples
+        for s in families(text)["resnet_serve_requests"].samples
         if s.name.endswith("_total")
     }
     assert counts[("/v2/models/{model_name}/infer", "200")] == 1

@@ -26,13 +26,6 @@ K = 3
 SEEDS = (0, 1, 2)
 
 
-@pytest.fixture(scope="module")
-def server(model_path: Path) -> Iterator[Server]:
-    with run_server(model_path) as running:
-        running.wait_for_log(message_is("ready"))
-        yield running
-
-
 @pytest.fixture
 def client(server: Server) -> Iterator[triton.InferenceServerClient]:
     triton_client = triton.InferenceServerClient(server.url.removeprefix("http://"))

@@ -11,8 +11,7 @@ import onnxruntime as ort
 import pytest
 from pydantic import ValidationError
 
-from app.main import batch_buckets, session_config
-from app.providers import (
+from app.engine.providers import (
     CPU,
     CUDA,
     TENSORRT,
@@ -24,7 +23,8 @@ from app.providers import (
     session_providers,
     tensorrt_options,
 )
-from app.session import OnnxModel
+from app.engine.session import OnnxModel
+from app.engine.sizing import batch_buckets, session_config
 from app.settings import Settings
 from core.errors import ModelError
 from tests.helpers.models import build_model

@@ -11,16 +11,17 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from starlette.requests import Request
 
-from app.disconnect import unless_disconnected
+from app.engine.session import OnnxModel
+from app.engine.sizing import session_config
 from app.errors import ClientClosedRequest
-from app.main import create_app, session_config
-from app.schemas import PredictResponse
-from app.session import OnnxModel
+from app.http.disconnect import unless_disconnected
+from app.http.schemas import PredictResponse
+from app.main import create_app
 from core.preprocess import Recipe
 from tests.conftest import Serve
+from tests.helpers.metrics import families
 from tests.helpers.models import CROP_SIZE, LABELS, image_bytes, offline_top
 from tests.helpers.uploads import join_parts
 
@@ -68,7 +69,7 @@ async def test_predict_raw_body_uses_default_top_k(serve: Serve) -> None:
             "/predict", content=image_bytes(1), headers={"content-type": "image/png"}
         )
     assert response.status_code == 200, response.text
-    # The body is written as text (app/routes.py): it must be exactly what the model describes.
+    # The body is written as text (app/http/routes.py): it must be exactly what the model describes.
     parsed = PredictResponse.model_validate_json(response.content, strict=True)
     assert response.json() == parsed.model_dump()
     (result,) = response.json()["results"]
@@ -487,15 +488,15 @@ async def test_health_model_and_metrics_endpoints(serve: Serve) -> None:
     assert model["provider"] == "CPUExecutionProvider"
     assert model["batching"]["max_batch_size"] == 4
     assert model["batching"]["batch_limit"] == 4  # flat_batch_ms is out of reach in tests
-    families = {f.name: f for f in text_string_to_metric_families(metrics.text)}
-    assert families["resnet_serve_batch_limit"].samples[0].value == 4
-    (info,) = families["resnet_serve_model_info"].samples
+    found = families(metrics.text)
+    assert found["resnet_serve_batch_limit"].samples[0].value == 4
+    (info,) = found["resnet_serve_model_info"].samples
     assert info.labels == {"name": "tiny-test", "version": "7", "provider": "CPUExecutionProvider"}
-    (images,) = [s for s in families["resnet_serve_images"].samples if s.name.endswith("_total")]
+    (images,) = [s for s in found["resnet_serve_images"].samples if s.name.endswith("_total")]
     assert images.value == 2
     requests = {
         (s.labels["endpoint"], s.labels["status"]): s.value
-        for s in families["resnet_serve_requests"].samples
+        for s in found["resnet_serve_requests"].samples
         if s.name.endswith("_total")
     }
     assert requests[("/predict", "200")] == 1
@@ -507,7 +508,7 @@ async def test_health_model_and_metrics_endpoints(serve: Serve) -> None:
         "resnet_serve_batch_size",
         "resnet_serve_queue_depth",
     ):
-        assert name in families
+        assert name in found
 
 
 async def test_openapi_describes_the_response_and_error_models(serve: Serve) -> None:

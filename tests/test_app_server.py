@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from tests.helpers.metrics import families, scrape
 from tests.helpers.models import SLOW_CROP, image_bytes, offline_top
 from tests.helpers.server import ROOT, STARTUP_TIMEOUT_S, message_is, post_image, run_server
 
@@ -49,10 +49,10 @@ def test_live_then_ready_then_concurrent_predictions_match_offline(slow_model: P
         len({r.json()["results"][0]["predictions"][0]["class_id"] for r in responses.values()}) > 3
     )
 
-    families = {f.name: f for f in text_string_to_metric_families(metrics)}
+    found = families(metrics)
     buckets = {
         s.labels["le"]: s.value
-        for s in families["resnet_serve_batch_size"].samples
+        for s in found["resnet_serve_batch_size"].samples
         if s.name.endswith("_bucket")
     }
     # Every request carried one image: batches above one were formed across requests.
@@ -81,13 +81,11 @@ def wait_until_in_flight(url: str, count: int) -> float:
     """
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
-        families = {
-            f.name: f for f in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
-        }
-        in_flight = families["resnet_serve_requests_in_flight"].samples[0].value - 1
+        found = scrape(url)
+        in_flight: float = found["resnet_serve_requests_in_flight"].samples[0].value - 1
         done = sum(
             s.value
-            for s in families["resnet_serve_requests"].samples
+            for s in found["resnet_serve_requests"].samples
             if s.name.endswith("_total") and s.labels["endpoint"] == "/predict"
         )
         if in_flight + done >= count:

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.bound import BoundBuckets
-from app.main import session_config
-from app.providers import CPU
-from app.session import OnnxModel
+from app.engine.bound import BoundBuckets
+from app.engine.providers import CPU
+from app.engine.session import OnnxModel
+from app.engine.sizing import session_config
 from app.settings import Settings
 from core.errors import ModelError
 from tests.helpers.models import CROP_SIZE, LABELS, build_model
@@ -144,7 +144,7 @@ def test_adaptive_spinning_opens_a_second_cpu_session_that_answers_the_same(
         return OnnxModel.load(session_config(settings))
 
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
-    monkeypatch.setattr("app.cpus.CGROUP_CPU_MAX", tmp_path / "no-cgroup")
+    monkeypatch.setattr("app.process.cpus.CGROUP_CPU_MAX", tmp_path / "no-cgroup")
     model = load("adaptive")  # one thread a run under load: the lone batch gets both cores
     assert model.adaptive
     assert not load("off").adaptive

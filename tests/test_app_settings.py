@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from app.cpus import cpu_share, usable_cpus
-from app.main import alone_threads, batch_buckets, concurrent_batches, intra_op_threads
-from app.providers import CPU, CUDA
+from app.engine.providers import CPU, CUDA
+from app.engine.sizing import alone_threads, batch_buckets, concurrent_batches, intra_op_threads
+from app.process.cpus import cpu_share, usable_cpus
 from app.settings import Settings
 from tests.helpers.server import ROOT
 
@@ -124,7 +124,7 @@ def test_workers_share_the_cores_this_process_may_use(
 ) -> None:
     # The affinity, not the machine's core count: taskset and container cpusets count.
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(100, 100 + cores)))
-    monkeypatch.setattr("app.cpus.CGROUP_CPU_MAX", tmp_path / "no-cgroup")
+    monkeypatch.setattr("app.process.cpus.CGROUP_CPU_MAX", tmp_path / "no-cgroup")
     settings = Settings(workers=workers, concurrent_batches=lanes_set, intra_op_threads=intra_op)
     assert cpu_share(workers) == share
     assert concurrent_batches(settings, CPU) == lanes
@@ -146,14 +146,14 @@ def test_a_cgroup_cpu_quota_caps_the_usable_cores(
     # Docker's --cpus and a Kubernetes CPU limit: the affinity still lists every core of the node.
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
     (tmp_path / "cpu.max").write_text(cpu_max)
-    monkeypatch.setattr("app.cpus.CGROUP_CPU_MAX", tmp_path / "cpu.max")
+    monkeypatch.setattr("app.process.cpus.CGROUP_CPU_MAX", tmp_path / "cpu.max")
     assert usable_cpus() == usable
     assert concurrent_batches(Settings(), CPU) == usable
 
 
 PIN = """
 import json, os, sys
-from app import cpus
+from app.process import cpus
 cpus.CGROUP_CPU_MAX = cpus.Path(sys.argv[1])
 os.sched_setaffinity(0, json.loads(sys.argv[2]))
 pinned = cpus.pin_worker(1, 2)

@@ -16,9 +16,9 @@ import httpx
 import onnx
 import psutil
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from app.cpus import usable_cpus
+from app.process.cpus import usable_cpus
+from tests.helpers.metrics import families
 from tests.helpers.models import build_model, image_bytes
 from tests.helpers.server import ROOT, STARTUP_TIMEOUT_S, Server, message_is, post_image, run_server
 
@@ -54,19 +54,20 @@ def scrape_until(url: str, done: Callable[[str], bool]) -> str:
 
 def arrived(metrics: str) -> float:
     """/predict requests in flight or answered (the scrape itself is in flight too)."""
-    families = {f.name: f for f in text_string_to_metric_families(metrics)}
-    in_flight = families["resnet_serve_requests_in_flight"].samples[0].value - 1
-    answered = families.get("resnet_serve_requests")
-    return in_flight + sum(
+    found = families(metrics)
+    in_flight: float = found["resnet_serve_requests_in_flight"].samples[0].value - 1
+    answered = found.get("resnet_serve_requests")
+    done: float = sum(
         s.value
         for s in (answered.samples if answered else [])
         if s.name.endswith("_total") and s.labels["endpoint"] == "/predict"
     )
+    return in_flight + done
 
 
 def samples(metrics: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
-    families = {f.name: f for f in text_string_to_metric_families(metrics)}
-    return {tuple(sorted(s.labels.items())): s.value for s in families[name].samples}
+    found = families(metrics)
+    return {tuple(sorted(s.labels.items())): s.value for s in found[name].samples}
 
 
 def test_both_workers_serve_and_metrics_sum_over_them(slow_model: Path) -> None:

@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.main import intra_op_threads, session_config
-from app.session import OnnxModel
+from app.engine.session import OnnxModel
+from app.engine.sizing import intra_op_threads, session_config
 from app.settings import Settings
-from benchmarks.peers.__main__ import _merged
 from benchmarks.peers.common import Classifier
 from benchmarks.peers.drive import (
     MULTIPART,
@@ -33,6 +32,7 @@ from benchmarks.peers.report import (
     status_mix,
     summarize,
 )
+from benchmarks.peers.run import merged
 from tests.helpers.models import image_bytes
 
 
@@ -213,14 +213,14 @@ def test_passes_merge_into_one_run_with_each_point_pooled_over_them() -> None:
     first["windows"] = {1: [window(1, 0.0, 10)], 16: [window(16, 10.0, 20)]}
     second = {"server": "ours", "startup_s": 6.0, "top5": [[1]], "windows": {}}
     second["windows"] = {1: [window(1, 50.0, 30)], 16: [window(16, 60.0, 20)]}
-    run = _merged([first, second])
+    run = merged([first, second])
     assert [p["concurrency"] for p in run["points"]] == [1, 16]
     assert [p["rounds"] for p in run["points"]] == [2, 2]
     assert run["points"][0]["images_per_s"] == 40 / 4  # 10 + 30 answers in two windows of 2 s
     assert (run["startup_s"], run["startups_s"]) == (5.0, [5.0, 6.0])
     assert "windows" not in run
     failed = {"server": "ours", "error": "RuntimeError: no answer"}
-    assert _merged([first, failed]) == failed
+    assert merged([first, failed]) == failed
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ import referencing
 import yaml
 
 from app.main import create_app
-from app.metrics import Metrics
+from app.process.metrics import Metrics
 from app.settings import ENV_PREFIX, Settings
 
 K8S = Path(__file__).resolve().parent.parent / "deploy" / "k8s"

@@ -35,15 +35,22 @@ def test_every_app_and_core_module_imports_without_torch_and_without_a_model(
     assert int(result.stdout) >= 10
 
 
-def imported_packages(package: str) -> set[str]:
+def imported_modules(path: Path) -> set[str]:
     found = set()
-    for path in (ROOT / package).rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                found |= {alias.name.split(".")[0] for alias in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-                found.add(node.module.split(".")[0])
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module)
     return found
+
+
+def imported_packages(package: str) -> set[str]:
+    return {
+        module.split(".")[0]
+        for path in (ROOT / package).rglob("*.py")
+        for module in imported_modules(path)
+    }
 
 
 @pytest.mark.parametrize(
@@ -54,3 +61,31 @@ def test_layers_core_at_the_bottom_model_and_app_side_by_side(
     package: str, forbidden: set[str]
 ) -> None:
     assert not imported_packages(package) & forbidden
+
+
+# Inside app/, arrows point down only: the HTTP edge (and the protocols) above the inference
+# engine, above the process (server, workers, metrics, keys) and the settings. app.main and
+# app.__main__ compose them all; nothing imports them.
+APP_LAYERS = {
+    "app/http": {"app.main", "app.__main__", "app.client"},
+    "app/oip": {"app.main", "app.__main__", "app.client"},
+    "app/engine": {"app.http", "app.oip", "app.main", "app.__main__", "app.client"},
+    "app/process": {"app.engine", "app.http", "app.oip", "app.main", "app.__main__"},
+    "app/settings.py": {"app.engine", "app.http", "app.oip", "app.main", "app.process.server"},
+    "app/errors.py": {"app.engine", "app.http", "app.oip", "app.main", "app.process"},
+}
+
+
+@pytest.mark.parametrize(("where", "forbidden"), APP_LAYERS.items(), ids=list(APP_LAYERS))
+def test_app_layers_the_edge_above_the_engine_above_the_process(
+    where: str, forbidden: set[str]
+) -> None:
+    target = ROOT / where
+    paths = [target] if target.is_file() else sorted(target.rglob("*.py"))
+    crossing = {
+        f"{path.relative_to(ROOT)} imports {module}"
+        for path in paths
+        for module in imported_modules(path)
+        if any(module == f or module.startswith(f + ".") for f in forbidden)
+    }
+    assert not crossing

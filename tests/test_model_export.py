@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from app.main import session_config
-from app.session import OnnxModel
+from app.engine.session import OnnxModel
+from app.engine.sizing import session_config
 from app.settings import Settings
 from core.errors import ModelError
 from core.preprocess import decode

@@ -19,8 +19,8 @@ import psutil
 from PIL import Image
 
 from benchmarks.load import run_point, run_server
+from tests.helpers.metrics import gauge, scrape, status_counts
 from tests.helpers.models import image_bytes
-from tests.helpers.uploads import gauge, scrape, status_counts
 
 PNG = image_bytes(1)
 TIMEOUT_MS = 2000

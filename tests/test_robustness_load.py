@@ -20,9 +20,9 @@ import httpx
 import psutil
 import pytest
 
+from tests.helpers.metrics import gauge, scrape, status_counts
 from tests.helpers.models import build_model, image_bytes
 from tests.helpers.server import ROOT, Server, message_is, post_image, run_server
-from tests.helpers.uploads import gauge, scrape, status_counts
 
 SETTLE_TIMEOUT_S = 30.0
 PNG = image_bytes(1)

@@ -1,7 +1,8 @@
 """The protocol's endpoints under /v2: thin translations to the Classifier that /predict uses.
 
 Health and readiness mean what /healthz and /readyz mean; infer requests are admitted at the
-door (app.intake) and bounded like /predict's; errors are ``{"error": "..."}`` (app.handlers).
+door (app.http.intake) and bounded like /predict's; errors are ``{"error": "..."}``
+(app.http.handlers).
 """
 
 from __future__ import annotations
@@ -10,9 +11,12 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
-from app.deps import ClassifierDep, LifecycleDep, UploadLimitsDep
-from app.disconnect import unless_disconnected
-from app.intake import TICKET_KEY
+from app.engine.admission import Ticket
+from app.engine.classifier import Classifier, Image
+from app.http.access import Access, access
+from app.http.deps import ClassifierDep, LifecycleDep, TicketDep, UploadLimitsDep
+from app.http.disconnect import unless_disconnected
+from app.http.uploads import UploadLimits
 from app.oip.codec import HEADER_LENGTH, encode_response, parse_request
 from app.oip.schemas import (
     InferenceRequest,
@@ -28,8 +32,6 @@ from app.oip.tensors import (
     uint8_crops,
     wanted_outputs,
 )
-from app.service import Classifier, Image
-from app.uploads import UploadLimits
 from core.contract import INPUT_NAME, OUTPUT_NAME
 from core.errors import EmptyUpload, ServiceError
 
@@ -81,30 +83,47 @@ class UnknownModel(ServiceError):
     code = "model_not_found"
 
 
-@router.get("", response_model=ServerMetadataResponse, summary="Server metadata")
+OPEN = access(Access.OPEN)
+PROBE = access(Access.PROBE)
+# Model metadata is guarded like /v1/model; inference is also admitted at the door.
+MODEL = access(Access.API)
+INFER = access(Access.INFERENCE, **INFER_BODY)
+
+
+@router.get(
+    "", response_model=ServerMetadataResponse, openapi_extra=OPEN, summary="Server metadata"
+)
 async def server_metadata(request: Request) -> ServerMetadataResponse:
     return ServerMetadataResponse(
         name=request.app.title, version=request.app.version, extensions=EXTENSIONS
     )
 
 
-@router.get("/health/live", response_class=Response, summary="Liveness (as /healthz)")
+@router.get(
+    "/health/live", response_class=Response, openapi_extra=PROBE, summary="Liveness (as /healthz)"
+)
 async def live() -> Response:
     return Response()
 
 
-@router.get("/health/ready", response_class=Response, summary="Readiness (as /readyz)")
+@router.get(
+    "/health/ready", response_class=Response, openapi_extra=PROBE, summary="Readiness (as /readyz)"
+)
 async def ready(lifecycle: LifecycleDep) -> Response:
     lifecycle.check_admitting()
     return Response()
 
 
-@router.get("/models/{model_name}", response_model=ModelMetadataResponse)
+@router.get("/models/{model_name}", response_model=ModelMetadataResponse, openapi_extra=MODEL)
 async def model_metadata(model_name: str, classifier: ClassifierDep) -> ModelMetadataResponse:
     return _describe(classifier, model_name, None)
 
 
-@router.get("/models/{model_name}/versions/{model_version}", response_model=ModelMetadataResponse)
+@router.get(
+    "/models/{model_name}/versions/{model_version}",
+    response_model=ModelMetadataResponse,
+    openapi_extra=MODEL,
+)
 async def version_metadata(
     model_name: str, model_version: str, classifier: ClassifierDep
 ) -> ModelMetadataResponse:
@@ -112,7 +131,10 @@ async def version_metadata(
 
 
 @router.get(
-    "/models/{model_name}/ready", response_class=Response, summary="Model readiness (as /readyz)"
+    "/models/{model_name}/ready",
+    response_class=Response,
+    openapi_extra=MODEL,
+    summary="Model readiness (as /readyz)",
 )
 async def model_ready(
     model_name: str, classifier: ClassifierDep, lifecycle: LifecycleDep
@@ -125,6 +147,7 @@ async def model_ready(
 @router.get(
     "/models/{model_name}/versions/{model_version}/ready",
     response_class=Response,
+    openapi_extra=MODEL,
     summary="Model readiness",
 )
 async def version_ready(
@@ -137,19 +160,23 @@ async def version_ready(
 
 @router.post(
     "/models/{model_name}/infer",
-    openapi_extra=INFER_BODY,
+    openapi_extra=INFER,
     summary="Inference (JSON or binary tensor data)",
 )
 async def infer(
-    request: Request, model_name: str, classifier: ClassifierDep, limits: UploadLimitsDep
+    request: Request,
+    model_name: str,
+    classifier: ClassifierDep,
+    limits: UploadLimitsDep,
+    ticket: TicketDep,
 ) -> Response:
     _check_model(classifier, model_name, None)
-    return await _infer(request, classifier, limits)
+    return await _infer(request, classifier, limits, ticket)
 
 
 @router.post(
     "/models/{model_name}/versions/{model_version}/infer",
-    openapi_extra=INFER_BODY,
+    openapi_extra=INFER,
     summary="Inference",
 )
 async def infer_version(
@@ -158,19 +185,21 @@ async def infer_version(
     model_version: str,
     classifier: ClassifierDep,
     limits: UploadLimitsDep,
+    ticket: TicketDep,
 ) -> Response:
     _check_model(classifier, model_name, model_version)
-    return await _infer(request, classifier, limits)
+    return await _infer(request, classifier, limits, ticket)
 
 
-async def _infer(request: Request, classifier: Classifier, limits: UploadLimits) -> Response:
+async def _infer(
+    request: Request, classifier: Classifier, limits: UploadLimits, ticket: Ticket | None
+) -> Response:
     body = await request.body()
     if not body:
         raise EmptyUpload("the request body is empty (0 bytes): send an inference request")
     inference, parts = parse_request(body, request.headers.get(HEADER_LENGTH))
     spec, binary = the_input(inference, parts)
     wanted = wanted_outputs(inference, classifier.metadata.num_classes)
-    ticket = getattr(request.state, TICKET_KEY, None)
     if spec.datatype == "BYTES":
         images = [Image(None, data) for data in encoded_images(spec, binary, limits)]
         work = classifier.classify(images, ticket)

@@ -40,7 +40,7 @@ class PeerConfig:
 
 
 def session_options() -> ort.SessionOptions:
-    """The options a session opened by hand has, with ``app.session._open_session``'s
+    """The options a session opened by hand has, with ``app.engine.session._open_session``'s
     inter-op and optimisation choices: inter-op parallelism off, every graph optimisation on
     (a test checks they stay equal). intra_op_num_threads=0 lets ONNX Runtime use one thread
     per physical core, as a user's own session would; ours, by design, runs one thread per
@@ -72,7 +72,7 @@ class Classifier:
 
     def answer(self, probabilities: np.ndarray) -> dict[str, Any]:
         """One image's response body: the top-k classes, as ``app`` answers them."""
-        order = np.argsort(-probabilities, kind="stable")[:TOP_K]  # as app/routes.py
+        order = np.argsort(-probabilities, kind="stable")[:TOP_K]  # as app/http/routes.py
         return {
             "predictions": [
                 {

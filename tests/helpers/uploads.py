@@ -8,10 +8,8 @@ import zlib
 from collections.abc import Iterable
 from typing import Any
 
-import httpx
 import numpy as np
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 
 BOUNDARY = "robustBoundary7"
 MULTIPART = f"multipart/form-data; boundary={BOUNDARY}"
@@ -111,22 +109,3 @@ def sixteen_bit_png(gray: Image.Image) -> bytes:
 def palette_with_transparency(image: Image.Image) -> bytes:
     palette = image.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
     return encode(palette, "PNG", transparency=0)
-
-
-def scrape(url: str) -> dict[str, Any]:
-    """/metrics as {family name: family}, via the Prometheus text parser."""
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    return {family.name: family for family in text_string_to_metric_families(text)}
-
-
-def gauge(families: dict[str, Any], name: str) -> float:
-    value: float = families[name].samples[0].value
-    return value
-
-
-def status_counts(families: dict[str, Any], endpoint: str = "/predict") -> dict[str, float]:
-    return {
-        s.labels["status"]: s.value
-        for s in families["resnet_serve_requests"].samples
-        if s.name.endswith("_total") and s.labels["endpoint"] == endpoint
-    }

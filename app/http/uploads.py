@@ -1,6 +1,6 @@
 """Request body -> raw image bytes: multipart files, or one image as the whole body.
 
-The request byte limit is enforced underneath, while the body streams in (app.middleware);
+The request byte limit is enforced underneath, while the body streams in (app.http.intake);
 this module adds the per-image and per-request image-count limits.
 """
 
@@ -12,8 +12,8 @@ from fastapi import Request
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from app.engine.classifier import Image
 from app.errors import InvalidMultipart
-from app.service import Image
 from core.errors import EmptyUpload, PayloadTooLarge, UnsupportedMediaType
 
 

@@ -1,7 +1,8 @@
 """The front door, pure ASGI and before any routing: what a request may cost before it is served.
 
-- Inference requests are admitted here (app.admission), before their body is read and before
-  FastAPI's routing and dependency stack: waiting and refusing must cost far less than serving.
+- Inference requests (routes declared ``Access.INFERENCE``: app.http.access) are admitted here
+  (app.engine.admission), before their body is read and before FastAPI's routing and dependency
+  stack: waiting and refusing must cost far less than serving.
 - Bodies stream in under three bounds: ``max_request_bytes`` per request, ``max_buffered_bytes``
   across all requests, and ``upload_timeout_ms`` for the whole upload (408, connection closed).
 - A client gone mid-upload is a 499, never a 500.
@@ -13,30 +14,15 @@ import asyncio
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.admission import Admission, BufferAccount
+from app.engine.admission import Admission, BufferAccount
 from app.errors import ClientClosedRequest, UploadTimeout
-from app.handlers import error_response
+from app.http.access import SCOPE_KEY, Access, Matched
+from app.http.handlers import error_response
 from core.errors import PayloadTooLarge, ServiceError
 
 CLOSE = {"Connection": "close"}
-# A refusal's endpoint label: FastAPI's routing, which sets scope["route"], never ran for it.
-ENDPOINT_KEY = "resnet_serve.endpoint"
-# Where handlers find the request's admission (``request.state.admission_ticket``).
+# Where handlers find the request's admission (app.http.deps.TicketDep).
 TICKET_KEY = "admission_ticket"
-
-
-def inference_endpoint(scope: Scope) -> str | None:
-    """The route template of an inference request, or None for any other request."""
-    path: str = scope["path"]
-    if scope["method"] != "POST":
-        return None
-    if path == "/predict":
-        return path
-    if path.startswith("/v2/models/") and path.endswith("/infer"):
-        if "/versions/" in path:
-            return "/v2/models/{model_name}/versions/{model_version}/infer"
-        return "/v2/models/{model_name}/infer"
-    return None
 
 
 class Intake:
@@ -55,14 +41,13 @@ class Intake:
             await _refuse(too_large, scope, receive, send)
             return
         admission: Admission | None = getattr(scope["app"].state, "admission", None)
-        endpoint = inference_endpoint(scope)
-        if admission is None or endpoint is None:
+        matched: Matched = scope[SCOPE_KEY]
+        if admission is None or matched.access is not Access.INFERENCE or not matched.exact:
             await self.app(scope, self._limited(receive, None), send)
             return
         try:
             ticket = await admission.enter()
         except ServiceError as refused:
-            scope[ENDPOINT_KEY] = endpoint
             await _refuse(refused, scope, receive, send)
             return
         scope.setdefault("state", {})[TICKET_KEY] = ticket

@@ -36,7 +36,8 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str, worker: int | None = None) -> None:
-    """``worker``: this process's index among several workers (app.workers), in every record."""
+    """``worker``: this process's index among several workers (app.process.workers), logged in
+    every record."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     if worker is not None:
@@ -44,7 +45,7 @@ def configure_logging(level: str, worker: int | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # uvicorn's own loggers propagate to ours; its access log is replaced by app.middleware.
+    # uvicorn's own loggers propagate to ours; its access log is replaced by app.http.context.
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers.clear()
         logging.getLogger(name).propagate = True

@@ -9,8 +9,6 @@ from pathlib import Path
 # cgroup v2: "QUOTA PERIOD" or "max PERIOD"; Docker's --cpus and a Kubernetes CPU limit set it.
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 
-_pinned = False  # this process is a worker pinned to its share (pin_worker)
-
 
 def usable_cpus() -> int:
     """Cores this process may count on: those it may run on (its affinity, so ``taskset`` and
@@ -22,9 +20,9 @@ def usable_cpus() -> int:
 
 
 def cpu_share(workers: int) -> int:
-    """Cores each worker process may count on: a pinned worker's own, else the usable ones
-    split evenly, at least one."""
-    return usable_cpus() if _pinned else max(1, usable_cpus() // workers)
+    """Cores each of ``workers`` processes may count on: the usable ones split evenly, at least
+    one. A pinned worker counts the cores ``pin_worker`` gave it instead."""
+    return max(1, usable_cpus() // workers)
 
 
 def pin_worker(index: int, workers: int) -> list[int] | None:
@@ -37,7 +35,6 @@ def pin_worker(index: int, workers: int) -> list[int] | None:
     on the same core: measured on 2 cores (benchmarks/results/workers.md), two pinned workers
     served 9% (16 clients) and 22% (64) more than two the kernel moved about.
     """
-    global _pinned
     cores = sorted(os.sched_getaffinity(0))
     if workers == 1 or len(cores) % workers or _cpu_quota() is not None:
         return None
@@ -45,7 +42,6 @@ def pin_worker(index: int, workers: int) -> list[int] | None:
     mine = cores[index * share : (index + 1) * share]
     for task in os.listdir("/proc/self/task"):
         os.sched_setaffinity(int(task), mine)
-    _pinned = True
     return mine
 
 

@@ -1,4 +1,4 @@
-"""The web page at ``/``: plain HTML, one script and one stylesheet from ``app/static``.
+"""The web page at ``/``: plain HTML, one script and one stylesheet from ``app/http/static``.
 
 No build step and nothing from a CDN, so the page works on an offline host.
 """
@@ -11,16 +11,18 @@ from fastapi import APIRouter, FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
+from app.http.access import Access, RouteTable, access
+
 STATIC_DIR = Path(__file__).parent / "static"
 
 router = APIRouter(include_in_schema=False)
 
 
-@router.get("/")
+@router.get("/", openapi_extra=access(Access.OPEN))
 async def index() -> FileResponse:
     return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
 
-def install_page(app: FastAPI) -> None:
-    app.include_router(router)
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+def install_page(app: FastAPI, routes: RouteTable) -> None:
+    routes.include(app, router)
+    routes.mount(app, "/static", StaticFiles(directory=STATIC_DIR), "static")

@@ -1,6 +1,6 @@
 """Prometheus metrics on a per-app registry, so tests (and embedders) can build many apps.
 
-With several workers (app.workers) every process writes its values to files in
+With several workers (app.process.workers) every process writes its values to files in
 ``PROMETHEUS_MULTIPROC_DIR`` (prometheus_client's multiprocess mode, chosen when it is imported),
 and ``/metrics``, whichever worker answers it, reads them all: counters and histograms summed over
 every worker that ever ran, gauges over the live ones (``livesum``).
@@ -116,7 +116,7 @@ class Metrics:
         )
         self.batch_limit = Gauge(
             "resnet_serve_batch_limit",
-            "The most images one batch takes (fitted at warm-up: app.batch_limit)",
+            "The most images one batch takes (fitted at warm-up: app.engine.batch_limit)",
             multiprocess_mode="livemax",
             registry=registry,
         )

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from app.bound import BoundBuckets
-from app.providers import (
+from app.engine.bound import BoundBuckets
+from app.engine.providers import (
     CPU,
     CUDA,
     GPU,
@@ -41,7 +41,7 @@ OPTIMIZATION_LEVELS = {
 # runs, which took the CPU the decoders needed at saturation; "off" parks the threads after every
 # parallel operator, which costs each run the wake-ups; "in_run" spins within a run only.
 # "adaptive" (the default) is "off", plus a second session that spins within its runs for a batch
-# that has the machine to itself (app.batcher: nothing else computing, queued or admitted).
+# that has the machine to itself (app.engine.batcher: nothing else computing, queued or admitted).
 # Measured (benchmarks/results/lanes.md, alternating servers, digits demo): at 1 client 268 vs
 # 239 req/s for adaptive vs off (166 vs 145 in another run); at 16 clients it costs nothing
 # (572 vs 574 img/s, both with two lanes): a busy server never takes the spinning session.
@@ -62,8 +62,8 @@ ALONE_SPINNING = "in_run"
 @dataclass(frozen=True)
 class SessionConfig:
     model_path: Path
-    providers: str  # auto | cuda | tensorrt | cpu (app.providers.ACCEPTABLE)
-    precision: str  # auto | fp32 | fp16 | int8: which file beside model_path (app.providers)
+    providers: str  # auto | cuda | tensorrt | cpu (app.engine.providers.ACCEPTABLE)
+    precision: str  # auto | fp32 | fp16 | int8: which file beside model_path (app.engine.providers)
     intra_op_threads: int  # 0: ONNX Runtime picks
     # Threads of the session for lone batches (adaptive): all the lanes' threads together, as a
     # lone batch has their cores to itself (app.main.alone_threads).
@@ -196,7 +196,7 @@ class OnnxModel:
             self.predict(images)
 
     def time_runs(self, batch_sizes: Iterable[int]) -> dict[int, float]:
-        """Seconds of one warm run of each size (app.batch_limit)."""
+        """Seconds of one warm run of each size (app.engine.batch_limit)."""
         seconds = {}
         for images in self._zeros(batch_sizes):
             started = time.perf_counter()

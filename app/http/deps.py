@@ -9,10 +9,12 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from app.lifecycle import Lifecycle
-from app.metrics import Metrics
-from app.service import Classifier
-from app.uploads import UploadLimits
+from app.engine.admission import Ticket
+from app.engine.classifier import Classifier
+from app.engine.lifecycle import Lifecycle
+from app.http.intake import TICKET_KEY
+from app.http.uploads import UploadLimits
+from app.process.metrics import Metrics
 
 
 async def _classifier(request: Request) -> Classifier:
@@ -41,3 +43,12 @@ async def _upload_limits(request: Request) -> UploadLimits:
 
 
 UploadLimitsDep = Annotated[UploadLimits, Depends(_upload_limits)]
+
+
+async def _ticket(request: Request) -> Ticket | None:
+    """The admission of an ``Access.INFERENCE`` request (app.http.intake); None elsewhere."""
+    ticket: Ticket | None = request.scope.get("state", {}).get(TICKET_KEY)
+    return ticket
+
+
+TicketDep = Annotated[Ticket | None, Depends(_ticket)]

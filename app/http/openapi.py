@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.schemas import ErrorResponse
+from app.http.schemas import ErrorResponse
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description}
@@ -27,7 +27,7 @@ ERRORS[503]["headers"] = {
     "Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "integer"}}
 }
 # Bounds that depend on settings and the model (maxItems, top_k's maximum) are filled in by
-# app.schema_bounds when the document is first built.
+# app.http.schema_bounds when the document is first built.
 _IMAGE = {"type": "string", "format": "binary", "minLength": 1}
 PREDICT_BODY = {
     "requestBody": {

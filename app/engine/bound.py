@@ -3,8 +3,8 @@
 On CUDA they live on the device: a batch costs one host-to-device copy of its uint8 images and one
 copy back of its probabilities, and with ``cuda_graphs`` each bucket replays the CUDA graph captured
 at warm-up (one ``gpu_graph_id`` per bucket). On the CPU the same code runs on host buffers, which
-is how CI tests it. Each inference thread (app.batcher's lanes) gets its own set on first use, so
-batches computing at once never share a buffer or a graph.
+is how CI tests it. Each lane (app.engine.lanes) gets its own set on first use, so batches
+computing at once never share a buffer or a graph.
 
 The whole bucket's probabilities come back, padding rows included, and the batcher drops the
 padding: ORT's ``OrtValue`` copies a tensor to the host whole (``numpy()``), and copying fewer

@@ -11,10 +11,10 @@ import time
 from prometheus_client import Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.handlers import error_response
-from app.intake import ENDPOINT_KEY
-from app.logs import request_id
-from app.metrics import Metrics
+from app.http.access import SCOPE_KEY, Access, Matched, RouteTable
+from app.http.handlers import error_response
+from app.process.logs import request_id
+from app.process.metrics import Metrics
 
 log = logging.getLogger("app.access")
 
@@ -48,9 +48,10 @@ class _Sampler:
 
 
 class RequestContext:
-    def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, *, metrics: Metrics, routes: RouteTable) -> None:
         self.app = app
         self.metrics = metrics
+        self.routes = routes
         self._refusals = {status: _Sampler(REFUSAL_LOG_INTERVAL_S) for status in SAMPLED_STATUSES}
         # Labelled children by (endpoint, status), bounded like the labels: a lookup in
         # prometheus_client takes a lock and builds a tuple on every request.
@@ -60,6 +61,7 @@ class RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        matched = scope[SCOPE_KEY] = self.routes.match(scope)
         headers = dict(scope["headers"])
         given = headers.get(b"x-request-id", b"").decode("latin-1")
         rid = given if _SAFE_ID.fullmatch(given) else f"{_ID_PREFIX}{next(_ID_COUNTER):x}"
@@ -79,7 +81,7 @@ class RequestContext:
             await self._guarded(scope, receive, send_with_id)
         finally:
             self.metrics.in_flight.dec()
-            self._record(scope, status, time.perf_counter() - started)
+            self._record(scope, matched, status, time.perf_counter() - started)
             request_id.reset(token)
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -101,9 +103,8 @@ class RequestContext:
                 )
                 await response(scope, receive, send)
 
-    def _record(self, scope: Scope, status: int, seconds: float) -> None:
-        endpoint = _endpoint_label(scope)
-        key = (endpoint, status)
+    def _record(self, scope: Scope, matched: Matched, status: int, seconds: float) -> None:
+        key = (matched.label, status)
         counter, histogram = self._series.get(key) or self._add_series(*key)
         counter.inc()
         histogram.observe(seconds)
@@ -118,7 +119,9 @@ class RequestContext:
             if held_back is None:
                 return
             extra["similar_not_logged"] = held_back
-        log.info("request", extra=extra)
+        level = logging.DEBUG if matched.access is Access.PROBE else logging.INFO
+        if log.isEnabledFor(level):
+            log.log(level, "request", extra=extra)
 
     def _add_series(self, endpoint: str, status: int) -> tuple[Counter, Histogram]:
         series = (
@@ -127,17 +130,3 @@ class RequestContext:
         )
         self._series[(endpoint, status)] = series
         return series
-
-
-def _endpoint_label(scope: Scope) -> str:
-    """The matched route's path template; ``unmatched`` for 404s (bounded label values)."""
-    route = scope.get("route")
-    if route is None and ENDPOINT_KEY in scope:
-        return str(scope[ENDPOINT_KEY])
-    if route is None and "endpoint" in scope:
-        # Starlette routes and mounts (/openapi.json, /docs, /static) leave only their endpoint.
-        handled = scope["endpoint"]
-        routes = getattr(scope.get("app"), "routes", ())
-        owners = ((r, getattr(r, "endpoint", None), getattr(r, "app", None)) for r in routes)
-        route = next((r for r, endpoint, app in owners if handled in (endpoint, app)), None)
-    return str(getattr(route, "path", "unmatched"))

@@ -15,9 +15,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from app.engine.lifecycle import Lifecycle
 from app.errors import Overloaded
-from app.lifecycle import Lifecycle
-from app.metrics import Metrics
+from app.process.metrics import Metrics
 
 # How long an admitted request counts before its body is in (see Ticket).
 PROVISIONAL_S = 1.0

@@ -1,4 +1,6 @@
-"""Readiness: whether the server takes inference work now (admission by load: app.admission)."""
+"""Readiness: whether the server takes inference work now.
+
+Admission by load is app.engine.admission's."""
 
 from __future__ import annotations
 

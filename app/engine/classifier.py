@@ -7,27 +7,33 @@ object, so limits, batching, metrics and errors cannot drift between them. HTTP 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 
-from app.admission import Admission, Ticket
-from app.batcher import Batcher
+from app.engine.admission import Admission, Ticket
+from app.engine.batcher import Batcher
+from app.engine.memory import release_after
+from app.engine.session import OnnxModel
 from app.errors import DeadlineExceeded, InvalidParameter
-from app.memory import release_after
-from app.metrics import Metrics
-from app.schemas import Prediction
-from app.session import OnnxModel
+from app.process.metrics import Metrics
 from core.contract import ModelMetadata
 from core.errors import InvalidImage, ServiceError, TooManyPixels
 from core.preprocess import Limits, decode_cost, decode_counted
 
 T = TypeVar("T")
+
+
+class Ranked(NamedTuple):
+    """One of an image's top-k classes."""
+
+    label: str
+    class_id: int
+    score: float
 
 
 @dataclass(frozen=True)
@@ -44,10 +50,6 @@ class ClassifyConfig:
     limits: Limits  # per image: pixels, formats
     max_request_pixels: int
     request_timeout_ms: float
-    # A lone request's image predicted to decode in under this (from its header's pixels and
-    # the last decode's speed) decodes on the event loop: no hand-off to a decode thread and
-    # back, at the price of the loop stalling that long. 0: never.
-    inline_max_ms: float = 0.0
 
 
 class Classifier:
@@ -66,8 +68,7 @@ class Classifier:
         self.config = config
         self._decoder = decoder
         self._metrics = metrics
-        self._label_json = [json.dumps(label) for label in model.metadata.labels]
-        self._seconds_per_pixel: float | None = None  # of the last decode
+        self._inline = batcher.inline
 
     @property
     def metadata(self) -> ModelMetadata:
@@ -110,26 +111,12 @@ class Classifier:
         with self.admission.work(len(crops), ticket):
             return await self.batcher.submit(crops, self._deadline())
 
-    def top_k(self, probabilities: np.ndarray, k: int) -> list[Prediction]:
+    def top_k(self, probabilities: np.ndarray, k: int) -> list[Ranked]:
+        """The k best classes, best first; equal scores list the lower class id first."""
         labels = self.metadata.labels
-        return [
-            Prediction(label=labels[i], class_id=i, score=score)
-            for i, score in _ranked(probabilities, k)
-        ]
-
-    def top_k_json(self, probabilities: np.ndarray, k: int) -> str:
-        """``top_k`` as the JSON array ``Prediction``s serialise to, written directly: building
-        and dumping a pydantic model per prediction was a measured share of a request's time on
-        the event loop (tests check the text against the models)."""
-        labels = self._label_json
-        return (
-            "["
-            + ",".join(
-                f'{{"label":{labels[i]},"class_id":{i},"score":{score!r}}}'
-                for i, score in _ranked(probabilities, k)
-            )
-            + "]"
-        )
+        order = np.argsort(-probabilities, kind="stable")[:k].tolist()
+        scores = probabilities[order].tolist()
+        return [Ranked(labels[i], i, score) for i, score in zip(order, scores, strict=True)]
 
     def _deadline(self) -> float:
         return asyncio.get_running_loop().time() + self.config.request_timeout_ms / 1000
@@ -163,28 +150,20 @@ class Classifier:
     def _decode(self, data: bytes) -> np.ndarray:
         started = time.perf_counter()
         crop, pixels = decode_counted(data, self.metadata.recipe, self.config.limits)
-        self._seconds_per_pixel = (time.perf_counter() - started) / max(pixels, 1)
+        self._inline.decoded(pixels, time.perf_counter() - started)
         release_after(pixels)
         return crop
 
     def _decodes_inline(self, image: Image, images: int) -> bool:
-        """Whether this request has the server to itself (nothing else admitted, computing or
-        queued) and ``image`` is predicted to decode within ``inline_max_ms``."""
-        rate = self._seconds_per_pixel
-        if not self.config.inline_max_ms or rate is None or not self.batcher.alone(images):
+        """Whether this request has the server to itself and ``image`` is predicted to decode
+        within ``inline_max_ms`` (app.engine.inline)."""
+        if not self._inline.max_ms or not self.batcher.alone(images):
             return False
         try:
             pixels = decode_cost(image.data, self.metadata.recipe, self.config.limits)
         except Exception:  # a bad image fails on the decode thread, as any other does
             return False
-        return pixels * rate * 1000 < self.config.inline_max_ms
-
-
-def _ranked(probabilities: np.ndarray, k: int) -> list[tuple[int, float]]:
-    """The k best (class id, score), best first; equal scores list the lower id first."""
-    order = np.argsort(-probabilities, kind="stable")[:k].tolist()
-    scores = probabilities[order].tolist()
-    return list(zip(order, scores, strict=True))
+        return self._inline.decodes(pixels)
 
 
 def _labelled(index: int, image: Image, fn: Callable[..., T], *args: Any) -> T:

@@ -1,19 +1,19 @@
 """API keys at the door, pure ASGI: a refused request never reaches admission, routing or its body.
 
-Protected when a key set is configured: inference (``/predict``, ``/v2/models/...``) and the
-model's description (``/v1/model``) by the API keys; ``/metrics`` by the metrics keys. Health
-probes, the docs and everything else stay open. A key comes as ``Authorization: Bearer <key>``
-or ``X-API-Key: <key>``.
+Protected when a key set is configured, by the access each route declares (app.http.access):
+``Access.INFERENCE`` and ``Access.API`` routes by the API keys, ``Access.METRICS`` by the metrics
+keys. Health probes, the docs and the page are ``Access.OPEN``. A key comes as
+``Authorization: Bearer <key>`` or ``X-API-Key: <key>``.
 """
 
 from __future__ import annotations
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.handlers import error_response
-from app.intake import ENDPOINT_KEY, inference_endpoint
-from app.keys import MAX_KEY_BYTES, KeyFile
-from app.metrics import Metrics
+from app.http.access import SCOPE_KEY, Access, Matched
+from app.http.handlers import error_response
+from app.process.keys import MAX_KEY_BYTES, KeyFile
+from app.process.metrics import Metrics
 
 _CHALLENGE = 'Bearer realm="resnet-serve"'
 _MESSAGES = {
@@ -59,13 +59,12 @@ class RequireKey:
         self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        protected = self._protected(scope) if scope["type"] == "http" else None
-        reason = None if protected is None else refusal(presented_key(scope), protected[1])
-        if protected is None or reason is None:
+        keys = self._keys(scope[SCOPE_KEY]) if scope["type"] == "http" else None
+        reason = None if keys is None else refusal(presented_key(scope), keys)
+        if reason is None:
             await self.app(scope, receive, send)
             return
         self.metrics.auth_refused.labels(reason=reason).inc()
-        scope[ENDPOINT_KEY] = protected[0]
         challenge = _CHALLENGE if reason == "missing" else f'{_CHALLENGE}, error="invalid_token"'
         response = error_response(
             401,
@@ -76,16 +75,10 @@ class RequireKey:
         )
         await response(scope, receive, send)
 
-    def _protected(self, scope: Scope) -> tuple[str, KeyFile] | None:
-        """The endpoint's metrics label (routing has not run) and its keys; None if open."""
-        path: str = scope["path"]
-        if path == "/metrics" and self.metrics_keys is not None:
-            return path, self.metrics_keys
-        if self.api_keys is None:
-            return None
-        if path in ("/predict", "/v1/model"):
-            return path, self.api_keys
-        if path.startswith("/v2/models/"):
-            # A template, so that made-up model names cannot grow the label set.
-            return inference_endpoint(scope) or "/v2/models/{model_name}", self.api_keys
+    def _keys(self, matched: Matched) -> KeyFile | None:
+        """The key set that guards the matched route; None if it is open."""
+        if matched.access is Access.METRICS:
+            return self.metrics_keys
+        if matched.access in (Access.API, Access.INFERENCE):
+            return self.api_keys
         return None

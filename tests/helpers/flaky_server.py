@@ -1,6 +1,7 @@
 """A real ASGI app for the client tests: 503 with Retry-After for the first answers, then 200.
 
-``python -m uvicorn tests.flaky_server:app``; FLAKY_REFUSALS sets how many 503s each filename gets
+``python -m uvicorn tests.helpers.flaky_server:app``; FLAKY_REFUSALS sets how many 503s each
+filename gets
 (``always`` for every request), FLAKY_RETRY_AFTER the header's value. ``GET /log`` lists
 (filename, monotonic time) for every /predict request, so a test can see how the client waited.
 """

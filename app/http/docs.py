@@ -10,16 +10,18 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
+from app.http.access import Access, RouteTable, access
+
 ASSETS_URL = "/docs-assets"
 ASSETS_DIR = Path(fastapi_offline.__file__).parent / "static"
 
 
-def install_docs(app: FastAPI) -> None:
+def install_docs(app: FastAPI, routes: RouteTable) -> None:
     """Serve ``/docs`` and ``/redoc``; create the app with ``docs_url=None, redoc_url=None``."""
     router = APIRouter(include_in_schema=False)
     openapi_url = app.openapi_url or "/openapi.json"
 
-    @router.get("/docs")
+    @router.get("/docs", openapi_extra=access(Access.OPEN))
     async def swagger_ui() -> HTMLResponse:
         return get_swagger_ui_html(
             openapi_url=openapi_url,
@@ -29,7 +31,7 @@ def install_docs(app: FastAPI) -> None:
             swagger_favicon_url=f"{ASSETS_URL}/favicon.png",
         )
 
-    @router.get("/redoc")
+    @router.get("/redoc", openapi_extra=access(Access.OPEN))
     async def redoc() -> HTMLResponse:
         return get_redoc_html(
             openapi_url=openapi_url,
@@ -39,5 +41,5 @@ def install_docs(app: FastAPI) -> None:
             with_google_fonts=False,
         )
 
-    app.include_router(router)
-    app.mount(ASSETS_URL, StaticFiles(directory=ASSETS_DIR), name="docs-assets")
+    routes.include(app, router)
+    routes.mount(app, ASSETS_URL, StaticFiles(directory=ASSETS_DIR), "docs-assets")

@@ -25,19 +25,19 @@ import socket
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from types import FrameType
 
+from fastapi import FastAPI
 from prometheus_client.multiprocess import mark_process_dead
 
-from app.cpus import pin_worker
-from app.keys import KeyFileError
-from app.logs import configure_logging
-from app.main import create_app, session_config
-from app.server import Server, uvicorn_config
-from app.session import OnnxModel
+from app.process.cpus import pin_worker
+from app.process.keys import KeyFileError
+from app.process.logs import configure_logging
+from app.process.server import Server, uvicorn_config
 from app.settings import Settings
 from core.errors import ModelError
 
@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 # locks do not survive a fork.
 _spawn = multiprocessing.get_context("spawn")
 _STARTED = "started"
+# Builds a worker's app from its settings and cores (app.main.open_app); spawned workers get it
+# by reference, so it must be a module-level function.
+Build = Callable[[Settings, int | None], FastAPI]
 
 
 @dataclass
@@ -57,7 +60,7 @@ class _Worker:
     started: bool = False
 
 
-def supervise(settings: Settings) -> int:
+def supervise(settings: Settings, build: Build) -> int:
     """Serve with ``settings.workers`` processes until stopped; returns the exit status."""
     try:
         reserved = _reserve(settings.host, settings.port)
@@ -75,7 +78,7 @@ def supervise(settings: Settings) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _noted)
     try:
-        return _Supervisor(settings, reserved, wake_read, metrics_dir).run()
+        return _Supervisor(settings, build, reserved, wake_read, metrics_dir).run()
     finally:
         signal.set_wakeup_fd(previous_wakeup)
         wake_read.close()
@@ -117,9 +120,15 @@ def _socket(host: str, reuse_port: bool) -> socket.socket:
 
 class _Supervisor:
     def __init__(
-        self, settings: Settings, reserved: socket.socket, wake: socket.socket, metrics_dir: str
+        self,
+        settings: Settings,
+        build: Build,
+        reserved: socket.socket,
+        wake: socket.socket,
+        metrics_dir: str,
     ) -> None:
         self.settings = settings
+        self.build = build
         self.reserved = reserved
         self.port: int = reserved.getsockname()[1]
         self.wake = wake
@@ -156,7 +165,7 @@ class _Supervisor:
         ours, theirs = _spawn.Pipe()
         process = _spawn.Process(
             target=serve_worker,
-            args=(self.settings, index, self.port, theirs),
+            args=(self.settings, self.build, index, self.port, theirs),
             name=f"resnet-serve-worker-{index}",
         )
         process.start()
@@ -230,7 +239,7 @@ def _send(worker: _Worker, sig: int) -> None:
         os.kill(worker.process.pid, sig)
 
 
-def serve_worker(settings: Settings, index: int, port: int, conn: Connection) -> None:
+def serve_worker(settings: Settings, build: Build, index: int, port: int, conn: Connection) -> None:
     """One worker process: its own session, app, socket and uvicorn server on the port."""
     # Until uvicorn takes the signals over (and after, when it re-raises the one that stopped
     # it), a stop signal ends the worker quietly with status 0.
@@ -247,8 +256,7 @@ def serve_worker(settings: Settings, index: int, port: int, conn: Connection) ->
         # which in a worker ends after the warm-up.
         listener = _socket(settings.host, reuse_port=True)
         listener.bind((settings.host, port))
-        model = OnnxModel.load(session_config(settings))
-        app = create_app(settings, model)
+        app = build(settings, len(cores) if cores is not None else None)
     except (OSError, ModelError, KeyFileError) as exc:
         print(f"resnet-serve: worker {index}: {exc}", file=sys.stderr)
         sys.exit(1)

@@ -1,34 +1,32 @@
 """Dynamic batching between the HTTP handlers and the model.
 
 FIFO and bounded. A batch closes when it holds ``limit`` images (``max_batch_size`` until
-warm-up fits it: app.batch_limit) or when its oldest image has waited ``max_wait_ms``. Batches
-compute on dedicated inference threads ("lanes", ``concurrent_batches`` of them, like Triton's
-instance count), so the event loop keeps accepting and decoding while a batch computes. A batch
-is collected only when a lane is free: an idle model runs what is queued now, and batches grow
-while the lanes are busy.
+warm-up fits it: app.engine.batch_limit) or when its oldest image has waited ``max_wait_ms``.
+Batches compute on lanes (app.engine.lanes), so the event loop keeps accepting and decoding
+while a batch computes. A batch is collected only when a lane is free: an idle model runs what
+is queued now, and batches grow while the lanes are busy.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import TypeVar
+from dataclasses import dataclass
 
 import numpy as np
 
+from app.engine.inline import Inline
+from app.engine.lanes import Lanes
 from app.errors import DeadlineExceeded, InferenceFailed, Overloaded, ShuttingDown
-from app.metrics import Metrics
+from app.process.metrics import Metrics
 from core.errors import ServiceError
 
 log = logging.getLogger(__name__)
 
 ModelFn = Callable[[np.ndarray], np.ndarray]
-T = TypeVar("T")
 
 
 def bucket_for(size: int, buckets: Sequence[int]) -> int:
@@ -46,7 +44,7 @@ class _Item:
 
 @dataclass(frozen=True)
 class BatchConfig:
-    """Built once from ``Settings`` (where the defaults live) by ``create_app``."""
+    """Built once from ``Settings`` (where the defaults live) by app.engine.sizing."""
 
     max_batch_size: int
     # Shapes the model ever sees, ascending, the last == max_batch_size: a batch is padded with
@@ -54,56 +52,57 @@ class BatchConfig:
     buckets: tuple[int, ...]
     max_wait_ms: float
     max_queue_images: int
-    request_timeout_ms: float
+    request_timeout_ms: float  # the deadline of work submitted without one
     retry_after_s: int
-    # Batches computing at once, each on its own thread, all on the one session: on the CPU,
-    # runs on one core each side by side beat one run spread over all of them (app.main).
+    # Batches computing at once, each on its own lane (app.engine.lanes), all on the one session:
+    # on the CPU, runs on one core each side by side beat one run spread over all of them.
     concurrent_batches: int = 1
-    # A lone batch (on alone_fn) whose size last ran in under this runs on the event loop itself:
-    # no hand-off to an inference thread and back, at the price of the loop stalling that long.
-    # 0: never.
+    # A lone batch runs on the event loop where its last run took under this (app.engine.inline).
     inline_max_ms: float = 0.0
     # Where a bigger batch costs no less per image, batches stop at the first size whose run
-    # takes this long (app.batch_limit); warm-up sets ``Batcher.limit``.
+    # takes this long (app.engine.batch_limit); warm-up sets ``Batcher.limit``.
     flat_batch_ms: float = 0.0
 
 
-@dataclass
 class Batcher:
-    model_fn: ModelFn
-    config: BatchConfig
-    metrics: Metrics
-    _queue: asyncio.Queue[_Item] = field(init=False)
-    _lanes: list[ThreadPoolExecutor] = field(init=False)
-    _free: asyncio.Queue[ThreadPoolExecutor] = field(init=False)
-    _computing: int = field(init=False, default=0)  # batches between collection and fan-out
-    on_failure: Callable[[BaseException], None] = lambda exc: None
-    on_batch: Callable[[int, float], None] = lambda images, seconds: None
-    # For a batch with the machine to itself: nothing else computing, queued or on its way
-    # (``admitted_images``: all images admitted upstream and not finished, this batch's included).
-    alone_fn: ModelFn | None = None
-    admitted_images: Callable[[], int] = lambda: 0
-    _task: asyncio.Task[None] | None = field(init=False, default=None)
-    _closing: bool = field(init=False, default=False)
-    _failed: BaseException | None = field(init=False, default=None)
-    _collecting: list[_Item] = field(init=False, default_factory=list)
-    _running: dict[asyncio.Task[None], list[_Item]] = field(init=False, default_factory=dict)
-    _alone_seconds: dict[int, float] = field(init=False, default_factory=dict)  # by bucket
-    limit: int = field(init=False)  # the most images one batch takes
+    def __init__(
+        self,
+        model_fn: ModelFn,
+        config: BatchConfig,
+        metrics: Metrics,
+        *,
+        on_failure: Callable[[BaseException], None] = lambda exc: None,
+        on_batch: Callable[[int, float], None] = lambda images, seconds: None,
+        alone_fn: ModelFn | None = None,
+        admitted_images: Callable[[], int] = lambda: 0,
+    ) -> None:
+        """Create inside the running loop (its queues belong to it).
 
-    def __post_init__(self) -> None:
-        # The queues are created here, so construct the Batcher inside the running loop.
-        self._queue = asyncio.Queue(maxsize=self.config.max_queue_images)
-        self.limit = self.config.max_batch_size
-        self._lanes = [
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"inference_{lane}")
-            for lane in range(self.config.concurrent_batches)
-        ]
-        self._free = asyncio.Queue()
-        for lane in self._lanes:
-            self._free.put_nowait(lane)
-        self.metrics.track_queue_depth(self._queue.qsize)
-        self.metrics.track(self.metrics.batch_limit, lambda: self.limit)
+        ``on_failure``: the batching task died. ``on_batch(images, seconds)``: a batch ran, its
+        time shared among the batches running beside it (admission's cost estimate).
+        ``alone_fn``: the model for a batch with the machine to itself, nothing else computing,
+        queued or on its way (``admitted_images``: all images admitted upstream and not
+        finished, this batch's included).
+        """
+        self.model_fn = model_fn
+        self.config = config
+        self.metrics = metrics
+        self.on_failure = on_failure
+        self.on_batch = on_batch
+        self.alone_fn = alone_fn
+        self.admitted_images = admitted_images
+        self.inline = Inline(config.inline_max_ms, batches=alone_fn is not None)
+        self.lanes = Lanes(config.concurrent_batches)
+        self.limit = config.max_batch_size  # the most images one batch takes
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=config.max_queue_images)
+        self._computing = 0  # batches between collection and fan-out
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._failed: BaseException | None = None
+        self._collecting: list[_Item] = []
+        self._running: dict[asyncio.Task[None], list[_Item]] = {}
+        metrics.track_queue_depth(self._queue.qsize)
+        metrics.track(metrics.batch_limit, lambda: self.limit)
 
     @property
     def depth(self) -> int:
@@ -138,20 +137,6 @@ class Batcher:
                 item.future.set_exception(InferenceFailed(f"the batching task died: {error!r}"))
         if self._failed is error:
             self.on_failure(error)
-
-    async def run_in_model_thread(self, fn: Callable[[], None]) -> None:
-        """Run work such as warming a session on an inference thread, so it never races a
-        batch."""
-        await asyncio.get_running_loop().run_in_executor(self._lanes[0], fn)
-
-    async def run_on_lanes(self, work: Sequence[Callable[[], T]], at_once: bool) -> list[T]:
-        """Run ``work[i]`` on inference thread i (warm-up, where a lane owns its buffers): all
-        at once, or one lane after another."""
-        loop = asyncio.get_running_loop()
-        runs = (loop.run_in_executor(lane, fn) for lane, fn in zip(self._lanes, work, strict=True))
-        if at_once:
-            return list(await asyncio.gather(*runs))
-        return [await run for run in runs]
 
     async def submit(
         self, images: Sequence[np.ndarray], deadline: float | None = None
@@ -205,13 +190,12 @@ class Batcher:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, *self._running, return_exceptions=True)
-        for lane in self._lanes:
-            lane.shutdown(wait=True)
+        self.lanes.shutdown()
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            lane = await self._free.get()
+            lane = await self.lanes.take()
             if self._failed is not None:
                 return
             self._collecting = batch = await self._collect()
@@ -231,7 +215,7 @@ class Batcher:
             for _ in batch:
                 self._queue.task_done()
             self._computing -= 1
-            self._free.put_nowait(lane)
+            self.lanes.give_back(lane)
 
     async def _collect(self) -> list[_Item]:
         first = await self._queue.get()
@@ -277,7 +261,6 @@ class Batcher:
         self, lane: ThreadPoolExecutor, batch: list[_Item], alone: bool
     ) -> np.ndarray | ServiceError:
         """The model's outputs for ``batch``, or the error that fails exactly this batch."""
-        loop = asyncio.get_running_loop()
         # Batches sharing the cores each take longer: admission needs the cost per image of the
         # whole pipeline, so a run's time is shared among the batches running beside it.
         sharing = max(1, self._computing)
@@ -285,9 +268,7 @@ class Batcher:
         size = bucket_for(len(batch), self.config.buckets)
         model_fn, inline = self.model_fn, False
         if alone and self.alone_fn is not None:
-            model_fn = self.alone_fn
-            last = self._alone_seconds.get(size, math.inf)
-            inline = last * 1000 < self.config.inline_max_ms
+            model_fn, inline = self.alone_fn, self.inline.runs_batch(size)
         try:
             inputs = np.stack([item.image for item in batch])
             if size > len(batch):
@@ -296,7 +277,7 @@ class Batcher:
             if inline:  # nothing else is computing, queued or on its way
                 outputs = model_fn(inputs)
             else:
-                outputs = await loop.run_in_executor(lane, model_fn, inputs)
+                outputs = await self.lanes.run(lane, model_fn, inputs)
         except Exception as exc:
             log.exception("inference failed", extra={"batch_size": len(batch)})
             return InferenceFailed(f"inference failed for a batch of {len(batch)}: {exc!r}")
@@ -306,7 +287,7 @@ class Batcher:
             )
         seconds = time.perf_counter() - started
         if model_fn is self.alone_fn:
-            self._alone_seconds[size] = seconds
+            self.inline.ran_batch(size, seconds)
         self.on_batch(len(batch), seconds / sharing)
         self.metrics.inference_seconds.observe(seconds)
         self.metrics.batch_size.observe(len(batch))

@@ -1,0 +1,1 @@
+"""The inference engine: runtime sessions, batching on lanes, admission, the classifier."""

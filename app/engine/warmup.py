@@ -1,0 +1,51 @@
+"""Warm-up before readiness: every bucket run once on every lane, then the batch limit fitted.
+
+The first run of each shape pays for memory planning and kernel selection (and, on CUDA, graph
+capture), so no request ever does. The same runs, timed on every lane at once as under load, fit
+the batch limit (app.engine.batch_limit) and give admission its first cost per image.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from functools import partial
+
+from app.engine.admission import Admission
+from app.engine.batch_limit import fit_batch_limit, timed_sizes
+from app.engine.batcher import Batcher
+from app.engine.session import OnnxModel
+
+log = logging.getLogger(__name__)
+
+
+async def warm_up(model: OnnxModel, batcher: Batcher, admission: Admission) -> None:
+    """Warm, fit and mark the server warmed; a failure is logged and leaves it unready."""
+    sizes = list(batcher.config.buckets)
+    log.info("warming up", extra={"batch_sizes": sizes})
+    lanes = batcher.lanes
+    try:
+        if model.warms_per_thread:  # one after another: each captures its own CUDA graphs
+            await lanes.run_on_each([partial(model.warm_up, sizes)] * len(lanes), at_once=False)
+        else:  # the lanes share the buckets out and warm the session at once
+            work = [partial(model.warm_up, sizes[lane :: len(lanes)]) for lane in range(len(lanes))]
+            await lanes.run_on_each(work, at_once=True)
+        await lanes.run(lanes.first, partial(model.warm_up_alone, sizes))
+        timed = timed_sizes(sizes)
+        runs = await lanes.run_on_each([partial(model.time_runs, timed)] * len(lanes), at_once=True)
+        seconds = {size: statistics.median(run[size] for run in runs) for size in timed}
+        batcher.limit = fit_batch_limit(seconds, batcher.config.flat_batch_ms)
+        admission.observe_batch(batcher.limit, seconds[batcher.limit] / len(lanes))
+    except Exception:
+        log.exception("warm-up failed; the server stays unready")
+        return
+    admission.lifecycle.mark_warmed(sizes)
+    log.info(
+        "ready",
+        extra={
+            "provider": model.provider,
+            "batch_limit": batcher.limit,
+            "batch_ms": {size: round(s * 1000, 1) for size, s in seconds.items()},
+            "inline": batcher.inline.describe(),
+        },
+    )

@@ -1,0 +1,1 @@
+"""The HTTP edge: routes, middleware, uploads, errors as JSON, the page and the docs."""

@@ -1,0 +1,1 @@
+"""The process: uvicorn server, workers, cores, logging, metrics, key files."""

@@ -1,0 +1,65 @@
+"""MkDocs hook: the configuration reference, generated from ``app.settings.Settings`` at build time.
+
+A page holding the marker below gets a table of every setting: its environment variable, its
+default and its description (the attribute's docstring in ``app/settings.py``). Nothing about a
+setting is written twice, so the reference cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined
+
+from app.settings import ENV_PREFIX, Settings
+
+MARKER = "<!-- settings-reference -->"
+# The first setting of each section, in the order of the fields in app/settings.py.
+SECTIONS = {
+    "model_path": "Model, server and keys",
+    "workers": "Processes and cores",
+    "providers": "Runtime and providers",
+    "max_batch_size": "Batching",
+    "request_timeout_ms": "Admission, deadlines and shutdown",
+    "default_top_k": "Request limits",
+}
+
+
+def on_page_markdown(markdown: str, **kwargs: Any) -> str:
+    if MARKER not in markdown:
+        return markdown
+    return markdown.replace(MARKER, reference())
+
+
+def reference() -> str:
+    unknown = set(SECTIONS) - set(Settings.model_fields)
+    if unknown:
+        raise ValueError(f"SECTIONS names settings that do not exist: {sorted(unknown)}")
+    lines: list[str] = []
+    for name, field in Settings.model_fields.items():
+        if name in SECTIONS:
+            lines += ["", f"## {SECTIONS[name]}", "", "| variable | default | meaning |"]
+            lines.append("|---|---|---|")
+        if not field.description:
+            raise ValueError(f"setting {name} has no docstring in app/settings.py")
+        variable = f"`{ENV_PREFIX}{name.upper()}`"
+        meaning = " ".join(field.description.split()).replace("|", "\\|")
+        lines.append(f"| {variable} | {default(field)} | {meaning} |")
+    return "\n".join(lines) + "\n"
+
+
+def default(field: FieldInfo) -> str:
+    if field.default_factory is not None:
+        return "computed (see meaning)"
+    value = field.default
+    if value is PydanticUndefined or value is None:
+        return "unset"
+    if isinstance(value, tuple):
+        return f"`{json.dumps(list(value))}`"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, float) and value.is_integer():
+        return f"`{int(value)}`"
+    return f"`{value}`"
