@@ -4,6 +4,7 @@ python -m model build                                   # digits demo: train + e
 python -m model build --checkpoint resnet50-0676ba61.pth # torchvision ImageNet weights
 python -m model build --data photos/ --checkpoint resnet50-0676ba61.pth  # fine-tune, export
 python -m model build --also fp16   # fp32 at --out, fp16 beside it (model.fp16.onnx) for CUDA
+python -m model build --checkpoint resnet50-0676ba61.pth --precision int8 --calib-data photos/
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class BuildConfig:
     data: str | None = None  # ImageFolder to train on; default: the digits demo
     precision: str = "fp32"  # fp32 | fp16 (for CUDA) | int8 (for CPU)
     also: str | None = None  # more precisions, comma-separated, each beside --out: model.fp16.onnx
+    calib_data: str | None = None  # int8: ImageFolder or 'digits' (default: the training set)
     epochs: int | None = None  # default: TrainConfig's
     seed: int = 0  # seeds data order, augmentation and initialisation
     force: bool = False  # rebuild even when the inputs are unchanged
@@ -64,7 +66,7 @@ def build(config: BuildConfig) -> Path:
         stale = [(p, path, _key({**inputs, "precision": p})) for p, path in targets]
     ckpt = checkpoint.load(source)
     for precision, path, key in stale:
-        calibration = calibration_for(ckpt, None) if precision == "int8" else None
+        calibration = calibration_for(ckpt, config.calib_data) if precision == "int8" else None
         log.info("exporting %s to ONNX (%s) and checking it against PyTorch", source, precision)
         metadata = export(
             ckpt,

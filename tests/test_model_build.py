@@ -74,3 +74,17 @@ def test_bad_also_is_refused_before_any_work(
     with pytest.raises(ModelError, match="precision"):
         build(config)
     assert not list(tmp_path.glob("*.onnx"))
+
+
+def test_int8_calibrates_on_calib_data_when_the_training_set_is_gone(
+    tiny_checkpoint: Path, color_folder: Path, tmp_path: Path
+) -> None:
+    source = tmp_path / "moved.pt"
+    raw = torch.load(tiny_checkpoint, weights_only=True)
+    torch.save({**raw, "config": {**raw["config"], "data": str(tmp_path / "gone")}}, source)
+    out = tmp_path / "model.int8.onnx"
+    without = BuildConfig(out=str(out), checkpoint=str(source), precision="int8")
+    with pytest.raises(ModelError, match="--calib-data"):
+        build(without)
+    build(BuildConfig(**{**vars(without), "calib_data": str(color_folder)}))
+    assert read_metadata(out).precision == "int8"
