@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 PEERS_VENV ?= .venv-peers
 BENCH := artifacts/bench/resnet50-random
 
-.PHONY: run test lint build venv bench bench-models peers-venv bench-peers docker-test gpu-wheels gpu-check clean
+.PHONY: run test lint docs build venv bench bench-models peers-venv bench-peers docker-test gpu-wheels gpu-check clean
 
 venv: $(VENV)/.installed
 
@@ -42,7 +42,12 @@ lint: venv
 	$(BIN)/mypy
 	$(BIN)/yamllint --strict .
 
-test: lint
+# The docs site (mkdocs.yml) into artifacts/site/: --strict, so a broken link or a page missing
+# from the navigation fails the build, and with it `make test`.
+docs: venv
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+test: lint docs
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: build

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Build a local stand-in for the registry image `debian:bookworm-slim` with debootstrap, for hosts that cannot
-# pull from a registry. Run as root on a Debian/Ubuntu host with `debootstrap` installed:
+# pull from a registry. Needs root, a running Docker engine, and debootstrap (`apt-get install debootstrap`):
 #
-#   sudo bash docker/base-image.sh            # tags debian:bookworm-slim
-#   MIRROR=http://deb.debian.org/debian TAG=debian:bookworm-slim sudo -E bash docker/base-image.sh
+#   bash docker/base-image.sh          # as root (or with sudo: sudo bash docker/base-image.sh)
+#   MIRROR=http://deb.debian.org/debian TAG=debian:bookworm-slim bash docker/base-image.sh
 #
 # The result mirrors what the official slim image trims: no docs, man pages or locales, apt lists removed.
 set -euo pipefail
@@ -13,6 +13,14 @@ SECURITY_MIRROR=${SECURITY_MIRROR:-http://deb.debian.org/debian-security}
 SUITE=${SUITE:-bookworm}
 TAG=${TAG:-debian:bookworm-slim}
 DOCKER=${DOCKER:-docker}
+
+fail() {
+  printf 'base-image.sh: %s\n' "$*" >&2
+  exit 1
+}
+[ "$(id -u)" = 0 ] || fail "debootstrap needs root: run this as root (or: sudo bash docker/base-image.sh)"
+command -v debootstrap >/dev/null || fail "debootstrap not found: install it first (as root: apt-get install debootstrap)"
+"$DOCKER" info >/dev/null 2>&1 || fail "no Docker engine answers through '$DOCKER': start dockerd first"
 
 rootfs=$(mktemp -d /tmp/rootfs.XXXXXX)
 trap 'rm -rf "$rootfs"' EXIT

