@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from app.engine.session import OnnxModel
 from app.engine.sizing import session_config
-from app.main import key_files, open_app
+from app.main import key_files, open_app, source
 from app.process.keys import KeyFileError
 from app.process.logs import configure_logging
 from app.process.server import Server, uvicorn_config
@@ -33,7 +33,10 @@ def main() -> int:
         try:
             # Checked once, here, so that a bad model or key file is one line before any
             # worker starts; each worker then opens its own session.
-            OnnxModel.check(session_config(settings))
+            if settings.model_repository is None:
+                OnnxModel.check(session_config(settings))
+            else:
+                source(settings)
             key_files(settings)
         except (ModelError, KeyFileError) as exc:
             print(f"resnet-serve: {exc}", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 python -m app.client examples/ --url http://127.0.0.1:8000
 python -m app.client photos/ a.jpg --url URL --top-k 3 --concurrency 8 --format jsonl -o out.jsonl
+python -m app.client photos/ --url URL --model resnet50 --model-version 2
 
 Folders are walked recursively for image files (by suffix); files named on the command line are
 always sent, so the server says what is wrong with them. 503 answers are retried after the
@@ -162,8 +163,11 @@ async def run(args: argparse.Namespace, paths: list[Path], writer: Writer) -> in
     pending = iter(paths)
     failed = 0
     bar = tqdm(total=len(paths), unit="img", desc="classifying", file=sys.stderr, smoothing=0.1)
+    # Sent with every request: which model, and which of its versions, answers.
+    chosen = {"model": args.model, "version": args.model_version}
+    params = {name: value for name, value in chosen.items() if value is not None}
     async with httpx.AsyncClient(
-        base_url=args.url, headers=headers, limits=limits, timeout=args.timeout
+        base_url=args.url, headers=headers, params=params, limits=limits, timeout=args.timeout
     ) as client:
 
         async def worker() -> None:
@@ -190,6 +194,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="images or folders")
     parser.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8000")
     parser.add_argument("--top-k", type=int, help="labels per image (default: the server's)")
+    parser.add_argument("--model", help="the model to ask (default: the server's default)")
+    parser.add_argument(
+        "--model-version", help="the version of it to ask (default: its newest ready version)"
+    )
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight (4)")
     parser.add_argument("--format", choices=["csv", "jsonl"], default="csv")
     parser.add_argument("-o", "--output", type=Path, help="write here instead of stdout")

@@ -47,3 +47,8 @@ class ClientClosedRequest(ServiceError):
 class InferenceFailed(ServiceError):
     status_code = 500
     code = "inference_failed"
+
+
+class UnknownModel(ServiceError):
+    status_code = 404
+    code = "model_not_found"

@@ -11,16 +11,17 @@ import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import replace
 
 from fastapi import FastAPI
 
 from app.engine.admission import Admission, AdmissionConfig
-from app.engine.batcher import Batcher
-from app.engine.classifier import Classifier, ClassifyConfig
 from app.engine.lifecycle import Lifecycle
+from app.engine.models import Models, Source
+from app.engine.repository import FileSource, RepositorySource
 from app.engine.session import OnnxModel
-from app.engine.sizing import batch_config, session_config
-from app.engine.warmup import warm_up
+from app.engine.sizing import session_config
+from app.engine.versions import Versions
 from app.http.access import RouteTable
 from app.http.auth import RequireKey
 from app.http.context import RequestContext
@@ -31,10 +32,12 @@ from app.http.page import install_page
 from app.http.routes import router
 from app.http.schema_bounds import install_schema_bounds
 from app.http.uploads import UploadLimits
+from app.oip.repository import router as repository_router
 from app.oip.routes import router as oip_router
 from app.process.keys import KeyFile
 from app.process.metrics import Metrics
 from app.settings import Settings
+from app.version_policy import VersionPolicy
 
 log = logging.getLogger(__name__)
 
@@ -47,25 +50,20 @@ def admission_config(settings: Settings) -> AdmissionConfig:
     )
 
 
-def classify_config(settings: Settings) -> ClassifyConfig:
-    return ClassifyConfig(
-        default_top_k=settings.default_top_k,
-        limits=settings.limits,
-        max_request_pixels=settings.max_request_pixels,
-        request_timeout_ms=settings.request_timeout_ms,
-    )
-
-
 def key_files(settings: Settings) -> dict[str, KeyFile]:
     """The configured key sets by name, each read now (raises KeyFileError)."""
-    paths = {"api": settings.api_keys_file, "metrics": settings.metrics_api_keys_file}
+    paths = {
+        "api": settings.api_keys_file,
+        "metrics": settings.metrics_api_keys_file,
+        "repository": settings.repository_api_keys_file,
+    }
     return {name: KeyFile(path, name) for name, path in paths.items() if path is not None}
 
 
 def create_app(
     settings: Settings, model: OnnxModel | None = None, *, cores: int | None = None
 ) -> FastAPI:
-    """``model``: an already opened session (``python -m app`` opens it first to fail fast).
+    """``model``: ``model_path`` already opened (``python -m app`` opens it first to fail fast).
     ``cores``: this worker's own cores when it is pinned to them (app.engine.sizing).
 
     Raises KeyFileError for a configured key file that cannot be used.
@@ -75,31 +73,21 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loaded = model or OnnxModel.load(session_config(settings, cores))
-        meta = loaded.metadata
-        metrics.model.info(
-            {"name": meta.name, "version": meta.version, "provider": loaded.provider}
-        )
         lifecycle = Lifecycle(settings.retry_after_s)
         admission = Admission(admission_config(settings), lifecycle, metrics)
-        batcher = Batcher(
-            loaded.predict,
-            batch_config(settings, loaded.provider, cores),
-            metrics,
-            on_failure=lifecycle.fail,
-            on_batch=admission.observe_batch,
-            alone_fn=loaded.predict_alone if loaded.adaptive else None,
-            admitted_images=lambda: admission.admitted_images,
-        )
         decoder = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+        versions = Versions(settings, cores, admission, decoder, metrics, lifecycle, model)
+        models = Models(source(settings), versions.open, metrics)
+        models.default_name = settings.default_model
         app.state.lifecycle = lifecycle
         app.state.admission = admission
-        app.state.classifier = Classifier(
-            loaded, batcher, decoder, admission, metrics, classify_config(settings)
+        app.state.models = models
+        warming = asyncio.create_task(_first_load(models, lifecycle))
+        watching = (
+            asyncio.create_task(_watch(models, settings.repository_poll_s))
+            if settings.repository_poll_s
+            else None
         )
-        loaded.bind(batcher.config.buckets)
-        batcher.start()
-        warming = asyncio.create_task(warm_up(loaded, batcher, admission))
         sampler = asyncio.create_task(metrics.sample_forever()) if metrics.multiprocess else None
         try:
             if settings.workers > 1:
@@ -107,15 +95,18 @@ def create_app(
                 # warm, the kernel gives the port's connections to the other workers.
                 await warming
                 if not lifecycle.warmed:
-                    raise RuntimeError("warm-up failed; this worker will not serve")
+                    raise RuntimeError("no model is ready; this worker will not serve")
             yield
         finally:
             lifecycle.draining = True
+            for task in (watching, sampler):
+                if task is not None:
+                    task.cancel()
             await asyncio.gather(warming, return_exceptions=True)
-            await batcher.drain()
+            await models.close()
             decoder.shutdown(wait=True)
+            versions.close()
             if sampler is not None:
-                sampler.cancel()
                 metrics.sample()
             log.info("drained")
 
@@ -132,6 +123,7 @@ def create_app(
     routes = RouteTable(app)
     routes.include(app, router)
     routes.include(app, oip_router)
+    routes.include(app, repository_router)
     install_page(app, routes)
     install_docs(app, routes)
     install_schema_bounds(app, settings.max_images_per_request, settings.default_top_k)
@@ -143,15 +135,45 @@ def create_app(
         max_request_bytes=settings.max_request_bytes,
         upload_timeout_ms=settings.upload_timeout_ms,
     )
-    app.add_middleware(
-        RequireKey, api_keys=keys.get("api"), metrics_keys=keys.get("metrics"), metrics=metrics
-    )
+    app.add_middleware(RequireKey, keys=keys, metrics=metrics)
     app.add_middleware(RequestContext, metrics=metrics, routes=routes)
     app.state.routes = routes
+    app.state.reloads_on_sighup = bool(keys) or settings.model_repository is not None
     return app
 
 
+def source(settings: Settings) -> Source:
+    """Where the model versions come from: the repository folder, or the one file."""
+    if settings.model_repository is not None:
+        return RepositorySource(
+            settings.model_repository, VersionPolicy.parse(settings.version_policy)
+        )
+    check = session_config(settings)
+    return FileSource(
+        settings.model_path,
+        lambda path: OnnxModel.check(replace(check, model_path=path)),
+    )
+
+
+async def _first_load(models: Models, lifecycle: Lifecycle) -> None:
+    """Every model to its policy; ready once a model is (each failure is logged and indexed)."""
+    await models.load_all()
+    if models.ready():
+        lifecycle.mark_warmed(sorted({b for s in models.ready() for b in s.batcher.config.buckets}))
+    else:
+        log.error("no model version is ready; the server stays unready")
+
+
+async def _watch(models: Models, interval_s: float) -> None:
+    while True:
+        await asyncio.sleep(interval_s)
+        await models.load_all(polled=True)
+
+
 def open_app(settings: Settings, cores: int | None = None) -> FastAPI:
-    """The model opened and the app built: a worker's whole set-up (raises ModelError and
-    KeyFileError with one line for the operator)."""
+    """The app built, and ``model_path`` opened first where it is served: a worker's whole
+    set-up (raises ModelError and KeyFileError with one line for the operator)."""
+    if settings.model_repository is not None:
+        source(settings)  # the repository is there, or one line now
+        return create_app(settings, cores=cores)
     return create_app(settings, OnnxModel.load(session_config(settings, cores)), cores=cores)

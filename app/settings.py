@@ -10,6 +10,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.process.cpus import cpu_share
+from app.version_policy import VersionPolicy
 from core.preprocess import DEFAULT_FORMATS, Limits
 
 ENV_PREFIX = "RESNET_SERVE_"
@@ -37,7 +38,30 @@ class Settings(BaseSettings):
     )
 
     model_path: Path = Path("artifacts/model.onnx")
-    """The ONNX file to serve (its labels, preprocessing and identity come from its metadata)."""
+    """The ONNX file to serve when there is no model_repository: a one-model repository named and
+    versioned by the file's metadata (its labels, preprocessing and identity come from there)."""
+    model_repository: Path | None = None
+    """A model repository, Triton's layout: DIR/<name>/<version>/model.onnx, versions positive
+    integers, precision variants (model.int8.onnx, model.fp16.onnx) beside (docs/repository.md).
+    Set, it replaces model_path."""
+    version_policy: str = "latest"
+    """Which versions of each model in model_repository to serve: latest, latest:N, all, or
+    specific:V[,V...]. A load request may bring its own (Triton's version_policy in its
+    config)."""
+    default_model: str | None = None
+    """The model that requests naming none go to. Default: the first model loaded (by name)."""
+    repository_poll_s: float = Field(0.0, ge=0)
+    """Look at model_repository (or model_path) this often and load what changed: a new version
+    once its files have settled, a model folder that appeared or went. 0: only at start-up, on
+    SIGHUP and through the repository API."""
+    memory_budget_mib: int = Field(0, ge=0)
+    """Resident memory a model load may take this process to (each version's sessions estimated
+    from its file's size); a load over it fails with a clear error and the serving versions go
+    on, instead of an OOM kill. 0: no budget."""
+    repository_api_keys_file: Path | None = None
+    """A file of keys for the repository API (/v2/repository/...: index, load, unload). While any
+    key file is configured, that API needs one of these keys (an inference key cannot unload a
+    model); with no key files at all it is open."""
     host: str = "0.0.0.0"
     """Bind address."""
     port: int = Field(8000, ge=0, le=65535)
@@ -162,6 +186,9 @@ class Settings(BaseSettings):
                 f"max_request_pixels={self.max_request_pixels} must be at least "
                 f"max_image_pixels={self.max_image_pixels}"
             )
+        if self.model_repository is not None and "model_path" in self.model_fields_set:
+            raise ValueError("set model_repository or model_path, not both")
+        VersionPolicy.parse(self.version_policy)
         if self.batch_buckets is not None:
             buckets = self.batch_buckets
             if list(buckets) != sorted(set(buckets)) or buckets[0] < 1:

@@ -6,7 +6,8 @@ Needs the 224x224 random-init artifacts in artifacts/bench/ (``make bench-models
 writes benchmarks/results/{results.json,results.md,results.png}. The overload section drives
 ours, the hand-written script and LitServe (``make peers-venv``) on the digits model with the
 same 500x375 JPEGs at 1x, 4x and 16x the saturating concurrency (16), and writes
-benchmarks/results/overload.{json,md,png}.
+benchmarks/results/overload.{json,md,png}. The swap section (benchmarks.swap) loads, switches
+and unloads model versions of the digits model under load: benchmarks/results/swap.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import psutil
 
 from app.settings import Settings
+from benchmarks import swap
 from benchmarks.ceiling import ceiling
 from benchmarks.load import image_pool, run_point, run_server
 from benchmarks.peers import run as peers
@@ -35,7 +37,7 @@ IMAGES_PER_REQUEST = (1, 4)
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-SECTIONS = ("load", "overload")
+SECTIONS = ("load", "overload", "swap")
 # c=16 saturates the digits model on 2 cores (the issue's measurement): 1x, 4x and 16x that.
 # Three windows per point, the servers taking turns, so that drift in the machine's speed hits
 # each alike.
@@ -60,6 +62,8 @@ def main() -> None:
     if "overload" in sections:
         digits = ["--model", "digits=artifacts/model.onnx", "--out", "overload"]
         peers.main([*OVERLOAD, *digits, *(["--seconds", "4"] if args.quick else [])])
+    if "swap" in sections:
+        swap.main(["--step-s", "4" if args.quick else "8"])
 
 
 def load_section(quick: bool) -> None:

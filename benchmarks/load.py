@@ -82,12 +82,13 @@ def _free_port() -> int:
 
 
 @contextmanager
-def run_server(model_path: Path, **settings: str) -> Iterator[Server]:
+def run_server(model_path: Path | None, **settings: str) -> Iterator[Server]:
+    """``model_path`` None: ``settings`` name a ``model_repository`` instead."""
     port = _free_port()
     env = {
         **os.environ,
         "PYTHONPATH": str(ROOT),
-        "RESNET_SERVE_MODEL_PATH": str(model_path),
+        **({"RESNET_SERVE_MODEL_PATH": str(model_path)} if model_path is not None else {}),
         "RESNET_SERVE_HOST": "127.0.0.1",
         "RESNET_SERVE_PORT": str(port),
         "RESNET_SERVE_LOG_LEVEL": "warning",

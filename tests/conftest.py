@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI
 
 from app.engine.session import OnnxModel
 from app.main import create_app
@@ -52,6 +53,8 @@ def make_settings(model_path: Path) -> Callable[..., Settings]:
             "intra_op_threads": 1,
             "flat_batch_ms": 1e9,  # batches up to max_batch_size, whatever the timings fit
         }
+        if "model_repository" in overrides:  # a repository replaces model_path
+            del values["model_path"]
         return Settings(**(values | overrides))
 
     return make
@@ -65,6 +68,20 @@ def anyio_backend() -> str:
 Serve = Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]
 
 
+@asynccontextmanager
+async def running(
+    make_settings: Callable[..., Settings], model: OnnxModel | None = None, **overrides: Any
+) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    """The app built from ``make_settings(**overrides)``, its lifespan run until warm, and a
+    client to it."""
+    app = create_app(make_settings(**overrides), model)
+    async with app.router.lifespan_context(app):
+        await app.state.lifecycle.wait_warmed()
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            yield app, client
+
+
 @pytest.fixture
 def serve(make_settings: Callable[..., Settings]) -> Serve:
     """``async with serve(**settings) as client``: the app's lifespan runs and warm-up completes."""
@@ -73,11 +90,7 @@ def serve(make_settings: Callable[..., Settings]) -> Serve:
     async def run(
         model: OnnxModel | None = None, **overrides: Any
     ) -> AsyncIterator[httpx.AsyncClient]:
-        app = create_app(make_settings(**overrides), model)
-        async with app.router.lifespan_context(app):
-            await app.state.lifecycle.wait_warmed()
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-                yield client
+        async with running(make_settings, model, **overrides) as (_, client):
+            yield client
 
     return run

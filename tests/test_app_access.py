@@ -54,10 +54,15 @@ def test_the_declarations_are_what_the_service_promises(make_settings: Any) -> N
         ("POST", "/v2/models/x/versions/x/infer"),
     ]
     assert declared(app, Access.METRICS) == [("GET", "/metrics")]
-    # Every POST is inference: nothing else takes a body.
+    # Every POST is inference or the repository's control: nothing else takes a body.
     assert {path for method, path in declared(app, *Access) if method == "POST"} == {
-        path for _, path in declared(app, Access.INFERENCE)
+        path for _, path in declared(app, Access.INFERENCE, Access.REPOSITORY)
     }
+    assert declared(app, Access.REPOSITORY) == [
+        ("POST", "/v2/repository/index"),
+        ("POST", "/v2/repository/models/x/load"),
+        ("POST", "/v2/repository/models/x/unload"),
+    ]
     operations = app.openapi()["paths"]["/predict"]["post"]
     assert operations["x-access"] == "inference"
 

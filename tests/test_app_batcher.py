@@ -48,7 +48,11 @@ def make_batcher(
         "retry_after_s": 1,
     } | config
     values.setdefault("buckets", tuple(range(1, values["max_batch_size"] + 1)))
-    batcher = Batcher(model, BatchConfig(**values), Metrics(), alone_fn=alone_fn)
+    metrics = Metrics()
+    batcher = Batcher(
+        model, BatchConfig(**values), metrics.for_version("m", "1"), alone_fn=alone_fn
+    )
+    batcher.registry = metrics.registry  # type: ignore[attr-defined]
     batcher.admitted_images = admitted_images
     return batcher
 
@@ -246,9 +250,10 @@ async def test_batches_are_padded_to_their_bucket_and_padding_never_comes_back()
     assert [float(r[0]) for r in six] == list(range(10, 16))
     # Padding rows are zero images, after the real ones.
     assert model.batches == [[7, 8, 9, 0], [10, 11, 12, 13, 14, 15, 0, 0]]
-    registry = batcher.metrics.registry
-    assert registry.get_sample_value("resnet_serve_batch_size_sum") == 9
-    assert registry.get_sample_value("resnet_serve_padded_batch_size_sum") == 12
+    registry = batcher.registry  # type: ignore[attr-defined]
+    labels = {"model": "m", "version": "1"}
+    assert registry.get_sample_value("resnet_serve_batch_size_sum", labels) == 9
+    assert registry.get_sample_value("resnet_serve_padded_batch_size_sum", labels) == 12
 
 
 def test_bucket_for_picks_the_smallest_that_fits() -> None:

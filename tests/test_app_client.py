@@ -86,6 +86,20 @@ def test_csv_on_stdout_names_a_file_that_is_not_an_image(server: Server, tmp_pat
     assert bad["error"].startswith("unsupported_media_type: ")
 
 
+def test_model_and_version_go_with_every_request(server: Server) -> None:
+    served = run_client(
+        EXAMPLES[3], "--url", server.url, "--model", "tiny-test", "--model-version", "7"
+    )
+    missing = run_client(
+        EXAMPLES[3], "--url", server.url, "--model", "tiny-test", "--model-version", "9"
+    )
+    assert served.returncode == 0, served.stderr
+    assert missing.returncode == 1
+    (row,) = csv.DictReader(io.StringIO(missing.stdout))
+    assert row["status"] == "404"
+    assert "unknown version '9' of model 'tiny-test'" in row["error"]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

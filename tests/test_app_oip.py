@@ -5,18 +5,15 @@ from __future__ import annotations
 import base64
 import json
 import struct
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
-from fastapi import FastAPI
 
-from app.main import create_app
 from app.settings import Settings
-from tests.conftest import Serve
+from tests.conftest import Serve, running
 from tests.helpers.metrics import families
 from tests.helpers.models import CROP_SIZE, image_bytes
 
@@ -215,18 +212,6 @@ async def test_limits_per_element_and_per_request(serve: Serve) -> None:
     assert_error(per_request, 413, "max_request_bytes")
 
 
-@asynccontextmanager
-async def running(
-    make_settings: Callable[..., Settings], **overrides: Any
-) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
-    app = create_app(make_settings(**overrides))
-    async with app.router.lifespan_context(app):
-        await app.state.lifecycle.wait_warmed()
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            yield app, client
-
-
 async def test_draining_refuses_at_the_door_with_retry_after(
     make_settings: Callable[..., Settings],
 ) -> None:
@@ -246,7 +231,9 @@ async def test_draining_refuses_at_the_door_with_retry_after(
 
 async def test_past_the_deadline_is_504(make_settings: Callable[..., Settings]) -> None:
     async with running(make_settings, request_timeout_ms=1e-6) as (app, client):
-        app.state.admission.seconds_per_image = 0.0  # admitted: the deadline is what fails it
+        app.state.models.resolve().estimate.seconds_per_image = (
+            0.0  # admitted: the deadline is what fails it
+        )
         body, headers = bytes_request(image_bytes(0))
         response = await client.post(INFER, content=body, headers=headers)
     assert_error(response, 504, "request_timeout_ms")

@@ -16,9 +16,10 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
-from selenium.webdriver.support.ui import WebDriverWait
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from tests.helpers.server import ROOT, Server, message_is, run_server
+from tests.helpers.server import ROOT, Server, run_server
+from tests.test_app_repository import NAME, add_version
 
 EXAMPLES = sorted((ROOT / "examples").glob("digit-*.png"))
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -49,13 +50,6 @@ def browser() -> Iterator[WebDriver]:
         yield driver
     finally:
         driver.quit()
-
-
-@pytest.fixture(scope="module")
-def server(model_path: Path) -> Iterator[Server]:
-    with run_server(model_path) as running:
-        running.wait_for_log(message_is("ready"))
-        yield running
 
 
 def _until(browser: WebDriver, condition: object) -> object:
@@ -113,3 +107,24 @@ def test_swagger_ui_renders_with_no_network(browser: WebDriver, server: Server) 
     assert "/predict" in browser.find_element(By.CSS_SELECTOR, ".swagger-ui").text
     ARTIFACTS.mkdir(exist_ok=True)
     browser.save_screenshot(str(ARTIFACTS / "docs.png"))
+
+
+def test_the_picked_model_version_classifies(browser: WebDriver, tmp_path: Path) -> None:
+    repository = tmp_path / "repository"
+    for version in (1, 2):
+        add_version(repository, version)
+    with run_server(None, model_repository=str(repository), version_policy="all") as served:
+        served.wait_for_log(
+            lambda entry: entry.get("message") == "serving" and entry.get("version") == "2"
+        )
+        browser.get(f"{served.url}/")
+        picker = Select(browser.find_element(By.ID, "model-choice"))
+        _until(browser, lambda: len(picker.options) == 3)  # the default, and each version
+        picker.select_by_value(f"{NAME}@1")
+        _until(browser, lambda: "build-1" in browser.find_element(By.ID, "model-card").text)
+        browser.find_element(By.ID, "files").send_keys(str(EXAMPLES[0]))
+        _until(browser, lambda: _cards(browser, "ok"))
+        (card,) = _cards(browser, "ok").values()
+        assert str(card.get_attribute("data-top1")).endswith("@v1")  # type: ignore[attr-defined]
+        ARTIFACTS.mkdir(exist_ok=True)
+        browser.save_screenshot(str(ARTIFACTS / "page-versions.png"))

@@ -26,6 +26,8 @@ from tests.helpers.models import CROP_SIZE, LABELS, image_bytes, offline_top
 from tests.helpers.uploads import join_parts
 
 pytestmark = pytest.mark.anyio
+# The labels of the tiny model's per-version metrics (its metadata's name and version).
+TINY = {"model": "tiny-test", "version": "7"}
 
 RECIPE = Recipe(resize_size=CROP_SIZE + CROP_SIZE // 4, crop_size=CROP_SIZE)
 
@@ -325,6 +327,13 @@ class GatedModel(OnnxModel):
         super().warm_up(batch_sizes)
         self.warming.now = False
 
+    def self_check(self, batch: int) -> None:
+        self.warming.now = True  # nor is its check of the outputs
+        try:
+            super().self_check(batch)
+        finally:
+            self.warming.now = False
+
     def time_runs(self, batch_sizes: Iterable[int]) -> dict[int, float]:
         self.warming.now = True  # warm-up's timed runs are not held either
         try:
@@ -403,9 +412,11 @@ async def test_warm_up_limits_batches_where_the_cost_per_image_is_flat(
     assert [a.status_code for a in answers] == [200] * 8
     # 60 ms for one image, 120 ms for two: the first size at 100 ms, not max_batch_size=4.
     assert model["batching"]["batch_limit"] == 2
-    batches = registry.get_sample_value("resnet_serve_batch_size_count")
-    assert registry.get_sample_value("resnet_serve_batch_size_bucket", {"le": "2.0"}) == batches
-    assert registry.get_sample_value("resnet_serve_batch_size_sum") == 8
+    batches = registry.get_sample_value("resnet_serve_batch_size_count", TINY)
+    assert (
+        registry.get_sample_value("resnet_serve_batch_size_bucket", TINY | {"le": "2.0"}) == batches
+    )
+    assert registry.get_sample_value("resnet_serve_batch_size_sum", TINY) == 8
 
 
 async def test_draining_turns_readiness_and_admission_to_503(serve: Serve) -> None:
@@ -447,7 +458,7 @@ async def test_overload_is_503_before_the_body_is_read(
         await app.state.lifecycle.wait_warmed()
         # As if measured: 1 s per image. One image in flight leaves room for no second one.
         for _ in range(50):
-            app.state.admission.observe_batch(1, 1.0)
+            app.state.models.resolve().estimate.observe_batch(1, 1.0)
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
             first = asyncio.ensure_future(client.post("/predict", files=files(PNG)))
@@ -465,13 +476,15 @@ async def test_past_the_deadline_is_504_without_using_the_model(make_settings: A
     app = create_app(make_settings(request_timeout_ms=1e-6))
     async with app.router.lifespan_context(app):
         await app.state.lifecycle.wait_warmed()
-        app.state.admission.seconds_per_image = 0.0  # admitted: the deadline is what fails it
+        app.state.models.resolve().estimate.seconds_per_image = (
+            0.0  # admitted: the deadline is what fails it
+        )
         registry = app.state.metrics.registry
-        before = registry.get_sample_value("resnet_serve_images_total")
+        before = registry.get_sample_value("resnet_serve_images_total", TINY)
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
             response = await client.post("/predict", files=files(PNG))
-        assert registry.get_sample_value("resnet_serve_images_total") == before
+        assert registry.get_sample_value("resnet_serve_images_total", TINY) == before
     assert_error(response, 504, "timeout", "request_timeout_ms")
 
 
@@ -491,7 +504,11 @@ async def test_health_model_and_metrics_endpoints(serve: Serve) -> None:
     found = families(metrics.text)
     assert found["resnet_serve_batch_limit"].samples[0].value == 4
     (info,) = found["resnet_serve_model_info"].samples
-    assert info.labels == {"name": "tiny-test", "version": "7", "provider": "CPUExecutionProvider"}
+    assert info.labels == TINY | {
+        "provider": "CPUExecutionProvider",
+        "precision": "fp32",
+        "build": "7",
+    }
     (images,) = [s for s in found["resnet_serve_images"].samples if s.name.endswith("_total")]
     assert images.value == 2
     requests = {

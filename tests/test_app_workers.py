@@ -99,7 +99,8 @@ def test_both_workers_serve_and_metrics_sum_over_them(slow_model: Path) -> None:
     }
     assert served_by == {0, 1}
     # Whichever worker answered the scrape, it counted both workers' work.
-    assert samples(metrics, "resnet_serve_images")[()] == 48
+    version = (("model", "tiny-test"), ("version", "7"))
+    assert samples(metrics, "resnet_serve_images")[version] == 48
     predicted = samples(metrics, "resnet_serve_requests")
     assert predicted[(("endpoint", "/predict"), ("status", "200"))] == 48
     # An Info has no multiprocess form: the scraped worker's own, one series.

@@ -27,7 +27,14 @@ K8S = Path(__file__).resolve().parent.parent / "deploy" / "k8s"
 KUBECTL = Path(sys.executable).with_name("kubectl")
 # The oldest release still common in managed clusters; has autoscaling/v2 and policy/v1.
 KUBERNETES_VERSION = "1.30.0"
-TARGETS = ["overlays/cpu", "overlays/gpu", "overlays/cpu-keda", "overlays/cpu-pvc", "kserve"]
+TARGETS = [
+    "overlays/cpu",
+    "overlays/gpu",
+    "overlays/cpu-keda",
+    "overlays/cpu-pvc",
+    "overlays/cpu-repository",
+    "kserve",
+]
 CRD_SCHEMAS = {
     ("keda.sh/v1alpha1", "ScaledObject"): "scaledobject-keda-v1alpha1.json",
     ("serving.kserve.io/v1beta1", "InferenceService"): "inferenceservice-serving-v1beta1.json",
@@ -95,7 +102,8 @@ def app_paths() -> set[str]:
 
 def app_metric_names() -> set[str]:
     metrics = Metrics()
-    metrics.queue_wait_seconds.observe(0.0)  # histograms list their series once observed
+    # A histogram lists its series once one of its children has observed something.
+    metrics.for_version("m", "1").queue_wait_seconds.observe(0.0)
     return {sample.name for family in metrics.registry.collect() for sample in family.samples} | {
         family.name for family in metrics.registry.collect()
     }
@@ -220,6 +228,19 @@ def test_autoscaling_metrics_exist_in_the_app() -> None:
         used = set(METRIC.findall(trigger["metadata"]["query"]))
         assert used, trigger
         assert used <= names, f"ScaledObject uses unknown metrics {used - names}"
+
+
+def test_the_repository_overlay_mounts_the_repository_the_server_reads() -> None:
+    ((target, pod),) = pod_specs(["overlays/cpu-repository"])
+    container = api_container(pod)
+    env = container_env(target, container)
+    assert "RESNET_SERVE_MODEL_PATH" not in env  # a repository replaces it
+    repository = Path(env["RESNET_SERVE_MODEL_REPOSITORY"])
+    mounts = {Path(m["mountPath"]): m["name"] for m in container["volumeMounts"]}
+    volume = mounts[next(path for path in mounts if path in repository.parents)]
+    claims = {v["name"]: v.get("persistentVolumeClaim", {}) for v in pod["volumes"]}
+    assert claims[volume]["claimName"] == "resnet-serve-models"
+    assert float(env["RESNET_SERVE_REPOSITORY_POLL_S"]) > 0
 
 
 def test_disruption_budget_leaves_a_pod_serving() -> None:

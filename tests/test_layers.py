@@ -72,6 +72,7 @@ APP_LAYERS = {
     "app/engine": {"app.http", "app.oip", "app.main", "app.__main__", "app.client"},
     "app/process": {"app.engine", "app.http", "app.oip", "app.main", "app.__main__"},
     "app/settings.py": {"app.engine", "app.http", "app.oip", "app.main", "app.process.server"},
+    "app/version_policy.py": {"app.engine", "app.http", "app.oip", "app.main", "app.process"},
     "app/errors.py": {"app.engine", "app.http", "app.oip", "app.main", "app.process"},
 }
 

@@ -24,6 +24,8 @@ from tests.helpers.models import image_bytes
 
 PNG = image_bytes(1)
 TIMEOUT_MS = 2000
+# A batch of 8 on the slow model with its fan-out, with room for a slow shared machine.
+LAST_BATCH_MS = 500
 
 
 def test_goodput_holds_at_16x_the_saturating_concurrency(slow_model: Path) -> None:
@@ -37,8 +39,10 @@ def test_goodput_holds_at_16x_the_saturating_concurrency(slow_model: Path) -> No
     assert set(overloaded["statuses"]) <= {"200", "503", "504"}, overloaded["statuses"]
     ratio = overloaded["images_per_s"] / saturated["images_per_s"]
     assert ratio >= 0.6, (saturated, overloaded)
-    # Admitted work finishes inside its deadline (measured from the body being in).
-    assert overloaded["p99_ms"] <= TIMEOUT_MS + 1000, overloaded
+    # Admitted work finishes inside its deadline, measured from the body being in: the client
+    # also saw its wait at the door (admission_wait_ms, 1 s), and an image still inside its
+    # deadline when its batch started finishes with that batch (LAST_BATCH_MS).
+    assert overloaded["p99_ms"] <= TIMEOUT_MS + 1000 + LAST_BATCH_MS, overloaded
     assert "500" not in after
 
 

@@ -1,8 +1,9 @@
 """Admission by predicted wait and buffered bytes, not by a count of open requests.
 
-A request is admitted while the work already admitted, at the model's measured rate, would let
-it finish inside ``request_timeout_ms``. Otherwise it waits at the door, without its body being
-read, for at most ``admission_wait_ms``, and is shed (503) if no room opens. Uploads hold almost
+A request is admitted while the work already admitted, each image at its model version's measured
+cost (a ``CostEstimate`` per served version), would let it finish inside ``request_timeout_ms``.
+Otherwise it waits at the door, without its body being read, for at most ``admission_wait_ms``,
+and is shed (503) if no room opens. Uploads hold almost
 nothing: they are bounded by the bytes they have actually buffered and by ``upload_timeout_ms``,
 so clients trickling bytes cannot starve honest ones.
 """
@@ -10,7 +11,7 @@ so clients trickling bytes cannot starve honest ones.
 from __future__ import annotations
 
 import asyncio
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,19 +37,11 @@ class AdmissionConfig:
     max_buffered_bytes: int
 
 
-class Admission:
-    def __init__(self, config: AdmissionConfig, lifecycle: Lifecycle, metrics: Metrics) -> None:
-        self.config = config
-        self.lifecycle = lifecycle
-        self.metrics = metrics
-        self.pending_images = 0  # admitted with their bytes read, not finished yet
-        self.provisional = 0  # admitted at the door, body still coming: one image each
-        self.buffered_bytes = 0  # request bodies being received, all requests together
+class CostEstimate:
+    """Seconds of model time per image of one served model version, learned from its batches."""
+
+    def __init__(self) -> None:
         self.seconds_per_image: float | None = None  # None until the model has run
-        self._door: deque[asyncio.Future[None]] = deque()
-        metrics.track(metrics.pending_images, lambda: self.pending_images)
-        metrics.track(metrics.buffered_bytes, lambda: self.buffered_bytes)
-        metrics.track(metrics.door_waiting, lambda: len(self._door))
 
     def observe_batch(self, images: int, seconds: float) -> None:
         cost = seconds / images
@@ -57,15 +50,53 @@ class Admission:
             cost if previous is None else previous + EWMA_WEIGHT * (cost - previous)
         )
 
+
+class Admission:
+    """One per process: every served version's admitted work shares the cores and the deadline."""
+
+    def __init__(self, config: AdmissionConfig, lifecycle: Lifecycle, metrics: Metrics) -> None:
+        self.config = config
+        self.lifecycle = lifecycle
+        self.metrics = metrics
+        self.pending_images = 0  # admitted with their bytes read, not finished yet
+        # The same images by the version they go to (None: a version not known yet), each
+        # counted at its version's current cost: the estimates move as batches are measured.
+        self._pending: Counter[CostEstimate | None] = Counter()
+        self.provisional = 0  # admitted at the door, body still coming: one image each
+        self.buffered_bytes = 0  # request bodies being received, all requests together
+        self.estimates: set[CostEstimate] = set()  # of the versions being served
+        self._door: deque[asyncio.Future[None]] = deque()
+        metrics.track(metrics.pending_images, lambda: self.pending_images)
+        metrics.track(metrics.buffered_bytes, lambda: self.buffered_bytes)
+        metrics.track(metrics.door_waiting, lambda: len(self._door))
+
     @property
     def admitted_images(self) -> int:
         """Images admitted and not finished: bodies read, plus one per body still coming."""
         return self.pending_images + self.provisional
 
-    def predicted_wait_s(self, images: int = 1) -> float:
-        if self.seconds_per_image is None:
-            return 0.0
-        return (self.admitted_images + images) * self.seconds_per_image
+    def door_cost(self) -> float:
+        """What a body still coming counts, before its model is known: the dearest version's
+        image, so that the door never lets in more than the slowest model could finish."""
+        known = [e.seconds_per_image for e in self.estimates if e.seconds_per_image is not None]
+        return max(known, default=0.0)
+
+    @property
+    def pending_seconds(self) -> float:
+        """Model time of the images admitted and not finished, at their versions' costs now."""
+        return sum(count * self._cost(estimate) for estimate, count in self._pending.items())
+
+    def predicted_wait_s(self, images: int = 1, estimate: CostEstimate | None = None) -> float:
+        return (
+            self.pending_seconds
+            + self.provisional * self.door_cost()
+            + images * self._cost(estimate)
+        )
+
+    def _cost(self, estimate: CostEstimate | None) -> float:
+        if estimate is None or estimate.seconds_per_image is None:
+            return self.door_cost()
+        return estimate.seconds_per_image
 
     async def enter(self) -> Ticket:
         """Admit a request before its body is read, waiting at the door while it would be late.
@@ -96,18 +127,25 @@ class Admission:
         return Ticket(self)
 
     @contextmanager
-    def work(self, images: int, ticket: Ticket | None = None) -> Iterator[None]:
-        """Hold ``images`` in the predicted wait while they are decoded, queued and computed."""
+    def work(
+        self, images: int, ticket: Ticket | None = None, estimate: CostEstimate | None = None
+    ) -> Iterator[None]:
+        """Hold ``images`` of the version ``estimate`` learns about in the predicted wait while
+        they are decoded, queued and computed."""
         self.lifecycle.check_admitting()
         if ticket is not None:
             ticket.spend()
-        if not self._fits(images):
-            raise self._late(images)
+        if not self._fits(images, estimate):
+            raise self._late(images, estimate)
         self.pending_images += images
+        self._pending[estimate] += images
         try:
             yield
         finally:
             self.pending_images -= images
+            self._pending[estimate] -= images
+            if not self._pending[estimate]:
+                del self._pending[estimate]
             self.open_door()
 
     @contextmanager
@@ -131,14 +169,14 @@ class Admission:
             self.provisional += 1
             turn.set_result(None)
 
-    def _fits(self, images: int) -> bool:
+    def _fits(self, images: int, estimate: CostEstimate | None = None) -> bool:
         budget_s = HEADROOM * self.config.request_timeout_ms / 1000
-        return self.predicted_wait_s(images) <= budget_s
+        return self.predicted_wait_s(images, estimate) <= budget_s
 
-    def _late(self, images: int) -> Overloaded:
+    def _late(self, images: int, estimate: CostEstimate | None = None) -> Overloaded:
         return self._shed(
             "predicted_wait",
-            f"predicted wait {self.predicted_wait_s(images) * 1000:.4g} ms for "
+            f"predicted wait {self.predicted_wait_s(images, estimate) * 1000:.4g} ms for "
             f"{self.admitted_images} image(s) ahead does not fit "
             f"request_timeout_ms={self.config.request_timeout_ms:g} "
             f"(waited admission_wait_ms={self.config.admission_wait_ms:g} for room)",

@@ -21,7 +21,7 @@ import numpy as np
 from app.engine.inline import Inline
 from app.engine.lanes import Lanes
 from app.errors import DeadlineExceeded, InferenceFailed, Overloaded, ShuttingDown
-from app.process.metrics import Metrics
+from app.process.metrics import VersionMetrics
 from core.errors import ServiceError
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class Batcher:
         self,
         model_fn: ModelFn,
         config: BatchConfig,
-        metrics: Metrics,
+        metrics: VersionMetrics,
         *,
         on_failure: Callable[[BaseException], None] = lambda exc: None,
         on_batch: Callable[[int, float], None] = lambda images, seconds: None,
@@ -101,8 +101,7 @@ class Batcher:
         self._failed: BaseException | None = None
         self._collecting: list[_Item] = []
         self._running: dict[asyncio.Task[None], list[_Item]] = {}
-        metrics.track_queue_depth(self._queue.qsize)
-        metrics.track(metrics.batch_limit, lambda: self.limit)
+        metrics.track(queue_depth=self._queue.qsize, batch_limit=lambda: self.limit)
 
     @property
     def depth(self) -> int:

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 
-from app.engine.admission import Admission, Ticket
+from app.engine.admission import Admission, CostEstimate, Ticket
 from app.engine.batcher import Batcher
 from app.engine.memory import release_after
 from app.engine.session import OnnxModel
@@ -61,10 +61,13 @@ class Classifier:
         admission: Admission,
         metrics: Metrics,
         config: ClassifyConfig,
+        estimate: CostEstimate | None = None,
     ) -> None:
+        """``estimate``: this model version's cost per image, learned from its batches."""
         self.model = model
         self.batcher = batcher
         self.admission = admission
+        self.estimate = estimate or CostEstimate()
         self.config = config
         self._decoder = decoder
         self._metrics = metrics
@@ -91,7 +94,7 @@ class Classifier:
         of many large images cannot queue ahead of everyone else's. Its pixel budget is checked
         from the headers before anything is decoded.
         """
-        with self.admission.work(len(images), ticket):
+        with self.admission.work(len(images), ticket, self.estimate):
             deadline = self._deadline()
             if len(images) > 1:  # one image is bounded by max_image_pixels <= the budget
                 await self._run(self._check_budget, images)
@@ -108,7 +111,7 @@ class Classifier:
         self, crops: Sequence[np.ndarray], ticket: Ticket | None = None
     ) -> list[np.ndarray]:
         """Probabilities for already preprocessed uint8[S, S, 3] crops."""
-        with self.admission.work(len(crops), ticket):
+        with self.admission.work(len(crops), ticket, self.estimate):
             return await self.batcher.submit(crops, self._deadline())
 
     def top_k(self, probabilities: np.ndarray, k: int) -> list[Ranked]:

@@ -57,6 +57,8 @@ SPINNING = {
 # computes a batch that runs alone with nothing queued; under load the one that never spins
 # does. Spinning's latency at low load, its CPU kept for decoding under load.
 ALONE_SPINNING = "in_run"
+# Probabilities of a row (self_check): each in [0, 1], summing to 1 within this (fp16 rounds).
+SUM_TOLERANCE = 1e-2
 
 
 @dataclass(frozen=True)
@@ -203,6 +205,29 @@ class OnnxModel:
             self.predict(images)
             seconds[len(images)] = time.perf_counter() - started
         return seconds
+
+    def self_check(self, batch: int) -> None:
+        """A batch of varied images gives one probability row each: finite, in [0, 1], summing
+        to 1, and the same row whatever else shares the batch (no row leaks into another).
+        Raises ModelError: a version that fails it never serves."""
+        size = self.metadata.recipe.crop_size
+        rng = np.random.default_rng(0)
+        images = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+        rows = self.predict(images)
+        expected = (batch, self.metadata.num_classes)
+        if rows.shape != expected:
+            raise ModelError(f"the model answered shape {list(rows.shape)} for {list(expected)}")
+        if not np.isfinite(rows).all() or rows.min() < 0 or rows.max() > 1:
+            raise ModelError("the model's probabilities are not all finite and within [0, 1]")
+        sums = rows.sum(axis=1)
+        if np.abs(sums - 1).max() > SUM_TOLERANCE:
+            raise ModelError(
+                f"the model's probabilities sum to {sums.min():.4g}..{sums.max():.4g}, not 1"
+            )
+        if batch > 1:
+            alone = self.predict(np.concatenate([images[:1], np.zeros_like(images[1:])]))
+            if not np.allclose(alone[0], rows[0], atol=1e-3):
+                raise ModelError("a row's probabilities change with the other rows of its batch")
 
     def warm_up_alone(self, batch_sizes: Iterable[int]) -> None:
         """``warm_up`` for the session of lone batches, where there is one."""

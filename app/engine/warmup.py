@@ -1,4 +1,5 @@
-"""Warm-up before readiness: every bucket run once on every lane, then the batch limit fitted.
+"""Warm-up before a model version takes requests: every bucket run once on every lane, its
+outputs checked, then the batch limit fitted.
 
 The first run of each shape pays for memory planning and kernel selection (and, on CUDA, graph
 capture), so no request ever does. The same runs, timed on every lane at once as under load, fit
@@ -11,7 +12,7 @@ import logging
 import statistics
 from functools import partial
 
-from app.engine.admission import Admission
+from app.engine.admission import CostEstimate
 from app.engine.batch_limit import fit_batch_limit, timed_sizes
 from app.engine.batcher import Batcher
 from app.engine.session import OnnxModel
@@ -19,33 +20,22 @@ from app.engine.session import OnnxModel
 log = logging.getLogger(__name__)
 
 
-async def warm_up(model: OnnxModel, batcher: Batcher, admission: Admission) -> None:
-    """Warm, fit and mark the server warmed; a failure is logged and leaves it unready."""
+async def warm_up(model: OnnxModel, batcher: Batcher, estimate: CostEstimate) -> dict[int, float]:
+    """Warm every bucket, check the outputs and fit the batch limit; the timed seconds by batch
+    size. Raises on any failure: the version then never takes a request."""
     sizes = list(batcher.config.buckets)
-    log.info("warming up", extra={"batch_sizes": sizes})
     lanes = batcher.lanes
-    try:
-        if model.warms_per_thread:  # one after another: each captures its own CUDA graphs
-            await lanes.run_on_each([partial(model.warm_up, sizes)] * len(lanes), at_once=False)
-        else:  # the lanes share the buckets out and warm the session at once
-            work = [partial(model.warm_up, sizes[lane :: len(lanes)]) for lane in range(len(lanes))]
-            await lanes.run_on_each(work, at_once=True)
-        await lanes.run(lanes.first, partial(model.warm_up_alone, sizes))
-        timed = timed_sizes(sizes)
-        runs = await lanes.run_on_each([partial(model.time_runs, timed)] * len(lanes), at_once=True)
-        seconds = {size: statistics.median(run[size] for run in runs) for size in timed}
-        batcher.limit = fit_batch_limit(seconds, batcher.config.flat_batch_ms)
-        admission.observe_batch(batcher.limit, seconds[batcher.limit] / len(lanes))
-    except Exception:
-        log.exception("warm-up failed; the server stays unready")
-        return
-    admission.lifecycle.mark_warmed(sizes)
-    log.info(
-        "ready",
-        extra={
-            "provider": model.provider,
-            "batch_limit": batcher.limit,
-            "batch_ms": {size: round(s * 1000, 1) for size, s in seconds.items()},
-            "inline": batcher.inline.describe(),
-        },
-    )
+    if model.warms_per_thread:  # one after another: each captures its own CUDA graphs
+        await lanes.run_on_each([partial(model.warm_up, sizes)] * len(lanes), at_once=False)
+    else:  # the lanes share the buckets out and warm the session at once
+        work = [partial(model.warm_up, sizes[lane :: len(lanes)]) for lane in range(len(lanes))]
+        await lanes.run_on_each(work, at_once=True)
+    await lanes.run(lanes.first, partial(model.warm_up_alone, sizes))
+    checked = next((size for size in sizes if size >= 2), sizes[0])  # 2 shows padding leaks
+    await lanes.run(lanes.first, partial(model.self_check, checked))
+    timed = timed_sizes(sizes)
+    runs = await lanes.run_on_each([partial(model.time_runs, timed)] * len(lanes), at_once=True)
+    seconds = {size: statistics.median(run[size] for run in runs) for size in timed}
+    batcher.limit = fit_batch_limit(seconds, batcher.config.flat_batch_ms)
+    estimate.observe_batch(batcher.limit, seconds[batcher.limit] / len(lanes))
+    return seconds

@@ -33,6 +33,7 @@ class Access(StrEnum):
     API = "api"  # the API keys (the model's description)
     INFERENCE = "inference"  # the API keys, then admission before the body is read
     METRICS = "metrics"  # the metrics keys
+    REPOSITORY = "repository"  # the repository keys: loading and unloading models
 
 
 def access(kind: Access, **openapi_extra: Any) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 Protected when a key set is configured, by the access each route declares (app.http.access):
 ``Access.INFERENCE`` and ``Access.API`` routes by the API keys, ``Access.METRICS`` by the metrics
-keys. Health probes, the docs and the page are ``Access.OPEN``. A key comes as
+keys, ``Access.REPOSITORY`` by the repository keys (and refused while other keys are in use but
+no repository keys are). Health probes, the docs and the page are ``Access.OPEN``. A key comes as
 ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``.
 """
 
@@ -44,22 +45,40 @@ def refusal(key: bytes | None, keys: KeyFile) -> str | None:
     return None if keys.matches(key) else "invalid"
 
 
+# Which key set guards each kind of route (app.http.access); the rest are open.
+KEY_SETS = {
+    Access.API: "api",
+    Access.INFERENCE: "api",
+    Access.METRICS: "metrics",
+    Access.REPOSITORY: "repository",
+}
+
+
 class RequireKey:
-    def __init__(
-        self,
-        app: ASGIApp,
-        *,
-        api_keys: KeyFile | None,
-        metrics_keys: KeyFile | None,
-        metrics: Metrics,
-    ) -> None:
+    def __init__(self, app: ASGIApp, *, keys: dict[str, KeyFile], metrics: Metrics) -> None:
+        """``keys``: the configured key sets by name (app.main.key_files)."""
         self.app = app
-        self.api_keys = api_keys
-        self.metrics_keys = metrics_keys
+        self.keys = keys
         self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        keys = self._keys(scope[SCOPE_KEY]) if scope["type"] == "http" else None
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        matched: Matched = scope[SCOPE_KEY]
+        name = KEY_SETS.get(matched.access)
+        keys = self.keys.get(name) if name is not None else None
+        if name == "repository" and keys is None and self.keys:
+            # Keys are in use, but none may change models: an inference key must not unload.
+            self.metrics.auth_refused.labels(reason="no_key_set").inc()
+            message = (
+                "the repository API needs a repository key, and none is configured "
+                "(RESNET_SERVE_REPOSITORY_API_KEYS_FILE)"
+            )
+            await error_response(403, "forbidden", message, path=scope["path"])(
+                scope, receive, send
+            )
+            return
         reason = None if keys is None else refusal(presented_key(scope), keys)
         if reason is None:
             await self.app(scope, receive, send)
@@ -74,11 +93,3 @@ class RequireKey:
             path=scope["path"],  # the Open Inference Protocol's own error shape under /v2
         )
         await response(scope, receive, send)
-
-    def _keys(self, matched: Matched) -> KeyFile | None:
-        """The key set that guards the matched route; None if it is open."""
-        if matched.access is Access.METRICS:
-            return self.metrics_keys
-        if matched.access in (Access.API, Access.INFERENCE):
-            return self.api_keys
-        return None

@@ -10,16 +10,16 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from app.engine.admission import Ticket
-from app.engine.classifier import Classifier
 from app.engine.lifecycle import Lifecycle
+from app.engine.models import Models
 from app.http.intake import TICKET_KEY
 from app.http.uploads import UploadLimits
 from app.process.metrics import Metrics
 
 
-async def _classifier(request: Request) -> Classifier:
-    classifier: Classifier = request.app.state.classifier
-    return classifier
+async def _models(request: Request) -> Models:
+    models: Models = request.app.state.models
+    return models
 
 
 async def _metrics(request: Request) -> Metrics:
@@ -32,7 +32,7 @@ async def _lifecycle(request: Request) -> Lifecycle:
     return lifecycle
 
 
-ClassifierDep = Annotated[Classifier, Depends(_classifier)]
+ModelsDep = Annotated[Models, Depends(_models)]
 MetricsDep = Annotated[Metrics, Depends(_metrics)]
 LifecycleDep = Annotated[Lifecycle, Depends(_lifecycle)]
 

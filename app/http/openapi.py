@@ -14,6 +14,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         401: "`unauthorized`: no API key, or not one of the keys (only when api_keys_file is set)",
         413: "`payload_too_large`: over max_request_bytes or max_image_bytes."
         " `too_many_pixels`: over max_image_pixels (read from the image header)",
+        404: "`model_not_found`: no ready version of the model (or version) named",
         415: "`unsupported_media_type`: not multipart/form-data or image/*, or the bytes are not"
         " an allowed image format (detected from the bytes, not the name)",
         422: "`invalid_image`: corrupt or truncated image."

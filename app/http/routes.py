@@ -7,8 +7,12 @@ from typing import Annotated
 import orjson
 from fastapi import APIRouter, Query, Request, Response
 
+from app.engine.lifecycle import Lifecycle
+from app.engine.models import Models
+from app.engine.served import ServedModel
+from app.errors import NotReady, UnknownModel
 from app.http.access import Access, access
-from app.http.deps import ClassifierDep, LifecycleDep, MetricsDep, TicketDep, UploadLimitsDep
+from app.http.deps import LifecycleDep, MetricsDep, ModelsDep, TicketDep, UploadLimitsDep
 from app.http.disconnect import unless_disconnected
 from app.http.openapi import ERRORS, PREDICT_BODY
 from app.http.schemas import (
@@ -16,6 +20,7 @@ from app.http.schemas import (
     ErrorResponse,
     InputSpec,
     ModelDescription,
+    ModelList,
     PredictResponse,
     Status,
 )
@@ -26,6 +31,13 @@ router = APIRouter()
 
 TopK = Annotated[
     int | None, Query(ge=1, description="Predictions per image; 1..num_classes (default: setting)")
+]
+ModelName = Annotated[
+    str | None, Query(max_length=128, description="The model (default: the default model)")
+]
+ModelVersion = Annotated[
+    str | None,
+    Query(max_length=64, description="Its version (default: its newest ready version)"),
 ]
 
 
@@ -38,15 +50,18 @@ TopK = Annotated[
 )
 async def predict(
     request: Request,
-    classifier: ClassifierDep,
+    models: ModelsDep,
     limits: UploadLimitsDep,
     ticket: TicketDep,
     top_k: TopK = None,
+    model: ModelName = None,
+    version: ModelVersion = None,
 ) -> Response:
-    k = classifier.top_k_or_default(top_k)
-    images = await read_uploads(request, limits)
-    probabilities = await unless_disconnected(request, classifier.classify(images, ticket))
-    metadata = classifier.metadata
+    with models.resolve(model, version).hold() as served:
+        classifier = served.classifier
+        k = classifier.top_k_or_default(top_k)
+        images = await read_uploads(request, limits)
+        probabilities = await unless_disconnected(request, classifier.classify(images, ticket))
     # A PredictResponse, dumped by orjson: validating pydantic models per prediction cost a
     # measurable share of a request's event-loop time (tests hold the body to the model).
     results = [
@@ -56,7 +71,7 @@ async def predict(
         }
         for image, row in zip(images, probabilities, strict=True)
     ]
-    body = {"model_name": metadata.name, "model_version": metadata.version, "results": results}
+    body = {"model_name": served.name, "model_version": served.version, "results": results}
     return Response(orjson.dumps(body), media_type="application/json")
 
 
@@ -77,9 +92,18 @@ async def healthz() -> Status:
     openapi_extra=access(Access.PROBE),
     summary="Readiness: model loaded and warmed up for every batch size, not shutting down",
 )
-async def readyz(lifecycle: LifecycleDep) -> Status:
-    lifecycle.check_admitting()
+async def readyz(lifecycle: LifecycleDep, models: ModelsDep) -> Status:
+    check_ready(lifecycle, models)
     return Status(status="ready")
+
+
+def check_ready(lifecycle: Lifecycle, models: Models) -> None:
+    """Warm, not draining, and a version of the default model ready."""
+    lifecycle.check_admitting()
+    try:
+        models.resolve()
+    except UnknownModel as exc:
+        raise NotReady(exc.message, headers=lifecycle.retry_after) from None
 
 
 @router.get(
@@ -95,15 +119,38 @@ async def metrics_endpoint(metrics: MetricsDep) -> Response:
 @router.get(
     "/v1/model",
     response_model=ModelDescription,
+    responses={404: ERRORS[404]},
     openapi_extra=access(Access.API),
-    summary="The model being served",
+    summary="A model being served: the default one, or the one named",
 )
-async def describe_model(classifier: ClassifierDep) -> ModelDescription:
-    metadata, batching = classifier.metadata, classifier.batcher.config
+async def describe_model(
+    models: ModelsDep, model: ModelName = None, version: ModelVersion = None
+) -> ModelDescription:
+    return describe(models.resolve(model, version))
+
+
+@router.get(
+    "/v1/models",
+    response_model=ModelList,
+    openapi_extra=access(Access.API),
+    summary="Every model version being served",
+)
+async def list_models(models: ModelsDep) -> ModelList:
+    ready = sorted(models.ready(), key=lambda s: (s.name, models.versions(s.name).index(s.version)))
+    default = models.resolve() if ready else None
+    return ModelList(
+        default_model=default.name if default else None,
+        models=[describe(served) for served in ready],
+    )
+
+
+def describe(served: ServedModel) -> ModelDescription:
+    metadata, batching = served.metadata, served.batcher.config
     crop = metadata.recipe.crop_size
     return ModelDescription(
-        name=metadata.name,
-        version=metadata.version,
+        name=served.name,
+        version=served.version,
+        build=metadata.version,
         architecture=metadata.architecture,
         precision=metadata.precision,
         num_classes=metadata.num_classes,
@@ -112,13 +159,13 @@ async def describe_model(classifier: ClassifierDep) -> ModelDescription:
         preprocessing=metadata.preprocessing.to_dict(),
         accuracy=metadata.accuracy,
         source_sha256=metadata.source_sha256,
-        provider=classifier.model.provider,
+        provider=served.provider,
         batching=Batching(
             max_batch_size=batching.max_batch_size,
-            batch_limit=classifier.batcher.limit,
+            batch_limit=served.batcher.limit,
             max_wait_ms=batching.max_wait_ms,
             max_queue_images=batching.max_queue_images,
             request_timeout_ms=batching.request_timeout_ms,
-            warmed_batch_sizes=classifier.admission.lifecycle.warmed_batch_sizes,
+            warmed_batch_sizes=list(batching.buckets),
         ),
     )

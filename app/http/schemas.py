@@ -60,7 +60,10 @@ class InputSpec(BaseModel):
 
 class ModelDescription(BaseModel):
     name: str
-    version: str
+    version: str = Field(
+        description="The repository folder's version, or the model file's build (metadata)"
+    )
+    build: str = Field(description="model_version in the ONNX metadata: the checkpoint's hash")
     architecture: str
     precision: str
     num_classes: int
@@ -71,3 +74,8 @@ class ModelDescription(BaseModel):
     source_sha256: str
     provider: str
     batching: Batching
+
+
+class ModelList(BaseModel):
+    default_model: str | None = Field(description="Where requests naming no model go")
+    models: list[ModelDescription] = Field(description="Every ready version, by name then version")

@@ -12,10 +12,13 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 
 from app.engine.admission import Ticket
-from app.engine.classifier import Classifier, Image
+from app.engine.classifier import Image
+from app.engine.models import Models
+from app.engine.served import ServedModel
 from app.http.access import Access, access
-from app.http.deps import ClassifierDep, LifecycleDep, TicketDep, UploadLimitsDep
+from app.http.deps import LifecycleDep, ModelsDep, TicketDep, UploadLimitsDep
 from app.http.disconnect import unless_disconnected
+from app.http.routes import check_ready
 from app.http.uploads import UploadLimits
 from app.oip.codec import HEADER_LENGTH, encode_response, parse_request
 from app.oip.schemas import (
@@ -33,7 +36,7 @@ from app.oip.tensors import (
     wanted_outputs,
 )
 from core.contract import INPUT_NAME, OUTPUT_NAME
-from core.errors import EmptyUpload, ServiceError
+from core.errors import EmptyUpload
 
 PLATFORM = "onnxruntime_onnx"
 EXTENSIONS = ["binary_tensor_data", "classification"]
@@ -78,11 +81,6 @@ INFER_BODY = {
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol"], responses=ERRORS)
 
 
-class UnknownModel(ServiceError):
-    status_code = 404
-    code = "model_not_found"
-
-
 OPEN = access(Access.OPEN)
 PROBE = access(Access.PROBE)
 # Model metadata is guarded like /v1/model; inference is also admitted at the door.
@@ -109,14 +107,14 @@ async def live() -> Response:
 @router.get(
     "/health/ready", response_class=Response, openapi_extra=PROBE, summary="Readiness (as /readyz)"
 )
-async def ready(lifecycle: LifecycleDep) -> Response:
-    lifecycle.check_admitting()
+async def ready(lifecycle: LifecycleDep, models: ModelsDep) -> Response:
+    check_ready(lifecycle, models)
     return Response()
 
 
 @router.get("/models/{model_name}", response_model=ModelMetadataResponse, openapi_extra=MODEL)
-async def model_metadata(model_name: str, classifier: ClassifierDep) -> ModelMetadataResponse:
-    return _describe(classifier, model_name, None)
+async def model_metadata(model_name: str, models: ModelsDep) -> ModelMetadataResponse:
+    return _describe(models, model_name, None)
 
 
 @router.get(
@@ -125,9 +123,9 @@ async def model_metadata(model_name: str, classifier: ClassifierDep) -> ModelMet
     openapi_extra=MODEL,
 )
 async def version_metadata(
-    model_name: str, model_version: str, classifier: ClassifierDep
+    model_name: str, model_version: str, models: ModelsDep
 ) -> ModelMetadataResponse:
-    return _describe(classifier, model_name, model_version)
+    return _describe(models, model_name, model_version)
 
 
 @router.get(
@@ -136,10 +134,8 @@ async def version_metadata(
     openapi_extra=MODEL,
     summary="Model readiness (as /readyz)",
 )
-async def model_ready(
-    model_name: str, classifier: ClassifierDep, lifecycle: LifecycleDep
-) -> Response:
-    _check_model(classifier, model_name, None)
+async def model_ready(model_name: str, models: ModelsDep, lifecycle: LifecycleDep) -> Response:
+    models.resolve(model_name, None)
     lifecycle.check_admitting()
     return Response()
 
@@ -151,9 +147,9 @@ async def model_ready(
     summary="Model readiness",
 )
 async def version_ready(
-    model_name: str, model_version: str, classifier: ClassifierDep, lifecycle: LifecycleDep
+    model_name: str, model_version: str, models: ModelsDep, lifecycle: LifecycleDep
 ) -> Response:
-    _check_model(classifier, model_name, model_version)
+    models.resolve(model_name, model_version)
     lifecycle.check_admitting()
     return Response()
 
@@ -166,12 +162,12 @@ async def version_ready(
 async def infer(
     request: Request,
     model_name: str,
-    classifier: ClassifierDep,
+    models: ModelsDep,
     limits: UploadLimitsDep,
     ticket: TicketDep,
 ) -> Response:
-    _check_model(classifier, model_name, None)
-    return await _infer(request, classifier, limits, ticket)
+    with models.resolve(model_name, None).hold() as served:
+        return await _infer(request, served, limits, ticket)
 
 
 @router.post(
@@ -183,17 +179,18 @@ async def infer_version(
     request: Request,
     model_name: str,
     model_version: str,
-    classifier: ClassifierDep,
+    models: ModelsDep,
     limits: UploadLimitsDep,
     ticket: TicketDep,
 ) -> Response:
-    _check_model(classifier, model_name, model_version)
-    return await _infer(request, classifier, limits, ticket)
+    with models.resolve(model_name, model_version).hold() as served:
+        return await _infer(request, served, limits, ticket)
 
 
 async def _infer(
-    request: Request, classifier: Classifier, limits: UploadLimits, ticket: Ticket | None
+    request: Request, served: ServedModel, limits: UploadLimits, ticket: Ticket | None
 ) -> Response:
+    classifier = served.classifier
     body = await request.body()
     if not body:
         raise EmptyUpload("the request body is empty (0 bytes): send an inference request")
@@ -207,8 +204,7 @@ async def _infer(
         crops = uint8_crops(spec, binary, classifier.metadata.recipe.crop_size, limits)
         work = classifier.infer(crops, ticket)
     probabilities = await unless_disconnected(request, work)
-    metadata = classifier.metadata
-    header: dict[str, Any] = {"model_name": metadata.name, "model_version": metadata.version}
+    header: dict[str, Any] = {"model_name": served.name, "model_version": served.version}
     if inference.id is not None:
         header["id"] = inference.id
     outputs = [output_tensor(classifier, probabilities, one) for one in wanted]
@@ -222,24 +218,13 @@ async def _infer(
     )
 
 
-def _check_model(classifier: Classifier, name: str, version: str | None) -> None:
-    metadata = classifier.metadata
-    if name != metadata.name:
-        raise UnknownModel(f"unknown model {name!r}: this server serves {metadata.name!r}")
-    if version is not None and version != metadata.version:
-        raise UnknownModel(
-            f"unknown version {version!r} of model {name!r}: "
-            f"this server serves version {metadata.version!r}"
-        )
-
-
-def _describe(classifier: Classifier, name: str, version: str | None) -> ModelMetadataResponse:
-    _check_model(classifier, name, version)
-    metadata = classifier.metadata
+def _describe(models: Models, name: str, version: str | None) -> ModelMetadataResponse:
+    served = models.resolve(name, version)
+    metadata = served.metadata
     crop = metadata.recipe.crop_size
     return ModelMetadataResponse(
-        name=metadata.name,
-        versions=[metadata.version],
+        name=served.name,
+        versions=[version] if version is not None else models.versions(name),
         platform=PLATFORM,
         # The graph's input; BYTES [-1] of encoded images is accepted under the same name.
         inputs=[TensorMetadata(name=INPUT_NAME, datatype="UINT8", shape=[-1, crop, crop, 3])],

@@ -21,6 +21,8 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 # How often a worker writes its callback gauges to the shared files: fresher than any scrape.
 SAMPLE_INTERVAL_S = 0.1
+# The metrics of one served model version carry these labels (app.engine.served).
+VERSION_LABELS = ["model", "version"]
 
 
 class Metrics:
@@ -57,30 +59,35 @@ class Metrics:
         self.queue_wait_seconds = Histogram(
             "resnet_serve_queue_wait_seconds",
             "Time an image waited in the batch queue",
+            VERSION_LABELS,
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
         self.inference_seconds = Histogram(
             "resnet_serve_inference_seconds",
             "Model time per batch",
+            VERSION_LABELS,
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
         self.batch_size = Histogram(
             "resnet_serve_batch_size",
             "Images per model call",
+            VERSION_LABELS,
             buckets=BATCH_BUCKETS,
             registry=registry,
         )
         self.padded_batch_size = Histogram(
             "resnet_serve_padded_batch_size",
             "Images per model call including padding up to the batch bucket",
+            VERSION_LABELS,
             buckets=BATCH_BUCKETS,
             registry=registry,
         )
         self.queue_depth = Gauge(
             "resnet_serve_queue_depth",
             "Images waiting for a batch",
+            VERSION_LABELS,
             multiprocess_mode="livesum",
             registry=registry,
         )
@@ -117,13 +124,28 @@ class Metrics:
         self.batch_limit = Gauge(
             "resnet_serve_batch_limit",
             "The most images one batch takes (fitted at warm-up: app.engine.batch_limit)",
+            VERSION_LABELS,
             multiprocess_mode="livemax",
             registry=registry,
         )
         self.images = Counter(
-            "resnet_serve_images", "Images classified by the model", registry=registry
+            "resnet_serve_images",
+            "Images classified by the model",
+            VERSION_LABELS,
+            registry=registry,
         )
-        self.model = Info("resnet_serve_model", "The model being served", registry=registry)
+        self.model = Info(
+            "resnet_serve_model",
+            "The model versions being served (name, version, provider, precision)",
+            VERSION_LABELS,
+            registry=registry,
+        )
+        self.model_loads = Counter(
+            "resnet_serve_model_loads",
+            "Model versions opened, by outcome: ready, failed (never served), unloaded",
+            ["model", "outcome"],
+            registry=registry,
+        )
 
     def track(self, gauge: Gauge, value: Callable[[], float]) -> None:
         """``value()`` is the gauge: read at scrape time, so the owner never has to remember to
@@ -134,8 +156,11 @@ class Metrics:
         else:
             gauge.set_function(value)
 
-    def track_queue_depth(self, depth: Callable[[], float]) -> None:
-        self.track(self.queue_depth, depth)
+    def untrack(self, gauge: Gauge) -> None:
+        self._sampled = [(g, value) for g, value in self._sampled if g is not gauge]
+
+    def for_version(self, name: str, version: str) -> VersionMetrics:
+        return VersionMetrics(self, name, version)
 
     def sample(self) -> None:
         for gauge, value in self._sampled:
@@ -152,6 +177,39 @@ class Metrics:
         self.sample()
         registry = CollectorRegistry()
         MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-        # An Info has no multiprocess form; every worker serves the same model.
+        # An Info has no multiprocess form; every worker serves the same versions.
         registry.register(self.model)
         return generate_latest(registry)
+
+
+class VersionMetrics:
+    """The per-version children of ``Metrics``: what one served model version's batcher records,
+    removed from ``/metrics`` when the version is unloaded."""
+
+    def __init__(self, metrics: Metrics, name: str, version: str) -> None:
+        self._metrics = metrics
+        self._labels = (name, version)
+        self.queue_wait_seconds = metrics.queue_wait_seconds.labels(name, version)
+        self.inference_seconds = metrics.inference_seconds.labels(name, version)
+        self.batch_size = metrics.batch_size.labels(name, version)
+        self.padded_batch_size = metrics.padded_batch_size.labels(name, version)
+        self.images = metrics.images.labels(name, version)
+
+    def track(self, queue_depth: Callable[[], float], batch_limit: Callable[[], float]) -> None:
+        self._metrics.track(self._metrics.queue_depth.labels(*self._labels), queue_depth)
+        self._metrics.track(self._metrics.batch_limit.labels(*self._labels), batch_limit)
+
+    def describe(self, info: dict[str, str]) -> None:
+        self._metrics.model.labels(*self._labels).info(info)
+
+    def remove(self) -> None:
+        """The version's live series leave /metrics; its counts and histograms stay, as a
+        finished worker's do."""
+        metrics = self._metrics
+        for gauge in (metrics.queue_depth, metrics.batch_limit):
+            child = gauge.labels(*self._labels)
+            metrics.untrack(child)
+            if metrics.multiprocess:  # its file outlives the child: a stale value would stay
+                child.set(0)
+            gauge.remove(*self._labels)
+        metrics.model.remove(*self._labels)

@@ -31,7 +31,8 @@ def uvicorn_config(settings: Settings, app: FastAPI) -> uvicorn.Config:
 
 class Server(uvicorn.Server):
     """Turns readiness to 503 the moment a stop signal arrives, before uvicorn starts draining;
-    re-reads the key files on SIGHUP; ``on_started`` runs once the server accepts connections."""
+    on SIGHUP re-reads the key files and loads what changed in the model repository;
+    ``on_started`` runs once the server accepts connections."""
 
     def __init__(
         self,
@@ -42,11 +43,13 @@ class Server(uvicorn.Server):
         super().__init__(config)
         self._app = app
         self._on_started = on_started
+        self._reloading: asyncio.Task[None] | None = None
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
-        # Only with keys to re-read: otherwise SIGHUP (a closed terminal) still ends the server.
-        if self._app.state.key_files:
-            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._reload_keys)
+        # Only with keys or a repository to re-read: otherwise SIGHUP (a closed terminal) still
+        # ends the server.
+        if self._app.state.reloads_on_sighup:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._reload)
         await super().serve(sockets)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
@@ -54,9 +57,12 @@ class Server(uvicorn.Server):
         if self.started and self._on_started is not None:
             self._on_started()
 
-    def _reload_keys(self) -> None:
+    def _reload(self) -> None:
         for keys in self._app.state.key_files.values():
             keys.reload()
+        models = getattr(self._app.state, "models", None)
+        if models is not None:
+            self._reloading = asyncio.get_running_loop().create_task(models.load_all())
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         lifecycle = getattr(self._app.state, "lifecycle", None)

@@ -10,7 +10,8 @@ The supervisor (this process) binds the port, starts the workers, and then only 
   stops, exit 1;
 - SIGTERM or SIGINT: each worker turns ``/readyz`` to 503, stops accepting, finishes what it
   has, and exits; the supervisor exits 0 once all have exited 0;
-- SIGHUP: with key files, passed on (each worker re-reads them); without, a stop like SIGTERM;
+- SIGHUP: with key files or a model repository, passed on (each worker re-reads its keys and
+  loads what changed in the repository); without, a stop like SIGTERM;
 - a worker whose supervisor has gone (SIGKILL) drains and exits by itself.
 """
 
@@ -183,7 +184,9 @@ class _Supervisor:
         signals = self.wake.recv(64)
         if signal.SIGHUP in signals:
             settings = self.settings
-            if settings.api_keys_file is None and settings.metrics_api_keys_file is None:
+            keys = (settings.api_keys_file, settings.metrics_api_keys_file)
+            reloads = any(keys) or settings.repository_api_keys_file or settings.model_repository
+            if not reloads:
                 return True
             for worker in self.workers:
                 _send(worker, signal.SIGHUP)

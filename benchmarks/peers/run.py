@@ -1,10 +1,6 @@
 """Ours against LitServe, BentoML, Ray Serve and a hand-written FastAPI script, in one run.
 
-The library of ``python -m benchmarks.peers`` (its entry point, benchmarks/peers/__main__.py):
-
-    make peers-venv bench-models
-    PYTHONPATH=. .venv/bin/python -m benchmarks.peers            # about 25 minutes on 2 cores
-    PYTHONPATH=. .venv/bin/python -m benchmarks.peers --quick    # smoke test, a few minutes
+Run by ``python -m benchmarks.peers`` (benchmarks/peers/__main__.py has the commands).
 
 Each server on the same ONNX artifact: start-up time to the first 200, top-1 on the check
 images (examples/ and the load photos) against ours, then one 500x375 JPEG per request at each

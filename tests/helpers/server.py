@@ -56,13 +56,13 @@ def message_is(text: str) -> Callable[[dict[str, object]], bool]:
 
 
 @contextmanager
-def run_server(model_path: Path, **settings: str) -> Iterator[Server]:
+def run_server(model_path: Path | None, **settings: str) -> Iterator[Server]:
     port = free_port()
     env = {
         "PATH": os.environ.get("PATH", ""),
         # Where the GPU machine finds carried wheels and the CUDA libraries (make gpu-check).
         **{k: os.environ[k] for k in ("PYTHONPATH", "LD_LIBRARY_PATH") if k in os.environ},
-        "RESNET_SERVE_MODEL_PATH": str(model_path),
+        "RESNET_SERVE_MODEL_PATH": str(model_path or ""),
         "RESNET_SERVE_HOST": "127.0.0.1",
         "RESNET_SERVE_PORT": str(port),
         "RESNET_SERVE_MAX_BATCH_SIZE": "8",
@@ -75,6 +75,8 @@ def run_server(model_path: Path, **settings: str) -> Iterator[Server]:
         "RESNET_SERVE_FLAT_BATCH_MS": "1e9",
         **{f"RESNET_SERVE_{k.upper()}": v for k, v in settings.items()},
     }
+    if "model_repository" in settings:  # a repository replaces model_path
+        del env["RESNET_SERVE_MODEL_PATH"]
     process = subprocess.Popen(
         [sys.executable, "-m", "app"],
         cwd=ROOT,

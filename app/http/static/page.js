@@ -1,6 +1,7 @@
 "use strict";
-// The page's only script: classify uploads through /predict, show /v1/model, and turn the
-// Prometheus text at /metrics into a live panel. No framework, no build step.
+// The page's only script: classify uploads through /predict with the model version picked from
+// /v1/models, show it from /v1/model, and turn the Prometheus text at /metrics into a live panel.
+// No framework, no build step.
 
 const LIVE_REFRESH_MS = 1500;
 const LIVE_WINDOW_MS = 10000;
@@ -95,8 +96,10 @@ function showError(card, status, code, message, seconds) {
 async function classify(file, card) {
   const form = new FormData();
   form.append("file", file, file.name);
+  const params = new URLSearchParams(chosenModel());
   const topK = $("top-k").value.trim();
-  const url = topK ? `/predict?top_k=${encodeURIComponent(topK)}` : "/predict";
+  if (topK) params.set("top_k", topK);
+  const url = params.size ? `/predict?${params}` : "/predict";
   const started = performance.now();
   let response;
   try {
@@ -153,11 +156,30 @@ function setUpUploads() {
 
 // ---- model card ----------------------------------------------------------------------------
 
+// The model versions being served (/v1/models) fill the picker; "" is the server's default.
+function chosenModel() {
+  const [model, version] = $("model-choice").value.split("@");
+  return model ? { model, version } : {};
+}
+
+function fillPicker(listing) {
+  const picker = $("model-choice");
+  const chosen = picker.value;
+  const options = listing.models.map((m) =>
+    el("option", { value: `${m.name}@${m.version}`, textContent: `${m.name}, version ${m.version}` }));
+  picker.replaceChildren(picker.options[0], ...options);
+  picker.value = options.some((o) => o.value === chosen) ? chosen : "";
+}
+
 async function loadModelCard() {
   const card = $("model-card");
   let model;
   try {
-    const response = await fetch("/v1/model", { headers: authHeaders() });
+    const listed = await fetch("/v1/models", { headers: authHeaders() });
+    if (!listed.ok) throw new Error(`HTTP ${listed.status}`);
+    fillPicker(await listed.json());
+    const query = new URLSearchParams(chosenModel());
+    const response = await fetch(`/v1/model?${query}`, { headers: authHeaders() });
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
     model = await response.json();
   } catch (error) {
@@ -171,7 +193,8 @@ async function loadModelCard() {
     : "not measured";
   const [, height, width] = model.input.shape;
   const rows = [
-    ["Name", model.name], ["Version", model.version], ["Architecture", model.architecture],
+    ["Name", model.name], ["Version", model.version], ["Build", model.build],
+    ["Architecture", model.architecture],
     ["Precision", model.precision], ["Provider", model.provider], ["Accuracy", accuracy],
     ["Classes", String(model.num_classes)], ["Input", `${height}×${width} RGB`],
     ["Batch", model.batching.batch_limit === model.batching.max_batch_size
@@ -207,10 +230,14 @@ function pick(samples, name, labels = {}) {
 }
 
 function buckets(samples, name, labels = {}) {
-  // Cumulative counts by upper bound, ascending, +Inf last.
-  return pick(samples, `${name}_bucket`, labels)
-    .map((s) => ({ le: s.labels.le === "+Inf" ? Infinity : Number(s.labels.le), count: s.value }))
-    .sort((a, b) => a.le - b.le);
+  // Cumulative counts by upper bound, ascending, +Inf last, summed over the other labels
+  // (every model version's batches together).
+  const byBound = new Map();
+  for (const s of pick(samples, `${name}_bucket`, labels)) {
+    const le = s.labels.le === "+Inf" ? Infinity : Number(s.labels.le);
+    byBound.set(le, (byBound.get(le) || 0) + s.value);
+  }
+  return [...byBound].map(([le, count]) => ({ le, count })).sort((a, b) => a.le - b.le);
 }
 
 function subtract(now, before) {
@@ -293,5 +320,6 @@ async function refreshLive() {
 }
 
 setUpUploads();
+$("model-choice").addEventListener("change", loadModelCard);
 loadModelCard();
 refreshLive();

@@ -1,0 +1,219 @@
+"""The model versions being served, and how they change without a failed request.
+
+Requests resolve a version here (``resolve``): the one asked for, or the newest ready version of
+the model, of the default model when none is named. Changes happen on the event loop, one model
+at a time (a lock per name), so a request sees either the old set or the new one:
+
+- a new version is opened, warmed and checked beside those serving (``open_version``); only then
+  is it added, and from that moment it takes the unversioned requests;
+- a version taken out stops taking new requests at once and finishes what it admitted before its
+  session goes;
+- a version that fails to open or to warm never takes a request; the versions serving keep
+  serving, and the failure is logged, counted and shown in the index. A load whose every new
+  version failed takes nothing out, so a model that had a ready version still has one.
+
+Where versions come from is a ``Source``: the repository folder (app.engine.repository), or the
+one file of ``model_path``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from app.engine.memory import release_all
+from app.engine.repository import Signature, signature
+from app.engine.served import ServedModel, State
+from app.errors import UnknownModel
+from app.process.metrics import Metrics
+from app.version_policy import VersionPolicy
+from core.errors import ModelError, ServiceError
+
+log = logging.getLogger(__name__)
+
+OpenVersion = Callable[[str, str, Path], Awaitable[ServedModel]]
+
+
+class Source(Protocol):
+    def names(self) -> list[str]:
+        """The models there are."""
+
+    def wanted(self, name: str, policy: VersionPolicy | None, settled: bool) -> dict[str, Path]:
+        """The versions of ``name`` to serve (``policy``: a load's own), by version; raises
+        UnknownModel for a model that is not there. ``settled``: only versions whose files have
+        not changed since the last look (a poll)."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One row of the repository index."""
+
+    name: str
+    version: str
+    state: State
+    reason: str = ""
+
+
+class Models:
+    def __init__(self, source: Source, open_version: OpenVersion, metrics: Metrics) -> None:
+        self.source = source
+        self._open = open_version
+        self._metrics = metrics
+        self._ready: dict[str, dict[str, ServedModel]] = {}
+        self._loading: set[tuple[str, str]] = set()
+        # What failed to load, with why, and the files it failed on: not retried by a poll
+        # until they change.
+        self._failed: dict[tuple[str, str], tuple[str, Signature | None]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        # A load's own version policy, kept for the polls and reloads after it (Triton's config
+        # override); a load that brings none goes back to the source's.
+        self._policies: dict[str, VersionPolicy] = {}
+        self.default_name: str | None = None
+
+    def resolve(self, name: str | None = None, version: str | None = None) -> ServedModel:
+        """The version a request goes to; UnknownModel (404) when there is none ready."""
+        name = name or self.default_name
+        versions = self._ready.get(name or "")
+        if not versions:
+            serving = sorted(n for n, v in self._ready.items() if v)
+            raise UnknownModel(f"unknown model {name!r}: this server serves {serving}")
+        if version is None:
+            return versions[newest(list(versions))]
+        served = versions.get(version)
+        if served is None:
+            raise UnknownModel(
+                f"unknown version {version!r} of model {name!r}: ready versions are "
+                f"{sorted(versions, key=_order)}"
+            )
+        return served
+
+    def ready(self) -> list[ServedModel]:
+        return [served for versions in self._ready.values() for served in versions.values()]
+
+    def versions(self, name: str) -> list[str]:
+        return sorted(self._ready.get(name, {}), key=_order)
+
+    def index(self) -> list[Entry]:
+        entries = {(s.name, s.version): Entry(s.name, s.version, s.state) for s in self.ready()}
+        for key in self._loading:
+            entries.setdefault(key, Entry(*key, State.LOADING))
+        for key, (reason, _) in self._failed.items():
+            entries.setdefault(key, Entry(*key, State.UNAVAILABLE, reason))
+        named = {name for name, _ in entries}
+        for name in set(self.source.names()) - named:
+            entries[(name, "")] = Entry(name, "", State.UNAVAILABLE, "not loaded")
+        return [entries[key] for key in sorted(entries, key=lambda k: (k[0], _order(k[1])))]
+
+    async def load(
+        self, name: str, policy: VersionPolicy | None = None, *, polled: bool = False
+    ) -> list[Entry]:
+        """Bring ``name`` to the versions its policy wants: new ones warmed beside the serving
+        ones and added, then the unwanted ones drained and taken out; the versions that failed.
+        ``policy``: this load's own, kept for later loads (None: the source's from now on).
+        ``polled``: only versions whose files have settled, and not again those that failed on
+        the same files."""
+        async with self._lock(name):
+            if policy is None:
+                self._policies.pop(name, None)
+            else:
+                self._policies[name] = policy
+            wanted = self.source.wanted(name, policy, settled=polled)
+            current = self._ready.setdefault(name, {})
+            for version, path in wanted.items():
+                if version not in current:
+                    await self._add(name, version, path, retry=not polled)
+            if self.default_name is None and current:
+                self.default_name = name
+            # Only once a wanted version is ready: a load whose new versions all failed leaves
+            # the serving ones serving.
+            if set(wanted) & set(current):
+                for version in [v for v in current if v not in wanted]:
+                    await self._take_out(name, version)
+            return [
+                Entry(name, version, State.UNAVAILABLE, self._failed[(name, version)][0])
+                for version in wanted
+                if (name, version) in self._failed
+            ]
+
+    async def unload(self, name: str) -> None:
+        """Take every version of ``name`` out; each finishes what it admitted first."""
+        async with self._lock(name):
+            if not self._ready.get(name):
+                raise UnknownModel(f"model {name!r} is not loaded")
+            for version in list(self._ready[name]):
+                await self._take_out(name, version)
+            del self._ready[name]
+            self._failed = {k: v for k, v in self._failed.items() if k[0] != name}
+            self._policies.pop(name, None)
+
+    async def load_all(self, *, polled: bool = False) -> None:
+        """Every model of the source, each to its policy (start-up, SIGHUP, a poll); a poll also
+        unloads the models whose folder is gone."""
+        try:
+            names = self.source.names()
+        except ModelError as exc:
+            log.error("the model source cannot be read", extra={"reason": str(exc)})
+            return
+        for name in names:
+            try:  # each model to the policy its last load brought, if any
+                await self.load(name, self._policies.get(name), polled=polled)
+            except ServiceError as exc:
+                log.warning("model not loaded", extra={"model": name, "reason": exc.message})
+        if polled:
+            for name in [n for n, versions in self._ready.items() if versions and n not in names]:
+                await self.unload(name)
+
+    async def close(self) -> None:
+        for name in list(self._ready):
+            async with self._lock(name):
+                for version in list(self._ready[name]):
+                    await self._take_out(name, version)
+
+    async def _add(self, name: str, version: str, path: Path, *, retry: bool) -> None:
+        files = signature(path) if path.parent.is_dir() else None
+        failed = self._failed.get((name, version))
+        if failed is not None and not retry and failed[1] == files:
+            return
+        self._loading.add((name, version))
+        try:
+            served = await self._open(name, version, path)
+        except Exception as exc:
+            reason = str(getattr(exc, "message", None) or exc) or type(exc).__name__
+            self._failed[(name, version)] = (reason, files)
+            self._metrics.model_loads.labels(name, "failed").inc()
+            log.error(
+                "model version failed to load; it takes no requests",
+                extra={"model": name, "version": version, "path": str(path), "reason": reason},
+            )
+            return
+        finally:
+            self._loading.discard((name, version))
+        self._failed.pop((name, version), None)
+        self._ready[name][version] = served  # from here on it takes requests
+        self._metrics.model_loads.labels(name, "ready").inc()
+        log.info("serving", extra={"model": name, "version": version})
+
+    async def _take_out(self, name: str, version: str) -> None:
+        served = self._ready[name].pop(version)  # no new request reaches it from here on
+        await served.stop()
+        self._metrics.model_loads.labels(name, "unloaded").inc()
+        del served
+        gc.collect()  # its sessions sit in reference cycles (tasks, callbacks): free them now
+        release_all()
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+
+def newest(versions: list[str]) -> str:
+    return max(versions, key=_order)
+
+
+def _order(version: str) -> tuple[int, int | str]:
+    """Numeric versions by number; others (a metadata version) after them, by text."""
+    return (0, int(version)) if version.isdigit() else (1, version)

@@ -1,0 +1,63 @@
+"""The repository API on a real server, driven by Triton's own client (tritonclient.http)."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from tritonclient.utils import InferenceServerException
+
+from tests.helpers.models import image_bytes
+from tests.helpers.server import message_is, run_server
+from tests.test_app_repository import NAME, add_version
+
+
+def classify(client: triton.InferenceServerClient, version: str = "") -> tuple[str, str]:
+    """(the version that answered, its top label) for one image."""
+    images = triton.InferInput("images", [1], "BYTES")
+    images.set_data_from_numpy(np.array([image_bytes(5)], dtype=object))
+    top = triton.InferRequestedOutput("probabilities", class_count=1)
+    result = client.infer(NAME, [images], model_version=version, outputs=[top])
+    (row,) = result.as_numpy("probabilities")
+    return result.get_response()["model_version"], row[0].decode().split(":", 2)[2]
+
+
+def test_tritonclient_loads_switches_and_unloads_versions(tmp_path: Path) -> None:
+    repository = tmp_path / "repository"
+    add_version(repository, 1)
+    with run_server(None, model_repository=str(repository)) as server:
+        server.wait_for_log(message_is("serving"))
+        client = triton.InferenceServerClient(server.url.removeprefix("http://"))
+        try:
+            index = client.get_model_repository_index()
+            assert index == [{"name": NAME, "version": "1", "state": "READY", "reason": ""}]
+            assert classify(client)[0] == "1"
+
+            add_version(repository, 2)
+            client.load_model(NAME)  # the server's policy, latest: 2 in, then 1 out
+            assert client.is_model_ready(NAME, "2")
+            assert not client.is_model_ready(NAME, "1")
+            assert classify(client)[0] == "2"
+            assert classify(client)[1].endswith("@v2")
+
+            back = '{"version_policy": {"specific": {"versions": [1]}}}'
+            client.load_model(NAME, config=back)
+            assert classify(client)[0] == "1"
+            with pytest.raises(InferenceServerException, match="unknown version '2'"):
+                classify(client, "2")
+
+            client.unload_model(NAME)
+            assert not client.is_model_ready(NAME)
+            assert not client.is_server_ready()
+
+            while not server.lines.empty():  # what was logged so far is not the answer
+                server.seen.append(server.lines.get_nowait())
+            server.process.send_signal(signal.SIGHUP)  # loads the repository again
+            server.wait_for_log(lambda e: e.get("message") == "serving" and e.get("version") == "2")
+            assert client.is_server_ready()
+            assert classify(client)[0] == "2"
+        finally:
+            client.close()
