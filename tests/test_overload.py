@@ -18,9 +18,10 @@ import numpy as np
 import psutil
 from PIL import Image
 
-from benchmarks.load import run_point, run_server
+from tests.helpers.load import closed_loop
 from tests.helpers.metrics import gauge, scrape, status_counts
 from tests.helpers.models import image_bytes
+from tests.helpers.server import message_is, run_server
 
 PNG = image_bytes(1)
 TIMEOUT_MS = 2000
@@ -31,18 +32,18 @@ LAST_BATCH_MS = 500
 def test_goodput_holds_at_16x_the_saturating_concurrency(slow_model: Path) -> None:
     settings = {"max_batch_size": "8", "intra_op_threads": "1", "decode_threads": "2"}
     with run_server(slow_model, request_timeout_ms=str(TIMEOUT_MS), **settings) as server:
-        pool = [("a.png", PNG)]
-        asyncio.run(run_point(server, pool, concurrency=8, images_per_request=1, seconds=1))
-        saturated = asyncio.run(run_point(server, pool, 8, 1, seconds=3))
-        overloaded = asyncio.run(run_point(server, pool, 128, 1, seconds=3))
+        server.wait_for_log(message_is("ready"))
+        asyncio.run(closed_loop(server.url, PNG, concurrency=8, seconds=1))
+        saturated = asyncio.run(closed_loop(server.url, PNG, concurrency=8, seconds=3))
+        overloaded = asyncio.run(closed_loop(server.url, PNG, concurrency=128, seconds=3))
         after = status_counts(scrape(server.url))
-    assert set(overloaded["statuses"]) <= {"200", "503", "504"}, overloaded["statuses"]
-    ratio = overloaded["images_per_s"] / saturated["images_per_s"]
+    assert set(overloaded.statuses) <= {"200", "503", "504"}, overloaded.statuses
+    ratio = overloaded.images_per_s / saturated.images_per_s
     assert ratio >= 0.6, (saturated, overloaded)
     # Admitted work finishes inside its deadline, measured from the body being in: the client
     # also saw its wait at the door (admission_wait_ms, 1 s), and an image still inside its
     # deadline when its batch started finishes with that batch (LAST_BATCH_MS).
-    assert overloaded["p99_ms"] <= TIMEOUT_MS + 1000 + LAST_BATCH_MS, overloaded
+    assert overloaded.p99_ms <= TIMEOUT_MS + 1000 + LAST_BATCH_MS, overloaded.p99_ms
     assert "500" not in after
 
 
@@ -75,6 +76,7 @@ def wait_for_gauge(url: str, name: str, at_least: float) -> None:
 
 def test_trickling_uploads_hold_nothing_honest_clients_need(slow_model: Path) -> None:
     with run_server(slow_model, upload_timeout_ms="4000") as server:
+        server.wait_for_log(message_is("ready"))
         tricklers = [trickle(server.url, 1_000_000) for _ in range(60)]
         # +1: the scrape itself is in flight too.
         wait_for_gauge(server.url, "resnet_serve_requests_in_flight", len(tricklers) + 1)
@@ -104,6 +106,7 @@ def test_a_request_of_huge_images_does_not_hold_up_the_others(slow_model: Path) 
     big = [("files", (f"big{i}.png", solid_png(5000, i), "image/png")) for i in range(6)]
     settings = {"decode_threads": "2", "max_request_pixels": "200000000"}
     with run_server(slow_model, request_timeout_ms="60000", **settings) as server:
+        server.wait_for_log(message_is("ready"))
         rss = psutil.Process(server.process.pid).memory_info
         httpx.post(f"{server.url}/predict", files=[big[0]], timeout=60)
         settled_rss = rss().rss
