@@ -35,6 +35,7 @@ from app.http.uploads import UploadLimits
 from app.oip.repository import router as repository_router
 from app.oip.routes import router as oip_router
 from app.process.keys import KeyFile
+from app.process.link import Change, Outcome, WorkerLink
 from app.process.metrics import Metrics
 from app.settings import Settings
 from app.version_policy import VersionPolicy
@@ -82,7 +83,15 @@ def create_app(
         app.state.lifecycle = lifecycle
         app.state.admission = admission
         app.state.models = models
-        warming = asyncio.create_task(_first_load(models, lifecycle))
+        link: WorkerLink | None = getattr(app.state, "link", None)
+
+        async def change(change: Change) -> list[Outcome]:
+            if link is None:
+                return [Outcome(None, failed=await models.apply(change))]
+            return await link.relay(change)  # every worker applies it
+
+        app.state.change_repository = change
+        warming = asyncio.create_task(_first_load(models, lifecycle, link))
         watching = (
             asyncio.create_task(_watch(models, settings.repository_poll_s))
             if settings.repository_poll_s
@@ -155,9 +164,12 @@ def source(settings: Settings) -> Source:
     )
 
 
-async def _first_load(models: Models, lifecycle: Lifecycle) -> None:
-    """Every model to its policy; ready once a model is (each failure is logged and indexed)."""
+async def _first_load(models: Models, lifecycle: Lifecycle, link: WorkerLink | None) -> None:
+    """Every model to its policy, then (a worker) the repository changes the other workers
+    applied; ready once a model is (each failure is logged and indexed)."""
     await models.load_all()
+    if link is not None:
+        await link.attach(models.apply)
     if models.ready():
         lifecycle.mark_warmed(sorted({b for s in models.ready() for b in s.batcher.config.buckets}))
     else:

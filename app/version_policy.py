@@ -43,6 +43,14 @@ class VersionPolicy:
             "specific:V[,V...] (versions positive integers)"
         )
 
+    def __str__(self) -> str:
+        """The text ``parse`` reads back."""
+        if self.kind == "latest":
+            return f"latest:{self.count}"
+        if self.kind == "all":
+            return "all"
+        return "specific:" + ",".join(str(v) for v in self.versions)
+
     def pick(self, available: list[int]) -> list[int]:
         ordered = sorted(available)
         if self.kind == "latest":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 
@@ -11,8 +12,9 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from tests.helpers.models import image_bytes
-from tests.helpers.server import message_is, run_server
-from tests.test_app_repository import NAME, add_version
+from tests.helpers.server import message_is, post_image, run_server
+from tests.test_app_repository import NAME, PNG, add_version
+from tests.test_app_workers import start_workers
 
 
 def classify(client: triton.InferenceServerClient, version: str = "") -> tuple[str, str]:
@@ -61,3 +63,38 @@ def test_tritonclient_loads_switches_and_unloads_versions(tmp_path: Path) -> Non
             assert classify(client)[0] == "2"
         finally:
             client.close()
+
+
+def versions_answering(url: str, count: int) -> set[str]:
+    """The versions that answer ``count`` requests, each on a new connection: the kernel spreads
+    new connections over the workers."""
+    return {post_image(url, PNG, "x.png").json()["model_version"] for _ in range(count)}
+
+
+def test_with_two_workers_a_change_asked_of_one_is_applied_by_every_worker(
+    tmp_path: Path,
+) -> None:
+    repository = tmp_path / "repository"
+    add_version(repository, 1)
+    add_version(repository, 2)
+    settings = {"workers": "2", "decode_threads": "1", "model_repository": str(repository)}
+    with run_server(None, **settings) as server:
+        pids = start_workers(server)
+        client = triton.InferenceServerClient(server.url.removeprefix("http://"))
+        try:
+            assert versions_answering(server.url, 30) == {"2"}
+            client.load_model(NAME, config='{"version_policy": {"specific": {"versions": [1]}}}')
+            # Answered once both workers serve version 1 only.
+            assert versions_answering(server.url, 30) == {"1"}
+
+            # A replacement worker loads the folder (latest: 2), then the change it missed.
+            os.kill(pids[0], signal.SIGKILL)
+            replacement = server.wait_for_log(message_is("worker started"))
+            assert versions_answering(server.url, 30) == {"1"}
+
+            client.unload_model(NAME)
+            statuses = {post_image(server.url, PNG, "x.png").status_code for _ in range(30)}
+        finally:
+            client.close()
+    assert replacement["worker"] == 0
+    assert statuses == {404}

@@ -30,6 +30,7 @@ from app.engine.memory import release_all
 from app.engine.repository import Signature, signature
 from app.engine.served import ServedModel, State
 from app.errors import UnknownModel
+from app.process.link import Change
 from app.process.metrics import Metrics
 from app.version_policy import VersionPolicy
 from core.errors import ModelError, ServiceError
@@ -150,6 +151,14 @@ class Models:
             del self._ready[name]
             self._failed = {k: v for k, v in self._failed.items() if k[0] != name}
             self._policies.pop(name, None)
+
+    async def apply(self, change: Change) -> list[tuple[str, str]]:
+        """A repository change (app.process.link): the versions that failed, with why."""
+        if change.action == "unload":
+            await self.unload(change.name)
+            return []
+        policy = VersionPolicy.parse(change.policy) if change.policy is not None else None
+        return [(e.version, e.reason) for e in await self.load(change.name, policy)]
 
     async def load_all(self, *, polled: bool = False) -> None:
         """Every model of the source, each to its policy (start-up, SIGHUP, a poll); a poll also

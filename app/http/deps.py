@@ -5,6 +5,7 @@ The getters are ``async def`` so FastAPI calls them inline instead of in its thr
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -14,6 +15,7 @@ from app.engine.lifecycle import Lifecycle
 from app.engine.models import Models
 from app.http.intake import TICKET_KEY
 from app.http.uploads import UploadLimits
+from app.process.link import Change, Outcome
 from app.process.metrics import Metrics
 
 
@@ -32,7 +34,15 @@ async def _lifecycle(request: Request) -> Lifecycle:
     return lifecycle
 
 
+async def _repository_changes(request: Request) -> ChangeRepository:
+    change: ChangeRepository = request.app.state.change_repository
+    return change
+
+
 ModelsDep = Annotated[Models, Depends(_models)]
+# A repository change applied by every worker (app.process.link); each one's outcome.
+ChangeRepository = Callable[[Change], Awaitable[list[Outcome]]]
+RepositoryChangesDep = Annotated[ChangeRepository, Depends(_repository_changes)]
 MetricsDep = Annotated[Metrics, Depends(_metrics)]
 LifecycleDep = Annotated[Lifecycle, Depends(_lifecycle)]
 

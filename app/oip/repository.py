@@ -5,6 +5,7 @@
 A load brings the model to its version policy: the server's, or Triton's ``version_policy`` in
 the request's ``config`` parameter (kept for that model until a load without one). It answers once
 the new versions serve, or 400 naming each version that failed while the old ones keep serving.
+With several workers, every worker applies the change before the answer (app.process.link).
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from pydantic import BaseModel, Field, ValidationError
 
 from app.engine.repository import check_name
 from app.http.access import Access, access
-from app.http.deps import ModelsDep
+from app.http.deps import ModelsDep, RepositoryChangesDep
 from app.oip.schemas import ProtocolError
+from app.process.link import Change, raise_refusal
 from app.version_policy import VersionPolicy
 from core.errors import BadRequest
 
@@ -67,12 +69,17 @@ async def index(request: Request, models: ModelsDep) -> list[IndexEntry]:
     openapi_extra=REPOSITORY,
     summary="Load the model to its version policy (200 once its new versions serve)",
 )
-async def load(model_name: str, request: Request, models: ModelsDep) -> Response:
+async def load(
+    model_name: str, request: Request, models: ModelsDep, change: RepositoryChangesDep
+) -> Response:
     control = await _body(request, ControlRequest)
     policy = _policy(control.parameters.get("config"))
-    failed = await models.load(check_name(model_name), policy)
+    text = str(policy) if policy is not None else None
+    outcomes = await change(Change("load", check_name(model_name), text))
+    raise_refusal(outcomes)
+    failed = sorted({failure for outcome in outcomes for failure in outcome.failed})
     if failed:
-        reasons = "; ".join(f"version {e.version}: {e.reason}" for e in failed)
+        reasons = "; ".join(f"version {version}: {reason}" for version, reason in failed)
         serving = models.versions(model_name)
         raise BadRequest(f"failed to load {model_name!r} ({reasons}); serving {serving}")
     return Response()
@@ -84,9 +91,9 @@ async def load(model_name: str, request: Request, models: ModelsDep) -> Response
     openapi_extra=REPOSITORY,
     summary="Unload every version of the model (200 once they have answered what they held)",
 )
-async def unload(model_name: str, request: Request, models: ModelsDep) -> Response:
+async def unload(model_name: str, request: Request, change: RepositoryChangesDep) -> Response:
     await _body(request, ControlRequest)
-    await models.unload(check_name(model_name))
+    raise_refusal(await change(Change("unload", check_name(model_name))))
     return Response()
 
 

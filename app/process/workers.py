@@ -12,11 +12,13 @@ The supervisor (this process) binds the port, starts the workers, and then only 
   has, and exits; the supervisor exits 0 once all have exited 0;
 - SIGHUP: with key files or a model repository, passed on (each worker re-reads its keys and
   loads what changed in the repository); without, a stop like SIGTERM;
+- a repository load or unload asked of one worker is relayed to every worker (app.process.link);
 - a worker whose supervisor has gone (SIGKILL) drains and exits by itself.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import multiprocessing
 import os
@@ -25,9 +27,8 @@ import signal
 import socket
 import sys
 import tempfile
-import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from types import FrameType
@@ -37,6 +38,7 @@ from prometheus_client.multiprocess import mark_process_dead
 
 from app.process.cpus import pin_worker
 from app.process.keys import KeyFileError
+from app.process.link import STARTED, Change, Outcome, WorkerLink
 from app.process.logs import configure_logging
 from app.process.server import Server, uvicorn_config
 from app.settings import Settings
@@ -47,7 +49,6 @@ log = logging.getLogger(__name__)
 # Workers are spawned, not forked: the supervisor has loaded ONNX Runtime, whose threads and
 # locks do not survive a fork.
 _spawn = multiprocessing.get_context("spawn")
-_STARTED = "started"
 # Builds a worker's app from its settings and cores (app.main.open_app); spawned workers get it
 # by reference, so it must be a module-level function.
 Build = Callable[[Settings, int | None], FastAPI]
@@ -57,8 +58,18 @@ Build = Callable[[Settings, int | None], FastAPI]
 class _Worker:
     index: int
     process: BaseProcess
-    conn: Connection  # "started" arrives on it; the worker sees EOF when the supervisor dies
+    conn: Connection  # app.process.link; the worker sees EOF when the supervisor dies
     started: bool = False
+
+
+@dataclass
+class _Relay:
+    """A repository change on its way through every worker, for the one that was asked."""
+
+    asked: _Worker
+    ident: int
+    waiting: set[int]  # the workers whose outcome is still to come
+    outcomes: list[Outcome] = field(default_factory=list)
 
 
 def supervise(settings: Settings, build: Build) -> int:
@@ -135,6 +146,10 @@ class _Supervisor:
         self.wake = wake
         self.metrics_dir = metrics_dir
         self.workers: list[_Worker] = []
+        self.relays: dict[int, _Relay] = {}
+        self.relay_ids = itertools.count()
+        # Each model's last change, for the workers started after it.
+        self.changes: dict[str, Change] = {}
 
     def run(self) -> int:
         log.info(
@@ -145,9 +160,7 @@ class _Supervisor:
         while True:
             waiting: list[Connection | socket.socket | int] = [self.wake]
             for worker in self.workers:
-                waiting.append(worker.process.sentinel)
-                if not worker.started:
-                    waiting.append(worker.conn)
+                waiting += [worker.process.sentinel, worker.conn]
             for ready in wait(waiting):
                 if ready is self.wake:
                     if self._on_signals():
@@ -171,6 +184,8 @@ class _Supervisor:
         )
         process.start()
         theirs.close()
+        for change in self.changes.values():  # applied before the worker accepts
+            ours.send(("apply", None, change))
         return _Worker(index, process, ours)
 
     def _owner(self, ready: object) -> _Worker | None:
@@ -198,10 +213,43 @@ class _Supervisor:
             message = worker.conn.recv()
         except EOFError:
             return False
-        if message == _STARTED:
+        if message == STARTED:
             worker.started = True
             log.info("worker started", extra={"worker": worker.index, "pid": worker.process.pid})
+            return True
+        kind, ident, body = message
+        if kind == "relay":
+            self._relay(worker, ident, body)
+        elif kind == "applied":
+            self._applied(worker.index, ident, body)
         return True
+
+    def _relay(self, asked: _Worker, ident: int, change: Change) -> None:
+        self.changes.pop(change.name, None)
+        self.changes[change.name] = change
+        number = next(self.relay_ids)
+        live = [w for w in self.workers if w.process.exitcode is None]
+        # A starting worker applies it too, but answers only for the started ones.
+        relay = _Relay(asked, ident, {w.index for w in live if w.started})
+        self.relays[number] = relay
+        for worker in live:
+            worker.conn.send(("apply", number, change))
+        self._answer_if_complete(number)
+
+    def _applied(self, index: int, number: int, outcome: Outcome) -> None:
+        relay = self.relays.get(number)
+        if relay is not None and index in relay.waiting:
+            relay.waiting.discard(index)
+            relay.outcomes.append(outcome)
+            self._answer_if_complete(number)
+
+    def _answer_if_complete(self, number: int) -> None:
+        relay = self.relays[number]
+        if relay.waiting:
+            return
+        del self.relays[number]
+        if any(w is relay.asked for w in self.workers) and relay.asked.process.exitcode is None:
+            relay.asked.conn.send(("done", relay.ident, relay.outcomes))
 
     def _on_exit(self, worker: _Worker) -> bool:
         """Replaces a worker that died while serving; False when it never started."""
@@ -212,6 +260,9 @@ class _Supervisor:
         worker.process.close()
         mark_process_dead(details["pid"], self.metrics_dir)  # type: ignore[no-untyped-call]
         place = self.workers.index(worker)
+        for number, relay in list(self.relays.items()):  # it answers for no change now
+            relay.waiting.discard(worker.index)
+            self._answer_if_complete(number)
         if not worker.started:
             log.error("worker exited before it served; stopping", extra=details)
             del self.workers[place]
@@ -253,7 +304,8 @@ def serve_worker(settings: Settings, build: Build, index: int, port: int, conn: 
     configure_logging(settings.log_level, worker=index)
     if cores is not None:
         log.info("worker pinned", extra={"cores": cores})
-    threading.Thread(target=_exit_with_supervisor, args=(conn,), daemon=True).start()
+    link = WorkerLink(conn, index)
+    link.start()
     try:
         # Bound now; listening (so given connections) only once uvicorn has run the lifespan,
         # which in a worker ends after the warm-up.
@@ -263,7 +315,8 @@ def serve_worker(settings: Settings, build: Build, index: int, port: int, conn: 
     except (OSError, ModelError, KeyFileError) as exc:
         print(f"resnet-serve: worker {index}: {exc}", file=sys.stderr)
         sys.exit(1)
-    server = Server(uvicorn_config(settings, app), app, on_started=lambda: conn.send(_STARTED))
+    app.state.link = link
+    server = Server(uvicorn_config(settings, app), app, on_started=lambda: link.send(STARTED))
     server.run(sockets=[listener])
     if not server.started:
         sys.exit(1)
@@ -271,12 +324,3 @@ def serve_worker(settings: Settings, build: Build, index: int, port: int, conn: 
 
 def _exit_quietly(sig: int, frame: FrameType | None) -> None:
     sys.exit(0)
-
-
-def _exit_with_supervisor(conn: Connection) -> None:
-    # The supervisor never sends after start-up: EOF means it is gone, and nobody would
-    # replace this worker or stop it.
-    try:
-        conn.recv()
-    except (EOFError, OSError):
-        os.kill(os.getpid(), signal.SIGTERM)
