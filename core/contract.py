@@ -74,6 +74,8 @@ class ModelMetadata:
     accuracy: dict[str, Any] | None  # measured at export; None without a labelled eval set
     parity: dict[str, Any] | None = None  # ONNX Runtime vs PyTorch on the eval images
     training: dict[str, Any] | None = None
+    # Its own outputs for core.reference's probes, checked by the server before it serves.
+    reference: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -103,6 +105,7 @@ class ModelMetadata:
             "accuracy": self.accuracy,
             "parity": self.parity,
             "training": self.training,
+            "reference": self.reference,
         }
 
     def to_props(self) -> dict[str, str]:
@@ -136,9 +139,14 @@ class ModelMetadata:
             preprocessing=preprocessing,
             source_sha256=props["source_sha256"],
             accuracy=_json(props, "accuracy", (dict, type(None))),
-            parity=_json(props, "parity", (dict, type(None))) if "parity" in props else None,
-            training=_json(props, "training", (dict, type(None))) if "training" in props else None,
+            parity=_optional(props, "parity"),
+            training=_optional(props, "training"),
+            reference=_optional(props, "reference"),
         )
+
+
+def _optional(props: Mapping[str, str], key: str) -> dict[str, Any] | None:
+    return _json(props, key, (dict, type(None))) if key in props else None
 
 
 def _json(props: Mapping[str, str], key: str, kind: type | tuple[type, ...]) -> Any:

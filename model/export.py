@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from core.contract import (
     Preprocessing,
 )
 from core.errors import ModelError
+from core.reference import entry_for, probe_images
 from model.checkpoint import Checkpoint
 from model.evalsets import EvalSet
 from model.files import atomic_path
@@ -82,7 +84,9 @@ def export(
         accuracy = _accuracy(probs, eval_set)
         if precision == "int8" and accuracy is not None:
             _check_int8(accuracy["top1"], _accuracy(fp32_probs, eval_set)["top1"])  # type: ignore[index]
+        answers = run_onnx(model_bytes, probe_images(ckpt.recipe.crop_size))
     metadata = _metadata(ckpt, precision, accuracy, report[precision], version)
+    metadata = replace(metadata, reference=entry_for(answers))
     model = onnx.load_from_string(model_bytes)
     onnx.helper.set_model_props(model, metadata.to_props())
     model.producer_name = "resnet-serve"

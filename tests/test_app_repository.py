@@ -8,12 +8,14 @@ import base64
 import json
 import shutil
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from core.reference import PROBE
 from tests.conftest import running
 from tests.helpers.models import LABELS, build_model, image_bytes
 
@@ -200,6 +202,50 @@ async def test_a_folder_whose_model_has_another_name_never_serves(
     (two,) = [entry for entry in index if entry["version"] == "2"]
     assert "holds the model 'something-else'" in two["reason"]
     assert answer.json()["model_version"] == "1"  # version 2 failed: version 1 still serves
+
+
+def wrong_input_shape(folder: Path) -> None:
+    # A 24x24 graph whose metadata promises 16x16 crops.
+    preprocessing = {"resize_size": 20, "crop_size": 16, "interpolation": "bilinear"}
+    preprocessing |= {"mean": [0.5] * 3, "std": [0.5] * 3}
+    metadata = {"model_name": NAME, "preprocessing": json.dumps(preprocessing)}
+    build_model(folder / "model.onnx", crop_size=24, metadata=metadata)
+
+
+def labels_missing(folder: Path) -> None:
+    build_model(folder / "model.onnx", metadata={"model_name": NAME}, drop=("labels",))
+
+
+def not_what_was_exported(folder: Path) -> None:
+    # Its reference says the probes are class 0 at 0.99: these weights compute something else.
+    probes = [[[0, 0.99]], [[0, 0.99]]]
+    entry = json.dumps({"probe": PROBE, "top": probes})
+    build_model(folder / "model.onnx", metadata={"model_name": NAME, "reference": entry})
+
+
+@pytest.mark.parametrize(
+    ("write", "reason"),
+    [
+        (wrong_input_shape, "24"),
+        (labels_missing, "missing ['labels']"),
+        (not_what_was_exported, "does not compute what was exported"),
+    ],
+    ids=["input-shape", "labels-missing", "reference"],
+)
+async def test_a_broken_version_is_refused_with_its_reason_and_never_serves(
+    make_settings: Any, repository: Path, write: Callable[[Path], None], reason: str
+) -> None:
+    async with running(make_settings, model_repository=repository) as (app, client):
+        (repository / NAME / "2").mkdir()
+        write(repository / NAME / "2")
+        refused = await control(client, "load")
+        index = (await client.post("/v2/repository/index", json={})).json()
+        answer = await predict(client)
+    assert refused.status_code == 400
+    (two,) = [entry for entry in index if entry["version"] == "2"]
+    assert two["state"] == "UNAVAILABLE"
+    assert reason in two["reason"], two["reason"]
+    assert answer.json()["model_version"] == "1"
 
 
 async def test_watching_loads_a_version_once_its_files_have_settled(

@@ -26,6 +26,7 @@ from app.engine.providers import (
 )
 from core.contract import INPUT_NAME, OUTPUT_NAME, ModelMetadata
 from core.errors import ModelError
+from core.reference import mismatch, probe_images
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +209,8 @@ class OnnxModel:
 
     def self_check(self, batch: int) -> None:
         """A batch of varied images gives one probability row each: finite, in [0, 1], summing
-        to 1, and the same row whatever else shares the batch (no row leaks into another).
+        to 1, and the same row whatever else shares the batch (no row leaks into another); and
+        the probes give the file's reference outputs, where it has them (core.reference).
         Raises ModelError: a version that fails it never serves."""
         size = self.metadata.recipe.crop_size
         rng = np.random.default_rng(0)
@@ -228,6 +230,12 @@ class OnnxModel:
             alone = self.predict(np.concatenate([images[:1], np.zeros_like(images[1:])]))
             if not np.allclose(alone[0], rows[0], atol=1e-3):
                 raise ModelError("a row's probabilities change with the other rows of its batch")
+        if self.metadata.reference is not None:
+            probes = probe_images(size)
+            answers = np.concatenate([self.predict(probes[i : i + 1]) for i in range(len(probes))])
+            reason = mismatch(self.metadata.reference, answers, self.metadata.precision)
+            if reason is not None:
+                raise ModelError(reason)
 
     def warm_up_alone(self, batch_sizes: Iterable[int]) -> None:
         """``warm_up`` for the session of lone batches, where there is one."""
