@@ -13,6 +13,8 @@ from app.main import key_files, open_app, source
 from app.process.keys import KeyFileError
 from app.process.logs import configure_logging
 from app.process.server import Server, uvicorn_config
+from app.process.tracing import TracingError
+from app.process.tracing import check as check_tracing
 from app.process.workers import supervise
 from app.settings import Settings
 from core.errors import ModelError
@@ -27,6 +29,11 @@ def main() -> int:
             for error in exc.errors()
         )
         print(f"resnet-serve: invalid settings: {problems}", file=sys.stderr)
+        return 2
+    try:
+        check_tracing(settings)
+    except TracingError as exc:
+        print(f"resnet-serve: invalid settings: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
     if settings.workers > 1:

@@ -37,6 +37,7 @@ from app.oip.routes import router as oip_router
 from app.process.keys import KeyFile
 from app.process.link import Change, Outcome, WorkerLink
 from app.process.metrics import Metrics
+from app.process.tracing import configure as configure_tracing
 from app.settings import Settings
 from app.version_policy import VersionPolicy
 
@@ -71,13 +72,14 @@ def create_app(
     """
     keys = key_files(settings)
     metrics = Metrics(multiprocess=settings.workers > 1)
+    tracing = configure_tracing(settings, metrics.trace_spans_dropped)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         lifecycle = Lifecycle(settings.retry_after_s)
         admission = Admission(admission_config(settings), lifecycle, metrics)
         decoder = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
-        versions = Versions(settings, cores, admission, decoder, metrics, lifecycle, model)
+        versions = Versions(settings, cores, admission, decoder, metrics, lifecycle, tracing, model)
         models = Models(source(settings), versions.open, metrics)
         models.default_name = settings.default_model
         app.state.lifecycle = lifecycle
@@ -117,12 +119,14 @@ def create_app(
             versions.close()
             if sampler is not None:
                 metrics.sample()
+            tracing.shutdown()  # what was traced is sent before the process goes
             log.info("drained")
 
     app = FastAPI(
         title="resnet-serve", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None
     )
     app.state.metrics = metrics
+    app.state.tracing = tracing
     app.state.key_files = keys
     app.state.upload_limits = UploadLimits(
         max_image_bytes=settings.max_image_bytes,
@@ -145,7 +149,7 @@ def create_app(
         upload_timeout_ms=settings.upload_timeout_ms,
     )
     app.add_middleware(RequireKey, keys=keys, metrics=metrics)
-    app.add_middleware(RequestContext, metrics=metrics, routes=routes)
+    app.add_middleware(RequestContext, metrics=metrics, routes=routes, tracing=tracing)
     app.state.routes = routes
     app.state.reloads_on_sighup = bool(keys) or settings.model_repository is not None
     return app

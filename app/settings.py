@@ -1,4 +1,5 @@
-"""Server configuration. The only module that reads the environment (prefix ``RESNET_SERVE_``)."""
+"""Server configuration. The only module that reads the environment (prefix ``RESNET_SERVE_``),
+but for OpenTelemetry's standard ``OTEL_*`` variables (app.process.tracing and the SDK)."""
 
 from __future__ import annotations
 
@@ -74,6 +75,17 @@ class Settings(BaseSettings):
     protocol's model routes need one of them (Authorization: Bearer or X-API-Key). Unset: open."""
     metrics_api_keys_file: Path | None = None
     """A separate file of keys for /metrics (a scraper's key cannot run inference). Unset: open."""
+    trace_exporter: Literal["none", "otlp", "console"] | None = None
+    """Where traces go (docs/tracing.md): otlp (OTEL_EXPORTER_OTLP_* name the endpoint and the
+    protocol, http/protobuf or grpc), console (stderr), or none: tracing off, no span made.
+    Unset: OTEL_TRACES_EXPORTER, else none."""
+    trace_sample_ratio: float | None = Field(None, ge=0, le=1)
+    """The share of requests that start a trace of their own; a request whose traceparent is
+    sampled is always traced. Unset: OTEL_TRACES_SAMPLER (and OTEL_TRACES_SAMPLER_ARG), else 0."""
+    trace_queue_spans: int = Field(2048, ge=1)
+    """Finished spans waiting for the exporter. Past it spans are dropped and counted
+    (resnet_serve_trace_spans_dropped_total): a slow or absent collector never delays a
+    request."""
 
     workers: int = Field(1, ge=1, le=64)
     """Processes serving the one port, each with its own session, batcher and admission

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -162,19 +162,27 @@ def decode_cost(data: bytes, recipe: Recipe, limits: Limits = Limits()) -> int:
 
 def decode(data: bytes, recipe: Recipe, limits: Limits = Limits()) -> np.ndarray:
     """Untrusted bytes -> model input, or an error that names the problem."""
-    return decode_counted(data, recipe, limits)[0]
+    return decode_counted(data, recipe, limits).crop
 
 
-def decode_counted(
-    data: bytes, recipe: Recipe, limits: Limits = Limits()
-) -> tuple[np.ndarray, int]:
-    """``decode``, and the number of pixels it decoded (what it cost)."""
+class Decoded(NamedTuple):
+    crop: np.ndarray
+    pixels: int  # decoded: what the decode cost
+    format: str
+    scale: int  # the JPEG draft's reduction (1: decoded at full size)
+
+
+def decode_counted(data: bytes, recipe: Recipe, limits: Limits = Limits()) -> Decoded:
+    """``decode``, and what it decoded."""
     image = open_image(data, limits)
     try:
+        full_width = image.width
         _drafted(image, recipe)
         image.seek(0)
         image.load()
-        return to_model_input(image, recipe), image.width * image.height
+        scale = max(1, round(full_width / max(image.width, 1)))
+        crop = to_model_input(image, recipe)
+        return Decoded(crop, image.width * image.height, image.format or "", scale)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise TooManyPixels(f"image has too many pixels: {exc}") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:

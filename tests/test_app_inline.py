@@ -33,7 +33,7 @@ async def test_a_lone_request_moves_onto_the_event_loop_once_its_work_is_known_f
     ran_on: list[str] = []
     predict_alone = model.predict_alone
 
-    def recorded_decode(*args: Any) -> tuple[np.ndarray, int]:
+    def recorded_decode(*args: Any) -> preprocess.Decoded:
         decoded_on.append(threading.current_thread().name)
         return preprocess.decode_counted(*args)
 

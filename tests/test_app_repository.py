@@ -235,7 +235,7 @@ def not_what_was_exported(folder: Path) -> None:
 async def test_a_broken_version_is_refused_with_its_reason_and_never_serves(
     make_settings: Any, repository: Path, write: Callable[[Path], None], reason: str
 ) -> None:
-    async with running(make_settings, model_repository=repository) as (app, client):
+    async with running(make_settings, model_repository=repository) as (_, client):
         (repository / NAME / "2").mkdir()
         write(repository / NAME / "2")
         refused = await control(client, "load")

@@ -100,8 +100,24 @@ def wait_until_in_flight(url: str, count: int) -> float:
         (b"garbage" * 100, {}, 1, "cannot load ONNX model"),
         (None, {"RESNET_SERVE_MAX_WAIT": "3"}, 2, "unknown settings"),
         (None, {"RESNET_SERVE_PROVIDERS": "tpu"}, 2, "providers"),
+        (None, {"OTEL_TRACES_EXPORTER": "zipkin"}, 2, "OTEL_TRACES_EXPORTER='zipkin'"),
+        (None, {"OTEL_TRACES_SAMPLER": "sometimes"}, 2, "OTEL_TRACES_SAMPLER='sometimes'"),
+        (
+            None,
+            {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"},
+            2,
+            "'http/json'",
+        ),
     ],
-    ids=["missing-model", "corrupt-model", "misspelt-setting", "bad-setting"],
+    ids=[
+        "missing-model",
+        "corrupt-model",
+        "misspelt-setting",
+        "bad-setting",
+        "trace-exporter",
+        "trace-sampler",
+        "otlp-protocol",
+    ],
 )
 def test_bad_start_up_is_one_line_and_nonzero_exit(
     tmp_path: Path, content: bytes | None, extra_env: dict[str, str], status: int, fragment: str

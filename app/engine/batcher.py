@@ -12,16 +12,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+from opentelemetry.trace import INVALID_SPAN_CONTEXT, SpanContext, format_trace_id
 
 from app.engine.inline import Inline
 from app.engine.lanes import Lanes
 from app.errors import DeadlineExceeded, InferenceFailed, Overloaded, ShuttingDown
 from app.process.metrics import VersionMetrics
+from app.process.tracing import NO_TRACING, Tracing, current, now_ns
 from core.errors import ServiceError
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,9 @@ class _Item:
     future: asyncio.Future[np.ndarray]
     enqueued_at: float
     deadline: float
+    # The request's sampled span, and when the image was queued (wall clock, for its spans).
+    trace: SpanContext | None = None
+    enqueued_ns: int = 0
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,8 @@ class Batcher:
         on_batch: Callable[[int, float], None] = lambda images, seconds: None,
         alone_fn: ModelFn | None = None,
         admitted_images: Callable[[], int] = lambda: 0,
+        tracing: Tracing = NO_TRACING,
+        described: Mapping[str, str] | None = None,
     ) -> None:
         """Create inside the running loop (its queues belong to it).
 
@@ -82,7 +89,8 @@ class Batcher:
         time shared among the batches running beside it (admission's cost estimate).
         ``alone_fn``: the model for a batch with the machine to itself, nothing else computing,
         queued or on its way (``admitted_images``: all images admitted upstream and not
-        finished, this batch's included).
+        finished, this batch's included). ``described``: the batch spans' attributes (the
+        model, its version, provider and precision).
         """
         self.model_fn = model_fn
         self.config = config
@@ -91,6 +99,9 @@ class Batcher:
         self.on_batch = on_batch
         self.alone_fn = alone_fn
         self.admitted_images = admitted_images
+        self.tracing = tracing
+        self.described = dict(described or {})
+        self._lane_numbers: dict[ThreadPoolExecutor, int] = {}
         self.inline = Inline(config.inline_max_ms, batches=alone_fn is not None)
         self.lanes = Lanes(config.concurrent_batches)
         self.limit = config.max_batch_size  # the most images one batch takes
@@ -178,6 +189,10 @@ class Batcher:
         if deadline is None:
             deadline = now + self.config.request_timeout_ms / 1000
         items = [_Item(image, loop.create_future(), now, deadline) for image in images]
+        if self.tracing.on and (traced := current()) is not None:
+            enqueued_ns = now_ns()
+            for item in items:
+                item.trace, item.enqueued_ns = traced, enqueued_ns
         for item in items:
             self._queue.put_nowait(item)
         return [item.future for item in items]
@@ -252,7 +267,8 @@ class Batcher:
                     )
                 )
                 continue
-            self.metrics.queue_wait_seconds.observe(now - item.enqueued_at)
+            exemplar = {"trace_id": format_trace_id(item.trace.trace_id)} if item.trace else None
+            self.metrics.queue_wait_seconds.observe(now - item.enqueued_at, exemplar)
             live.append(item)
         return live
 
@@ -264,6 +280,7 @@ class Batcher:
         # whole pipeline, so a run's time is shared among the batches running beside it.
         sharing = max(1, self._computing)
         started = time.perf_counter()
+        started_ns = now_ns() if self.tracing.on else 0
         size = bucket_for(len(batch), self.config.buckets)
         model_fn, inline = self.model_fn, False
         if alone and self.alone_fn is not None:
@@ -279,11 +296,14 @@ class Batcher:
                 outputs = await self.lanes.run(lane, model_fn, inputs)
         except Exception as exc:
             log.exception("inference failed", extra={"batch_size": len(batch)})
-            return InferenceFailed(f"inference failed for a batch of {len(batch)}: {exc!r}")
+            failed = InferenceFailed(f"inference failed for a batch of {len(batch)}: {exc!r}")
+            self._trace(lane, batch, size, inline, started_ns, failed.message)
+            return failed
         if len(outputs) != size:
             return InferenceFailed(
                 f"model returned {len(outputs)} outputs for a batch of {size} images"
             )
+        self._trace(lane, batch, size, inline, started_ns)
         seconds = time.perf_counter() - started
         if model_fn is self.alone_fn:
             self.inline.ran_batch(size, seconds)
@@ -293,6 +313,73 @@ class Batcher:
         self.metrics.padded_batch_size.observe(size)
         self.metrics.images.inc(len(batch))
         return outputs[: len(batch)]
+
+    def _trace(
+        self,
+        lane: ThreadPoolExecutor,
+        batch: list[_Item],
+        size: int,
+        inline: bool,
+        started_ns: int,
+        error: str | None = None,
+    ) -> None:
+        """The batch's span, linked to each traced request in it; and in each such request, its
+        wait in the queue and its share of the run, linked back to the batch."""
+        traced = [item for item in batch if item.trace is not None]
+        if not traced:
+            return
+        try:
+            self._record_spans(lane, traced, len(batch), size, inline, started_ns, error)
+        except Exception:  # tracing never fails a batch
+            log.exception("tracing the batch failed")
+
+    def _record_spans(
+        self,
+        lane: ThreadPoolExecutor,
+        traced: list[_Item],
+        images: int,
+        size: int,
+        inline: bool,
+        started_ns: int,
+        error: str | None,
+    ) -> None:
+        ended_ns = now_ns()
+        lane_number = self._lane_numbers.setdefault(lane, len(self._lane_numbers))
+        attributes = {
+            **self.described,
+            "resnet_serve.batch.size": images,
+            "resnet_serve.batch.bucket": size,
+            "resnet_serve.batch.padding": size - images,
+            "resnet_serve.batch.lane": -1 if inline else lane_number,
+        }
+        requests: dict[tuple[int, int], list[_Item]] = {}
+        for item in traced:
+            assert item.trace is not None
+            requests.setdefault((item.trace.trace_id, item.trace.span_id), []).append(item)
+        span = self.tracing.stage(
+            "batch",
+            started_ns,
+            ended_ns,
+            attributes,
+            parent=INVALID_SPAN_CONTEXT,  # a root of its own: it serves many traces
+            links=[items[0].trace for items in requests.values() if items[0].trace],
+            error=error,
+        )
+        shared = [span] if span is not None else []
+        for items in requests.values():
+            request = items[0].trace
+            queued = min(item.enqueued_ns for item in items)
+            own = {"resnet_serve.images": len(items)}
+            self.tracing.stage("queue", queued, started_ns, own, parent=request, links=shared)
+            self.tracing.stage(
+                "inference",
+                started_ns,
+                ended_ns,
+                own,
+                parent=request,
+                links=shared,
+                error=error,
+            )
 
     def _fan_out(self, batch: list[_Item], outputs: np.ndarray | ServiceError) -> None:
         for index, item in enumerate(batch):

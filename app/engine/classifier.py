@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
+from opentelemetry.trace import SpanContext
 
 from app.engine.admission import Admission, CostEstimate, Ticket
 from app.engine.batcher import Batcher
@@ -21,9 +22,10 @@ from app.engine.memory import release_after
 from app.engine.session import OnnxModel
 from app.errors import DeadlineExceeded, InvalidParameter
 from app.process.metrics import Metrics
+from app.process.tracing import NO_TRACING, Tracing, current, now_ns
 from core.contract import ModelMetadata
 from core.errors import InvalidImage, ServiceError, TooManyPixels
-from core.preprocess import Limits, decode_cost, decode_counted
+from core.preprocess import Decoded, Limits, decode_cost, decode_counted
 
 T = TypeVar("T")
 
@@ -62,6 +64,7 @@ class Classifier:
         metrics: Metrics,
         config: ClassifyConfig,
         estimate: CostEstimate | None = None,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         """``estimate``: this model version's cost per image, learned from its batches."""
         self.model = model
@@ -72,6 +75,7 @@ class Classifier:
         self._decoder = decoder
         self._metrics = metrics
         self._inline = batcher.inline
+        self._tracing = tracing
 
     @property
     def metadata(self) -> ModelMetadata:
@@ -99,12 +103,14 @@ class Classifier:
             if len(images) > 1:  # one image is bounded by max_image_pixels <= the budget
                 await self._run(self._check_budget, images)
             crops = []
+            # Decodes run on other threads: their spans name the request's span themselves.
+            parent = current() if self._tracing.on else None
             for index, image in enumerate(images):
                 self._check_deadline(deadline, f"image {index} was not decoded")
                 if self._decodes_inline(image, len(images)):
-                    crops.append(self._decode_labelled(index, image))
+                    crops.append(self._decode_labelled(index, image, parent))
                 else:
-                    crops.append(await self._run(self._decode_labelled, index, image))
+                    crops.append(await self._run(self._decode_labelled, index, image, parent))
             return await self.batcher.submit(crops, deadline)
 
     async def infer(
@@ -143,19 +149,48 @@ class Classifier:
                 f"max_request_pixels={self.config.max_request_pixels}"
             )
 
-    def _decode_labelled(self, index: int, image: Image) -> np.ndarray:
-        started = time.perf_counter()
+    def _decode_labelled(
+        self, index: int, image: Image, parent: SpanContext | None = None
+    ) -> np.ndarray:
+        started, started_ns = time.perf_counter(), now_ns() if parent is not None else 0
+        decoded: Decoded | None = None
+        error: str | None = None
         try:
-            return _labelled(index, image, self._decode, image.data)
+            decoded = _labelled(index, image, self._decode, image.data)
+            return decoded.crop
+        except ServiceError as exc:
+            error = exc.message
+            raise
         finally:
             self._metrics.preprocess_seconds.observe(time.perf_counter() - started)
+            if parent is not None:
+                self._trace_decode(index, image, decoded, started_ns, parent, error)
 
-    def _decode(self, data: bytes) -> np.ndarray:
+    def _trace_decode(
+        self,
+        index: int,
+        image: Image,
+        decoded: Decoded | None,
+        started_ns: int,
+        parent: SpanContext,
+        error: str | None,
+    ) -> None:
+        attributes: dict[str, str | int] = {
+            "resnet_serve.image.index": index,
+            "resnet_serve.image.bytes": len(image.data),
+        }
+        if decoded is not None:
+            attributes["resnet_serve.image.format"] = decoded.format
+            attributes["resnet_serve.image.pixels"] = decoded.pixels
+            attributes["resnet_serve.image.draft_scale"] = decoded.scale
+        self._tracing.stage("decode", started_ns, now_ns(), attributes, parent=parent, error=error)
+
+    def _decode(self, data: bytes) -> Decoded:
         started = time.perf_counter()
-        crop, pixels = decode_counted(data, self.metadata.recipe, self.config.limits)
-        self._inline.decoded(pixels, time.perf_counter() - started)
-        release_after(pixels)
-        return crop
+        decoded = decode_counted(data, self.metadata.recipe, self.config.limits)
+        self._inline.decoded(decoded.pixels, time.perf_counter() - started)
+        release_after(decoded.pixels)
+        return decoded
 
     def _decodes_inline(self, image: Image, images: int) -> bool:
         """Whether this request has the server to itself and ``image`` is predicted to decode

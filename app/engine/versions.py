@@ -19,6 +19,7 @@ from app.engine.served import ServedModel
 from app.engine.session import OnnxModel, SessionConfig
 from app.engine.sizing import batch_config, session_config
 from app.process.metrics import Metrics
+from app.process.tracing import Tracing
 from app.settings import Settings
 from core.errors import ModelError
 
@@ -51,6 +52,7 @@ class Versions:
         decoder: Executor,
         metrics: Metrics,
         lifecycle: Lifecycle,
+        tracing: Tracing,
         opened: OnnxModel | None = None,
     ) -> None:
         self.settings = settings
@@ -59,6 +61,7 @@ class Versions:
         self.decoder = decoder
         self.metrics = metrics
         self.lifecycle = lifecycle
+        self.tracing = tracing
         self._opened = opened
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="load", initializer=_yield_cpu)
 
@@ -95,6 +98,13 @@ class Versions:
             on_batch=estimate.observe_batch,
             alone_fn=loaded.predict_alone if loaded.adaptive else None,
             admitted_images=lambda: admission.admitted_images,
+            tracing=self.tracing,
+            described={
+                "resnet_serve.model": name,
+                "resnet_serve.model_version": version,
+                "resnet_serve.provider": loaded.provider,
+                "resnet_serve.precision": loaded.metadata.precision,
+            },
         )
         classifier = Classifier(
             loaded,
@@ -104,6 +114,7 @@ class Versions:
             self.metrics,
             classify_config(self.settings),
             estimate,
+            self.tracing,
         )
         return ServedModel(
             name, version, path, loaded, batcher, classifier, estimate, admission, metrics

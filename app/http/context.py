@@ -1,4 +1,5 @@
-"""Per-request context, outermost: request id, metrics, access log, and the last-resort 500."""
+"""Per-request context, outermost: request id, trace span, metrics, access log, and the
+last-resort 500."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import re
 import time
 
+import orjson
 from prometheus_client import Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -15,6 +17,7 @@ from app.http.access import SCOPE_KEY, Access, Matched, RouteTable
 from app.http.handlers import error_response
 from app.process.logs import request_id
 from app.process.metrics import Metrics
+from app.process.tracing import Tracing, end_status, trace_id, trace_response
 
 log = logging.getLogger("app.access")
 
@@ -48,10 +51,13 @@ class _Sampler:
 
 
 class RequestContext:
-    def __init__(self, app: ASGIApp, *, metrics: Metrics, routes: RouteTable) -> None:
+    def __init__(
+        self, app: ASGIApp, *, metrics: Metrics, routes: RouteTable, tracing: Tracing
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.routes = routes
+        self.tracing = tracing
         self._refusals = {status: _Sampler(REFUSAL_LOG_INTERVAL_S) for status in SAMPLED_STATUSES}
         # Labelled children by (endpoint, status), bounded like the labels: a lookup in
         # prometheus_client takes a lock and builds a tuple on every request.
@@ -66,23 +72,32 @@ class RequestContext:
         given = headers.get(b"x-request-id", b"").decode("latin-1")
         rid = given if _SAFE_ID.fullmatch(given) else f"{_ID_PREFIX}{next(_ID_COUNTER):x}"
         token = request_id.set(rid)
-        status = 500
-        started = time.perf_counter()
+        route = matched.label if matched.exact else ""
+        with self.tracing.request(scope["method"], route, scope["path"], headers) as span:
+            status, refusal = 500, _Refusal()
+            started = time.perf_counter()
+            extra = [(b"x-request-id", rid.encode())]
+            if (traced := trace_response(span)) is not None:
+                extra.append((b"traceresponse", traced))
 
-        async def send_with_id(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
-            await send(message)
+            async def send_with_id(message: Message) -> None:
+                nonlocal status
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+                    message["headers"] = [*message.get("headers", []), *extra]
+                elif status >= 400 and span is not None and span.is_recording():
+                    refusal.read(message)
+                await send(message)
 
-        self.metrics.in_flight.inc()
-        try:
-            await self._guarded(scope, receive, send_with_id)
-        finally:
-            self.metrics.in_flight.dec()
-            self._record(scope, matched, status, time.perf_counter() - started)
-            request_id.reset(token)
+            self.metrics.in_flight.inc()
+            try:
+                await self._guarded(scope, receive, send_with_id)
+            finally:
+                self.metrics.in_flight.dec()
+                end_status(span, status, refusal.code, refusal.message)
+                seconds = time.perf_counter() - started
+                self._record(scope, matched, status, seconds, trace_id(span))
+                request_id.reset(token)
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = False
@@ -103,17 +118,22 @@ class RequestContext:
                 )
                 await response(scope, receive, send)
 
-    def _record(self, scope: Scope, matched: Matched, status: int, seconds: float) -> None:
+    def _record(
+        self, scope: Scope, matched: Matched, status: int, seconds: float, traced: str | None
+    ) -> None:
         key = (matched.label, status)
         counter, histogram = self._series.get(key) or self._add_series(*key)
         counter.inc()
-        histogram.observe(seconds)
-        extra = {
+        # A sampled request's trace id on its latency bucket: from a slow bucket to its trace.
+        histogram.observe(seconds, {"trace_id": traced} if traced else None)
+        extra: dict[str, object] = {
             "method": scope["method"],
             "path": scope["path"],
             "status": status,
             "duration_ms": round(seconds * 1000, 2),
         }
+        if traced:
+            extra["trace_id"] = traced
         if status in self._refusals:
             held_back = self._refusals[status].take(time.monotonic())
             if held_back is None:
@@ -130,3 +150,22 @@ class RequestContext:
         )
         self._series[(endpoint, status)] = series
         return series
+
+
+class _Refusal:
+    """The code and message of an error answer (app.http.handlers' shapes), for its span."""
+
+    code: str | None = None
+    message: str | None = None
+
+    def read(self, message: Message) -> None:
+        if message["type"] != "http.response.body" or self.message is not None:
+            return
+        try:
+            error = orjson.loads(message.get("body", b"")).get("error")
+        except (orjson.JSONDecodeError, AttributeError):
+            return
+        if isinstance(error, dict):
+            self.code, self.message = error.get("code"), error.get("message")
+        elif isinstance(error, str):
+            self.message = error

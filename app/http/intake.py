@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 
+from opentelemetry.trace import SpanContext
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.engine.admission import Admission, BufferAccount
 from app.errors import ClientClosedRequest, UploadTimeout
 from app.http.access import SCOPE_KEY, Access, Matched
 from app.http.handlers import error_response
+from app.process.tracing import NO_TRACING, Tracing, current, now_ns
 from core.errors import PayloadTooLarge, ServiceError
 
 CLOSE = {"Connection": "close"}
@@ -41,23 +43,31 @@ class Intake:
             await _refuse(too_large, scope, receive, send)
             return
         admission: Admission | None = getattr(scope["app"].state, "admission", None)
+        tracing: Tracing = getattr(scope["app"].state, "tracing", NO_TRACING)
+        traced = current() if tracing.on else None
+        upload = _Upload(tracing, traced)
         matched: Matched = scope[SCOPE_KEY]
         if admission is None or matched.access is not Access.INFERENCE or not matched.exact:
-            await self.app(scope, self._limited(receive, None), send)
+            await self.app(scope, self._limited(receive, None, upload), send)
             return
+        started_ns = now_ns() if traced else 0
         try:
             ticket = await admission.enter()
         except ServiceError as refused:
+            if traced:
+                tracing.stage("admission", started_ns, now_ns(), error=refused.message)
             await _refuse(refused, scope, receive, send)
             return
+        if traced:
+            tracing.stage("admission", started_ns, now_ns())
         scope.setdefault("state", {})[TICKET_KEY] = ticket
         try:
             with admission.buffering() as account:
-                await self.app(scope, self._limited(receive, account), send)
+                await self.app(scope, self._limited(receive, account, upload), send)
         finally:
             ticket.release()
 
-    def _limited(self, receive: Receive, account: BufferAccount | None) -> Receive:
+    def _limited(self, receive: Receive, account: BufferAccount | None, upload: _Upload) -> Receive:
         received = 0
         deadline = asyncio.get_running_loop().time() + self.upload_timeout_s
         complete = False
@@ -66,33 +76,63 @@ class Intake:
             nonlocal received, complete
             if complete:  # from here on only a disconnect can come: no deadline
                 return await receive()
+            upload.begin()
             try:
                 async with asyncio.timeout_at(deadline):
                     message = await receive()
+                if message["type"] == "http.request":
+                    size = len(message.get("body", b""))
+                    received += size
+                    complete = not message.get("more_body", False)
+                    if received > self.max_request_bytes:
+                        raise PayloadTooLarge(self._too_large(f"body of at least {received} bytes"))
+                    if account is not None:
+                        account.add(size)
+                elif message["type"] == "http.disconnect" and not complete:
+                    raise ClientClosedRequest(
+                        f"the client closed the connection mid-upload ({received} bytes received)"
+                    )
             except TimeoutError:
-                raise UploadTimeout(
+                error = UploadTimeout(
                     f"the upload took longer than upload_timeout_ms="
                     f"{self.upload_timeout_s * 1000:g} ({received} bytes received)",
                     headers=CLOSE,
-                ) from None
-            if message["type"] == "http.request":
-                size = len(message.get("body", b""))
-                received += size
-                complete = not message.get("more_body", False)
-                if received > self.max_request_bytes:
-                    raise PayloadTooLarge(self._too_large(f"body of at least {received} bytes"))
-                if account is not None:
-                    account.add(size)
-            elif message["type"] == "http.disconnect" and not complete:
-                raise ClientClosedRequest(
-                    f"the client closed the connection mid-upload ({received} bytes received)"
                 )
+                upload.end(received, error.message)
+                raise error from None
+            except ServiceError as exc:
+                upload.end(received, exc.message)
+                raise
+            if complete:
+                upload.end(received)
             return message
 
         return receive_counted
 
     def _too_large(self, what: str) -> str:
         return f"request {what} is over max_request_bytes={self.max_request_bytes}"
+
+
+class _Upload:
+    """The span of reading a request's body, from the first read to the last byte."""
+
+    def __init__(self, tracing: Tracing, parent: SpanContext | None) -> None:
+        self.tracing = tracing
+        self.parent = parent
+        self.started_ns = 0
+
+    def begin(self) -> None:
+        if self.parent is not None and not self.started_ns:
+            self.started_ns = now_ns()
+
+    def end(self, received: int, error: str | None = None) -> None:
+        if self.parent is None or not self.started_ns:
+            return
+        body = {"http.request.body.size": received}
+        self.tracing.stage(
+            "read body", self.started_ns, now_ns(), body, parent=self.parent, error=error
+        )
+        self.parent = None  # once
 
 
 async def _refuse(error: ServiceError, scope: Scope, receive: Receive, send: Send) -> None:

@@ -6,6 +6,7 @@ from typing import Annotated
 
 import orjson
 from fastapi import APIRouter, Query, Request, Response
+from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS
 
 from app.engine.lifecycle import Lifecycle
 from app.engine.models import Models
@@ -112,7 +113,11 @@ def check_ready(lifecycle: Lifecycle, models: Models) -> None:
     response_class=Response,
     openapi_extra=access(Access.METRICS),
 )
-async def metrics_endpoint(metrics: MetricsDep) -> Response:
+async def metrics_endpoint(request: Request, metrics: MetricsDep) -> Response:
+    # OpenMetrics (with the exemplars: trace ids on latency buckets) for scrapers that ask for
+    # it, as Prometheus does; the plain text format for everyone else.
+    if "application/openmetrics-text" in request.headers.get("accept", ""):
+        return Response(metrics.render(openmetrics=True), media_type=OPENMETRICS)
     return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 

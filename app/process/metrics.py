@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
 
 # Seconds; spans sub-millisecond preprocessing up to multi-second overload latencies.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -146,6 +147,11 @@ class Metrics:
             ["model", "outcome"],
             registry=registry,
         )
+        self.trace_spans_dropped = Counter(
+            "resnet_serve_trace_spans_dropped",
+            "Finished spans not exported: the export queue was full or the exporter failed",
+            registry=registry,
+        )
 
     def track(self, gauge: Gauge, value: Callable[[], float]) -> None:
         """``value()`` is the gauge: read at scrape time, so the owner never has to remember to
@@ -171,15 +177,18 @@ class Metrics:
             self.sample()
             await asyncio.sleep(SAMPLE_INTERVAL_S)
 
-    def render(self) -> bytes:
+    def render(self, openmetrics: bool = False) -> bytes:
+        """The text format, or OpenMetrics (which carries exemplars; with several workers the
+        values come from files, which hold no exemplars)."""
+        generate = openmetrics_latest if openmetrics else generate_latest
         if not self.multiprocess:
-            return generate_latest(self.registry)
+            return generate(self.registry)
         self.sample()
         registry = CollectorRegistry()
         MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         # An Info has no multiprocess form; every worker serves the same versions.
         registry.register(self.model)
-        return generate_latest(registry)
+        return generate(registry)
 
 
 class VersionMetrics:

@@ -19,6 +19,7 @@ MARKER = "<!-- settings-reference -->"
 # The first setting of each section, in the order of the fields in app/settings.py.
 SECTIONS = {
     "model_path": "Model, server and keys",
+    "trace_exporter": "Tracing",
     "workers": "Processes and cores",
     "providers": "Runtime and providers",
     "max_batch_size": "Batching",

@@ -57,6 +57,7 @@ def message_is(text: str) -> Callable[[dict[str, object]], bool]:
 
 @contextmanager
 def run_server(model_path: Path | None, **settings: str) -> Iterator[Server]:
+    """``settings`` as ``RESNET_SERVE_*`` variables; an upper-case name (``OTEL_*``) as it is."""
     port = free_port()
     env = {
         "PATH": os.environ.get("PATH", ""),
@@ -73,7 +74,7 @@ def run_server(model_path: Path | None, **settings: str) -> Iterator[Server]:
         "RESNET_SERVE_DECODE_THREADS": "2",
         # Batches up to max_batch_size, whatever this machine's warm-up timings fit.
         "RESNET_SERVE_FLAT_BATCH_MS": "1e9",
-        **{f"RESNET_SERVE_{k.upper()}": v for k, v in settings.items()},
+        **{k if k.isupper() else f"RESNET_SERVE_{k.upper()}": v for k, v in settings.items()},
     }
     if "model_repository" in settings:  # a repository replaces model_path
         del env["RESNET_SERVE_MODEL_PATH"]

@@ -1,0 +1,59 @@
+"""A real ``python -m app`` turned to tracing by the standard OpenTelemetry variables alone,
+exporting to an OTLP receiver that decodes the wire format as a collector would."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers.models import image_bytes
+from tests.helpers.otlp import Spans, grpc_receiver, http_receiver
+from tests.helpers.server import message_is, run_server
+
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+CALLER = "00f067aa0ba902b7"
+# The server span and its five stages, and the batch's own span.
+SPANS = {"POST /predict", "admission", "read body", "decode", "queue", "inference", "batch"}
+
+
+@pytest.mark.parametrize(
+    ("protocol", "receiver"),
+    [("http/protobuf", http_receiver), ("grpc", grpc_receiver)],
+    ids=["otlp-http", "otlp-grpc"],
+)
+def test_otel_variables_alone_trace_and_export_a_callers_sampled_request(
+    model_path: Path,
+    protocol: str,
+    receiver: Callable[[], AbstractContextManager[tuple[str, Spans]]],
+) -> None:
+    with receiver() as (endpoint, spans):
+        environ = {
+            "OTEL_TRACES_EXPORTER": "otlp",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+            "OTEL_EXPORTER_OTLP_PROTOCOL": protocol,
+            "OTEL_SERVICE_NAME": "classifier-a",
+        }
+        with run_server(model_path, **environ) as server:
+            server.wait_for_log(message_is("ready"))
+            files = [("files", ("a.png", image_bytes(3), "image/png"))]
+            untraced = httpx.post(f"{server.url}/predict", files=files, timeout=30)
+            headers = {"traceparent": f"00-{TRACE}-{CALLER}-01"}
+            answer = httpx.post(f"{server.url}/predict", files=files, headers=headers, timeout=30)
+            logged = server.wait_for_log(
+                lambda entry: entry.get("message") == "request" and "trace_id" in entry
+            )
+            received = spans.wait_for(len(SPANS))
+    assert (untraced.status_code, answer.status_code) == (200, 200)
+    assert logged["trace_id"] == TRACE
+    assert {span.name for span in received} == SPANS  # the unsampled request sent none
+    by_name = {span.name: span for span in received}
+    server_span = by_name["POST /predict"]
+    assert server_span.parent_span_id == CALLER
+    assert {span.service for span in received} == {"classifier-a"}
+    assert {span.trace_id for span in received if span.name != "batch"} == {TRACE}
+    assert by_name["batch"].links == (server_span.span_id,)
+    assert answer.headers["traceresponse"] == f"00-{TRACE}-{server_span.span_id}-01"
