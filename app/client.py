@@ -3,10 +3,15 @@
 python -m app.client examples/ --url http://127.0.0.1:8000
 python -m app.client photos/ a.jpg --url URL --top-k 3 --concurrency 8 --format jsonl -o out.jsonl
 python -m app.client photos/ --url URL --model resnet50 --model-version 2
+python -m app.client photos/ --url URL --trace      # one trace for the run (docs/tracing.md)
 
 Folders are walked recursively for image files (by suffix); files named on the command line are
 always sent, so the server says what is wrong with them. 503 answers are retried after the
 server's Retry-After. Exit status: 0 if every image was classified, 1 if any failed, 2 on bad usage.
+
+Tracing: every request carries a W3C ``traceparent`` in the run's trace, a span of its own, when
+``--trace`` is given (a new sampled trace, its id printed at the end) or ``TRACEPARENT`` is set (the
+OpenTelemetry convention for handing a process its context: the run joins that trace).
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ import asyncio
 import csv
 import json
 import mimetypes
+import os
+import re
+import secrets
 import sys
 import time
 from collections.abc import Iterator
@@ -31,6 +39,7 @@ from tqdm import tqdm
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 MAX_RETRY_WAIT_S = 60.0  # a Retry-After beyond this is capped, not obeyed blindly
 CSV_FIELDS = ["path", "status", "top1", "score", "predictions", "latency_ms", "attempts", "error"]
+_TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-[0-9a-f]{16}-([0-9a-f]{2})")
 
 
 @dataclass
@@ -41,6 +50,7 @@ class Outcome:
     latency_ms: float | None = None
     attempts: int = 0
     error: dict[str, str] | None = None
+    traceparent: str | None = None  # what the last attempt sent (jsonl only)
 
     def row(self) -> dict[str, Any]:
         return {
@@ -50,6 +60,7 @@ class Outcome:
             "latency_ms": self.latency_ms,
             "attempts": self.attempts,
             "error": self.error,
+            **({"traceparent": self.traceparent} if self.traceparent else {}),
         }
 
     def csv_row(self) -> dict[str, Any]:
@@ -95,8 +106,31 @@ def retry_after_s(value: str | None, default: float = 1.0) -> float:
     return min(max(seconds, 0.0), MAX_RETRY_WAIT_S)
 
 
+@dataclass(frozen=True)
+class RunTrace:
+    """The trace a run's requests join: its id, and its flags (01: sampled)."""
+
+    trace_id: str
+    flags: str
+
+    @classmethod
+    def chosen(cls, asked: bool) -> RunTrace | None:
+        match = _TRACEPARENT.fullmatch(os.environ.get("TRACEPARENT", "").strip().lower())
+        if match and int(match.group(1), 16):
+            return cls(match.group(1), match.group(2))
+        return cls(secrets.token_hex(16), "01") if asked else None
+
+    def header(self) -> str:
+        """A ``traceparent`` naming a new span of this trace: one per request."""
+        return f"00-{self.trace_id}-{secrets.token_hex(8)}-{self.flags}"
+
+
 async def classify(
-    client: httpx.AsyncClient, path: Path, top_k: int | None, retries: int
+    client: httpx.AsyncClient,
+    path: Path,
+    top_k: int | None,
+    retries: int,
+    trace: RunTrace | None = None,
 ) -> Outcome:
     outcome = Outcome(str(path))
     try:
@@ -109,9 +143,12 @@ async def classify(
     while True:
         outcome.attempts += 1
         started = time.perf_counter()
+        headers = {}
+        if trace is not None:
+            headers["traceparent"] = outcome.traceparent = trace.header()
         try:
             files = {"file": (path.name, data, media_type)}
-            response = await client.post("/predict", files=files, params=params)
+            response = await client.post("/predict", files=files, params=params, headers=headers)
         except httpx.TransportError as exc:
             outcome.error = {"code": "connection_failed", "message": repr(exc)}
             if outcome.attempts > retries:
@@ -156,7 +193,9 @@ class Writer:
         self.stream.flush()
 
 
-async def run(args: argparse.Namespace, paths: list[Path], writer: Writer) -> int:
+async def run(
+    args: argparse.Namespace, paths: list[Path], writer: Writer, trace: RunTrace | None = None
+) -> int:
     """Classify every path with at most ``args.concurrency`` requests in flight; return failures."""
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=args.concurrency)
@@ -173,7 +212,7 @@ async def run(args: argparse.Namespace, paths: list[Path], writer: Writer) -> in
         async def worker() -> None:
             nonlocal failed
             for path in pending:
-                outcome = await classify(client, path, args.top_k, args.retries)
+                outcome = await classify(client, path, args.top_k, args.retries, trace)
                 failed += outcome.error is not None
                 writer.write(outcome)
                 bar.update()
@@ -204,6 +243,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--api-key-file", type=Path, help="file holding a bearer token")
     parser.add_argument("--retries", type=int, default=5, help="retries on 503 / no connection")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    parser.add_argument(
+        "--trace", action="store_true", help="send every request in one new sampled trace"
+    )
     args = parser.parse_args(argv)
     if args.concurrency < 1 or args.retries < 0 or (args.top_k is not None and args.top_k < 1):
         parser.error("need --concurrency >= 1, --retries >= 0 and --top-k >= 1")
@@ -227,15 +269,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no image files in {' '.join(map(str, args.paths))}", file=sys.stderr)
         return 2
     started = time.perf_counter()
+    trace = RunTrace.chosen(args.trace)
     with ExitStack() as stack:
         stream = sys.stdout
         if args.output:
             stream = stack.enter_context(open(args.output, "w", newline=""))
-        failed = asyncio.run(run(args, paths, Writer(stream, args.format)))
+        failed = asyncio.run(run(args, paths, Writer(stream, args.format), trace))
     seconds = time.perf_counter() - started
     print(
         f"{len(paths)} images, {failed} failed, {seconds:.1f} s "
-        f"({len(paths) / seconds if seconds else 0:.1f} img/s)",
+        f"({len(paths) / seconds if seconds else 0:.1f} img/s)"
+        + (f", trace {trace.trace_id}" if trace is not None else ""),
         file=sys.stderr,
     )
     return 1 if failed else 0

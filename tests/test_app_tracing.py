@@ -5,6 +5,7 @@ an exporter that is down or slow costing no request anything."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -16,6 +17,7 @@ from fastapi import FastAPI
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 from app.process import tracing
@@ -221,3 +223,20 @@ async def test_a_slow_failing_exporter_costs_requests_nothing_and_drops_are_coun
     dropped = families(metrics)["resnet_serve_trace_spans_dropped"].samples[0].value
     # 70 spans (7 a request) met a queue of 4 behind an export that takes a second.
     assert dropped >= 40
+
+
+async def test_the_protocols_infer_is_traced_the_same_way(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = base64.b64encode(image_bytes(2)).decode()
+    body = {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1], "data": [data]}]}
+    async with traced(make_settings, monkeypatch) as (app, client, memory):
+        response = await client.post("/v2/models/tiny-test/infer", json=body, headers=SAMPLED)
+        spans = finished(app, memory)
+    assert response.status_code == 200
+    (server,) = [span for span in spans if span.kind is SpanKind.SERVER]
+    assert server.name == "POST /v2/models/{model_name}/infer"
+    assert server.context is not None
+    children = {s.name for s in spans if s.parent and s.parent.span_id == server.context.span_id}
+    assert children == {"admission", "read body", "decode", "queue", "inference"}
+    assert len(named(spans, "batch")) == 1

@@ -3,6 +3,10 @@ exporting to an OTLP receiver that decodes the wire format as a collector would.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -57,3 +61,33 @@ def test_otel_variables_alone_trace_and_export_a_callers_sampled_request(
     assert {span.trace_id for span in received if span.name != "batch"} == {TRACE}
     assert by_name["batch"].links == (server_span.span_id,)
     assert answer.headers["traceresponse"] == f"00-{TRACE}-{server_span.span_id}-01"
+
+
+def test_a_client_run_with_trace_is_one_trace_through_the_server(
+    model_path: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for seed in range(3):
+        (folder / f"{seed}.png").write_bytes(image_bytes(seed))
+    with http_receiver() as (endpoint, spans):
+        environ = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint}
+        with run_server(model_path, **environ) as server:
+            server.wait_for_log(message_is("ready"))
+            command = [sys.executable, "-m", "app.client", str(folder), "--url", server.url]
+            done = subprocess.run(
+                [*command, "--trace", "--format", "jsonl"],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                env={**os.environ, "TRACEPARENT": ""},
+            )
+            received = spans.wait_for(3 * 6)  # three requests' server spans and stages
+    assert done.returncode == 0, done.stderr
+    trace = done.stderr.strip().rsplit("trace ", 1)[1]
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    sent = {row["traceparent"].split("-")[2] for row in rows}  # each request's own span id
+    servers = [span for span in received if span.name == "POST /predict"]
+    assert {span.trace_id for span in servers} == {trace}
+    assert {span.parent_span_id for span in servers} == sent
+    assert len(sent) == 3
