@@ -12,6 +12,8 @@ RUN useradd --system --uid 999 --user-group --home-dir /var/lib/prometheus --she
 USER 999:999
 EXPOSE 9090
 ENTRYPOINT ["/usr/bin/prometheus"]
+# exemplar-storage: keeps the trace ids the API attaches to its latency buckets (it scrapes OpenMetrics then).
 CMD ["--config.file=/etc/prometheus/prometheus.yml", \
      "--storage.tsdb.path=/var/lib/prometheus", \
-     "--web.listen-address=:9090"]
+     "--web.listen-address=:9090", \
+     "--enable-feature=exemplar-storage"]

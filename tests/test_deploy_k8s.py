@@ -34,6 +34,7 @@ TARGETS = [
     "overlays/cpu-pvc",
     "overlays/cpu-repository",
     "kserve",
+    "dashboard",
 ]
 CRD_SCHEMAS = {
     ("keda.sh/v1alpha1", "ScaledObject"): "scaledobject-keda-v1alpha1.json",

@@ -114,8 +114,10 @@ class Admission:
             )
         if not self._door and self._fits(1):
             self.provisional += 1
+            self.metrics.admission_wait_seconds.observe(0.0)
             return Ticket(self)
-        turn = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        turn, arrived = loop.create_future(), loop.time()
         self._door.append(turn)
         try:
             async with asyncio.timeout(self.config.admission_wait_ms / 1000):
@@ -124,6 +126,8 @@ class Admission:
             if turn.done() and not turn.cancelled():  # admitted as the clock ran out
                 return Ticket(self)
             raise self._late(1) from None
+        finally:
+            self.metrics.admission_wait_seconds.observe(loop.time() - arrived)
         return Ticket(self)
 
     @contextmanager

@@ -305,6 +305,7 @@ class Batcher:
             )
         self._trace(lane, batch, size, inline, started_ns)
         seconds = time.perf_counter() - started
+        self.metrics.lane_busy("loop" if inline else str(self._lane_number(lane))).inc(seconds)
         if model_fn is self.alone_fn:
             self.inline.ran_batch(size, seconds)
         self.on_batch(len(batch), seconds / sharing)
@@ -313,6 +314,9 @@ class Batcher:
         self.metrics.padded_batch_size.observe(size)
         self.metrics.images.inc(len(batch))
         return outputs[: len(batch)]
+
+    def _lane_number(self, lane: ThreadPoolExecutor) -> int:
+        return self._lane_numbers.setdefault(lane, len(self._lane_numbers))
 
     def _trace(
         self,
@@ -344,7 +348,7 @@ class Batcher:
         error: str | None,
     ) -> None:
         ended_ns = now_ns()
-        lane_number = self._lane_numbers.setdefault(lane, len(self._lane_numbers))
+        lane_number = self._lane_number(lane)
         attributes = {
             **self.described,
             "resnet_serve.batch.size": images,

@@ -110,6 +110,18 @@ class Metrics:
             multiprocess_mode="livesum",
             registry=registry,
         )
+        self.admission_wait_seconds = Histogram(
+            "resnet_serve_admission_wait_seconds",
+            "Time an inference request waited at the door before it was admitted or refused",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.lane_busy_seconds = Counter(
+            "resnet_serve_lane_busy_seconds",
+            "Seconds each lane spent running batches (lane 'loop': lone batches run inline)",
+            [*VERSION_LABELS, "lane"],
+            registry=registry,
+        )
         self.door_waiting = Gauge(
             "resnet_serve_admission_waiting",
             "Inference requests waiting for room before their body is read",
@@ -203,6 +215,12 @@ class VersionMetrics:
         self.batch_size = metrics.batch_size.labels(name, version)
         self.padded_batch_size = metrics.padded_batch_size.labels(name, version)
         self.images = metrics.images.labels(name, version)
+        self._lanes: dict[str, Counter] = {}
+
+    def lane_busy(self, lane: str) -> Counter:
+        if lane not in self._lanes:
+            self._lanes[lane] = self._metrics.lane_busy_seconds.labels(*self._labels, lane)
+        return self._lanes[lane]
 
     def track(self, queue_depth: Callable[[], float], batch_limit: Callable[[], float]) -> None:
         self._metrics.track(self._metrics.queue_depth.labels(*self._labels), queue_depth)
