@@ -8,6 +8,8 @@ ours, the hand-written script and LitServe (``make peers-venv``) on the digits m
 same 500x375 JPEGs at 1x, 4x and 16x the saturating concurrency (16), and writes
 benchmarks/results/overload.{json,md,png}. The swap section (benchmarks.swap) loads, switches
 and unloads model versions of the digits model under load: benchmarks/results/swap.{json,md,png}.
+The tracing section (benchmarks.tracing) measures tracing off against on:
+benchmarks/results/tracing.{json,md}.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 import psutil
 
 from app.settings import Settings
-from benchmarks import swap
+from benchmarks import swap, tracing
 from benchmarks.ceiling import ceiling
 from benchmarks.load import image_pool, run_point, run_server
 from benchmarks.peers import run as peers
@@ -37,7 +39,7 @@ IMAGES_PER_REQUEST = (1, 4)
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-SECTIONS = ("load", "overload", "swap")
+SECTIONS = ("load", "overload", "swap", "tracing")
 # c=16 saturates the digits model on 2 cores (the issue's measurement): 1x, 4x and 16x that.
 # Three windows per point, the servers taking turns, so that drift in the machine's speed hits
 # each alike.
@@ -64,6 +66,8 @@ def main() -> None:
         peers.main([*OVERLOAD, *digits, *(["--seconds", "4"] if args.quick else [])])
     if "swap" in sections:
         swap.main(["--step-s", "4" if args.quick else "8"])
+    if "tracing" in sections:
+        tracing.main(["--seconds", "4" if args.quick else "12"])
 
 
 def load_section(quick: bool) -> None:

@@ -74,7 +74,7 @@ class Server:
     url: str
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
@@ -84,7 +84,7 @@ def _free_port() -> int:
 @contextmanager
 def run_server(model_path: Path | None, **settings: str) -> Iterator[Server]:
     """``model_path`` None: ``settings`` name a ``model_repository`` instead."""
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "PYTHONPATH": str(ROOT),
