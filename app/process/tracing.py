@@ -56,9 +56,12 @@ EXPORT_BATCH = 512
 class Tracing:
     """One app's tracer. ``Tracing(None)`` is tracing off: nothing is made, nothing costs."""
 
-    def __init__(self, provider: TracerProvider | None) -> None:
+    def __init__(self, provider: TracerProvider | None, roots: bool = True) -> None:
+        """``roots``: whether a request without a caller's trace may start one (a ratio above
+        0); where it may not, such a request makes no span at all."""
         self.provider = provider
         self.on = provider is not None
+        self.roots = roots
         self._tracer = provider.get_tracer("resnet-serve") if provider is not None else None
 
     # -- the server span ------------------------------------------------------------------------
@@ -69,7 +72,7 @@ class Tracing:
     ) -> Iterator[Span | None]:
         """The request's server span, current while the request is handled; its parent is the
         caller's ``traceparent`` where that parses (a malformed one starts a new trace)."""
-        if self._tracer is None:
+        if self._tracer is None or (not self.roots and b"traceparent" not in headers):
             yield None
             return
         carrier = {
@@ -196,11 +199,12 @@ def configure(settings: Settings, dropped: Counter) -> Tracing:
     resource = Resource.create()  # OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES
     if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
         resource = resource.merge(Resource({"service.name": "resnet-serve"}))
-    sampler = _LinkedOrParent(_sampler(settings.trace_sample_ratio))
+    base, roots = _sampler(settings.trace_sample_ratio)
+    sampler = _LinkedOrParent(base)
     provider = TracerProvider(sampler=sampler, resource=resource)
     provider.add_span_processor(QueueingProcessor(exporter, settings.trace_queue_spans, dropped))
     log.info("tracing", extra={"exporter": name, "sampler": sampler.get_description()})
-    return Tracing(provider)
+    return Tracing(provider, roots=roots)
 
 
 def _exporter_name(settings: Settings) -> str:
@@ -236,11 +240,11 @@ def _exporter(name: str) -> SpanExporter | None:
     return Http()
 
 
-def _sampler(ratio: float | None) -> Sampler:
+def _sampler(ratio: float | None) -> tuple[Sampler, bool]:
     """For requests: ``trace_sample_ratio``, else ``OTEL_TRACES_SAMPLER``, else parent-based
-    with ratio 0 (only callers' sampled traces)."""
+    with ratio 0 (only callers' sampled traces); and whether it may start a trace of its own."""
     if ratio is not None:
-        return ParentBased(TraceIdRatioBased(ratio))
+        return ParentBased(TraceIdRatioBased(ratio)), ratio > 0
     name = os.environ.get("OTEL_TRACES_SAMPLER", "").strip().lower()
     try:
         argument = float(os.environ.get("OTEL_TRACES_SAMPLER_ARG", "") or 1.0)
@@ -259,7 +263,10 @@ def _sampler(ratio: float | None) -> Sampler:
     }
     if name not in samplers:
         raise TracingError(f"OTEL_TRACES_SAMPLER={name!r} is not one of {sorted(samplers)[1:]}")
-    return samplers[name]
+    roots = name in ("always_on", "parentbased_always_on") or (
+        name in ("traceidratio", "parentbased_traceidratio") and argument > 0
+    )
+    return samplers[name], roots
 
 
 class _LinkedOrParent(Sampler):
