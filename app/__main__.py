@@ -12,7 +12,7 @@ from app.engine.sizing import session_config
 from app.main import key_files, open_app, source
 from app.process.keys import KeyFileError
 from app.process.logs import configure_logging
-from app.process.server import Server, uvicorn_config
+from app.process.server import Server, port_in_use, uvicorn_config
 from app.process.tracing import TracingError
 from app.process.tracing import check as check_tracing
 from app.process.workers import supervise
@@ -36,6 +36,12 @@ def main() -> int:
         print(f"resnet-serve: invalid settings: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
+    if settings.grpc_port and (problem := port_in_use(settings.host, settings.grpc_port)):
+        where = f"{settings.host}:{settings.grpc_port}"
+        print(
+            f"resnet-serve: cannot listen on {where} (gRPC, grpc_port): {problem}", file=sys.stderr
+        )
+        return 1
     if settings.workers > 1:
         try:
             # Checked once, here, so that a bad model or key file is one line before any

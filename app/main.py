@@ -22,6 +22,7 @@ from app.engine.repository import FileSource, RepositorySource
 from app.engine.session import OnnxModel
 from app.engine.sizing import session_config
 from app.engine.versions import Versions
+from app.grpc import server as grpc_serving
 from app.http.access import RouteTable
 from app.http.auth import RequireKey
 from app.http.context import RequestContext
@@ -100,6 +101,7 @@ def create_app(
             else None
         )
         sampler = asyncio.create_task(metrics.sample_forever()) if metrics.multiprocess else None
+        grpc_server = None
         try:
             if settings.workers > 1:
                 # uvicorn listens only once the lifespan has started: until this worker is
@@ -107,9 +109,13 @@ def create_app(
                 await warming
                 if not lifecycle.warmed:
                     raise RuntimeError("no model is ready; this worker will not serve")
+            if settings.grpc_port:
+                grpc_server = await grpc_serving.start(app, settings)
             yield
         finally:
             lifecycle.draining = True
+            if grpc_server is not None:  # calls in flight finish; new ones are refused
+                await grpc_serving.stop(grpc_server, settings.shutdown_timeout_s)
             for task in (watching, sampler):
                 if task is not None:
                     task.cancel()

@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     """Bind address."""
     port: int = Field(8000, ge=0, le=65535)
     """Bind port."""
+    grpc_port: int = Field(8001, ge=0, le=65535)
+    """The Open Inference Protocol over gRPC (docs/grpc.md), on host, beside HTTP: same models,
+    limits, keys and metrics. 0: off."""
     log_level: LogLevel = "info"
     """debug, info, warning or error: JSON lines, each with the request id while serving one.
     Health probes are logged at debug."""
@@ -187,6 +190,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
+        if self.grpc_port and self.grpc_port == self.port:
+            raise ValueError(f"grpc_port={self.grpc_port} is the HTTP port: give it its own, or 0")
         if self.max_queue_images < self.max_images_per_request:
             raise ValueError(
                 f"max_queue_images={self.max_queue_images} must be at least "

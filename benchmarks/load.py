@@ -92,6 +92,7 @@ def run_server(model_path: Path | None, **settings: str) -> Iterator[Server]:
         "RESNET_SERVE_HOST": "127.0.0.1",
         "RESNET_SERVE_PORT": str(port),
         "RESNET_SERVE_LOG_LEVEL": "warning",
+        "RESNET_SERVE_GRPC_PORT": "0",  # benchmarks.grpc gives one where it measures gRPC
         **{f"RESNET_SERVE_{k.upper()}": v for k, v in settings.items()},
     }
     process = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=env)

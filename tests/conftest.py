@@ -52,6 +52,7 @@ def make_settings(model_path: Path) -> Callable[..., Settings]:
             "concurrent_batches": 2,  # as on two cores, whatever the machine
             "intra_op_threads": 1,
             "flat_batch_ms": 1e9,  # batches up to max_batch_size, whatever the timings fit
+            "grpc_port": 0,  # many apps in one process: gRPC only where a test asks for it
         }
         if "model_repository" in overrides:  # a repository replaces model_path
             del values["model_path"]

@@ -67,13 +67,28 @@ def test_layers_core_at_the_bottom_model_and_app_side_by_side(
 # engine, above the process (server, workers, metrics, keys) and the settings. app.main and
 # app.__main__ compose them all; nothing imports them.
 APP_LAYERS = {
-    "app/http": {"app.main", "app.__main__", "app.client"},
-    "app/oip": {"app.main", "app.__main__", "app.client"},
-    "app/engine": {"app.http", "app.oip", "app.main", "app.__main__", "app.client"},
-    "app/process": {"app.engine", "app.http", "app.oip", "app.main", "app.__main__"},
-    "app/settings.py": {"app.engine", "app.http", "app.oip", "app.main", "app.process.server"},
-    "app/version_policy.py": {"app.engine", "app.http", "app.oip", "app.main", "app.process"},
-    "app/errors.py": {"app.engine", "app.http", "app.oip", "app.main", "app.process"},
+    "app/http": {"app.grpc", "app.main", "app.__main__", "app.client"},
+    "app/oip": {"app.grpc", "app.main", "app.__main__", "app.client"},
+    "app/grpc": {"app.main", "app.__main__", "app.client"},
+    "app/engine": {"app.http", "app.oip", "app.grpc", "app.main", "app.__main__", "app.client"},
+    "app/process": {"app.engine", "app.http", "app.oip", "app.grpc", "app.main", "app.__main__"},
+    "app/settings.py": {
+        "app.engine",
+        "app.http",
+        "app.oip",
+        "app.grpc",
+        "app.main",
+        "app.process.server",
+    },
+    "app/version_policy.py": {
+        "app.engine",
+        "app.http",
+        "app.oip",
+        "app.grpc",
+        "app.main",
+        "app.process",
+    },
+    "app/errors.py": {"app.engine", "app.http", "app.oip", "app.grpc", "app.main", "app.process"},
 }
 
 

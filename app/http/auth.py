@@ -9,6 +9,9 @@ no repository keys are). Health probes, the docs and the page are ``Access.OPEN`
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.http.access import SCOPE_KEY, Access, Matched
@@ -25,9 +28,8 @@ _MESSAGES = {
 }
 
 
-def presented_key(scope: Scope) -> bytes | None:
+def presented_key(headers: Mapping[bytes, bytes]) -> bytes | None:
     """The key the request carries: a Bearer token, else X-API-Key; None when it has neither."""
-    headers: dict[bytes, bytes] = dict(scope["headers"])
     scheme, _, token = headers.get(b"authorization", b"").strip().partition(b" ")
     if scheme.lower() == b"bearer":
         return token.strip()
@@ -54,6 +56,34 @@ KEY_SETS = {
 }
 
 
+@dataclass(frozen=True)
+class Refused:
+    status: int
+    code: str
+    message: str
+    reason: str  # the metrics label
+
+
+def check_key(
+    access: Access, headers: Mapping[bytes, bytes], keys: Mapping[str, KeyFile]
+) -> Refused | None:
+    """Why a call of ``access`` with these headers (or gRPC metadata) is refused; None when it
+    may go on."""
+    name = KEY_SETS.get(access)
+    key_set = keys.get(name) if name is not None else None
+    if name == "repository" and key_set is None and keys:
+        # Keys are in use, but none may change models: an inference key must not unload.
+        message = (
+            "the repository API needs a repository key, and none is configured "
+            "(RESNET_SERVE_REPOSITORY_API_KEYS_FILE)"
+        )
+        return Refused(403, "forbidden", message, "no_key_set")
+    reason = None if key_set is None else refusal(presented_key(headers), key_set)
+    if reason is None:
+        return None
+    return Refused(401, "unauthorized", _MESSAGES[reason], reason)
+
+
 class RequireKey:
     def __init__(self, app: ASGIApp, *, keys: dict[str, KeyFile], metrics: Metrics) -> None:
         """``keys``: the configured key sets by name (app.main.key_files)."""
@@ -66,30 +96,22 @@ class RequireKey:
             await self.app(scope, receive, send)
             return
         matched: Matched = scope[SCOPE_KEY]
-        name = KEY_SETS.get(matched.access)
-        keys = self.keys.get(name) if name is not None else None
-        if name == "repository" and keys is None and self.keys:
-            # Keys are in use, but none may change models: an inference key must not unload.
-            self.metrics.auth_refused.labels(reason="no_key_set").inc()
-            message = (
-                "the repository API needs a repository key, and none is configured "
-                "(RESNET_SERVE_REPOSITORY_API_KEYS_FILE)"
-            )
-            await error_response(403, "forbidden", message, path=scope["path"])(
-                scope, receive, send
-            )
-            return
-        reason = None if keys is None else refusal(presented_key(scope), keys)
-        if reason is None:
+        refused = check_key(matched.access, dict(scope["headers"]), self.keys)
+        if refused is None:
             await self.app(scope, receive, send)
             return
-        self.metrics.auth_refused.labels(reason=reason).inc()
-        challenge = _CHALLENGE if reason == "missing" else f'{_CHALLENGE}, error="invalid_token"'
+        self.metrics.auth_refused.labels(reason=refused.reason).inc()
+        headers = {}
+        if refused.status == 401:
+            invalid = refused.reason != "missing"
+            headers["WWW-Authenticate"] = _CHALLENGE + (
+                ', error="invalid_token"' if invalid else ""
+            )
         response = error_response(
-            401,
-            "unauthorized",
-            _MESSAGES[reason],
-            {"WWW-Authenticate": challenge},
+            refused.status,
+            refused.code,
+            refused.message,
+            headers,
             path=scope["path"],  # the Open Inference Protocol's own error shape under /v2
         )
         await response(scope, receive, send)

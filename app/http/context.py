@@ -73,7 +73,10 @@ class RequestContext:
         rid = given if _SAFE_ID.fullmatch(given) else f"{_ID_PREFIX}{next(_ID_COUNTER):x}"
         token = request_id.set(rid)
         route = matched.label if matched.exact else ""
-        with self.tracing.request(scope["method"], route, scope["path"], headers) as span:
+        method = scope["method"]
+        attributes = {"http.request.method": method, "http.route": route, "url.path": scope["path"]}
+        name = f"{method} {route}" if route else method
+        with self.tracing.request(name, attributes, headers) as span:
             status, refusal = 500, _Refusal()
             started = time.perf_counter()
             extra = [(b"x-request-id", rid.encode())]

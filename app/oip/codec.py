@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,7 +75,7 @@ def encode_response(
             "shape": list(output.values.shape),
         }
         if output.binary:
-            blob = _to_bytes(output)
+            blob = tensor_bytes(output)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
@@ -121,9 +121,15 @@ def _binary_parts(inputs: Sequence[RequestInput], tail: bytes) -> list[bytes | N
     return parts
 
 
-def _to_bytes(output: OutputTensor) -> bytes:
+def join_bytes(elements: Iterable[bytes]) -> bytes:
+    """A binary BYTES tensor: each element as a 4-byte little-endian length, then its data."""
+    return b"".join(_PREFIX.pack(len(item)) + item for item in elements)
+
+
+def tensor_bytes(output: OutputTensor) -> bytes:
+    """The tensor's binary data, as the binary extension and gRPC's raw contents carry it."""
     if output.datatype == "BYTES":
-        return b"".join(_PREFIX.pack(len(item)) + item for item in output.values.ravel())
+        return join_bytes(output.values.ravel())
     return output.values.astype("<f4").tobytes()
 
 

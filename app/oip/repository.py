@@ -16,9 +16,10 @@ from typing import Any, TypeVar
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field, ValidationError
 
+from app.engine.models import Models
 from app.engine.repository import check_name
 from app.http.access import Access, access
-from app.http.deps import ModelsDep, RepositoryChangesDep
+from app.http.deps import ChangeRepository, ModelsDep, RepositoryChangesDep
 from app.oip.schemas import ProtocolError
 from app.process.link import Change, raise_refusal
 from app.version_policy import VersionPolicy
@@ -73,15 +74,8 @@ async def load(
     model_name: str, request: Request, models: ModelsDep, change: RepositoryChangesDep
 ) -> Response:
     control = await _body(request, ControlRequest)
-    policy = _policy(control.parameters.get("config"))
-    text = str(policy) if policy is not None else None
-    outcomes = await change(Change("load", check_name(model_name), text))
-    raise_refusal(outcomes)
-    failed = sorted({failure for outcome in outcomes for failure in outcome.failed})
-    if failed:
-        reasons = "; ".join(f"version {version}: {reason}" for version, reason in failed)
-        serving = models.versions(model_name)
-        raise BadRequest(f"failed to load {model_name!r} ({reasons}); serving {serving}")
+    policy = policy_from_config(control.parameters.get("config"))
+    await load_model(change, models, check_name(model_name), policy)
     return Response()
 
 
@@ -93,8 +87,25 @@ async def load(
 )
 async def unload(model_name: str, request: Request, change: RepositoryChangesDep) -> Response:
     await _body(request, ControlRequest)
-    raise_refusal(await change(Change("unload", check_name(model_name))))
+    await unload_model(change, check_name(model_name))
     return Response()
+
+
+async def load_model(
+    change: ChangeRepository, models: Models, name: str, policy: VersionPolicy | None
+) -> None:
+    """Every worker brings ``name`` to ``policy``; BadRequest names each version that failed
+    (the ones serving go on)."""
+    outcomes = await change(Change("load", name, str(policy) if policy is not None else None))
+    raise_refusal(outcomes)
+    failed = sorted({failure for outcome in outcomes for failure in outcome.failed})
+    if failed:
+        reasons = "; ".join(f"version {version}: {reason}" for version, reason in failed)
+        raise BadRequest(f"failed to load {name!r} ({reasons}); serving {models.versions(name)}")
+
+
+async def unload_model(change: ChangeRepository, name: str) -> None:
+    raise_refusal(await change(Change("unload", name)))
 
 
 M = TypeVar("M", bound=BaseModel)
@@ -108,7 +119,7 @@ async def _body(request: Request, model: type[M]) -> M:
         raise BadRequest(f"invalid request: {exc.errors()[0]['msg']}") from None
 
 
-def _policy(config: Any) -> VersionPolicy | None:
+def policy_from_config(config: Any) -> VersionPolicy | None:
     """Triton's model config (a JSON string): only its ``version_policy`` means anything here."""
     if config is None:
         return None

@@ -114,7 +114,7 @@ async def ready(lifecycle: LifecycleDep, models: ModelsDep) -> Response:
 
 @router.get("/models/{model_name}", response_model=ModelMetadataResponse, openapi_extra=MODEL)
 async def model_metadata(model_name: str, models: ModelsDep) -> ModelMetadataResponse:
-    return _describe(models, model_name, None)
+    return describe(models, model_name, None)
 
 
 @router.get(
@@ -125,7 +125,7 @@ async def model_metadata(model_name: str, models: ModelsDep) -> ModelMetadataRes
 async def version_metadata(
     model_name: str, model_version: str, models: ModelsDep
 ) -> ModelMetadataResponse:
-    return _describe(models, model_name, model_version)
+    return describe(models, model_name, model_version)
 
 
 @router.get(
@@ -218,7 +218,7 @@ async def _infer(
     )
 
 
-def _describe(models: Models, name: str, version: str | None) -> ModelMetadataResponse:
+def describe(models: Models, name: str, version: str | None) -> ModelMetadataResponse:
     served = models.resolve(name, version)
     metadata = served.metadata
     crop = metadata.recipe.crop_size

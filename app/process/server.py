@@ -14,6 +14,19 @@ from fastapi import FastAPI
 from app.settings import Settings
 
 
+def port_in_use(host: str, port: int) -> str | None:
+    """Why ``port`` cannot be listened on (a plain bind fails while anyone listens there, even
+    with SO_REUSEPORT); None when it is free."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            return str(exc)
+    return None
+
+
 def uvicorn_config(settings: Settings, app: FastAPI) -> uvicorn.Config:
     return uvicorn.Config(
         app,

@@ -68,10 +68,11 @@ class Tracing:
 
     @contextmanager
     def request(
-        self, method: str, route: str, path: str, headers: Mapping[bytes, bytes]
+        self, name: str, attributes: Mapping[str, str], headers: Mapping[bytes, bytes]
     ) -> Iterator[Span | None]:
-        """The request's server span, current while the request is handled; its parent is the
-        caller's ``traceparent`` where that parses (a malformed one starts a new trace)."""
+        """The request's (or gRPC call's) server span, current while it is handled; its parent
+        is the caller's ``traceparent`` (a header, or gRPC metadata) where that parses (a
+        malformed one starts a new trace)."""
         if self._tracer is None or (not self.roots and b"traceparent" not in headers):
             yield None
             return
@@ -81,10 +82,7 @@ class Tracing:
             if (key := name.encode()) in headers
         }
         parent = _PROPAGATOR.extract(carrier)
-        attributes = {"http.request.method": method, "http.route": route, "url.path": path}
-        span = self._tracer.start_span(
-            f"{method} {route}", parent, kind=SpanKind.SERVER, attributes=attributes
-        )
+        span = self._tracer.start_span(name, parent, kind=SpanKind.SERVER, attributes=attributes)
         token = otel_context.attach(trace.set_span_in_context(span))
         try:
             yield span
@@ -163,11 +161,17 @@ def trace_response(span: Span | None) -> bytes | None:
     ).encode()
 
 
-def end_status(span: Span | None, status: int, code: str | None, message: str | None) -> None:
+def end_status(
+    span: Span | None,
+    status: int,
+    code: str | None,
+    message: str | None,
+    status_attribute: str = "http.response.status_code",
+) -> None:
     """The response status on the server span; a refusal's code and reason beside it."""
     if span is None or not span.is_recording():
         return
-    span.set_attribute("http.response.status_code", status)
+    span.set_attribute(status_attribute, status)
     if code is not None:
         span.set_attribute("error.type", code)
     if status >= 500:

@@ -26,6 +26,7 @@ def environment(model: Path, port: int, workers: int, settings: dict[str, str]) 
         "RESNET_SERVE_HOST": "127.0.0.1",
         "RESNET_SERVE_PORT": str(port),
         "RESNET_SERVE_LOG_LEVEL": "warning",
+        "RESNET_SERVE_GRPC_PORT": "0",
         **{f"RESNET_SERVE_{key.upper()}": value for key, value in settings.items()},
     }
     # Only where it matters: a server without the multi-worker front end rejects the variable

@@ -63,6 +63,7 @@ def environment(
             "RESNET_SERVE_HOST": "127.0.0.1",
             "RESNET_SERVE_PORT": str(port),
             "RESNET_SERVE_LOG_LEVEL": "warning",
+            "RESNET_SERVE_GRPC_PORT": "0",  # HTTP is what is compared
             "RESNET_SERVE_MAX_BATCH_SIZE": str(batching.max_batch_size),
             **(
                 {"RESNET_SERVE_MAX_WAIT_MS": str(batching.ours_wait_ms)}

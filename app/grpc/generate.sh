@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Regenerates app/grpc/inference_pb2.py, .pyi and inference_pb2_grpc.py from inference.proto with the
+# grpcio-tools of the dev venv (make venv); tests/test_grpc_stubs.py fails while they are stale.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+python=${PYTHON:-.venv/bin/python}
+"$python" -m grpc_tools.protoc --proto_path=. --python_out=. --pyi_out=. --grpc_python_out=. \
+  app/grpc/inference.proto
+# A pool of its own: tritonclient.grpc (or KServe's client) registers the same "inference.*" names in
+# protobuf's default pool, and a process that imports both would fail with "duplicate symbol".
+sed -i 's/_descriptor_pool\.Default()\.AddSerializedFile/_descriptor_pool.DescriptorPool().AddSerializedFile/' \
+  app/grpc/inference_pb2.py

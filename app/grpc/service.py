@@ -1,0 +1,341 @@
+"""The Open Inference Protocol's gRPC service on the pipeline every API shares: each call is
+checked for its key, admitted, traced, counted and logged as an HTTP request is, and its errors
+are the REST side's, each mapped to the gRPC status a client expects (``STATUS``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
+
+import grpc
+from fastapi import FastAPI
+from google.protobuf.message import Message
+
+from app.engine.classifier import Image
+from app.engine.models import Models
+from app.engine.repository import check_name
+from app.engine.served import ServedModel
+from app.errors import ClientClosedRequest, DeadlineExceeded, Overloaded, UnknownModel
+from app.grpc import inference_pb2 as pb
+from app.grpc import inference_pb2_grpc as pb_grpc
+from app.grpc.tensors import parameters, to_request, to_response
+from app.http.access import Access
+from app.http.auth import check_key
+from app.http.routes import check_ready
+from app.oip.repository import load_model, policy_from_config, unload_model
+from app.oip.routes import EXTENSIONS, describe
+from app.oip.tensors import encoded_images, output_tensor, the_input, uint8_crops, wanted_outputs
+from app.process.logs import request_id
+from app.process.tracing import current, end_status, now_ns, trace_id
+from core.errors import ServiceError
+
+log = logging.getLogger("app.access")
+
+SERVICE = "inference.GRPCInferenceService"
+M = TypeVar("M", bound=Message)
+R = TypeVar("R", bound=Message)
+# The REST side's statuses as gRPC's. 503 is UNAVAILABLE while warming or draining (retry on
+# another replica) and RESOURCE_EXHAUSTED when admission sheds load (retry later, here: the
+# retry hint is in the trailing metadata); 413 is the request's own size, INVALID_ARGUMENT.
+STATUS = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    404: grpc.StatusCode.NOT_FOUND,
+    408: grpc.StatusCode.DEADLINE_EXCEEDED,
+    413: grpc.StatusCode.INVALID_ARGUMENT,
+    415: grpc.StatusCode.INVALID_ARGUMENT,
+    422: grpc.StatusCode.INVALID_ARGUMENT,
+    499: grpc.StatusCode.CANCELLED,
+    500: grpc.StatusCode.INTERNAL,
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+_ID_PREFIX = "grpc-" + os.urandom(6).hex() + "-"
+_ID_COUNTER = itertools.count(1)
+
+
+def status_of(error: ServiceError) -> grpc.StatusCode:
+    if isinstance(error, Overloaded):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    return STATUS.get(error.status_code, grpc.StatusCode.UNKNOWN)
+
+
+class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+        self.state = app.state
+        # (calls, statuses) -> their metric children, as app.http.context keeps them.
+        self._series: dict[tuple[str, int], Any] = {}
+
+    # -- health and metadata --------------------------------------------------------------------
+
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerLiveResponse:
+        return await self._call("ServerLive", Access.PROBE, context, self._live, request)
+
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerReadyResponse:
+        return await self._call("ServerReady", Access.PROBE, context, self._ready, request)
+
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelReadyResponse:
+        return await self._call("ModelReady", Access.API, context, self._model_ready, request)
+
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerMetadataResponse:
+        return await self._call("ServerMetadata", Access.OPEN, context, self._server, request)
+
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
+        return await self._call("ModelMetadata", Access.API, context, self._metadata, request)
+
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse:
+        return await self._call("ModelInfer", Access.INFERENCE, context, self._infer, request)
+
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryIndexResponse:
+        return await self._call("RepositoryIndex", Access.REPOSITORY, context, self._index, request)
+
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelLoadResponse:
+        return await self._call(
+            "RepositoryModelLoad", Access.REPOSITORY, context, self._load, request
+        )
+
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelUnloadResponse:
+        return await self._call(
+            "RepositoryModelUnload", Access.REPOSITORY, context, self._unload, request
+        )
+
+    # -- what each call does --------------------------------------------------------------------
+
+    async def _live(
+        self, request: Message, context: grpc.aio.ServicerContext
+    ) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def _ready(
+        self, request: Message, context: grpc.aio.ServicerContext
+    ) -> pb.ServerReadyResponse:
+        try:
+            check_ready(self.state.lifecycle, self.state.models)
+        except ServiceError:
+            return pb.ServerReadyResponse(ready=False)
+        return pb.ServerReadyResponse(ready=True)
+
+    async def _model_ready(
+        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelReadyResponse:
+        try:
+            self._models.resolve(request.name, request.version or None)
+            self.state.lifecycle.check_admitting()
+        except UnknownModel:
+            return pb.ModelReadyResponse(ready=False)
+        except ServiceError:  # warming or draining
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=True)
+
+    async def _server(
+        self, request: Message, context: grpc.aio.ServicerContext
+    ) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(
+            name=self.app.title, version=self.app.version, extensions=EXTENSIONS
+        )
+
+    async def _metadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
+        described = describe(self._models, request.name, request.version or None)
+        response = pb.ModelMetadataResponse(
+            name=described.name, versions=described.versions, platform=described.platform
+        )
+        for tensor in described.inputs:
+            response.inputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
+        for tensor in described.outputs:
+            response.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
+        return response
+
+    async def _infer(
+        self, message: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse:
+        served = self._models.resolve(message.model_name, message.model_version or None)
+        tracing = self.state.tracing
+        traced = current() if tracing.on else None
+        started_ns = now_ns() if traced else 0
+        try:
+            ticket = await self.state.admission.enter()
+        except ServiceError as refused:
+            if traced:
+                tracing.stage("admission", started_ns, now_ns(), error=refused.message)
+            raise
+        if traced:
+            tracing.stage("admission", started_ns, now_ns())
+        try:
+            with served.hold():
+                return await self._run(served, message, ticket, context)
+        finally:
+            ticket.release()
+
+    async def _run(
+        self,
+        served: ServedModel,
+        message: pb.ModelInferRequest,
+        ticket: Any,
+        context: grpc.aio.ServicerContext,
+    ) -> pb.ModelInferResponse:
+        classifier, limits = served.classifier, self.state.upload_limits
+        request, parts = to_request(message)
+        spec, binary = the_input(request, parts)
+        wanted = wanted_outputs(request, classifier.metadata.num_classes)
+        if spec.datatype == "BYTES":
+            images = [Image(None, data) for data in encoded_images(spec, binary, limits)]
+            work: Awaitable[Any] = classifier.classify(images, ticket)
+        else:
+            crop = classifier.metadata.recipe.crop_size
+            work = classifier.infer(uint8_crops(spec, binary, crop, limits), ticket)
+        remaining = context.time_remaining()
+        try:
+            async with asyncio.timeout(remaining):  # the client's own deadline
+                probabilities = await work
+        except TimeoutError:
+            raise DeadlineExceeded("the call's deadline passed before it was answered") from None
+        outputs = [output_tensor(classifier, probabilities, one) for one in wanted]
+        return to_response(served.name, served.version, request, outputs)
+
+    async def _index(
+        self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryIndexResponse:
+        response = pb.RepositoryIndexResponse()
+        for entry in self._models.index():
+            if request.ready and entry.state != "READY":
+                continue
+            response.models.add(
+                name=entry.name, version=entry.version, state=entry.state.value, reason=entry.reason
+            )
+        return response
+
+    async def _load(
+        self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelLoadResponse:
+        policy = policy_from_config(parameters(request.parameters).get("config"))
+        name = check_name(request.model_name)
+        await load_model(self.state.change_repository, self._models, name, policy)
+        return pb.RepositoryModelLoadResponse()
+
+    async def _unload(
+        self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelUnloadResponse:
+        await unload_model(self.state.change_repository, check_name(request.model_name))
+        return pb.RepositoryModelUnloadResponse()
+
+    # -- every call ------------------------------------------------------------------------------
+
+    @property
+    def _models(self) -> Models:
+        models: Models = self.state.models
+        return models
+
+    async def _call(
+        self,
+        method: str,
+        access: Access,
+        context: grpc.aio.ServicerContext,
+        handler: Callable[[M, grpc.aio.ServicerContext], Awaitable[R]],
+        request: M,
+    ) -> R:
+        """``handler``'s answer, or an abort with the status its error maps to; the call's key,
+        request id, span, metrics and access log line."""
+        metadata = _metadata(context)
+        given = metadata.get(b"x-request-id", b"").decode("latin-1")
+        rid = given if 0 < len(given) <= 128 else f"{_ID_PREFIX}{next(_ID_COUNTER):x}"
+        token = request_id.set(rid)
+        status, started = 200, time.perf_counter()
+        path = f"/{SERVICE}/{method}"
+        attributes = {"rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": method}
+        with self.state.tracing.request(f"{SERVICE}/{method}", attributes, metadata) as span:
+            try:
+                refused = check_key(access, metadata, self.state.key_files)
+                if refused is not None:
+                    self.state.metrics.auth_refused.labels(reason=refused.reason).inc()
+                    raise _Refused(refused.status, refused.code, refused.message)
+                response = await handler(request, context)
+                context.set_trailing_metadata((("x-request-id", rid),))
+                return response
+            except ServiceError as error:
+                status = error.status_code
+                end_status(span, status, error.code, error.message)
+                await context.abort(status_of(error), error.message, _trailers(error, rid))
+                raise AssertionError("grpc's abort returns only by raising") from None
+            except asyncio.CancelledError:  # the client went away, or its deadline passed
+                status = ClientClosedRequest.status_code
+                raise
+            finally:
+                if status == 200:
+                    end_status(span, status, None, None)
+                self._record(path, status, time.perf_counter() - started, trace_id(span))
+                request_id.reset(token)
+
+    def _record(self, path: str, status: int, seconds: float, traced: str | None) -> None:
+        key = (path, status)
+        if key not in self._series:
+            metrics = self.state.metrics
+            self._series[key] = (
+                metrics.requests.labels(endpoint=path, status=str(status)),
+                metrics.request_seconds.labels(endpoint=path),
+            )
+        counter, histogram = self._series[key]
+        counter.inc()
+        histogram.observe(seconds, {"trace_id": traced} if traced else None)
+        level = logging.DEBUG if path.endswith(("/ServerLive", "/ServerReady")) else logging.INFO
+        if log.isEnabledFor(level):
+            extra: dict[str, object] = {
+                "method": "gRPC",
+                "path": path,
+                "status": status,
+                "duration_ms": round(seconds * 1000, 2),
+            }
+            if traced:
+                extra["trace_id"] = traced
+            log.log(level, "request", extra=extra)
+
+
+class _Refused(ServiceError):
+    def __init__(self, status_code: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status_code, self.code = status_code, code
+
+
+def _metadata(context: grpc.aio.ServicerContext) -> Mapping[bytes, bytes]:
+    """The call's metadata as HTTP headers are held (lower-case bytes)."""
+    found: dict[bytes, bytes] = {}
+    for key, value in context.invocation_metadata() or ():
+        raw = value if isinstance(value, bytes) else value.encode("latin-1")
+        found[key.lower().encode("latin-1")] = raw
+    return found
+
+
+def _trailers(error: ServiceError, rid: str) -> tuple[tuple[str, str], ...]:
+    trailers = [("x-request-id", rid)]
+    retry_after = error.headers.get("Retry-After")
+    if retry_after is not None:
+        # Both the HTTP hint and gRPC's own retry pushback (milliseconds).
+        trailers += [("retry-after", retry_after), ("grpc-retry-pushback-ms", f"{retry_after}000")]
+    return tuple(trailers)
