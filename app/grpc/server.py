@@ -10,7 +10,6 @@ import logging
 import grpc
 from fastapi import FastAPI
 
-from app.grpc import inference_pb2_grpc as pb_grpc
 from app.grpc.service import InferenceService
 from app.settings import Settings
 
@@ -27,8 +26,7 @@ async def start(app: FastAPI, settings: Settings) -> grpc.aio.Server:
         ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
     ]
     server = grpc.aio.server(options=options)
-    service = InferenceService(app)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)  # type: ignore[no-untyped-call]
+    server.add_generic_rpc_handlers((InferenceService(app).handlers(),))
     address = f"[{settings.host}]" if ":" in settings.host else settings.host
     port = server.add_insecure_port(f"{address}:{settings.grpc_port}")
     await server.start()

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import grpc
 from fastapi import FastAPI
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 
 from app.engine.classifier import Image
 from app.engine.models import Models
@@ -23,7 +23,6 @@ from app.engine.repository import check_name
 from app.engine.served import ServedModel
 from app.errors import ClientClosedRequest, DeadlineExceeded, Overloaded, UnknownModel
 from app.grpc import inference_pb2 as pb
-from app.grpc import inference_pb2_grpc as pb_grpc
 from app.grpc.tensors import parameters, to_request, to_response
 from app.http.access import Access
 from app.http.auth import check_key
@@ -33,7 +32,7 @@ from app.oip.routes import EXTENSIONS, describe
 from app.oip.tensors import encoded_images, output_tensor, the_input, uint8_crops, wanted_outputs
 from app.process.logs import request_id
 from app.process.tracing import current, end_status, now_ns, trace_id
-from core.errors import ServiceError
+from core.errors import BadRequest, ServiceError
 
 log = logging.getLogger("app.access")
 
@@ -67,63 +66,15 @@ def status_of(error: ServiceError) -> grpc.StatusCode:
     return STATUS.get(error.status_code, grpc.StatusCode.UNKNOWN)
 
 
-class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
+class InferenceService:
+    """Each method of the service as a handler of raw bytes (``handlers``): a message that does
+    not parse is INVALID_ARGUMENT like any other bad request, counted and logged."""
+
     def __init__(self, app: FastAPI) -> None:
         self.app = app
         self.state = app.state
         # (calls, statuses) -> their metric children, as app.http.context keeps them.
         self._series: dict[tuple[str, int], Any] = {}
-
-    # -- health and metadata --------------------------------------------------------------------
-
-    async def ServerLive(
-        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ServerLiveResponse:
-        return await self._call("ServerLive", Access.PROBE, context, self._live, request)
-
-    async def ServerReady(
-        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ServerReadyResponse:
-        return await self._call("ServerReady", Access.PROBE, context, self._ready, request)
-
-    async def ModelReady(
-        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ModelReadyResponse:
-        return await self._call("ModelReady", Access.API, context, self._model_ready, request)
-
-    async def ServerMetadata(
-        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ServerMetadataResponse:
-        return await self._call("ServerMetadata", Access.OPEN, context, self._server, request)
-
-    async def ModelMetadata(
-        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ModelMetadataResponse:
-        return await self._call("ModelMetadata", Access.API, context, self._metadata, request)
-
-    async def ModelInfer(
-        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ModelInferResponse:
-        return await self._call("ModelInfer", Access.INFERENCE, context, self._infer, request)
-
-    async def RepositoryIndex(
-        self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
-    ) -> pb.RepositoryIndexResponse:
-        return await self._call("RepositoryIndex", Access.REPOSITORY, context, self._index, request)
-
-    async def RepositoryModelLoad(
-        self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
-    ) -> pb.RepositoryModelLoadResponse:
-        return await self._call(
-            "RepositoryModelLoad", Access.REPOSITORY, context, self._load, request
-        )
-
-    async def RepositoryModelUnload(
-        self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
-    ) -> pb.RepositoryModelUnloadResponse:
-        return await self._call(
-            "RepositoryModelUnload", Access.REPOSITORY, context, self._unload, request
-        )
 
     # -- what each call does --------------------------------------------------------------------
 
@@ -248,6 +199,38 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- every call ------------------------------------------------------------------------------
 
+    def handlers(self) -> grpc.GenericRpcHandler:
+        calls = {
+            "ServerLive": (pb.ServerLiveRequest, Access.PROBE, self._live),
+            "ServerReady": (pb.ServerReadyRequest, Access.PROBE, self._ready),
+            "ModelReady": (pb.ModelReadyRequest, Access.API, self._model_ready),
+            "ServerMetadata": (pb.ServerMetadataRequest, Access.OPEN, self._server),
+            "ModelMetadata": (pb.ModelMetadataRequest, Access.API, self._metadata),
+            "ModelInfer": (pb.ModelInferRequest, Access.INFERENCE, self._infer),
+            "RepositoryIndex": (pb.RepositoryIndexRequest, Access.REPOSITORY, self._index),
+            "RepositoryModelLoad": (pb.RepositoryModelLoadRequest, Access.REPOSITORY, self._load),
+            "RepositoryModelUnload": (
+                pb.RepositoryModelUnloadRequest,
+                Access.REPOSITORY,
+                self._unload,
+            ),
+        }
+        methods = {
+            name: grpc.unary_unary_rpc_method_handler(
+                self._bound(name, *call), response_serializer=_serialize
+            )
+            for name, call in calls.items()
+        }
+        return grpc.method_handlers_generic_handler(SERVICE, methods)
+
+    def _bound(
+        self, method: str, kind: type[Message], access: Access, handler: Any
+    ) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[Message]]:
+        async def call(raw: bytes, context: grpc.aio.ServicerContext) -> Message:
+            return await self._call(method, access, context, handler, kind, raw)
+
+        return call
+
     @property
     def _models(self) -> Models:
         models: Models = self.state.models
@@ -259,10 +242,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         access: Access,
         context: grpc.aio.ServicerContext,
         handler: Callable[[M, grpc.aio.ServicerContext], Awaitable[R]],
-        request: M,
+        kind: type[M],
+        raw: bytes,
     ) -> R:
-        """``handler``'s answer, or an abort with the status its error maps to; the call's key,
-        request id, span, metrics and access log line."""
+        """``handler``'s answer to ``raw`` parsed as ``kind``, or an abort with the status its
+        error maps to; the call's key, request id, span, metrics and access log line."""
         metadata = _metadata(context)
         given = metadata.get(b"x-request-id", b"").decode("latin-1")
         rid = given if 0 < len(given) <= 128 else f"{_ID_PREFIX}{next(_ID_COUNTER):x}"
@@ -276,6 +260,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 if refused is not None:
                     self.state.metrics.auth_refused.labels(reason=refused.reason).inc()
                     raise _Refused(refused.status, refused.code, refused.message)
+                try:
+                    request = kind.FromString(raw)
+                except DecodeError as exc:
+                    raise BadRequest(f"malformed {kind.__name__} message: {exc}") from None
                 response = await handler(request, context)
                 context.set_trailing_metadata((("x-request-id", rid),))
                 return response
@@ -315,6 +303,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             if traced:
                 extra["trace_id"] = traced
             log.log(level, "request", extra=extra)
+
+
+def _serialize(message: Message) -> bytes:
+    data: bytes = message.SerializeToString()
+    return data
 
 
 class _Refused(ServiceError):

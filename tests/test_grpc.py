@@ -1,0 +1,207 @@
+"""The Open Inference Protocol over gRPC on a real ``python -m app``, driven by Triton's own
+clients (tritonclient.grpc, sync and asyncio) and, for what they never send (typed contents,
+malformed messages), by this project's generated stub."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+import tritonclient.grpc.aio as triton_aio
+from tritonclient.utils import InferenceServerException
+
+from app.grpc import inference_pb2 as pb
+from app.grpc import inference_pb2_grpc as pb_grpc
+from tests.helpers.metrics import scrape, status_counts
+from tests.helpers.models import CROP_SIZE, LABELS, image_bytes
+from tests.helpers.server import Server, free_port, message_is, run_server
+
+MODEL = "tiny-test"
+IMAGES = [image_bytes(seed) for seed in range(3)]
+
+
+@pytest.fixture(scope="module")
+def served(model_path: Path) -> Iterator[tuple[Server, str]]:
+    port = free_port()
+    with run_server(model_path, grpc_port=str(port), max_request_bytes="200000") as server:
+        server.wait_for_log(message_is("ready"))
+        yield server, f"127.0.0.1:{port}"
+
+
+def stub_for(channel: grpc.Channel) -> Any:
+    return pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+
+
+def rest_top(url: str, data: bytes, k: int) -> list[tuple[int, float]]:
+    files = [("files", ("x.png", data, "image/png"))]
+    answer = httpx.post(f"{url}/predict", files=files, params={"top_k": k}, timeout=30)
+    return [(p["class_id"], p["score"]) for p in answer.json()["results"][0]["predictions"]]
+
+
+def images_input(images: list[bytes]) -> triton.InferInput:
+    tensor = triton.InferInput("images", [len(images)], "BYTES")
+    tensor.set_data_from_numpy(np.array(images, dtype=object))
+    return tensor
+
+
+def test_health_and_metadata(served: tuple[Server, str]) -> None:
+    client = triton.InferenceServerClient(served[1])
+    assert client.is_server_live()
+    assert client.is_server_ready()
+    assert client.is_model_ready(MODEL)
+    assert not client.is_model_ready("nope")
+    metadata = client.get_server_metadata()
+    assert set(metadata.extensions) >= {"binary_tensor_data", "classification"}
+    model = client.get_model_metadata(MODEL)
+    assert model.inputs[0].name == "images"
+    assert list(model.inputs[0].shape) == [-1, CROP_SIZE, CROP_SIZE, 3]
+    assert list(model.outputs[0].shape) == [-1, len(LABELS)]
+
+
+def test_bytes_and_classification_answer_as_predict_does(served: tuple[Server, str]) -> None:
+    server, address = served
+    client = triton.InferenceServerClient(address)
+    top = triton.InferRequestedOutput("probabilities", class_count=3)
+    result = client.infer(MODEL, [images_input(IMAGES)], outputs=[top])
+    full = client.infer(MODEL, [images_input(IMAGES)]).as_numpy("probabilities")
+    assert result.get_response().model_name == MODEL
+    assert full.shape == (len(IMAGES), len(LABELS))
+    for row, data, probabilities in zip(
+        result.as_numpy("probabilities"), IMAGES, full, strict=True
+    ):
+        expected = rest_top(server.url, data, 3)
+        got = [(int(cell.split(b":")[1]), float(cell.split(b":")[0])) for cell in row]
+        assert [c for c, _ in got] == [c for c, _ in expected]
+        assert np.allclose([s for _, s in got], [s for _, s in expected], atol=1e-6)
+        assert np.allclose(probabilities[[c for c, _ in expected]], [s for _, s in expected])
+
+
+def test_uint8_crops_raw_and_typed_contents_agree(served: tuple[Server, str]) -> None:
+    crops = np.random.default_rng(1).integers(0, 256, (2, CROP_SIZE, CROP_SIZE, 3), np.uint8)
+    client = triton.InferenceServerClient(served[1])
+    tensor = triton.InferInput("images", list(crops.shape), "UINT8")
+    tensor.set_data_from_numpy(crops)
+    raw = client.infer(MODEL, [tensor]).as_numpy("probabilities")
+    with grpc.insecure_channel(served[1]) as channel:
+        stub = stub_for(channel)
+        request = pb.ModelInferRequest(model_name=MODEL)
+        request.inputs.add(
+            name="images",
+            datatype="UINT8",
+            shape=list(crops.shape),
+            contents=pb.InferTensorContents(uint_contents=crops.ravel().tolist()),
+        )
+        typed = stub.ModelInfer(request)
+        images = pb.ModelInferRequest(model_name=MODEL)
+        images.inputs.add(
+            name="images",
+            datatype="BYTES",
+            shape=[1],
+            contents=pb.InferTensorContents(bytes_contents=IMAGES[:1]),
+        )
+        from_bytes = stub.ModelInfer(images)
+    values = np.frombuffer(typed.raw_output_contents[0], "<f4").reshape(raw.shape)
+    assert np.allclose(values, raw, atol=1e-6)
+    decoded = np.frombuffer(from_bytes.raw_output_contents[0], "<f4")
+    expected = rest_top(served[0].url, IMAGES[0], 1)[0]
+    assert int(decoded.argmax()) == expected[0]
+
+
+@pytest.mark.parametrize(
+    ("inputs", "code", "message"),
+    [
+        ([("images", [1], "FP32", b"\0" * 4)], "INVALID_ARGUMENT", "datatype 'FP32'"),
+        ([("pixels", [1], "BYTES", b"")], "INVALID_ARGUMENT", "unknown input 'pixels'"),
+        (
+            [("images", [1, CROP_SIZE, CROP_SIZE, 3], "UINT8", b"\0" * 10)],
+            "INVALID_ARGUMENT",
+            "needs 768 values, got 10",
+        ),
+        ([("images", [2], "BYTES", b"\4\0\0\0abcd")], "INVALID_ARGUMENT", "shape [2] but 1"),
+        ([("images", [1], "BYTES", b"\4\0\0\0abcd")], "INVALID_ARGUMENT", "not an image"),
+        ([], "INVALID_ARGUMENT", "inputs"),
+    ],
+    ids=["datatype", "input-name", "byte-size", "element-count", "not-an-image", "no-inputs"],
+)
+def test_bad_requests_get_a_clear_status(
+    served: tuple[Server, str],
+    inputs: list[tuple[str, list[int], str, bytes]],
+    code: str,
+    message: str,
+) -> None:
+    request = pb.ModelInferRequest(model_name=MODEL)
+    for name, shape, datatype, raw in inputs:
+        request.inputs.add(name=name, shape=shape, datatype=datatype)
+        request.raw_input_contents.append(raw)
+    with grpc.insecure_channel(served[1]) as channel, pytest.raises(grpc.RpcError) as raised:
+        stub_for(channel).ModelInfer(request, timeout=30)
+    assert raised.value.code().name == code
+    assert message in str(raised.value.details())
+
+
+def test_malformed_and_oversized_messages_and_unknown_models(served: tuple[Server, str]) -> None:
+    path = "/inference.GRPCInferenceService/ModelInfer"
+    with grpc.insecure_channel(served[1]) as channel:
+        call = channel.unary_unary(path)  # bytes in, bytes out: no serialisation of ours
+        with pytest.raises(grpc.RpcError) as malformed:
+            call(b"\xff\xff\xff\xff garbage", timeout=30)
+        with pytest.raises(grpc.RpcError) as oversized:
+            call(b"\0" * 300_000, timeout=30)  # over max_request_bytes=200000
+        stub = stub_for(channel)
+        with pytest.raises(grpc.RpcError) as unknown:
+            stub.ModelInfer(pb.ModelInferRequest(model_name="nope"), timeout=30)
+        alive = stub.ServerLive(pb.ServerLiveRequest(), timeout=30)
+    assert malformed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "malformed ModelInferRequest message" in str(malformed.value.details())
+    assert oversized.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "unknown model 'nope'" in str(unknown.value.details())
+    assert alive.live  # and the server goes on
+
+
+def test_the_asyncio_client_and_the_metrics(served: tuple[Server, str]) -> None:
+    server, address = served
+
+    async def run() -> list[np.ndarray]:
+        client = triton_aio.InferenceServerClient(address)
+        try:
+            results = await asyncio.gather(
+                *(client.infer(MODEL, [images_input([data])]) for data in IMAGES)
+            )
+        finally:
+            await client.close()
+        return [result.as_numpy("probabilities") for result in results]
+
+    before = status_counts(scrape(server.url), "/inference.GRPCInferenceService/ModelInfer")
+    answers = asyncio.run(run())
+    after = status_counts(scrape(server.url), "/inference.GRPCInferenceService/ModelInfer")
+    assert [a.shape for a in answers] == [(1, len(LABELS))] * len(IMAGES)
+    assert after.get("200", 0) - before.get("200", 0) == len(IMAGES)
+
+
+def test_keys_guard_grpc_as_they_guard_http(model_path: Path, tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("grpc-key\n")
+    port = free_port()
+    with run_server(model_path, grpc_port=str(port), api_keys_file=str(keys)) as server:
+        server.wait_for_log(message_is("ready"))
+        client = triton.InferenceServerClient(f"127.0.0.1:{port}")
+        live = client.is_server_live()  # probes are open
+        with pytest.raises(InferenceServerException) as refused:
+            client.infer(MODEL, [images_input(IMAGES[:1])])
+        wrong = {"authorization": "Bearer nope"}
+        with pytest.raises(InferenceServerException) as invalid:
+            client.infer(MODEL, [images_input(IMAGES[:1])], headers=wrong)
+        right = client.infer(MODEL, [images_input(IMAGES[:1])], headers={"x-api-key": "grpc-key"})
+    assert live
+    assert refused.value.status() == "StatusCode.UNAUTHENTICATED"
+    assert "an API key is required" in str(refused.value.message())
+    assert invalid.value.status() == "StatusCode.UNAUTHENTICATED"
+    assert right.as_numpy("probabilities").shape == (1, len(LABELS))
