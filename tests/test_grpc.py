@@ -5,7 +5,9 @@ malformed messages), by this project's generated stub."""
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 import tritonclient.grpc.aio as triton_aio
+from grpc_health.v1 import health_pb2
 from tritonclient.utils import InferenceServerException
 
 from app.grpc import inference_pb2 as pb
@@ -22,6 +25,8 @@ from app.grpc import inference_pb2_grpc as pb_grpc
 from tests.helpers.metrics import scrape, status_counts
 from tests.helpers.models import CROP_SIZE, LABELS, image_bytes
 from tests.helpers.server import Server, free_port, message_is, run_server
+from tests.test_app_workers import start_workers
+from tests.test_overload import wait_for_gauge
 
 MODEL = "tiny-test"
 IMAGES = [image_bytes(seed) for seed in range(3)]
@@ -205,3 +210,62 @@ def test_keys_guard_grpc_as_they_guard_http(model_path: Path, tmp_path: Path) ->
     assert "an API key is required" in str(refused.value.message())
     assert invalid.value.status() == "StatusCode.UNAUTHENTICATED"
     assert right.as_numpy("probabilities").shape == (1, len(LABELS))
+
+
+def test_the_standard_health_service_follows_readiness(served: tuple[Server, str]) -> None:
+    path = "/grpc.health.v1.Health/Check"
+    with grpc.insecure_channel(served[1]) as channel:
+        check = channel.unary_unary(
+            path,
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString,
+        )
+        overall = check(health_pb2.HealthCheckRequest(service=""), timeout=30)
+        named = check(health_pb2.HealthCheckRequest(service="inference.GRPCInferenceService"))
+        with pytest.raises(grpc.RpcError) as unknown:
+            check(health_pb2.HealthCheckRequest(service="other.Service"), timeout=30)
+    assert overall.status == named.status == health_pb2.HealthCheckResponse.SERVING
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_two_workers_serve_grpc_on_the_one_port(model_path: Path) -> None:
+    port = free_port()
+    settings = {"workers": "2", "decode_threads": "1", "grpc_port": str(port)}
+    with run_server(model_path, **settings) as server:
+        start_workers(server)
+        shapes = []
+        for _ in range(16):  # a new connection each: the kernel spreads them over the workers
+            client = triton.InferenceServerClient(f"127.0.0.1:{port}")
+            shapes.append(
+                client.infer(MODEL, [images_input(IMAGES[:1])]).as_numpy("probabilities").shape
+            )
+            client.close()
+        answered_by: set[object] = set()
+
+        def both(entry: dict[str, object]) -> bool:
+            if entry.get("method") == "gRPC":
+                answered_by.add(entry.get("worker"))
+            return answered_by >= {0, 1}
+
+        server.wait_for_log(both)
+    assert shapes == [(1, len(LABELS))] * 16
+
+
+def test_sigterm_finishes_the_calls_in_flight_and_refuses_new_ones(slow_model: Path) -> None:
+    port = free_port()
+    with run_server(slow_model, grpc_port=str(port)) as server:
+        server.wait_for_log(message_is("ready"))
+        client = triton.InferenceServerClient(f"127.0.0.1:{port}")
+        with ThreadPoolExecutor(1) as pool:
+            in_flight = pool.submit(client.infer, MODEL, [images_input(IMAGES * 2)])
+            wait_for_gauge(server.url, "resnet_serve_pending_images", len(IMAGES) * 2)
+            server.process.send_signal(signal.SIGTERM)
+            server.wait_for_log(message_is("Shutting down"))
+            late = triton.InferenceServerClient(f"127.0.0.1:{port}")
+            with pytest.raises(InferenceServerException) as refused:
+                late.infer(MODEL, [images_input(IMAGES[:1])])
+            answer = in_flight.result(timeout=60)
+        status = server.process.wait(timeout=60)
+    assert answer.as_numpy("probabilities").shape == (len(IMAGES) * 2, len(LABELS))
+    assert refused.value.status() == "StatusCode.UNAVAILABLE"
+    assert status == 0

@@ -26,7 +26,8 @@ async def start(app: FastAPI, settings: Settings) -> grpc.aio.Server:
         ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
     ]
     server = grpc.aio.server(options=options)
-    server.add_generic_rpc_handlers((InferenceService(app).handlers(),))
+    service = InferenceService(app)
+    server.add_generic_rpc_handlers((service.handlers(), service.health()))
     address = f"[{settings.host}]" if ":" in settings.host else settings.host
     port = server.add_insecure_port(f"{address}:{settings.grpc_port}")
     await server.start()

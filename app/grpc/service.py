@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import grpc
 from fastapi import FastAPI
 from google.protobuf.message import DecodeError, Message
+from grpc_health.v1 import health_pb2
 
 from app.engine.classifier import Image
 from app.engine.models import Models
@@ -37,6 +38,8 @@ from core.errors import BadRequest, ServiceError
 log = logging.getLogger("app.access")
 
 SERVICE = "inference.GRPCInferenceService"
+HEALTH = "grpc.health.v1.Health"
+PROBES = ("/ServerLive", "/ServerReady", f"{HEALTH}/Check")  # logged at debug, as /readyz
 M = TypeVar("M", bound=Message)
 R = TypeVar("R", bound=Message)
 # The REST side's statuses as gRPC's. 503 is UNAVAILABLE while warming or draining (retry on
@@ -223,11 +226,44 @@ class InferenceService:
         }
         return grpc.method_handlers_generic_handler(SERVICE, methods)
 
+    def health(self) -> grpc.GenericRpcHandler:
+        """gRPC's standard health service (grpc.health.v1), which Kubernetes' gRPC probes and
+        grpc_health_probe call: SERVING as /readyz is 200, for "" and this service."""
+        check = (health_pb2.HealthCheckRequest, Access.PROBE, self._health)
+        methods = {
+            "Check": grpc.unary_unary_rpc_method_handler(
+                self._bound("Check", *check, service=HEALTH), response_serializer=_serialize
+            )
+        }
+        return grpc.method_handlers_generic_handler(HEALTH, methods)
+
+    async def _health(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
+    ) -> health_pb2.HealthCheckResponse:
+        if request.service not in ("", SERVICE):
+            raise UnknownService(
+                f"unknown service {request.service!r}: this server has {SERVICE!r}"
+            )
+        ready = (await self._ready(pb.ServerReadyRequest(), context)).ready
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if ready
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        return health_pb2.HealthCheckResponse(status=status)
+
     def _bound(
-        self, method: str, kind: type[Message], access: Access, handler: Any
+        self,
+        method: str,
+        kind: type[Message],
+        access: Access,
+        handler: Any,
+        service: str = SERVICE,
     ) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[Message]]:
+        path = f"/{service}/{method}"
+
         async def call(raw: bytes, context: grpc.aio.ServicerContext) -> Message:
-            return await self._call(method, access, context, handler, kind, raw)
+            return await self._call(path, access, context, handler, kind, raw)
 
         return call
 
@@ -238,7 +274,7 @@ class InferenceService:
 
     async def _call(
         self,
-        method: str,
+        path: str,
         access: Access,
         context: grpc.aio.ServicerContext,
         handler: Callable[[M, grpc.aio.ServicerContext], Awaitable[R]],
@@ -252,9 +288,9 @@ class InferenceService:
         rid = given if 0 < len(given) <= 128 else f"{_ID_PREFIX}{next(_ID_COUNTER):x}"
         token = request_id.set(rid)
         status, started = 200, time.perf_counter()
-        path = f"/{SERVICE}/{method}"
-        attributes = {"rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": method}
-        with self.state.tracing.request(f"{SERVICE}/{method}", attributes, metadata) as span:
+        service, method = path[1:].rsplit("/", 1)
+        attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
+        with self.state.tracing.request(path[1:], attributes, metadata) as span:
             try:
                 refused = check_key(access, metadata, self.state.key_files)
                 if refused is not None:
@@ -292,7 +328,7 @@ class InferenceService:
         counter, histogram = self._series[key]
         counter.inc()
         histogram.observe(seconds, {"trace_id": traced} if traced else None)
-        level = logging.DEBUG if path.endswith(("/ServerLive", "/ServerReady")) else logging.INFO
+        level = logging.DEBUG if path.endswith(PROBES) else logging.INFO
         if log.isEnabledFor(level):
             extra: dict[str, object] = {
                 "method": "gRPC",
@@ -308,6 +344,11 @@ class InferenceService:
 def _serialize(message: Message) -> bytes:
     data: bytes = message.SerializeToString()
     return data
+
+
+class UnknownService(ServiceError):
+    status_code = 404
+    code = "service_not_found"
 
 
 class _Refused(ServiceError):
