@@ -143,16 +143,23 @@ def test_probes_hit_the_apps_endpoints_on_its_port() -> None:
     paths = app_paths()
     for target, pod in pod_specs():
         container = api_container(pod)
-        port = int(container_env(target, container)["RESNET_SERVE_PORT"])
-        assert [p["containerPort"] for p in container["ports"]] == [port], target
+        env = container_env(target, container)
+        port, grpc_port = int(env["RESNET_SERVE_PORT"]), int(env.get("RESNET_SERVE_GRPC_PORT", 0))
         named = {p.get("name"): p["containerPort"] for p in container["ports"]}
-        probes = {kind: container[kind]["httpGet"] for kind in container if kind.endswith("Probe")}
-        assert probes["readinessProbe"]["path"] == "/readyz", target
-        assert probes["livenessProbe"]["path"] == "/healthz", target
-        assert probes.get("startupProbe", {"path": "/readyz"})["path"] == "/readyz", target
+        # Every port the pod declares is one the server listens on.
+        assert set(named.values()) <= {port, grpc_port} - {0}, target
+        probes = {kind: container[kind] for kind in container if kind.endswith("Probe")}
         for kind, probe in probes.items():
-            assert probe["path"] in paths, f"{target} {kind}: {probe['path']} is not served"
-            assert named.get(probe["port"], probe["port"]) == port, f"{target} {kind}"
+            if "httpGet" in probe:
+                get = probe["httpGet"]
+                assert get["path"] in paths, f"{target} {kind}: {get['path']} is not served"
+                assert named.get(get["port"], get["port"]) == port, f"{target} {kind}"
+                wanted = "/healthz" if kind == "livenessProbe" else "/readyz"
+                assert get["path"] == wanted, f"{target} {kind}"
+            else:  # the gRPC runtime: grpc.health.v1 for readiness, the port open for liveness
+                check = probe.get("grpc") or probe["tcpSocket"]
+                assert check["port"] == grpc_port != 0, f"{target} {kind}"
+                assert ("grpc" in probe) == (kind == "readinessProbe"), f"{target} {kind}"
 
 
 def test_service_and_scrape_annotations_point_at_the_app_port() -> None:
@@ -162,8 +169,11 @@ def test_service_and_scrape_annotations_point_at_the_app_port() -> None:
         annotations = template["metadata"]["annotations"]
         assert int(annotations["prometheus.io/port"]) == port, target
         assert annotations["prometheus.io/path"] in app_paths(), target
+        ports = {p["name"]: p["containerPort"] for p in api_container(template["spec"])["ports"]}
+        env = container_env(target, api_container(template["spec"]))
+        assert ports == {"http": port, "grpc": int(env["RESNET_SERVE_GRPC_PORT"])}, target
         for _, service in docs("Service", [target]):
-            assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http"], target
+            assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http", "grpc"], target
 
 
 def test_env_names_are_settings_and_values_parse(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -254,8 +264,19 @@ def test_disruption_budget_leaves_a_pod_serving() -> None:
 
 def test_kserve_v2_is_served_by_the_app() -> None:
     paths = app_paths()
-    for _, runtime in docs("ServingRuntime"):
-        assert runtime["spec"]["protocolVersions"] == ["v2"]
+    protocols = {}
+    for target, runtime in docs("ServingRuntime"):
+        (container,) = runtime["spec"]["containers"]
+        (port,) = container["ports"]
+        env = container_env(target, container)
+        protocols[runtime["metadata"]["name"]] = runtime["spec"]["protocolVersions"]
+        if runtime["spec"]["protocolVersions"] == ["grpc-v2"]:
+            # Knative sends HTTP/2 cleartext to a port named h2c: the server's gRPC port.
+            assert port["name"] == "h2c"
+            assert port["containerPort"] == int(env["RESNET_SERVE_GRPC_PORT"])
+        else:
+            assert port["containerPort"] == int(env["RESNET_SERVE_PORT"])
+    assert protocols == {"resnet-serve": ["v2"], "resnet-serve-grpc": ["grpc-v2"]}
     for _, isvc in docs("InferenceService"):
         assert isvc["spec"]["predictor"]["model"]["protocolVersion"] == "v2"
     # The Open Inference Protocol's REST endpoints that KServe clients call.

@@ -14,6 +14,7 @@ from app.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 PORT = Settings().port
+GRPC_PORT = Settings().grpc_port
 
 
 def compose() -> dict[str, Any]:
@@ -26,15 +27,19 @@ def test_api_healthcheck_probes_readiness() -> None:
     api = compose()["services"]["api"]
     assert api["healthcheck"]["test"][-1] == "/readyz"
     assert "/readyz" in paths
-    assert api["expose"] == [str(PORT)]
+    assert api["expose"] == [str(PORT), str(GRPC_PORT)]
 
 
 def test_load_balancer_checks_readiness_on_the_app_port() -> None:
     config = (ROOT / "docker" / "haproxy.cfg").read_text()
     assert re.search(r"option httpchk GET /readyz\n", config)
     assert re.search(rf"server-template api \d+-\d+ api:{PORT}\n", config)
+    # gRPC passed through as TCP to each replica's gRPC port, up while its HTTP /readyz is 200.
+    assert re.search(rf"bind :{GRPC_PORT}\n", config)
+    assert re.search(rf"server-template api \d+-\d+ api:{GRPC_PORT}\n", config)
+    assert re.search(rf"default-server check port {PORT} ", config)
     ports = compose()["services"]["lb"]["ports"]
-    assert all(port.endswith(f":{PORT}") for port in ports)
+    assert [port.rsplit(":", 1)[1] for port in ports] == [str(PORT), str(GRPC_PORT)]
 
 
 def test_prometheus_discovers_every_api_replica() -> None:
