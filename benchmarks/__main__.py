@@ -9,7 +9,8 @@ same 500x375 JPEGs at 1x, 4x and 16x the saturating concurrency (16), and writes
 benchmarks/results/overload.{json,md,png}. The swap section (benchmarks.swap) loads, switches
 and unloads model versions of the digits model under load: benchmarks/results/swap.{json,md,png}.
 The tracing section (benchmarks.tracing) measures tracing off against on:
-benchmarks/results/tracing.{json,md}.
+benchmarks/results/tracing.{json,md}; the grpc section (benchmarks.grpc) the protocol over gRPC
+against REST: benchmarks/results/grpc.{json,md}.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 import psutil
 
 from app.settings import Settings
-from benchmarks import swap, tracing
+from benchmarks import grpc, swap, tracing
 from benchmarks.ceiling import ceiling
 from benchmarks.load import image_pool, run_point, run_server
 from benchmarks.peers import run as peers
@@ -39,7 +40,7 @@ IMAGES_PER_REQUEST = (1, 4)
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-SECTIONS = ("load", "overload", "swap", "tracing")
+SECTIONS = ("load", "overload", "swap", "tracing", "grpc")
 # c=16 saturates the digits model on 2 cores (the issue's measurement): 1x, 4x and 16x that.
 # Three windows per point, the servers taking turns, so that drift in the machine's speed hits
 # each alike.
@@ -68,6 +69,8 @@ def main() -> None:
         swap.main(["--step-s", "4" if args.quick else "8"])
     if "tracing" in sections:
         tracing.main(["--seconds", "4" if args.quick else "12"])
+    if "grpc" in sections:
+        grpc.main(["--seconds", "4" if args.quick else "10"])
 
 
 def load_section(quick: bool) -> None:
