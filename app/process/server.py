@@ -11,6 +11,7 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
+from app.process.drain import DrainingHttpToolsProtocol
 from app.settings import Settings
 
 
@@ -33,7 +34,8 @@ def uvicorn_config(settings: Settings, app: FastAPI) -> uvicorn.Config:
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http="httptools",
+        # httptools, answering with "Connection: close" before it closes a connection on a stop
+        http=DrainingHttpToolsProtocol,
         workers=1,
         lifespan="on",
         log_config=None,
