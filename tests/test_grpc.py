@@ -269,3 +269,39 @@ def test_sigterm_finishes_the_calls_in_flight_and_refuses_new_ones(slow_model: P
     assert answer.as_numpy("probabilities").shape == (len(IMAGES) * 2, len(LABELS))
     assert refused.value.status() == "StatusCode.UNAVAILABLE"
     assert status == 0
+
+
+def test_overload_and_deadlines_have_their_grpc_statuses(slow_model: Path) -> None:
+    port = free_port()
+    settings = {
+        "grpc_port": str(port),
+        "request_timeout_ms": "400",
+        "max_queue_images": "8",
+        "max_images_per_request": "8",
+    }
+    big = images_input([image_bytes(seed, size=(64, 64)) for seed in range(8)])
+    with run_server(slow_model, **settings) as server:
+        server.wait_for_log(message_is("ready"))
+        address = f"127.0.0.1:{port}"
+
+        def call(timeout: float | None = None) -> grpc.RpcError | None:
+            client = triton.InferenceServerClient(address)
+            try:
+                client.infer(MODEL, [big], client_timeout=timeout)
+            except InferenceServerException as exc:
+                return exc  # type: ignore[return-value]
+            finally:
+                client.close()
+            return None
+
+        with ThreadPoolExecutor(8) as pool:
+            flooded = list(pool.map(lambda _: call(), range(16)))
+        late = call(timeout=0.01)  # the client's own deadline, long before 8 images are done
+        metrics = scrape(server.url)
+    statuses = {str(error.status()) for error in flooded if error is not None}  # type: ignore[attr-defined]
+    assert "StatusCode.RESOURCE_EXHAUSTED" in statuses, flooded
+    assert statuses <= {"StatusCode.RESOURCE_EXHAUSTED", "StatusCode.DEADLINE_EXCEEDED"}
+    assert late is not None
+    assert str(late.status()) == "StatusCode.DEADLINE_EXCEEDED"  # type: ignore[attr-defined]
+    counted = status_counts(metrics, "/inference.GRPCInferenceService/ModelInfer")
+    assert counted.get("503", 0) >= 1  # the refusals, counted as REST would count them
