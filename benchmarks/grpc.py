@@ -42,7 +42,9 @@ INFER = "/inference.GRPCInferenceService/ModelInfer"
 Send = Callable[[int], Awaitable[bool]]
 
 
-def rest_body(jpeg: bytes) -> tuple[bytes, int]:
+def rest_body(jpeg: bytes, output: dict[str, Any] | None = None) -> tuple[bytes, int]:
+    """The protocol's infer over REST with the image as binary data: the body and the length of
+    its JSON header. ``output``: the output's parameters (default: binary probabilities)."""
     header = json.dumps(
         {
             "inputs": [
@@ -53,7 +55,7 @@ def rest_body(jpeg: bytes) -> tuple[bytes, int]:
                     "parameters": {"binary_data_size": len(jpeg) + 4},
                 }
             ],
-            "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
+            "outputs": [{"name": "probabilities", "parameters": output or {"binary_data": True}}],
         }
     ).encode()
     return header + struct.pack("<I", len(jpeg)) + jpeg, len(header)

@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import json
 import random
-import struct
 import time
 import urllib.request
 from collections import Counter
@@ -28,6 +27,7 @@ import aiohttp
 import numpy as np
 import psutil
 
+from benchmarks.grpc import rest_body
 from benchmarks.load import photo, run_point, run_server
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -107,25 +107,11 @@ class Traffic:
         )
 
     def _infer(self, session: aiohttp.ClientSession) -> Any:
-        jpeg = self.images["photo"]
-        header = json.dumps(
-            {
-                "inputs": [
-                    {
-                        "name": "images",
-                        "datatype": "BYTES",
-                        "shape": [1],
-                        "parameters": {"binary_data_size": len(jpeg) + 4},
-                    }
-                ],
-                "outputs": [{"name": "probabilities", "parameters": {"classification": 1}}],
-            }
-        ).encode()
+        body, header_length = rest_body(self.images["photo"], {"classification": 1})
         headers = {
-            "Inference-Header-Content-Length": str(len(header)),
+            "Inference-Header-Content-Length": str(header_length),
             "Content-Type": "application/octet-stream",
         }
-        body = header + struct.pack("<I", len(jpeg)) + jpeg
         return session.post(f"{self.url}/v2/models/{self.model}/infer", data=body, headers=headers)
 
 
