@@ -27,6 +27,7 @@ from app.grpc import inference_pb2 as pb
 from app.grpc.tensors import parameters, to_request, to_response
 from app.http.access import Access
 from app.http.auth import check_key
+from app.http.context import SAFE_ID
 from app.http.routes import check_ready
 from app.oip.repository import load_model, policy_from_config, unload_model
 from app.oip.routes import EXTENSIONS, describe
@@ -285,7 +286,7 @@ class InferenceService:
         error maps to; the call's key, request id, span, metrics and access log line."""
         metadata = _metadata(context)
         given = metadata.get(b"x-request-id", b"").decode("latin-1")
-        rid = given if 0 < len(given) <= 128 else f"{_ID_PREFIX}{next(_ID_COUNTER):x}"
+        rid = given if SAFE_ID.fullmatch(given) else f"{_ID_PREFIX}{next(_ID_COUNTER):x}"
         token = request_id.set(rid)
         status, started = 200, time.perf_counter()
         service, method = path[1:].rsplit("/", 1)
@@ -311,6 +312,14 @@ class InferenceService:
             except asyncio.CancelledError:  # the client went away, or its deadline passed
                 status = ClientClosedRequest.status_code
                 raise
+            except grpc.aio.AbortError:
+                raise
+            except Exception:  # our fault: logged with its traceback, the client told only that
+                status = 500
+                log.exception("unhandled error", extra={"path": path})
+                end_status(span, status, "internal_error", "internal server error")
+                await context.abort(grpc.StatusCode.INTERNAL, "internal server error")
+                raise AssertionError("grpc's abort returns only by raising") from None
             finally:
                 if status == 200:
                     end_status(span, status, None, None)

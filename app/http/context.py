@@ -22,7 +22,7 @@ from app.process.tracing import Tracing, end_status, trace_id, trace_response
 log = logging.getLogger("app.access")
 
 # Echo a caller's id only if it is short and harmless in logs and headers.
-_SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # Unique per process and cheap: uuid4 (a getrandom call each) showed up in overload profiles.
 _ID_PREFIX = os.urandom(6).hex() + "-"
 _ID_COUNTER = itertools.count(1)
@@ -70,7 +70,7 @@ class RequestContext:
         matched = scope[SCOPE_KEY] = self.routes.match(scope)
         headers = dict(scope["headers"])
         given = headers.get(b"x-request-id", b"").decode("latin-1")
-        rid = given if _SAFE_ID.fullmatch(given) else f"{_ID_PREFIX}{next(_ID_COUNTER):x}"
+        rid = given if SAFE_ID.fullmatch(given) else f"{_ID_PREFIX}{next(_ID_COUNTER):x}"
         token = request_id.set(rid)
         route = matched.label if matched.exact else ""
         method = scope["method"]

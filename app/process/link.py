@@ -20,6 +20,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
+from typing import cast
 
 from core.errors import ServiceError
 
@@ -117,13 +118,20 @@ class WorkerLink:
             except (EOFError, OSError):
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
-            if kind == "apply":
-                self._schedule(ident, body)
-            elif kind == "done":
-                with self._lock:
-                    future = self._asked.pop(ident)
-                assert self._loop is not None
-                self._loop.call_soon_threadsafe(future.set_result, body)
+            try:
+                self._on_message(kind, ident, body)
+            except Exception:  # this thread must outlive a bad message: it watches the supervisor
+                log.exception("message from the supervisor not handled", extra={"kind": kind})
+
+    def _on_message(self, kind: str, ident: int | None, body: object) -> None:
+        if kind == "apply":
+            assert isinstance(body, Change)
+            self._schedule(ident, body)
+        elif kind == "done":
+            with self._lock:
+                future = self._asked.pop(ident, None) if ident is not None else None
+            if future is not None and self._loop is not None:
+                self._loop.call_soon_threadsafe(future.set_result, cast(list[Outcome], body))
 
     def _schedule(self, ident: int | None, change: Change) -> None:
         with self._lock:
