@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -70,5 +71,20 @@ def main() -> int:
     return 0 if server.started else 1
 
 
+def flush_or_discard() -> None:
+    """Python exits 120 when it cannot flush stdout or stderr at the end (a full disk under the
+    logs, a closed pipe): after a clean drain, what could not be written is dropped instead, so
+    the exit status says how serving went."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except OSError:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stream.fileno())
+            os.close(devnull)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    flush_or_discard()
+    sys.exit(status)
