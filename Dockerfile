@@ -110,7 +110,7 @@ ENV RESNET_SERVE_HOST=0.0.0.0 \
     RESNET_SERVE_MODEL_PATH=/models/model.onnx
 USER 10001:10001
 WORKDIR /home/resnet
-EXPOSE 8000
+EXPOSE 8000 8001
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
   CMD ["python", "/usr/local/bin/healthcheck.py", "/healthz"]
 CMD ["python", "-m", "app"]
@@ -136,7 +136,7 @@ ENV NVIDIA_VISIBLE_DEVICES=all \
     RESNET_SERVE_MODEL_PATH=/models/model.onnx
 USER 10001:10001
 WORKDIR /home/resnet
-EXPOSE 8000
+EXPOSE 8000 8001
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
   CMD ["python", "/usr/local/bin/healthcheck.py", "/healthz"]
 CMD ["python", "-m", "app"]
