@@ -52,3 +52,13 @@ class InferenceFailed(ServiceError):
 class UnknownModel(ServiceError):
     status_code = 404
     code = "model_not_found"
+
+
+class GivenStatus(ServiceError):
+    """An error whose status and code were decided elsewhere: a key check's refusal, another
+    worker's answer to a repository change."""
+
+    def __init__(self, status_code: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.code = code

@@ -18,11 +18,12 @@ from fastapi import FastAPI
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health_pb2
 
+from app.engine.admission import Ticket
 from app.engine.classifier import Image
 from app.engine.models import Models
 from app.engine.repository import check_name
 from app.engine.served import ServedModel
-from app.errors import ClientClosedRequest, DeadlineExceeded, Overloaded, UnknownModel
+from app.errors import ClientClosedRequest, DeadlineExceeded, GivenStatus, Overloaded
 from app.grpc import inference_pb2 as pb
 from app.grpc.tensors import parameters, to_request, to_response
 from app.http.access import Access
@@ -102,9 +103,7 @@ class InferenceService:
         try:
             self._models.resolve(request.name, request.version or None)
             self.state.lifecycle.check_admitting()
-        except UnknownModel:
-            return pb.ModelReadyResponse(ready=False)
-        except ServiceError:  # warming or draining
+        except ServiceError:  # unknown, warming or draining
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=True)
 
@@ -153,7 +152,7 @@ class InferenceService:
         self,
         served: ServedModel,
         message: pb.ModelInferRequest,
-        ticket: Any,
+        ticket: Ticket,
         context: grpc.aio.ServicerContext,
     ) -> pb.ModelInferResponse:
         classifier, limits = served.classifier, self.state.upload_limits
@@ -296,7 +295,7 @@ class InferenceService:
                 refused = check_key(access, metadata, self.state.key_files)
                 if refused is not None:
                     self.state.metrics.auth_refused.labels(reason=refused.reason).inc()
-                    raise _Refused(refused.status, refused.code, refused.message)
+                    raise GivenStatus(refused.status, refused.code, refused.message)
                 try:
                     request = kind.FromString(raw)
                 except DecodeError as exc:
@@ -311,8 +310,6 @@ class InferenceService:
                 raise AssertionError("grpc's abort returns only by raising") from None
             except asyncio.CancelledError:  # the client went away, or its deadline passed
                 status = ClientClosedRequest.status_code
-                raise
-            except grpc.aio.AbortError:
                 raise
             except Exception:  # our fault: logged with its traceback, the client told only that
                 status = 500
@@ -358,12 +355,6 @@ def _serialize(message: Message) -> bytes:
 class UnknownService(ServiceError):
     status_code = 404
     code = "service_not_found"
-
-
-class _Refused(ServiceError):
-    def __init__(self, status_code: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status_code, self.code = status_code, code
 
 
 def _metadata(context: grpc.aio.ServicerContext) -> Mapping[bytes, bytes]:

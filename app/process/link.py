@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import cast
 
+from app.errors import GivenStatus
 from core.errors import ServiceError
 
 log = logging.getLogger(__name__)
@@ -49,19 +50,10 @@ class Outcome:
     error: tuple[int, str, str] | None = None
 
 
-class RelayedError(ServiceError):
-    """A worker's refusal, raised again in the worker that was asked."""
-
-    def __init__(self, status_code: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status_code = status_code
-        self.code = code
-
-
 def raise_refusal(outcomes: list[Outcome]) -> None:
     for outcome in outcomes:
         if outcome.error is not None:
-            raise RelayedError(*outcome.error)
+            raise GivenStatus(*outcome.error)  # the first refusal, raised again here
 
 
 Apply = Callable[[Change], Awaitable[list[tuple[str, str]]]]
