@@ -34,7 +34,7 @@ from app.oip.repository import load_model, policy_from_config, unload_model
 from app.oip.routes import EXTENSIONS, describe
 from app.oip.tensors import encoded_images, output_tensor, the_input, uint8_crops, wanted_outputs
 from app.process.logs import request_id
-from app.process.tracing import current, end_status, now_ns, trace_id
+from app.process.tracing import end_status, trace_id
 from core.errors import BadRequest, ServiceError
 
 log = logging.getLogger("app.access")
@@ -131,17 +131,8 @@ class InferenceService:
         self, message: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
         served = self._models.resolve(message.model_name, message.model_version or None)
-        tracing = self.state.tracing
-        traced = current() if tracing.on else None
-        started_ns = now_ns() if traced else 0
-        try:
+        with self.state.tracing.timed("admission"):
             ticket = await self.state.admission.enter()
-        except ServiceError as refused:
-            if traced:
-                tracing.stage("admission", started_ns, now_ns(), error=refused.message)
-            raise
-        if traced:
-            tracing.stage("admission", started_ns, now_ns())
         try:
             with served.hold():
                 return await self._run(served, message, ticket, context)

@@ -50,16 +50,12 @@ class Intake:
         if admission is None or matched.access is not Access.INFERENCE or not matched.exact:
             await self.app(scope, self._limited(receive, None, upload), send)
             return
-        started_ns = now_ns() if traced else 0
         try:
-            ticket = await admission.enter()
+            with tracing.timed("admission"):
+                ticket = await admission.enter()
         except ServiceError as refused:
-            if traced:
-                tracing.stage("admission", started_ns, now_ns(), error=refused.message)
             await _refuse(refused, scope, receive, send)
             return
-        if traced:
-            tracing.stage("admission", started_ns, now_ns())
         scope.setdefault("state", {})[TICKET_KEY] = ticket
         try:
             with admission.buffering() as account:

@@ -44,6 +44,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from prometheus_client import Counter
 
 from app.settings import Settings
+from core.errors import ServiceError
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,21 @@ class Tracing:
             span.set_status(Status(Code.ERROR, error))
         span.end(end_time=ended_ns)
         return span.get_span_context()
+
+    @contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        """A child span of the current request around the block, with the error it raises."""
+        parent = current() if self.on else None
+        if parent is None:
+            yield
+            return
+        started_ns = now_ns()
+        try:
+            yield
+        except ServiceError as exc:
+            self.stage(name, started_ns, now_ns(), parent=parent, error=exc.message)
+            raise
+        self.stage(name, started_ns, now_ns(), parent=parent)
 
     def shutdown(self) -> None:
         if self.provider is not None:
