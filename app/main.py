@@ -25,7 +25,7 @@ from app.engine.versions import Versions
 from app.grpc import server as grpc_serving
 from app.http.access import RouteTable
 from app.http.auth import RequireKey
-from app.http.context import RequestContext
+from app.http.context import RequestContext, RequestLog
 from app.http.docs import install_docs
 from app.http.handlers import install_error_handlers
 from app.http.intake import Intake
@@ -155,7 +155,10 @@ def create_app(
         upload_timeout_ms=settings.upload_timeout_ms,
     )
     app.add_middleware(RequireKey, keys=keys, metrics=metrics)
-    app.add_middleware(RequestContext, metrics=metrics, routes=routes, tracing=tracing)
+    app.state.request_log = requests = RequestLog(metrics)
+    app.add_middleware(
+        RequestContext, metrics=metrics, routes=routes, tracing=tracing, requests=requests
+    )
     app.state.routes = routes
     app.state.reloads_on_sighup = bool(keys) or settings.model_repository is not None
     return app

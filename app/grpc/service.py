@@ -37,7 +37,7 @@ from app.process.logs import request_id
 from app.process.tracing import end_status, trace_id
 from core.errors import BadRequest, ServiceError
 
-log = logging.getLogger("app.access")
+log = logging.getLogger(__name__)
 
 SERVICE = "inference.GRPCInferenceService"
 HEALTH = "grpc.health.v1.Health"
@@ -78,8 +78,6 @@ class InferenceService:
     def __init__(self, app: FastAPI) -> None:
         self.app = app
         self.state = app.state
-        # (calls, statuses) -> their metric children, as app.http.context keeps them.
-        self._series: dict[tuple[str, int], Any] = {}
 
     # -- what each call does --------------------------------------------------------------------
 
@@ -311,31 +309,11 @@ class InferenceService:
             finally:
                 if status == 200:
                     end_status(span, status, None, None)
-                self._record(path, status, time.perf_counter() - started, trace_id(span))
+                seconds, traced = time.perf_counter() - started, trace_id(span)
+                self.state.request_log.record(
+                    path, "gRPC", path, status, seconds, traced, path.endswith(PROBES)
+                )
                 request_id.reset(token)
-
-    def _record(self, path: str, status: int, seconds: float, traced: str | None) -> None:
-        key = (path, status)
-        if key not in self._series:
-            metrics = self.state.metrics
-            self._series[key] = (
-                metrics.requests.labels(endpoint=path, status=str(status)),
-                metrics.request_seconds.labels(endpoint=path),
-            )
-        counter, histogram = self._series[key]
-        counter.inc()
-        histogram.observe(seconds, {"trace_id": traced} if traced else None)
-        level = logging.DEBUG if path.endswith(PROBES) else logging.INFO
-        if log.isEnabledFor(level):
-            extra: dict[str, object] = {
-                "method": "gRPC",
-                "path": path,
-                "status": status,
-                "duration_ms": round(seconds * 1000, 2),
-            }
-            if traced:
-                extra["trace_id"] = traced
-            log.log(level, "request", extra=extra)
 
 
 def _serialize(message: Message) -> bytes:

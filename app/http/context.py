@@ -13,7 +13,7 @@ import orjson
 from prometheus_client import Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.http.access import SCOPE_KEY, Access, Matched, RouteTable
+from app.http.access import SCOPE_KEY, Access, RouteTable
 from app.http.handlers import error_response
 from app.process.logs import request_id
 from app.process.metrics import Metrics
@@ -52,16 +52,19 @@ class _Sampler:
 
 class RequestContext:
     def __init__(
-        self, app: ASGIApp, *, metrics: Metrics, routes: RouteTable, tracing: Tracing
+        self,
+        app: ASGIApp,
+        *,
+        metrics: Metrics,
+        routes: RouteTable,
+        tracing: Tracing,
+        requests: RequestLog,
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.routes = routes
         self.tracing = tracing
-        self._refusals = {status: _Sampler(REFUSAL_LOG_INTERVAL_S) for status in SAMPLED_STATUSES}
-        # Labelled children by (endpoint, status), bounded like the labels: a lookup in
-        # prometheus_client takes a lock and builds a tuple on every request.
-        self._series: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
+        self.requests = requests
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -99,7 +102,10 @@ class RequestContext:
                 self.metrics.in_flight.dec()
                 end_status(span, status, refusal.code, refusal.message)
                 seconds = time.perf_counter() - started
-                self._record(scope, matched, status, seconds, trace_id(span))
+                probe = matched.access is Access.PROBE
+                self.requests.record(
+                    matched.label, method, scope["path"], status, seconds, trace_id(span), probe
+                )
                 request_id.reset(token)
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -121,17 +127,37 @@ class RequestContext:
                 )
                 await response(scope, receive, send)
 
-    def _record(
-        self, scope: Scope, matched: Matched, status: int, seconds: float, traced: str | None
+
+class RequestLog:
+    """Counts, times and logs every answered request, HTTP's and gRPC's alike: a metric and an
+    access log line each, refusals (401, 503) sampled to a line a second per status."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self._refusals = {status: _Sampler(REFUSAL_LOG_INTERVAL_S) for status in SAMPLED_STATUSES}
+        # Labelled children by (endpoint, status), bounded like the labels: a lookup in
+        # prometheus_client takes a lock and builds a tuple on every request.
+        self._series: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
+
+    def record(
+        self,
+        endpoint: str,
+        method: str,
+        path: str,
+        status: int,
+        seconds: float,
+        traced: str | None,
+        probe: bool = False,
     ) -> None:
-        key = (matched.label, status)
+        """``endpoint``: the metric label (a route template); ``probe``: logged at debug."""
+        key = (endpoint, status)
         counter, histogram = self._series.get(key) or self._add_series(*key)
         counter.inc()
         # A sampled request's trace id on its latency bucket: from a slow bucket to its trace.
         histogram.observe(seconds, {"trace_id": traced} if traced else None)
         extra: dict[str, object] = {
-            "method": scope["method"],
-            "path": scope["path"],
+            "method": method,
+            "path": path,
             "status": status,
             "duration_ms": round(seconds * 1000, 2),
         }
@@ -142,7 +168,7 @@ class RequestContext:
             if held_back is None:
                 return
             extra["similar_not_logged"] = held_back
-        level = logging.DEBUG if matched.access is Access.PROBE else logging.INFO
+        level = logging.DEBUG if probe else logging.INFO
         if log.isEnabledFor(level):
             log.log(level, "request", extra=extra)
 
