@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import signal
 import threading
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -28,6 +27,7 @@ def test_sigterm_under_keep_alive_load_answers_every_request_it_was_sent(
     outcomes: Counter[str] = Counter()
     refusals: Counter[str] = Counter()
     lock = threading.Lock()
+    flowing = threading.Event()  # every client is getting answers: the stop comes under load
     settings = {"workers": str(workers), "decode_threads": "1"}
 
     def client(url: str) -> None:
@@ -45,6 +45,8 @@ def test_sigterm_under_keep_alive_load_answers_every_request_it_was_sent(
                     continue
                 with lock:
                     outcomes[str(response.status_code)] += 1
+                    if outcomes["200"] >= 4 * CLIENTS:
+                        flowing.set()
                     if response.status_code == 503:
                         refusals[response.json()["error"]["code"]] += 1
                         refusals[
@@ -59,7 +61,7 @@ def test_sigterm_under_keep_alive_load_answers_every_request_it_was_sent(
         threads = [threading.Thread(target=client, args=(server.url,)) for _ in range(CLIENTS)]
         for thread in threads:
             thread.start()
-        time.sleep(1.5)
+        assert flowing.wait(timeout=60)
         server.process.send_signal(signal.SIGTERM)
         for thread in threads:
             thread.join(timeout=60)

@@ -297,15 +297,16 @@ class Batcher:
         except Exception as exc:
             log.exception("inference failed", extra={"batch_size": len(batch)})
             failed = InferenceFailed(f"inference failed for a batch of {len(batch)}: {exc!r}")
-            self._trace(lane, batch, size, inline, started_ns, failed.message)
+            self._trace(self._lane_label(lane, inline), batch, size, started_ns, failed.message)
             return failed
         if len(outputs) != size:
             return InferenceFailed(
                 f"model returned {len(outputs)} outputs for a batch of {size} images"
             )
-        self._trace(lane, batch, size, inline, started_ns)
+        lane_label = self._lane_label(lane, inline)
+        self._trace(lane_label, batch, size, started_ns)
         seconds = time.perf_counter() - started
-        self.metrics.lane_busy("loop" if inline else str(self._lane_number(lane))).inc(seconds)
+        self.metrics.lane_busy(lane_label).inc(seconds)
         if model_fn is self.alone_fn:
             self.inline.ran_batch(size, seconds)
         self.on_batch(len(batch), seconds / sharing)
@@ -315,15 +316,17 @@ class Batcher:
         self.metrics.images.inc(len(batch))
         return outputs[: len(batch)]
 
-    def _lane_number(self, lane: ThreadPoolExecutor) -> int:
-        return self._lane_numbers.setdefault(lane, len(self._lane_numbers))
+    def _lane_label(self, lane: ThreadPoolExecutor, inline: bool) -> str:
+        """The lane a batch ran on, for metrics and spans: its number, or "loop" (inline)."""
+        if inline:
+            return "loop"
+        return str(self._lane_numbers.setdefault(lane, len(self._lane_numbers)))
 
     def _trace(
         self,
-        lane: ThreadPoolExecutor,
+        lane: str,
         batch: list[_Item],
         size: int,
-        inline: bool,
         started_ns: int,
         error: str | None = None,
     ) -> None:
@@ -333,45 +336,43 @@ class Batcher:
         if not traced:
             return
         try:
-            self._record_spans(lane, traced, len(batch), size, inline, started_ns, error)
+            self._record_spans(lane, traced, len(batch), size, started_ns, error)
         except Exception:  # tracing never fails a batch
             log.exception("tracing the batch failed")
 
     def _record_spans(
         self,
-        lane: ThreadPoolExecutor,
+        lane: str,
         traced: list[_Item],
         images: int,
         size: int,
-        inline: bool,
         started_ns: int,
         error: str | None,
     ) -> None:
         ended_ns = now_ns()
-        lane_number = self._lane_number(lane)
         attributes = {
             **self.described,
             "resnet_serve.batch.size": images,
             "resnet_serve.batch.bucket": size,
             "resnet_serve.batch.padding": size - images,
-            "resnet_serve.batch.lane": -1 if inline else lane_number,
+            "resnet_serve.batch.lane": lane,
         }
-        requests: dict[tuple[int, int], list[_Item]] = {}
+        requests: dict[tuple[int, int], tuple[SpanContext, list[_Item]]] = {}
         for item in traced:
             assert item.trace is not None
-            requests.setdefault((item.trace.trace_id, item.trace.span_id), []).append(item)
+            key = (item.trace.trace_id, item.trace.span_id)
+            requests.setdefault(key, (item.trace, []))[1].append(item)
         span = self.tracing.stage(
             "batch",
             started_ns,
             ended_ns,
             attributes,
             parent=INVALID_SPAN_CONTEXT,  # a root of its own: it serves many traces
-            links=[items[0].trace for items in requests.values() if items[0].trace],
+            links=[request for request, _ in requests.values()],
             error=error,
         )
         shared = [span] if span is not None else []
-        for items in requests.values():
-            request = items[0].trace
+        for request, items in requests.values():
             queued = min(item.enqueued_ns for item in items)
             own = {"resnet_serve.images": len(items)}
             self.tracing.stage("queue", queued, started_ns, own, parent=request, links=shared)
