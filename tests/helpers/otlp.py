@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gzip
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -34,10 +33,10 @@ class Received:
 class Spans:
     def __init__(self) -> None:
         self._spans: list[Received] = []
-        self._lock = threading.Lock()
+        self._arrived = threading.Condition()
 
     def add(self, request: ExportTraceServiceRequest) -> None:
-        with self._lock:
+        with self._arrived:
             for resource in request.resource_spans:
                 attributes = {a.key: a.value.string_value for a in resource.resource.attributes}
                 for scope in resource.scope_spans:
@@ -52,15 +51,13 @@ class Spans:
                                 tuple(link.span_id.hex() for link in span.links),
                             )
                         )
+            self._arrived.notify_all()
 
     def wait_for(self, count: int, timeout_s: float = 30) -> list[Received]:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            with self._lock:
-                if len(self._spans) >= count:
-                    return list(self._spans)
-            time.sleep(0.05)
-        raise AssertionError(f"received {len(self._spans)} spans, expected {count}")
+        with self._arrived:
+            if not self._arrived.wait_for(lambda: len(self._spans) >= count, timeout_s):
+                raise AssertionError(f"received {len(self._spans)} spans, expected {count}")
+            return list(self._spans)
 
 
 @contextmanager
