@@ -1,9 +1,11 @@
-"""Server configuration. The only module that reads the environment (prefix ``RESNET_SERVE_``),
-but for OpenTelemetry's standard ``OTEL_*`` variables (app.process.tracing and the SDK)."""
+"""Server configuration. The only module that reads the environment: ``RESNET_SERVE_*``, and the
+standard ``OTEL_*`` variables that decide what tracing builds (``OtelVariables``; the SDK's
+exporters read the rest of ``OTEL_EXPORTER_OTLP_*`` themselves)."""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -232,3 +234,25 @@ class Settings(BaseSettings):
     @property
     def limits(self) -> Limits:
         return Limits(max_pixels=self.max_image_pixels, formats=self.allowed_formats)
+
+
+@dataclass(frozen=True)
+class OtelVariables:
+    """OpenTelemetry's standard variables for traces, as set (app.process.tracing checks them);
+    the service's own trace_* settings win where set."""
+
+    traces_exporter: str
+    protocol: str  # OTEL_EXPORTER_OTLP_TRACES_PROTOCOL, else OTEL_EXPORTER_OTLP_PROTOCOL
+    sampler: str
+    sampler_arg: str
+
+    @classmethod
+    def read(cls) -> OtelVariables:
+        env = os.environ
+        protocol = env.get("OTEL_EXPORTER_OTLP_PROTOCOL", "")
+        return cls(
+            traces_exporter=env.get("OTEL_TRACES_EXPORTER", ""),
+            protocol=env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", protocol),
+            sampler=env.get("OTEL_TRACES_SAMPLER", ""),
+            sampler_arg=env.get("OTEL_TRACES_SAMPLER_ARG", ""),
+        )

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import queue
 import threading
 import time
@@ -43,7 +42,7 @@ from opentelemetry.trace import StatusCode as Code
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import Counter
 
-from app.settings import Settings
+from app.settings import OtelVariables, Settings
 from core.errors import ServiceError
 
 log = logging.getLogger(__name__)
@@ -203,23 +202,25 @@ class TracingError(ValueError):
     """A tracing variable that names nothing this server has: one line at start-up."""
 
 
-def check(settings: Settings) -> None:
+def check(settings: Settings, otel: OtelVariables | None = None) -> None:
     """Raises TracingError for an exporter, protocol or sampler that cannot be used."""
-    _exporter_name(settings)
-    _protocol()
-    _sampler(settings.trace_sample_ratio)
+    otel = otel or OtelVariables.read()
+    _exporter_name(settings, otel)
+    _protocol(otel)
+    _sampler(settings.trace_sample_ratio, otel)
 
 
-def configure(settings: Settings, dropped: Counter) -> Tracing:
+def configure(settings: Settings, dropped: Counter, otel: OtelVariables | None = None) -> Tracing:
     """The app's tracing from its settings and the standard ``OTEL_*`` variables."""
-    name = _exporter_name(settings)
-    exporter = _exporter(name)
+    otel = otel or OtelVariables.read()
+    name = _exporter_name(settings, otel)
+    exporter = _exporter(name, otel)
     if exporter is None:
         return Tracing(None)
     resource = Resource.create()  # OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES
     if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
         resource = resource.merge(Resource({"service.name": "resnet-serve"}))
-    base, roots = _sampler(settings.trace_sample_ratio)
+    base, roots = _sampler(settings.trace_sample_ratio, otel)
     sampler = _LinkedOrParent(base)
     provider = TracerProvider(sampler=sampler, resource=resource)
     provider.add_span_processor(QueueingProcessor(exporter, settings.trace_queue_spans, dropped))
@@ -227,31 +228,27 @@ def configure(settings: Settings, dropped: Counter) -> Tracing:
     return Tracing(provider, roots=roots)
 
 
-def _exporter_name(settings: Settings) -> str:
-    name = settings.trace_exporter or os.environ.get("OTEL_TRACES_EXPORTER", "none")
-    name = name.strip().lower() or "none"
+def _exporter_name(settings: Settings, otel: OtelVariables) -> str:
+    name = (settings.trace_exporter or otel.traces_exporter).strip().lower() or "none"
     if name not in ("none", "otlp", "console"):
         raise TracingError(f"OTEL_TRACES_EXPORTER={name!r} is not otlp, console or none")
     return name
 
 
-def _protocol() -> str:
-    protocol = os.environ.get(
-        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "")
-    )
-    protocol = protocol.strip().lower() or "http/protobuf"
+def _protocol(otel: OtelVariables) -> str:
+    protocol = otel.protocol.strip().lower() or "http/protobuf"
     if protocol not in ("http/protobuf", "grpc"):
         raise TracingError(f"OTLP protocol {protocol!r} is not http/protobuf or grpc")
     return protocol
 
 
-def _exporter(name: str) -> SpanExporter | None:
+def _exporter(name: str, otel: OtelVariables) -> SpanExporter | None:
     if name == "none":
         return None
     if name == "console":
         return ConsoleSpanExporter()
     # The exporters read their endpoint, headers and timeout from OTEL_EXPORTER_OTLP_* themselves.
-    if _protocol() == "grpc":
+    if _protocol(otel) == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as Grpc
 
         return Grpc()
@@ -260,14 +257,14 @@ def _exporter(name: str) -> SpanExporter | None:
     return Http()
 
 
-def _sampler(ratio: float | None) -> tuple[Sampler, bool]:
+def _sampler(ratio: float | None, otel: OtelVariables) -> tuple[Sampler, bool]:
     """For requests: ``trace_sample_ratio``, else ``OTEL_TRACES_SAMPLER``, else parent-based
     with ratio 0 (only callers' sampled traces); and whether it may start a trace of its own."""
     if ratio is not None:
         return ParentBased(TraceIdRatioBased(ratio)), ratio > 0
-    name = os.environ.get("OTEL_TRACES_SAMPLER", "").strip().lower()
+    name = otel.sampler.strip().lower()
     try:
-        argument = float(os.environ.get("OTEL_TRACES_SAMPLER_ARG", "") or 1.0)
+        argument = float(otel.sampler_arg or 1.0)
     except ValueError:
         raise TracingError("OTEL_TRACES_SAMPLER_ARG is not a number") from None
     if not 0 <= argument <= 1:
