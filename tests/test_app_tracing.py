@@ -45,7 +45,7 @@ async def traced(
     **overrides: Any,
 ) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient, InMemorySpanExporter]]:
     memory = InMemorySpanExporter()
-    monkeypatch.setattr(tracing, "_exporter", lambda name: exporter or memory)
+    monkeypatch.setattr(tracing, "_exporter", lambda name, otel: exporter or memory)
     async with running(make_settings, trace_exporter="otlp", **overrides) as (app, client):
         memory.clear()  # warm-up made no spans, but be sure
         yield app, client, memory
