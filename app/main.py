@@ -88,12 +88,12 @@ def create_app(
         app.state.models = models
         link: WorkerLink | None = getattr(app.state, "link", None)
 
-        async def change(change: Change) -> list[Outcome]:
+        async def change_repository(change: Change) -> list[Outcome]:
             if link is None:
                 return [Outcome(None, failed=await models.apply(change))]
             return await link.relay(change)  # every worker applies it
 
-        app.state.change_repository = change
+        app.state.change_repository = change_repository
         warming = asyncio.create_task(_first_load(models, lifecycle, link))
         watching = (
             asyncio.create_task(_watch(models, settings.repository_poll_s))

@@ -277,9 +277,12 @@ class InferenceService:
         rid = given if SAFE_ID.fullmatch(given) else f"{_ID_PREFIX}{next(_ID_COUNTER):x}"
         token = request_id.set(rid)
         status, started = 200, time.perf_counter()
-        service, method = path[1:].rsplit("/", 1)
-        attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
-        with self.state.tracing.request(path[1:], attributes, metadata) as span:
+
+        def describe() -> tuple[str, dict[str, str]]:
+            service, method = path[1:].rsplit("/", 1)
+            return path[1:], {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
+
+        with self.state.tracing.request(metadata, describe) as span:
             try:
                 refused = check_key(access, metadata, self.state.key_files)
                 if refused is not None:

@@ -75,11 +75,15 @@ class RequestContext:
         given = headers.get(b"x-request-id", b"").decode("latin-1")
         rid = given if SAFE_ID.fullmatch(given) else f"{_ID_PREFIX}{next(_ID_COUNTER):x}"
         token = request_id.set(rid)
-        route = matched.label if matched.exact else ""
         method = scope["method"]
-        attributes = {"http.request.method": method, "http.route": route, "url.path": scope["path"]}
-        name = f"{method} {route}" if route else method
-        with self.tracing.request(name, attributes, headers) as span:
+
+        def describe() -> tuple[str, dict[str, str]]:
+            route = matched.label if matched.exact else ""
+            attributes = {"http.request.method": method, "http.route": route, "url.path": path}
+            return (f"{method} {route}" if route else method), attributes
+
+        path = scope["path"]
+        with self.tracing.request(headers, describe) as span:
             status, refusal = 500, _Refusal()
             started = time.perf_counter()
             extra = [(b"x-request-id", rid.encode())]
@@ -104,7 +108,7 @@ class RequestContext:
                 seconds = time.perf_counter() - started
                 probe = matched.access is Access.PROBE
                 self.requests.record(
-                    matched.label, method, scope["path"], status, seconds, trace_id(span), probe
+                    matched.label, method, path, status, seconds, trace_id(span), probe
                 )
                 request_id.reset(token)
 

@@ -19,7 +19,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -68,20 +68,24 @@ class Tracing:
 
     @contextmanager
     def request(
-        self, name: str, attributes: Mapping[str, str], headers: Mapping[bytes, bytes]
+        self,
+        headers: Mapping[bytes, bytes],
+        describe: Callable[[], tuple[str, Mapping[str, str]]],
     ) -> Iterator[Span | None]:
         """The request's (or gRPC call's) server span, current while it is handled; its parent
         is the caller's ``traceparent`` (a header, or gRPC metadata) where that parses (a
-        malformed one starts a new trace)."""
+        malformed one starts a new trace). ``describe``: the span's name and attributes, asked
+        only when a span is made."""
         if self._tracer is None or (not self.roots and b"traceparent" not in headers):
             yield None
             return
         carrier = {
-            name: headers[key].decode("latin-1")
-            for name in ("traceparent", "tracestate")
-            if (key := name.encode()) in headers
+            field: headers[key].decode("latin-1")
+            for field in ("traceparent", "tracestate")
+            if (key := field.encode()) in headers
         }
         parent = _PROPAGATOR.extract(carrier)
+        name, attributes = describe()
         span = self._tracer.start_span(name, parent, kind=SpanKind.SERVER, attributes=attributes)
         token = otel_context.attach(trace.set_span_in_context(span))
         try:
