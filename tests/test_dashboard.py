@@ -71,9 +71,12 @@ def test_compose_and_kubernetes_ship_the_same_dashboard() -> None:
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     grafana = compose["services"]["grafana"]
     mounts = dict(volume.split(":")[:2] for volume in grafana["volumes"])
-    assert DASHBOARD.parent == ROOT / "deploy/k8s/dashboard"  # the folder mounted holds it
     provider = yaml.safe_load((ROOT / "docker" / "grafana" / "dashboards.yml").read_text())
-    assert provider["providers"][0]["options"]["path"] == mounts["./deploy/k8s/dashboard"]
+    # The folder Grafana loads dashboards from is the one that holds this file.
+    (source,) = [
+        src for src, dst in mounts.items() if dst == provider["providers"][0]["options"]["path"]
+    ]
+    assert (ROOT / source).resolve() == DASHBOARD.parent
     sources = yaml.safe_load((ROOT / "docker" / "grafana" / "datasources.yml").read_text())
     prometheus = next(s for s in sources["datasources"] if s["type"] == "prometheus")
     assert prometheus["url"] == "http://prometheus:9090"
