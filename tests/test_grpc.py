@@ -271,7 +271,7 @@ def test_sigterm_finishes_the_calls_in_flight_and_refuses_new_ones(slow_model: P
     assert status == 0
 
 
-def test_overload_and_deadlines_have_their_grpc_statuses(slow_model: Path) -> None:
+def test_admissions_refusals_are_resource_exhausted(slow_model: Path) -> None:
     port = free_port()
     settings = {
         "grpc_port": str(port),
@@ -284,10 +284,10 @@ def test_overload_and_deadlines_have_their_grpc_statuses(slow_model: Path) -> No
         server.wait_for_log(message_is("ready"))
         address = f"127.0.0.1:{port}"
 
-        def call(timeout: float | None = None) -> InferenceServerException | None:
+        def call(_: int) -> InferenceServerException | None:
             client = triton.InferenceServerClient(address)
             try:
-                client.infer(MODEL, [big], client_timeout=timeout)
+                client.infer(MODEL, [big])
             except InferenceServerException as exc:
                 return exc
             finally:
@@ -295,13 +295,22 @@ def test_overload_and_deadlines_have_their_grpc_statuses(slow_model: Path) -> No
             return None
 
         with ThreadPoolExecutor(8) as pool:
-            flooded = list(pool.map(lambda _: call(), range(16)))
-        late = call(timeout=0.01)  # the client's own deadline, long before 8 images are done
+            flooded = list(pool.map(call, range(16)))
         metrics = scrape(server.url)
     statuses = {str(error.status()) for error in flooded if error is not None}
     assert "StatusCode.RESOURCE_EXHAUSTED" in statuses, flooded
     assert statuses <= {"StatusCode.RESOURCE_EXHAUSTED", "StatusCode.DEADLINE_EXCEEDED"}
-    assert late is not None
-    assert str(late.status()) == "StatusCode.DEADLINE_EXCEEDED"
     counted = status_counts(metrics, "/inference.GRPCInferenceService/ModelInfer")
     assert counted.get("503", 0) >= 1  # the refusals, counted as REST would count them
+
+
+def test_the_clients_own_deadline_is_deadline_exceeded(slow_model: Path) -> None:
+    port = free_port()
+    big = images_input([image_bytes(seed, size=(64, 64)) for seed in range(8)])
+    with run_server(slow_model, grpc_port=str(port)) as server:  # admits all 8: no refusal
+        server.wait_for_log(message_is("ready"))
+        client = triton.InferenceServerClient(f"127.0.0.1:{port}")
+        with pytest.raises(InferenceServerException) as late:
+            client.infer(MODEL, [big], client_timeout=0.01)  # long before 8 images are done
+        client.close()
+    assert str(late.value.status()) == "StatusCode.DEADLINE_EXCEEDED"
