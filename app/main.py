@@ -9,13 +9,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import replace
 
 from fastapi import FastAPI
 
 from app.engine.admission import Admission, AdmissionConfig
+from app.engine.fair import FairExecutor
 from app.engine.lifecycle import Lifecycle
 from app.engine.models import Models, Source
 from app.engine.repository import FileSource, RepositorySource
@@ -79,7 +79,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         lifecycle = Lifecycle(settings.retry_after_s)
         admission = Admission(admission_config(settings), lifecycle, metrics)
-        decoder = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+        decoder = FairExecutor(settings.decode_threads, "decode")
         versions = Versions(settings, cores, admission, decoder, metrics, lifecycle, tracing, model)
         models = Models(source(settings), versions.open, metrics)
         models.default_name = settings.default_model

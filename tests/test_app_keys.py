@@ -27,7 +27,18 @@ def write(path: Path, text: str) -> Path:
 
 def test_parse_skips_blank_lines_and_comments_and_strips_whitespace() -> None:
     text = "# team a\nalpha-key-1\n\n   \n  beta-key-2  \n#gamma\nalpha-key-1\r\n"
-    assert parse_keys(text, "f") == (b"alpha-key-1", b"beta-key-2")
+    assert list(parse_keys(text, "f")) == [b"alpha-key-1", b"beta-key-2"]
+
+
+def test_a_key_may_name_its_caller_class_and_weight() -> None:
+    keys = parse_keys("one-key name=mobile weight=3\ntwo-key\nthree-key weight=2\n", "f")
+    one, two, three = keys.values()
+    assert (one.label, one.weight) == ("mobile", 3)
+    assert (two.label, two.weight) == ("unnamed", 1)
+    assert (three.label, three.weight) == ("unnamed", 2)
+    # Each key is a caller of its own, whatever its name; its identity never shows the key.
+    assert len({one.identity, two.identity, three.identity}) == 3
+    assert not any(key.decode() in who.identity for key, who in keys.items())
 
 
 @pytest.mark.parametrize(
@@ -36,10 +47,28 @@ def test_parse_skips_blank_lines_and_comments_and_strips_whitespace() -> None:
         ("", "holds no keys"),
         ("# only a comment\n\n", "holds no keys"),
         ("ok-key\n" + "k" * (MAX_KEY_BYTES + 1) + "\n", f"line 2: key longer than {MAX_KEY_BYTES}"),
-        ("two words\n", "line 1: key has a space"),
-        ("clé\n", "line 1: key has a space or non-ASCII"),
+        ("two words\n", "line 1: after the key only name=<class> and weight="),
+        ("clé\n", "line 1: key has a non-ASCII"),
+        ("k name=two words\n", "line 1: after the key only"),
+        ("k name=a name=b\n", "line 1: after the key only"),
+        ("k name=a/b\n", "line 1: name must be"),
+        ("k weight=0\n", "line 1: weight must be a whole number from 1 to 100"),
+        ("k weight=1.5\n", "line 1: weight must be"),
+        ("k weight=101\n", "line 1: weight must be"),
     ],
-    ids=["empty", "comments-only", "too-long", "inner-space", "non-ascii"],
+    ids=[
+        "empty",
+        "comments-only",
+        "too-long",
+        "inner-space",
+        "non-ascii",
+        "name-with-space",
+        "name-twice",
+        "name-slash",
+        "weight-zero",
+        "weight-fraction",
+        "weight-too-big",
+    ],
 )
 def test_parse_refuses_unusable_files_naming_the_line_not_the_key(text: str, fragment: str) -> None:
     with pytest.raises(KeyFileError, match=fragment) as raised:
@@ -60,10 +89,10 @@ def test_missing_or_undecodable_file_fails_at_start(tmp_path: Path) -> None:
 def test_matches_each_key_exactly(tmp_path: Path) -> None:
     keys = KeyFile(write(tmp_path / "keys", "first-key\nsecond-key\n"), "api")
     assert keys.count == 2
-    assert keys.matches(b"first-key")
-    assert keys.matches(b"second-key")
+    assert keys.match(b"first-key")
+    assert keys.match(b"second-key")
     for wrong in (b"first-ke", b"first-key2", b"FIRST-KEY", b"first-key\n", b"x"):
-        assert not keys.matches(wrong), wrong
+        assert not keys.match(wrong), wrong
 
 
 def test_logs_the_count_never_a_key(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -81,10 +110,10 @@ def test_a_changed_file_is_read_at_the_first_check_after_the_interval(tmp_path: 
     keys = KeyFile(path, "api", check_interval_s=1.0, clock=clock)
     write(path, "new-key-longer\n")
     clock.now += 0.5
-    assert keys.matches(b"old-key")  # not looked at yet: at most one stat per interval
+    assert keys.match(b"old-key")  # not looked at yet: at most one stat per interval
     clock.now += 0.5
-    assert keys.matches(b"new-key-longer")
-    assert not keys.matches(b"old-key")
+    assert keys.match(b"new-key-longer")
+    assert not keys.match(b"old-key")
 
 
 def test_a_same_size_rewrite_is_seen_by_its_mtime(tmp_path: Path) -> None:
@@ -95,7 +124,7 @@ def test_a_same_size_rewrite_is_seen_by_its_mtime(tmp_path: Path) -> None:
     stat = path.stat()
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
     clock.now += 1.0
-    assert keys.matches(b"key-bbbb")
+    assert keys.match(b"key-bbbb")
 
 
 def test_a_swapped_symlink_is_seen_as_kubernetes_updates_a_secret(tmp_path: Path) -> None:
@@ -109,8 +138,8 @@ def test_a_swapped_symlink_is_seen_as_kubernetes_updates_a_secret(tmp_path: Path
     staged.symlink_to(tmp_path / "v2")
     staged.replace(link)
     clock.now += 1.0
-    assert keys.matches(b"version-two")
-    assert not keys.matches(b"version-one")
+    assert keys.match(b"version-two")
+    assert not keys.match(b"version-one")
 
 
 @pytest.mark.parametrize("damage", ["emptied", "deleted", "comments-only"])
@@ -127,14 +156,14 @@ def test_an_unusable_rewrite_keeps_the_current_keys_and_warns_once(
     with caplog.at_level(logging.WARNING, logger="app.process.keys"):
         for _ in range(3):
             clock.now += 1.0
-            assert keys.matches(b"kept-key")
+            assert keys.match(b"kept-key")
     assert [r.getMessage() for r in caplog.records] == [
         "api keys not reloaded; the previous keys stay in use"
     ]
     write(path, "next-key\n")
     clock.now += 1.0
-    assert keys.matches(b"next-key")
-    assert not keys.matches(b"kept-key")
+    assert keys.match(b"next-key")
+    assert not keys.match(b"kept-key")
 
 
 def test_reload_reads_now_without_waiting_for_the_interval(tmp_path: Path) -> None:
@@ -143,8 +172,8 @@ def test_reload_reads_now_without_waiting_for_the_interval(tmp_path: Path) -> No
     keys = KeyFile(path, "api", check_interval_s=1.0, clock=clock)
     write(path, "after-reload\n")
     keys.reload()
-    assert keys.matches(b"after-reload")
-    assert not keys.matches(b"before")
+    assert keys.match(b"after-reload")
+    assert not keys.match(b"before")
 
 
 def test_every_key_is_compared_with_compare_digest_even_after_a_match(
@@ -159,7 +188,7 @@ def test_every_key_is_compared_with_compare_digest_even_after_a_match(
         return real(a, b)
 
     monkeypatch.setattr(hmac, "compare_digest", spy)
-    assert keys.matches(b"first")
+    assert keys.match(b"first")
     # Digests of one length: the comparison's time does not depend on the key's length.
     assert len(calls) == 3
     assert {len(a) for a, _ in calls} | {len(b) for _, b in calls} == {32}

@@ -3,7 +3,8 @@
 A request is admitted while the work already admitted, each image at its model version's measured
 cost (a ``CostEstimate`` per served version), would let it finish inside ``request_timeout_ms``.
 Otherwise it waits at the door, without its body being read, for at most ``admission_wait_ms``,
-and is shed (503) if no room opens. Uploads hold almost
+and is shed (503) if no room opens; when room opens, waiting callers are let in in turn
+(app.engine.fair), so one caller's crowd at the door does not shut another out. Uploads hold almost
 nothing: they are bounded by the bytes they have actually buffered and by ``upload_timeout_ms``,
 so clients trickling bytes cannot starve honest ones.
 """
@@ -11,13 +12,16 @@ so clients trickling bytes cannot starve honest ones.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter, deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from app.engine.fair import Shares
 from app.engine.lifecycle import Lifecycle
 from app.errors import Overloaded
+from app.process.callers import Caller, caller
 from app.process.metrics import Metrics
 
 # How long an admitted request counts before its body is in (see Ticket).
@@ -65,10 +69,13 @@ class Admission:
         self.provisional = 0  # admitted at the door, body still coming: one image each
         self.buffered_bytes = 0  # request bodies being received, all requests together
         self.estimates: set[CostEstimate] = set()  # of the versions being served
-        self._door: deque[asyncio.Future[None]] = deque()
+        # Requests waiting to be let in, by caller: callers in turn, each in arrival order.
+        self._door: dict[str, tuple[Caller, deque[asyncio.Future[Ticket]]]] = {}
+        self._door_waiting = 0
+        self.shares = Shares(time.monotonic)
         metrics.track(metrics.pending_images, lambda: self.pending_images)
         metrics.track(metrics.buffered_bytes, lambda: self.buffered_bytes)
-        metrics.track(metrics.door_waiting, lambda: len(self._door))
+        metrics.track(metrics.door_waiting, lambda: self._door_waiting)
 
     @property
     def admitted_images(self) -> int:
@@ -112,23 +119,29 @@ class Admission:
                 f"{self.buffered_bytes} bytes of uploads are buffered, the limit is "
                 f"max_buffered_bytes={self.config.max_buffered_bytes}",
             )
-        if not self._door and self._fits(1):
-            self.provisional += 1
+        who = caller.get()
+        if self._door:
+            self.open_door()  # whoever may go in now goes first
+        if who.identity not in self._door and self._fits(1) and self._allows(who):
             self.metrics.admission_wait_seconds.observe(0.0)
-            return Ticket(self)
+            return self._let_in(who)
         loop = asyncio.get_running_loop()
-        turn, arrived = loop.create_future(), loop.time()
-        self._door.append(turn)
+        turn: asyncio.Future[Ticket] = loop.create_future()
+        arrived = loop.time()
+        self._door.setdefault(who.identity, (who, deque()))[1].append(turn)
+        self._door_waiting += 1
         try:
             async with asyncio.timeout(self.config.admission_wait_ms / 1000):
                 await turn
         except TimeoutError:
-            if turn.done() and not turn.cancelled():  # admitted as the clock ran out
-                return Ticket(self)
+            if turn.done() and not turn.cancelled():  # let in as the clock ran out
+                return turn.result()
+            if self._fits(1):  # there was room: its caller's share was not
+                raise self._unfair(who) from None
             raise self._late(1) from None
         finally:
             self.metrics.admission_wait_seconds.observe(loop.time() - arrived)
-        return Ticket(self)
+        return turn.result()
 
     @contextmanager
     def work(
@@ -141,11 +154,14 @@ class Admission:
             ticket.spend()
         if not self._fits(images, estimate):
             raise self._late(images, estimate)
+        who = caller.get()
         self.pending_images += images
         self._pending[estimate] += images
+        self.shares.take(who, images)
         try:
             yield
         finally:
+            self.shares.give_back(who, images)
             self.pending_images -= images
             self._pending[estimate] -= images
             if not self._pending[estimate]:
@@ -161,17 +177,43 @@ class Admission:
             self.buffered_bytes -= account.held
 
     def open_door(self) -> None:
-        """Admit waiting requests, first come first served, while they fit."""
+        """Let waiting requests in while they fit: callers in turn, each in arrival order, a
+        caller over its share (``Shares``) passed over while others compete."""
         while self._door:
-            turn = self._door[0]
-            if turn.done():  # gave up waiting
-                self._door.popleft()
-                continue
-            if not self._fits(1):
+            admitted = False
+            for identity, (who, turns) in list(self._door.items()):
+                while turns and turns[0].done():  # gave up waiting
+                    turns.popleft()
+                    self._door_waiting -= 1
+                if not turns:
+                    del self._door[identity]
+                    continue
+                if not self._fits(1):
+                    return
+                if not self._allows(who):
+                    continue
+                self._door_waiting -= 1
+                turns.popleft().set_result(self._let_in(who))
+                admitted = True
+                # Its turn is over: to the back of the line (or gone, if nothing else waits).
+                del self._door[identity]
+                if turns:
+                    self._door[identity] = (who, turns)
+            if not admitted:
                 return
-            self._door.popleft()
-            self.provisional += 1
-            turn.set_result(None)
+
+    def _let_in(self, who: Caller) -> Ticket:
+        self.provisional += 1
+        self.shares.take(who, 1)
+        return Ticket(self, who)
+
+    def _allows(self, who: Caller) -> bool:
+        return self.shares.allows(who, self.admitted_images, self._idle_waiting_weight)
+
+    def _idle_waiting_weight(self) -> int:
+        """The weight of the callers at the door that hold nothing inside yet."""
+        held = self.shares.held
+        return sum(who.weight for who, _ in self._door.values() if who.identity not in held)
 
     def _fits(self, images: int, estimate: CostEstimate | None = None) -> bool:
         budget_s = HEADROOM * self.config.request_timeout_ms / 1000
@@ -186,6 +228,15 @@ class Admission:
             f"(waited admission_wait_ms={self.config.admission_wait_ms:g} for room)",
         )
 
+    def _unfair(self, who: Caller) -> Overloaded:
+        held = self.shares.held.get(who.identity, 0)
+        return self._shed(
+            "fair_share",
+            f"this caller holds {held} of the {self.admitted_images} image(s) admitted, its "
+            f"share while other callers compete (waited admission_wait_ms="
+            f"{self.config.admission_wait_ms:g} for room)",
+        )
+
     def _shed(self, reason: str, message: str) -> Overloaded:
         self.metrics.rejected.labels(reason=reason).inc()
         return Overloaded(message, headers=self.lifecycle.retry_after)
@@ -198,8 +249,9 @@ class Ticket:
     stops counting, so slow clients cannot hold the room that honest ones need.
     """
 
-    def __init__(self, admission: Admission) -> None:
+    def __init__(self, admission: Admission, who: Caller) -> None:
         self._admission = admission
+        self._who = who
         self._held = True
         self._expiry = asyncio.get_running_loop().call_later(PROVISIONAL_S, self.release)
 
@@ -209,6 +261,7 @@ class Ticket:
             self._held = False
             self._expiry.cancel()
             self._admission.provisional -= 1
+            self._admission.shares.give_back(self._who, 1)
 
     def release(self) -> None:
         if self._held:

@@ -1,7 +1,8 @@
 """Dynamic batching between the HTTP handlers and the model.
 
-FIFO and bounded. A batch closes when it holds ``limit`` images (``max_batch_size`` until
-warm-up fits it: app.engine.batch_limit) or when its oldest image has waited ``max_wait_ms``.
+Bounded; first come first served within a caller, callers in turn (app.engine.fair). A batch
+closes when it holds ``limit`` images (``max_batch_size`` until warm-up fits it:
+app.engine.batch_limit) or when its oldest image has waited ``max_wait_ms``.
 Batches compute on lanes (app.engine.lanes), so the event loop keeps accepting and decoding
 while a batch computes. A batch is collected only when a lane is free: an idle model runs what
 is queued now, and batches grow while the lanes are busy.
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from opentelemetry.trace import INVALID_SPAN_CONTEXT, SpanContext, format_trace_id
 
+from app.engine.fair import FairQueue
 from app.engine.inline import Inline
 from app.engine.lanes import Lanes
 from app.errors import DeadlineExceeded, InferenceFailed, Overloaded, ShuttingDown
@@ -105,7 +107,7 @@ class Batcher:
         self.inline = Inline(config.inline_max_ms, batches=alone_fn is not None)
         self.lanes = Lanes(config.concurrent_batches)
         self.limit = config.max_batch_size  # the most images one batch takes
-        self._queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=config.max_queue_images)
+        self._queue: FairQueue[_Item] = FairQueue(config.max_queue_images)
         self._computing = 0  # batches between collection and fan-out
         self._task: asyncio.Task[None] | None = None
         self._closing = False

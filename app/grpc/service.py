@@ -27,12 +27,13 @@ from app.errors import ClientClosedRequest, DeadlineExceeded, GivenStatus, Overl
 from app.grpc import inference_pb2 as pb
 from app.grpc.tensors import parameters, to_request, to_response
 from app.http.access import Access
-from app.http.auth import check_key
+from app.http.auth import Refused, check_key
 from app.http.context import SAFE_ID
 from app.http.routes import check_ready
 from app.oip.repository import load_model, policy_from_config, unload_model
 from app.oip.routes import EXTENSIONS, describe
 from app.oip.tensors import encoded_images, output_tensor, the_input, uint8_crops, wanted_outputs
+from app.process.callers import Caller, by_address, caller
 from app.process.logs import request_id
 from app.process.tracing import end_status, trace_id
 from core.errors import BadRequest, ServiceError
@@ -277,6 +278,7 @@ class InferenceService:
         rid = given if SAFE_ID.fullmatch(given) else f"{_ID_PREFIX}{next(_ID_COUNTER):x}"
         token = request_id.set(rid)
         status, started = 200, time.perf_counter()
+        who: Caller | None = None  # once its key is accepted
 
         def describe() -> tuple[str, dict[str, str]]:
             service, method = path[1:].rsplit("/", 1)
@@ -285,9 +287,12 @@ class InferenceService:
         with self.state.tracing.request(metadata, describe) as span:
             try:
                 refused = check_key(access, metadata, self.state.key_files)
-                if refused is not None:
+                if isinstance(refused, Refused):
                     self.state.metrics.auth_refused.labels(reason=refused.reason).inc()
                     raise GivenStatus(refused.status, refused.code, refused.message)
+                # The peer is "ipv4:host:port": a client's connections share its address.
+                who = refused or by_address(context.peer().rpartition(":")[0])
+                caller.set(who)
                 try:
                     request = kind.FromString(raw)
                 except DecodeError as exc:
@@ -313,8 +318,9 @@ class InferenceService:
                 if status == 200:
                     end_status(span, status, None, None)
                 seconds, traced = time.perf_counter() - started, trace_id(span)
+                counted = who if access is Access.INFERENCE else None
                 self.state.request_log.record(
-                    path, "gRPC", path, status, seconds, traced, path.endswith(PROBES)
+                    path, "gRPC", path, status, seconds, traced, path.endswith(PROBES), counted
                 )
                 request_id.reset(token)
 

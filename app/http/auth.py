@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.http.access import SCOPE_KEY, Access, Matched
+from app.http.access import CALLER_KEY, SCOPE_KEY, Access, Matched
 from app.http.handlers import error_response
+from app.process.callers import Caller, by_address, caller
 from app.process.keys import MAX_KEY_BYTES, KeyFile
 from app.process.metrics import Metrics
 
@@ -36,15 +37,15 @@ def presented_key(headers: Mapping[bytes, bytes]) -> bytes | None:
     return headers.get(b"x-api-key")
 
 
-def refusal(key: bytes | None, keys: KeyFile) -> str | None:
-    """Why ``key`` is refused (a metrics label), or None when it is one of ``keys``."""
+def identify(key: bytes | None, keys: KeyFile) -> Caller | str:
+    """The caller ``key`` stands for, or why it is refused (a metrics label)."""
     if key is None:
         return "missing"
     if not key:
         return "empty"
     if len(key) > MAX_KEY_BYTES:
         return "too_long"
-    return None if keys.matches(key) else "invalid"
+    return keys.match(key) or "invalid"
 
 
 # Which key set guards each kind of route (app.http.access); the rest are open.
@@ -66,9 +67,9 @@ class Refused:
 
 def check_key(
     access: Access, headers: Mapping[bytes, bytes], keys: Mapping[str, KeyFile]
-) -> Refused | None:
-    """Why a call of ``access`` with these headers (or gRPC metadata) is refused; None when it
-    may go on."""
+) -> Refused | Caller | None:
+    """Why a call of ``access`` with these headers (or gRPC metadata) is refused; else the
+    caller its key stands for, or None where no key guards it."""
     name = KEY_SETS.get(access)
     key_set = keys.get(name) if name is not None else None
     if name == "repository" and key_set is None and keys:
@@ -78,10 +79,12 @@ def check_key(
             "(RESNET_SERVE_REPOSITORY_API_KEYS_FILE)"
         )
         return Refused(403, "forbidden", message, "no_key_set")
-    reason = None if key_set is None else refusal(presented_key(headers), key_set)
-    if reason is None:
+    if key_set is None:
         return None
-    return Refused(401, "unauthorized", _MESSAGES[reason], reason)
+    found = identify(presented_key(headers), key_set)
+    if isinstance(found, Caller):
+        return found
+    return Refused(401, "unauthorized", _MESSAGES[found], found)
 
 
 class RequireKey:
@@ -97,7 +100,10 @@ class RequireKey:
             return
         matched: Matched = scope[SCOPE_KEY]
         refused = check_key(matched.access, dict(scope["headers"]), self.keys)
-        if refused is None:
+        if not isinstance(refused, Refused):
+            client = scope.get("client")
+            scope[CALLER_KEY] = who = refused or by_address(client[0] if client else None)
+            caller.set(who)  # the queues behind the door read it (app.engine.fair)
             await self.app(scope, receive, send)
             return
         self.metrics.auth_refused.labels(reason=refused.reason).inc()

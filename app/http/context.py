@@ -13,8 +13,9 @@ import orjson
 from prometheus_client import Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.http.access import SCOPE_KEY, Access, RouteTable
+from app.http.access import CALLER_KEY, SCOPE_KEY, Access, RouteTable
 from app.http.handlers import error_response
+from app.process.callers import Caller
 from app.process.logs import request_id
 from app.process.metrics import Metrics
 from app.process.tracing import Tracing, end_status, trace_id, trace_response
@@ -107,8 +108,9 @@ class RequestContext:
                 end_status(span, status, refusal.code, refusal.message)
                 seconds = time.perf_counter() - started
                 probe = matched.access is Access.PROBE
+                who = scope.get(CALLER_KEY) if matched.access is Access.INFERENCE else None
                 self.requests.record(
-                    matched.label, method, path, status, seconds, trace_id(span), probe
+                    matched.label, method, path, status, seconds, trace_id(span), probe, who
                 )
                 request_id.reset(token)
 
@@ -142,6 +144,7 @@ class RequestLog:
         # Labelled children by (endpoint, status), bounded like the labels: a lookup in
         # prometheus_client takes a lock and builds a tuple on every request.
         self._series: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
+        self._callers: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
 
     def record(
         self,
@@ -152,13 +155,20 @@ class RequestLog:
         seconds: float,
         traced: str | None,
         probe: bool = False,
+        caller: Caller | None = None,
     ) -> None:
-        """``endpoint``: the metric label (a route template); ``probe``: logged at debug."""
+        """``endpoint``: the metric label (a route template); ``probe``: logged at debug;
+        ``caller``: an inference request's, counted by its class too."""
         key = (endpoint, status)
         counter, histogram = self._series.get(key) or self._add_series(*key)
         counter.inc()
         # A sampled request's trace id on its latency bucket: from a slow bucket to its trace.
         histogram.observe(seconds, {"trace_id": traced} if traced else None)
+        if caller is not None:
+            key = (caller.label, status)
+            counter, histogram = self._callers.get(key) or self._add_caller(*key)
+            counter.inc()
+            histogram.observe(seconds)
         extra: dict[str, object] = {
             "method": method,
             "path": path,
@@ -182,6 +192,14 @@ class RequestLog:
             self.metrics.request_seconds.labels(endpoint=endpoint),
         )
         self._series[(endpoint, status)] = series
+        return series
+
+    def _add_caller(self, label: str, status: int) -> tuple[Counter, Histogram]:
+        series = (
+            self.metrics.caller_requests.labels(caller=label, status=str(status)),
+            self.metrics.caller_request_seconds.labels(caller=label),
+        )
+        self._callers[(label, status)] = series
         return series
 
 

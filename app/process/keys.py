@@ -1,5 +1,11 @@
 """API keys from a file: one per line, blank lines and ``#`` comments ignored; rotated live.
 
+A line is the key, optionally followed by ``name=<class>`` (the caller class its requests are
+counted under in the metrics: letters, digits, ``._-``, up to 64; keys without one count as
+"unnamed") and ``weight=<1..100>`` (its share when callers compete, app.engine.fair; default 1)::
+
+    3c9f...e1  name=mobile-app  weight=3
+
 The file is re-read when it changes (its size, mtime or inode, looked at once per
 ``check_interval_s`` at most, on the request path) and on ``reload()`` (SIGHUP). Keys are never
 logged, only their count.
@@ -11,9 +17,12 @@ import hashlib
 import hmac
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from app.process.callers import Caller
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +31,9 @@ MAX_KEY_BYTES = 256
 CHECK_INTERVAL_S = 1.0
 # Visible ASCII: what a header carries unchanged through every client, proxy and shell.
 _PRINTABLE = range(0x21, 0x7F)
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+MAX_WEIGHT = 100
+UNNAMED = "unnamed"
 
 Signature = tuple[int, int, int]
 
@@ -30,21 +42,44 @@ class KeyFileError(Exception):
     """A key file that cannot be used at start-up: one line for the operator, never a key."""
 
 
-def parse_keys(text: str, source: str) -> tuple[bytes, ...]:
-    keys = []
+def parse_keys(text: str, source: str) -> dict[bytes, Caller]:
+    """Each key with the caller it stands for (its name and weight)."""
+    keys: dict[bytes, Caller] = {}
     for number, line in enumerate(text.splitlines(), start=1):
-        key = line.strip()
-        if not key or key.startswith("#"):
+        words = line.split()
+        if not words or words[0].startswith("#"):
             continue
+        key, *options = words
+        where = f"{source} line {number}"
         raw = key.encode()
         if len(raw) > MAX_KEY_BYTES:
-            raise KeyFileError(f"{source} line {number}: key longer than {MAX_KEY_BYTES} bytes")
+            raise KeyFileError(f"{where}: key longer than {MAX_KEY_BYTES} bytes")
         if any(byte not in _PRINTABLE for byte in raw):
-            raise KeyFileError(f"{source} line {number}: key has a space or non-ASCII character")
-        keys.append(raw)
+            raise KeyFileError(f"{where}: key has a non-ASCII character")
+        keys.setdefault(raw, _caller(raw, options, where))
     if not keys:
         raise KeyFileError(f"{source} holds no keys")
-    return tuple(dict.fromkeys(keys))
+    return keys
+
+
+def _caller(raw: bytes, options: list[str], where: str) -> Caller:
+    fields: dict[str, str] = {}
+    for option in options:
+        field, equals, value = option.partition("=")
+        if not equals or field not in ("name", "weight") or field in fields:
+            raise KeyFileError(
+                f"{where}: after the key only name=<class> and weight=<1..{MAX_WEIGHT}> may "
+                "follow, once each"
+            )
+        fields[field] = value
+    name = fields.get("name", UNNAMED)
+    if not _NAME.fullmatch(name):
+        raise KeyFileError(f"{where}: name must be 1-64 letters, digits, '.', '_' or '-'")
+    weight = fields.get("weight", "1")
+    if not weight.isdigit() or not 1 <= int(weight) <= MAX_WEIGHT:
+        raise KeyFileError(f"{where}: weight must be a whole number from 1 to {MAX_WEIGHT}")
+    # Who shares is the key itself (its digest: the key never leaves this module).
+    return Caller("key:" + hashlib.sha256(raw).hexdigest()[:32], name, int(weight))
 
 
 class KeyFile:
@@ -69,14 +104,16 @@ class KeyFile:
     def count(self) -> int:
         return len(self._digests)
 
-    def matches(self, candidate: bytes) -> bool:
-        """Constant time per key, and every key is compared: no early exit on a match."""
+    def match(self, candidate: bytes) -> Caller | None:
+        """The caller ``candidate`` is the key of, or None. Constant time per key, and every key
+        is compared: no early exit on a match."""
         self._check_for_change()
         # Digests are all one length: compare_digest's time then says nothing of a key's length.
         digest = hashlib.sha256(candidate).digest()
-        found = False
-        for key in self._digests:
-            found |= hmac.compare_digest(key, digest)
+        found = None
+        for key, who in self._digests:
+            if hmac.compare_digest(key, digest):
+                found = who
         return found
 
     def reload(self) -> None:
@@ -105,7 +142,7 @@ class KeyFile:
             self._signature = signature
             self.reload()
 
-    def _read(self) -> tuple[tuple[bytes, ...], Signature]:
+    def _read(self) -> tuple[tuple[tuple[bytes, Caller], ...], Signature]:
         try:
             with self.path.open(encoding="utf-8") as file:
                 signature = _signature(os.fstat(file.fileno()))
@@ -115,7 +152,8 @@ class KeyFile:
         except UnicodeDecodeError:
             # The exception's own text would quote a byte of the file.
             raise KeyFileError(f"{self._source} is not UTF-8 text") from None
-        digests = tuple(hashlib.sha256(key).digest() for key in parse_keys(text, self._source))
+        keys = parse_keys(text, self._source)
+        digests = tuple((hashlib.sha256(key).digest(), who) for key, who in keys.items())
         return digests, signature
 
     @property

@@ -45,6 +45,20 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        # Bounded: a key's name from the key file, "unnamed", or "anonymous" (app.process.callers).
+        self.caller_requests = Counter(
+            "resnet_serve_caller_requests",
+            "Inference requests (HTTP and gRPC) by caller class and status code",
+            ["caller", "status"],
+            registry=registry,
+        )
+        self.caller_request_seconds = Histogram(
+            "resnet_serve_caller_request_duration_seconds",
+            "Inference request latency by caller class",
+            ["caller"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.in_flight = Gauge(
             "resnet_serve_requests_in_flight",
             "HTTP requests being handled",

@@ -27,7 +27,13 @@ class Point:
         return float(np.percentile(self.latencies_ms, 99)) if self.latencies_ms else float("nan")
 
 
-async def closed_loop(url: str, png: bytes, concurrency: int, seconds: float) -> Point:
+async def closed_loop(
+    url: str,
+    png: bytes,
+    concurrency: int,
+    seconds: float,
+    headers: dict[str, str] | None = None,
+) -> Point:
     """POST ``png`` to ``url``/predict; connection errors count as statuses by their type."""
     connector = aiohttp.TCPConnector(limit=concurrency)
     timeout = aiohttp.ClientTimeout(total=60)
@@ -40,7 +46,9 @@ async def closed_loop(url: str, png: bytes, concurrency: int, seconds: float) ->
                 form = aiohttp.FormData()
                 form.add_field("files", png, filename="a.png", content_type="image/png")
                 try:
-                    async with session.post(f"{url}/predict", data=form) as response:
+                    async with session.post(
+                        f"{url}/predict", data=form, headers=headers
+                    ) as response:
                         await response.read()
                 except (aiohttp.ClientError, TimeoutError) as exc:
                     point.statuses[type(exc).__name__] += 1

@@ -1,0 +1,257 @@
+"""Fair shares between callers: every queue a request waits in serves callers in turn.
+
+The request's caller (app.process.callers: an API key, or the client's address when keys are
+off) travels in a context variable, set where the key is checked (HTTP: app.http.auth, gRPC:
+app.grpc.service), and every queue behind the door reads it:
+the door itself (app.engine.admission), the decode threads (``FairExecutor``) and the batch
+queue (``FairQueue``). Within a caller, first come first served; between callers, weighted round
+robin on images (deficit round robin with a unit cost: every queued thing is one image or one
+waiting request). A caller sending 30x more than another then gets its own backlog, not the
+other's share: the light caller's image joins the next decode and the next batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from typing import Any, Generic, TypeVar
+
+from app.process.callers import Caller, caller
+
+T = TypeVar("T")
+
+
+class RoundRobin(Generic[T]):
+    """Items in first-in-first-out order per caller, taken from callers in weighted turns.
+
+    Not thread-safe: its owner serialises access (the event loop, or a lock).
+    """
+
+    def __init__(self) -> None:
+        self._queues: dict[str, deque[T]] = {}
+        self._turns: deque[Caller] = deque()  # callers with items, the one whose turn it is first
+        self._taken = 0  # items the first caller has taken in its current turn
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __bool__(self) -> bool:
+        return self._size > 0
+
+    def push(self, who: Caller, item: T) -> None:
+        queue = self._queues.get(who.identity)
+        if queue is None:
+            queue = self._queues[who.identity] = deque()
+            self._turns.append(who)
+        queue.append(item)
+        self._size += 1
+
+    def peek(self) -> T:
+        """The item ``pop`` would return. Raises IndexError when empty."""
+        return self._queues[self._turns[0].identity][0]
+
+    def pop(self) -> T:
+        """The next item: the current caller's oldest, its turn passing on after ``weight``."""
+        who = self._turns[0]
+        queue = self._queues[who.identity]
+        item = queue.popleft()
+        self._size -= 1
+        self._taken += 1
+        if not queue:
+            del self._queues[who.identity]
+            self._turns.popleft()
+            self._taken = 0
+        elif self._taken >= who.weight:
+            self._turns.rotate(-1)
+            self._taken = 0
+        return item
+
+    def callers(self) -> int:
+        return len(self._turns)
+
+
+class FairQueue(Generic[T]):
+    """asyncio.Queue's bounded put/get/join, served by caller in turn (``RoundRobin``).
+
+    ``put_nowait`` files an item under the current context's caller.
+    """
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._items: RoundRobin[T] = RoundRobin()
+        self._getters: deque[asyncio.Future[None]] = deque()
+        self._unfinished = 0
+        self._finished = asyncio.Event()
+        self._finished.set()
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def put_nowait(self, item: T) -> None:
+        if len(self._items) >= self.maxsize:
+            raise asyncio.QueueFull
+        self._items.push(caller.get(), item)
+        self._unfinished += 1
+        self._finished.clear()
+        while self._getters:
+            getter = self._getters.popleft()
+            if not getter.done():
+                getter.set_result(None)
+                break
+
+    def get_nowait(self) -> T:
+        if not self._items:
+            raise asyncio.QueueEmpty
+        return self._items.pop()
+
+    async def get(self) -> T:
+        while not self._items:
+            getter = asyncio.get_running_loop().create_future()
+            self._getters.append(getter)
+            try:
+                await getter
+            except BaseException:
+                getter.cancel()
+                # Woken and cancelled at once: pass the wake-up on, or an item would sit.
+                if self._items and not getter.cancelled():
+                    self._wake_next()
+                raise
+        return self._items.pop()
+
+    def _wake_next(self) -> None:
+        while self._getters:
+            getter = self._getters.popleft()
+            if not getter.done():
+                getter.set_result(None)
+                return
+
+    def task_done(self) -> None:
+        self._unfinished -= 1
+        if self._unfinished == 0:
+            self._finished.set()
+
+    async def join(self) -> None:
+        await self._finished.wait()
+
+
+class FairExecutor(Executor):
+    """A thread pool whose waiting work is served by caller in turn (``RoundRobin``).
+
+    ``submit`` (as ``loop.run_in_executor`` calls it, in the request's context) files the work
+    under the current caller.
+    """
+
+    def __init__(self, threads: int, name: str) -> None:
+        self._work: RoundRobin[tuple[Future[Any], Callable[[], Any]]] = RoundRobin()
+        self._ready = threading.Condition()
+        self._stopping = False
+        self._threads = [
+            threading.Thread(target=self._serve, name=f"{name}_{index}", daemon=True)
+            for index in range(threads)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        future: Future[T] = Future()
+        with self._ready:
+            if self._stopping:
+                raise RuntimeError("cannot schedule new work after shutdown")
+            self._work.push(caller.get(), (future, lambda: fn(*args, **kwargs)))
+            self._ready.notify()
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._ready:
+            self._stopping = True
+            if cancel_futures:
+                while self._work:
+                    self._work.pop()[0].cancel()
+            self._ready.notify_all()
+        if wait:
+            for thread in self._threads:
+                thread.join()
+
+    def _serve(self) -> None:
+        while True:
+            with self._ready:
+                while not self._work and not self._stopping:
+                    self._ready.wait()
+                if not self._work:  # stopping, and everything queued is done
+                    return
+                future, work = self._work.pop()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = work()
+            except BaseException as exc:
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+
+
+# A caller whose last request finished this recently still counts as competing: a closed-loop
+# client is between two requests for a moment, and its share must not go to another meanwhile.
+ACTIVE_S = 1.0
+# How often the set of competing callers is recounted (their weights summed).
+RECOUNT_S = 0.05
+
+
+class Shares:
+    """Each caller's images admitted and not finished, and whether one more is within its share.
+
+    While one caller competes it may have all of the room (admission by predicted wait decides
+    alone). While several do, a caller is let in only while it holds no more than its weighted
+    share of everything admitted; the rest of its requests wait at the door, costing nothing,
+    and room that opens goes to the callers under their share first. A caller holding nothing is
+    always let in (so many callers of one image each are never kept out by their count).
+    """
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self.held: dict[str, int] = {}
+        self._seen: dict[str, tuple[float, int]] = {}  # identity -> (last active, weight)
+        self._competing_weight = 0
+        self._recounted = -1.0
+
+    def take(self, who: Caller, images: int) -> None:
+        self.held[who.identity] = self.held.get(who.identity, 0) + images
+        self._seen[who.identity] = (self._clock(), who.weight)
+
+    def give_back(self, who: Caller, images: int) -> None:
+        left = self.held[who.identity] - images
+        if left:
+            self.held[who.identity] = left
+        else:
+            del self.held[who.identity]
+        self._seen[who.identity] = (self._clock(), who.weight)
+
+    def allows(self, who: Caller, admitted: int, waiting: Callable[[], int]) -> bool:
+        """Whether ``who`` may have one more image in, with ``admitted`` images in all;
+        ``waiting()``: the weight of callers waiting at the door and holding nothing."""
+        mine = self.held.get(who.identity, 0)
+        if not mine:
+            return True
+        competing = self._weight(who) + waiting()
+        if competing <= who.weight:
+            return True
+        return (mine + 1) * competing <= (admitted + 1) * who.weight
+
+    def _weight(self, who: Caller) -> int:
+        """The weight of the callers competing now (``who`` included)."""
+        now = self._clock()
+        if now - self._recounted >= RECOUNT_S or who.identity not in self._seen:
+            self._seen[who.identity] = (self._seen.get(who.identity, (now, 0))[0], who.weight)
+            for identity, (seen, _) in list(self._seen.items()):
+                if now - seen > ACTIVE_S and identity not in self.held:
+                    del self._seen[identity]
+            self._competing_weight = sum(weight for _, weight in self._seen.values())
+            self._recounted = now
+        return self._competing_weight

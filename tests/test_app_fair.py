@@ -1,0 +1,151 @@
+"""Fair shares between callers: the queues (unit) and two API keys on a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from pathlib import Path
+
+import numpy as np
+
+from app.engine.fair import FairExecutor, FairQueue, RoundRobin, Shares
+from app.process.callers import Caller, caller
+from tests.helpers.load import Point, closed_loop
+from tests.helpers.metrics import scrape
+from tests.helpers.models import image_bytes
+from tests.helpers.server import message_is, run_server
+
+HEAVY, LIGHT = Caller("key:h", "heavy"), Caller("key:l", "light")
+
+
+def test_round_robin_takes_callers_in_weighted_turns_each_in_arrival_order() -> None:
+    turns: RoundRobin[str] = RoundRobin()
+    for index in range(5):
+        turns.push(HEAVY, f"h{index}")
+    turns.push(LIGHT, "l0")
+    turns.push(LIGHT, "l1")
+    assert [turns.pop() for _ in range(7)] == ["h0", "l0", "h1", "l1", "h2", "h3", "h4"]
+    weighted = Caller("key:w", "weighted", weight=3)
+    for index in range(4):
+        turns.push(weighted, f"w{index}")
+        turns.push(LIGHT, f"l{index}")
+    assert [turns.pop() for _ in range(8)] == ["w0", "w1", "w2", "l0", "w3", "l1", "l2", "l3"]
+    assert not turns
+
+
+def test_the_batch_queue_serves_a_light_caller_behind_a_heavy_backlog_next() -> None:
+    async def scenario() -> list[str]:
+        queue: FairQueue[str] = FairQueue(maxsize=100)
+        for index in range(20):
+            contextvars.copy_context().run(_put, queue, HEAVY, f"h{index}")
+        contextvars.copy_context().run(_put, queue, LIGHT, "l0")
+        first_two = [await queue.get(), await queue.get()]
+        rest = [queue.get_nowait() for _ in range(queue.qsize())]
+        # A getter cancelled after an item woke it leaves the item for the next one.
+        getter = asyncio.ensure_future(queue.get())
+        await asyncio.sleep(0)
+        contextvars.copy_context().run(_put, queue, LIGHT, "l1")
+        getter.cancel()
+        rest.append(await asyncio.wait_for(queue.get(), 1))
+        for _ in first_two + rest:
+            queue.task_done()
+        await asyncio.wait_for(queue.join(), 1)
+        return first_two + rest
+
+    order = asyncio.run(scenario())
+    assert order[:2] == ["h0", "l0"]
+    assert sorted(order) == sorted([f"h{i}" for i in range(20)] + ["l0", "l1"])
+
+
+def _put(queue: FairQueue[str], who: Caller, item: str) -> None:
+    caller.set(who)
+    queue.put_nowait(item)
+
+
+def test_the_decode_threads_run_a_light_callers_work_before_a_heavy_backlog() -> None:
+    executor = FairExecutor(1, "test_decode")
+    release, ran = threading.Event(), list[str]()
+    try:
+        contextvars.copy_context().run(_submit, executor, HEAVY, release.wait)
+        futures = [
+            contextvars.copy_context().run(_submit, executor, HEAVY, ran.append, f"h{i}")
+            for i in range(5)
+        ]
+        futures.append(contextvars.copy_context().run(_submit, executor, LIGHT, ran.append, "l"))
+        release.set()
+        for future in futures:
+            future.result(timeout=5)
+    finally:
+        executor.shutdown()
+    # Whether the blocker was taken before or after the rest arrived, light is next or second.
+    assert ran.index("l") < ran.index("h1"), ran
+
+
+def _submit(
+    executor: FairExecutor, who: Caller, fn: Callable[..., object], *args: object
+) -> Future[object]:
+    caller.set(who)
+    return executor.submit(fn, *args)
+
+
+def test_shares_hold_a_caller_to_its_weighted_share_only_while_others_compete() -> None:
+    now = [0.0]
+    shares = Shares(lambda: now[0])
+    for _ in range(10):
+        assert shares.allows(HEAVY, admitted=sum(shares.held.values()), waiting=lambda: 0)
+        shares.take(HEAVY, 1)
+    # Alone it may have everything; a newcomer holding nothing is let in and then competes.
+    assert shares.allows(LIGHT, admitted=10, waiting=lambda: 1)
+    shares.take(LIGHT, 1)
+    now[0] += 0.1
+    assert not shares.allows(HEAVY, admitted=11, waiting=lambda: 0)
+    assert shares.allows(LIGHT, admitted=11, waiting=lambda: 0)
+    for _ in range(9):
+        shares.give_back(HEAVY, 1)
+    assert not shares.allows(HEAVY, admitted=2, waiting=lambda: 0)  # 1 of 2: its half
+    shares.take(LIGHT, 1)
+    assert shares.allows(HEAVY, admitted=3, waiting=lambda: 0)  # 2 of 4 would be its half
+    # The light caller's last request finished long ago: it no longer competes.
+    shares.give_back(LIGHT, 2)
+    now[0] += 5
+    shares.take(HEAVY, 5)
+    assert shares.allows(HEAVY, admitted=6, waiting=lambda: 0)
+
+
+def test_a_light_caller_is_served_beside_a_heavy_one_and_only_the_heavy_one_is_refused(
+    slow_model: Path, tmp_path: Path
+) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("heavy-key name=heavy\nlight-key name=light\n")
+    png = image_bytes(1)
+    settings = {"max_batch_size": "8", "intra_op_threads": "1", "admission_wait_ms": "300"}
+    with run_server(slow_model, api_keys_file=str(keys), **settings) as server:
+        server.wait_for_log(message_is("ready"))
+
+        async def both() -> tuple[Point, Point]:
+            heavy = asyncio.ensure_future(
+                closed_loop(server.url, png, 48, 4, {"X-API-Key": "heavy-key"})
+            )
+            await asyncio.sleep(1)
+            light = await closed_loop(server.url, png, 1, 2, {"X-API-Key": "light-key"})
+            return await heavy, light
+
+        heavy, light = asyncio.run(both())
+        metrics = scrape(server.url)
+    assert set(light.statuses) == {"200"}, light.statuses
+    assert "503" in heavy.statuses, heavy.statuses
+    light_ms = np.median(light.latencies_ms)
+    heavy_ms = np.median(heavy.latencies_ms)
+    assert light_ms < heavy_ms / 2, (light_ms, heavy_ms)
+    counted = {
+        (s.labels["caller"], s.labels["status"]): s.value
+        for s in metrics["resnet_serve_caller_requests"].samples
+        if s.name.endswith("_total")
+    }
+    assert counted[("light", "200")] == light.statuses["200"]
+    assert ("light", "503") not in counted
+    assert counted[("heavy", "503")] >= 1
+    assert {label for label, _ in counted} == {"heavy", "light"}
