@@ -84,6 +84,7 @@ class Batcher:
         admitted_images: Callable[[], int] = lambda: 0,
         tracing: Tracing = NO_TRACING,
         described: Mapping[str, str] | None = None,
+        on_stuck: Callable[[str, str | None], None] = lambda lane, description: None,
     ) -> None:
         """Create inside the running loop (its queues belong to it).
 
@@ -92,7 +93,8 @@ class Batcher:
         ``alone_fn``: the model for a batch with the machine to itself, nothing else computing,
         queued or on its way (``admitted_images``: all images admitted upstream and not
         finished, this batch's included). ``described``: the batch spans' attributes (the
-        model, its version, provider and precision).
+        model, its version, provider and precision). ``on_stuck(lane, description)``: a run
+        has outlasted a whole ``request_timeout_ms`` (its requests got 504), or (None) returned.
         """
         self.model_fn = model_fn
         self.config = config
@@ -103,6 +105,9 @@ class Batcher:
         self.admitted_images = admitted_images
         self.tracing = tracing
         self.described = dict(described or {})
+        self.on_stuck = on_stuck
+        # A run longer than a whole deadline answers nobody in time: its lane is stuck.
+        self.stuck_after_s = config.request_timeout_ms / 1000
         self._lane_numbers: dict[ThreadPoolExecutor, int] = {}
         self.inline = Inline(config.inline_max_ms, batches=alone_fn is not None)
         self.lanes = Lanes(config.concurrent_batches)
@@ -114,6 +119,7 @@ class Batcher:
         self._failed: BaseException | None = None
         self._collecting: list[_Item] = []
         self._running: dict[asyncio.Task[None], list[_Item]] = {}
+        self._stuck_lanes: set[str] = set()
         metrics.track(queue_depth=self._queue.qsize, batch_limit=lambda: self.limit)
 
     @property
@@ -158,9 +164,22 @@ class Batcher:
         ``deadline`` (loop time): past it an image answers 504 instead of using the model;
         default ``request_timeout_ms`` from now.
         """
+        loop = asyncio.get_running_loop()
+        if deadline is None:
+            deadline = loop.time() + self.config.request_timeout_ms / 1000
         futures = self._enqueue(images, deadline)
+        # Past the deadline an image still queued gets 504 when a lane takes it, and a stuck
+        # run's after ``stuck_after_s``: this bound only matters when every lane is stuck.
+        bound_s = max(0.0, deadline - loop.time()) + 2 * self.stuck_after_s
         try:
-            await asyncio.wait(futures, return_when=asyncio.FIRST_EXCEPTION)
+            _, waiting = await asyncio.wait(
+                futures, timeout=bound_s, return_when=asyncio.FIRST_EXCEPTION
+            )
+            if waiting and not any(f.done() and f.exception() for f in futures):
+                raise DeadlineExceeded(
+                    f"no lane computed the request's images within {bound_s:.3g} s: every "
+                    "lane is busy or stuck"
+                )
         finally:
             # Client gone or a sibling image failed: queued leftovers are dropped, not computed.
             for future in futures:
@@ -223,15 +242,50 @@ class Batcher:
             task.add_done_callback(self._watch)
 
     async def _process(self, lane: ThreadPoolExecutor, batch: list[_Item], alone: bool) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        watch = loop.call_later(self.stuck_after_s, self._stuck, lane, batch, started)
         try:
             live = self._admit(batch)
             if live:
                 self._fan_out(live, await self._run(lane, live, alone))
         finally:
+            watch.cancel()
+            label = self._stuck_label(lane)
+            if label in self._stuck_lanes:
+                self._stuck_lanes.discard(label)
+                log.warning(
+                    "a stuck lane returned",
+                    extra={"lane": label, "seconds": round(loop.time() - started, 3)},
+                )
+                self.on_stuck(label, None)
             for _ in batch:
                 self._queue.task_done()
             self._computing -= 1
             self.lanes.give_back(lane)
+
+    def _stuck_label(self, lane: ThreadPoolExecutor) -> str:
+        model = self.described.get("resnet_serve.model", "")
+        version = self.described.get("resnet_serve.model_version", "")
+        return f"{model}:{version}:lane {self._lane_label(lane, inline=False)}"
+
+    def _stuck(self, lane: ThreadPoolExecutor, batch: list[_Item], started: float) -> None:
+        """The run has outlasted a whole deadline: answer its requests now (504) and report the
+        lane, which computes nothing else until the run returns."""
+        seconds = asyncio.get_running_loop().time() - started
+        label = self._stuck_label(lane)
+        self._stuck_lanes.add(label)
+        description = (
+            f"{label} has run one batch of {len(batch)} for over {seconds:.3g} s "
+            f"(request_timeout_ms={self.config.request_timeout_ms:g})"
+        )
+        log.error("a lane is stuck", extra={"lane": label, "batch_size": len(batch)})
+        for item in batch:
+            if not item.future.done():
+                item.future.set_exception(
+                    DeadlineExceeded(f"the model run did not return in time: {description}")
+                )
+        self.on_stuck(label, description)
 
     async def _collect(self) -> list[_Item]:
         first = await self._queue.get()
@@ -309,6 +363,10 @@ class Batcher:
         self._trace(lane_label, batch, size, started_ns)
         seconds = time.perf_counter() - started
         self.metrics.lane_busy(lane_label).inc(seconds)
+        if not inline and self._stuck_label(lane) in self._stuck_lanes:
+            # Its requests were answered 504 long ago; its time says nothing of the next run's
+            # (it would refuse everyone through admission's cost estimate).
+            return outputs[: len(batch)]
         if model_fn is self.alone_fn:
             self.inline.ran_batch(size, seconds)
         self.on_batch(len(batch), seconds / sharing)

@@ -21,6 +21,8 @@ class Lifecycle:
         self.warmed = False
         self.draining = False
         self.broken: BaseException | None = None
+        # Lanes whose model run has outlasted a whole deadline, by lane: what is stuck, since when.
+        self.stuck: dict[str, str] = {}
         self._warmed_event = asyncio.Event()
 
     def fail(self, error: BaseException) -> None:
@@ -38,6 +40,19 @@ class Lifecycle:
     @property
     def ready(self) -> bool:
         return self.warmed and not self.draining and self.broken is None
+
+    def lane_stuck(self, lane: str, description: str | None) -> None:
+        """A lane's run outlasted its deadline (``description``), or returned (None)."""
+        if description is None:
+            self.stuck.pop(lane, None)
+        else:
+            self.stuck[lane] = description
+
+    def check_ready(self) -> None:
+        """Admitting, and no lane stuck: a load balancer sends its traffic elsewhere meanwhile."""
+        self.check_admitting()
+        if self.stuck:
+            raise NotReady("; ".join(self.stuck.values()), headers=self.retry_after)
 
     def check_admitting(self) -> None:
         if self.draining:

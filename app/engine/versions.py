@@ -95,6 +95,7 @@ class Versions:
             batch_config(self.settings, loaded.provider, self.cores),
             metrics,
             on_failure=self.lifecycle.fail,
+            on_stuck=self.lifecycle.lane_stuck,
             on_batch=estimate.observe_batch,
             alone_fn=loaded.predict_alone if loaded.adaptive else None,
             admitted_images=lambda: admission.admitted_images,

@@ -99,8 +99,8 @@ async def readyz(lifecycle: LifecycleDep, models: ModelsDep) -> Status:
 
 
 def check_ready(lifecycle: Lifecycle, models: Models) -> None:
-    """Warm, not draining, and a version of the default model ready."""
-    lifecycle.check_admitting()
+    """Warm, not draining, no lane stuck, and a version of the default model ready."""
+    lifecycle.check_ready()
     try:
         models.resolve()
     except UnknownModel as exc:

@@ -29,6 +29,7 @@ def build_model(
     labels: list[str] = LABELS,
     metadata: dict[str, str] | None = None,
     drop: tuple[str, ...] = (),
+    stuck_iterations: int = 0,
 ) -> Path:
     """uint8 NHWC -> /255 -> NCHW -> 4x4 average pool -> Gemm -> softmax.
 
@@ -36,6 +37,11 @@ def build_model(
     the classifier, so different images get different classes. ``conv_layers`` adds a branch
     of 3x3 convolutions, pooled and concatenated to the features, for tests that need the
     model to cost real time (one shared weight tensor keeps the file small).
+
+    ``stuck_iterations``: a model that misbehaves on purpose, through ONNX Runtime itself: an
+    image whose top-left pixel is pure red (255, 0, 0) makes the run fail (an index out of
+    range), and one whose top-left pixel is pure blue (0, 0, 255) makes it loop that many
+    times (about 1.5 us each) before it answers (``POISON``, ``STALL``).
     """
     rng = np.random.default_rng(0)
     cell = crop_size // 4
@@ -68,12 +74,15 @@ def build_model(
         numpy_helper.from_array(fc_w.astype(np.float32), "fc_w"),
         numpy_helper.from_array(fc_b.astype(np.float32), "fc_b"),
     ]
-    nodes += [
-        helper.make_node(
-            "Gemm", ["all" if conv_layers else "features", "fc_w", "fc_b"], ["logits"]
-        ),
-        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
-    ]
+    gemm_out = "logits_plain" if stuck_iterations else "logits"
+    nodes.append(
+        helper.make_node("Gemm", ["all" if conv_layers else "features", "fc_w", "fc_b"], [gemm_out])
+    )
+    if stuck_iterations:
+        faults, fault_weights = _faults(gemm_out, "logits", stuck_iterations)
+        nodes += faults
+        initializers += fault_weights
+    nodes.append(helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1))
     graph = helper.make_graph(
         nodes,
         "tiny",
@@ -99,6 +108,67 @@ def build_model(
     onnx.checker.check_model(model)
     onnx.save(model, path)
     return path
+
+
+# The top-left pixels that make a ``stuck_iterations`` model fail, or stall.
+POISON = (255, 0, 0)
+STALL = (0, 0, 255)
+
+
+def _faults(
+    source: str, target: str, iterations: int
+) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """``target = source + 0``, computed through a Gather that fails on a red top-left pixel and
+    a Loop that runs ``iterations`` times on a blue one."""
+    weights = [
+        numpy_helper.from_array(np.zeros(510, np.float32), "fault_table"),
+        numpy_helper.from_array(np.array(0, np.int64), "i0"),
+        numpy_helper.from_array(np.array(1, np.int64), "i1"),
+        numpy_helper.from_array(np.array(2, np.int64), "i2"),
+        numpy_helper.from_array(np.array(255, np.int64), "i255"),
+        numpy_helper.from_array(np.array(iterations, np.int64), "iterations"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "f0"),
+    ]
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond"], ["cond_out"]),
+            helper.make_node("Identity", ["carried"], ["carried_out"]),
+        ],
+        "stall",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("carried", TensorProto.FLOAT, []),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("carried_out", TensorProto.FLOAT, []),
+        ],
+    )
+    nodes = [
+        helper.make_node("Gather", ["images", "i0"], ["top_row"], axis=1),
+        helper.make_node("Gather", ["top_row", "i0"], ["corner_u8"], axis=1),
+        helper.make_node("Cast", ["corner_u8"], ["corner"], to=TensorProto.INT64),
+        helper.make_node("Gather", ["corner", "i0"], ["red"], axis=1),
+        helper.make_node("Gather", ["corner", "i1"], ["green"], axis=1),
+        helper.make_node("Gather", ["corner", "i2"], ["blue"], axis=1),
+        # red - green + 255 is 510 only for pure red: one past the table's end.
+        helper.make_node("Sub", ["red", "green"], ["red_less_green"]),
+        helper.make_node("Add", ["red_less_green", "i255"], ["index"]),
+        helper.make_node("Gather", ["fault_table", "index"], ["zeros"], axis=0),
+        helper.make_node("Unsqueeze", ["zeros", "i1"], ["zero_column"]),
+        # blue - red - green is 255 only for pure blue.
+        helper.make_node("Sub", ["blue", "red"], ["blue_less_red"]),
+        helper.make_node("Sub", ["blue_less_red", "green"], ["blueness"]),
+        helper.make_node("Equal", ["blueness", "i255"], ["is_blue"]),
+        helper.make_node("Cast", ["is_blue"], ["blue_count"], to=TensorProto.INT64),
+        helper.make_node("ReduceMax", ["blue_count"], ["any_blue"], keepdims=0),
+        helper.make_node("Mul", ["any_blue", "iterations"], ["trips"]),
+        helper.make_node("Loop", ["trips", "", "f0"], ["stalled"], body=body),
+        helper.make_node("Add", [source, "zero_column"], [f"{source}_checked"]),
+        helper.make_node("Add", [f"{source}_checked", "stalled"], [target]),
+    ]
+    return nodes, weights
 
 
 def _pool(source: str, target: str, cell: int) -> list[onnx.NodeProto]:
