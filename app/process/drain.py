@@ -13,20 +13,65 @@ avoid that by answering with ``Connection: close`` before they close. Here:
   next request within the grace window (a closed-loop client does, in milliseconds) always gets an
   answer; one idle for longer finds the connection closed before it writes, which it sees as a
   closed keep-alive connection and reopens, as after any keep-alive timeout.
+
+And every close the server starts lingers, as nginx's ``lingering_close``: an answer can go out
+before the client has sent all of its request (a 503 from the door, before the body is read); a
+socket closed with the rest of that body still arriving makes the kernel send a reset, which can
+destroy the answer before the client reads it. So the server sends its FIN after the answer, reads
+and drops what still comes for up to ``LINGER_S``, and closes when the client does.
 """
 
 from __future__ import annotations
+
+import asyncio
+from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 # Long enough for a keep-alive client to send its next request and get its answer with
 # "Connection: close"; short against shutdown_timeout_s (default 30 s), which bounds it.
 IDLE_GRACE_S = 1.0
+# How long a closing connection reads and drops what its client still sends.
+LINGER_S = 1.0
+
+
+class _Lingering:
+    """A transport whose ``close`` half-closes first (see the module's docstring)."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self.lingering = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self.lingering or self._transport.is_closing()
+
+    def close(self) -> None:
+        if self.is_closing():
+            return
+        if not self._transport.can_write_eof():
+            self._transport.close()
+            return
+        self.lingering = True
+        self._transport.write_eof()  # after what is buffered: the answer goes out first
+        self._loop.call_later(LINGER_S, self._transport.close)
 
 
 class DrainingHttpToolsProtocol(HttpToolsProtocol):
     _draining = False
     _receiving = False  # a request's first bytes came, its headers are not complete yet
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.transport = _Lingering(transport, self.loop)  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if isinstance(self.transport, _Lingering) and self.transport.lingering:
+            return  # the rest of a request already answered: dropped
+        super().data_received(data)
 
     def shutdown(self) -> None:
         self._draining = True

@@ -1,0 +1,281 @@
+"""Faults under load, each counted: what was accepted, answered, refused and lost.
+
+    PYTHONPATH=. .venv/bin/python -m benchmarks.chaos [--case NAME ...] [--seconds 6]
+
+Every case starts a real ``python -m app`` on 127.0.0.1 with a model that costs real time (64x64
+input, six 3x3 convolutions: about 20 ms an image on one core) and that misbehaves on purpose
+through ONNX Runtime when asked to (tests.helpers.models: a red top-left pixel fails the run, a
+blue one stalls it for seconds). ``--clients`` (16) keep-alive httpx clients post an image each,
+back to back, while the fault is injected two seconds in. A request's outcome is one of:
+
+- answered: an HTTP status (200; 500 only for the batch that failed; 503 and 504 are refusals,
+  explicit and retryable);
+- refused: the connection was refused (nothing was sent; a client can always retry);
+- lost: the request was sent and no answer came (a read error, a dropped connection). Lost must be
+  0 except for requests in flight on a SIGKILLed process, which the case says.
+
+Writes benchmarks/results/chaos.{json,md}; exits 1 when a case loses what it must not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+from benchmarks.load import ROOT, free_port
+from tests.helpers.models import POISON, SLOW_CROP, STALL, build_model, image_bytes
+
+RESULTS = Path(__file__).resolve().parent / "results"
+FAULT_AT_S = 2.0
+LOST = (httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError, httpx.ReadTimeout)
+
+
+def solid(colour: tuple[int, int, int]) -> bytes:
+    from io import BytesIO
+
+    from PIL import Image
+
+    buffer = BytesIO()
+    Image.new("RGB", (80, 80), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@dataclass
+class Case:
+    name: str
+    what: str
+    settings: dict[str, str]
+    inject: Callable[[subprocess.Popen[bytes], Path, str], Any]  # (server, model, url)
+    may_lose: bool = False  # requests in flight on a SIGKILLed process
+    stops_server: bool = False
+    stderr_full: bool = False
+
+
+def start(model: Path, settings: dict[str, str], stderr_full: bool) -> tuple[Any, str]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "RESNET_SERVE_MODEL_PATH": str(model),
+        "RESNET_SERVE_HOST": "127.0.0.1",
+        "RESNET_SERVE_PORT": str(port),
+        "RESNET_SERVE_GRPC_PORT": "0",
+        "RESNET_SERVE_LOG_LEVEL": "warning",
+        **{f"RESNET_SERVE_{k.upper()}": v for k, v in settings.items()},
+    }
+    err = open("/dev/full", "w") if stderr_full else None  # noqa: SIM115
+    process = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=env, stderr=err)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        time.sleep(0.2)
+    raise RuntimeError("server not ready")
+
+
+def workers_of(process: subprocess.Popen[bytes]) -> list[psutil.Process]:
+    return psutil.Process(process.pid).children()
+
+
+async def load(url: str, clients: int, seconds: float, inject: Callable[[], Any]) -> Counter[str]:
+    outcomes: Counter[str] = Counter()
+    stop_at = time.monotonic() + seconds
+    images = [image_bytes(seed, size=(80, 80)) for seed in range(8)]
+
+    async def client(index: int) -> None:
+        async with httpx.AsyncClient(timeout=30) as session:
+            sent = 0
+            while time.monotonic() < stop_at:
+                data = images[(index + sent) % len(images)]
+                sent += 1
+                try:
+                    response = await session.post(
+                        f"{url}/predict", files=[("files", ("x.png", data, "image/png"))]
+                    )
+                    outcomes[str(response.status_code)] += 1
+                except httpx.ConnectError:
+                    outcomes["refused"] += 1
+                    await asyncio.sleep(0.05)
+                except LOST as exc:
+                    outcomes[f"lost:{type(exc).__name__}"] += 1
+
+    async def fault() -> None:
+        await asyncio.sleep(FAULT_AT_S)
+        await asyncio.to_thread(inject)
+
+    await asyncio.gather(fault(), *(client(i) for i in range(clients)))
+    return outcomes
+
+
+def post_one(url: str, colour: tuple[int, int, int]) -> int:
+    files = [("files", ("fault.png", solid(colour), "image/png"))]
+    return httpx.post(f"{url}/predict", files=files, timeout=30).status_code
+
+
+def cases() -> list[Case]:
+    def sigterm(process: Any, model: Path, url: str) -> None:
+        process.send_signal(signal.SIGTERM)
+
+    def sigkill_worker(process: Any, model: Path, url: str) -> None:
+        workers_of(process)[0].send_signal(signal.SIGKILL)
+
+    def poison(process: Any, model: Path, url: str) -> int:
+        return post_one(url, POISON)
+
+    def stall(process: Any, model: Path, url: str) -> int:
+        return post_one(url, STALL)
+
+    def delete(process: Any, model: Path, url: str) -> None:
+        model.unlink()
+
+    def nothing(process: Any, model: Path, url: str) -> None:
+        return None
+
+    fast = {"request_timeout_ms": "2000"}
+    return [
+        Case("sigterm", "SIGTERM to a one-worker server", fast, sigterm, stops_server=True),
+        Case(
+            "sigterm-2-workers",
+            "SIGTERM to the supervisor of 2 workers",
+            fast | {"workers": "2"},
+            sigterm,
+            stops_server=True,
+        ),
+        Case(
+            "sigkill-worker",
+            "SIGKILL to one of 2 workers (the supervisor replaces it)",
+            fast | {"workers": "2"},
+            sigkill_worker,
+            may_lose=True,
+        ),
+        Case("batch-fails", "one request makes its batch's run fail", fast, poison),
+        Case(
+            "stuck-lane",
+            "one request stalls its lane for ~4 s (request_timeout_ms=1000)",
+            {"request_timeout_ms": "1000", "inline_max_ms": "0"},
+            stall,
+        ),
+        Case("model-file-deleted", "the model file deleted while serving", fast, delete),
+        Case(
+            "logs-disk-full",
+            "stderr on /dev/full at debug level (every log write fails)",
+            fast | {"log_level": "debug"},
+            nothing,
+            stderr_full=True,
+        ),
+    ]
+
+
+def run_case(case: Case, folder: Path, clients: int, seconds: float) -> dict[str, Any]:
+    model = build_model(
+        folder / f"{case.name}.onnx",
+        crop_size=SLOW_CROP,
+        conv_layers=6,
+        width=64,
+        stuck_iterations=3_000_000,
+    )
+    process, url = start(model, case.settings, case.stderr_full)
+    injected: list[Any] = []
+    try:
+        outcomes = asyncio.run(
+            load(url, clients, seconds, lambda: injected.append(case.inject(process, model, url)))
+        )
+        if case.stderr_full:  # the server also stops cleanly with its logs unwritable
+            process.send_signal(signal.SIGTERM)
+    finally:
+        if process.poll() is None and not case.stops_server and not case.stderr_full:
+            process.send_signal(signal.SIGTERM)
+        exit_code = process.wait(timeout=60)
+    lost = sum(v for k, v in outcomes.items() if k.startswith("lost"))
+    answered = sum(v for k, v in outcomes.items() if k.isdigit())
+    refused = outcomes["refused"] + outcomes["503"] + outcomes["504"]
+    return {
+        "case": case.name,
+        "what": case.what,
+        "accepted": answered + lost,
+        "answered": answered,
+        "answered_200": outcomes["200"],
+        "refused": refused,
+        "lost": lost,
+        "outcomes": dict(outcomes),
+        "fault_request_status": injected[0] if injected and injected[0] is not None else None,
+        "exit_code": exit_code,
+        "may_lose": case.may_lose,
+        "ok": (lost == 0 or case.may_lose) and exit_code == 0,
+    }
+
+
+def markdown(rows: list[dict[str, Any]], command: str, clients: int) -> str:
+    lines = [
+        "# Chaos: faults under load",
+        "",
+        f"`{command}`, {time.strftime('%Y-%m-%d')}, 2 cores, {clients} keep-alive httpx clients "
+        "posting 80x80 PNGs back to back to a 64x64 six-convolution model (~20 ms an image); "
+        "the fault two seconds in. Refused: 503/504 answers and refused connections. Lost: sent, "
+        "never answered.",
+        "",
+        "| case | fault | accepted | answered (200) | refused | lost | other statuses | "
+        "fault request | exit |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        other = {
+            k: v
+            for k, v in row["outcomes"].items()
+            if k not in ("200", "503", "504", "refused") and not k.startswith("lost")
+        }
+        lines.append(
+            f"| {row['case']} | {row['what']} | {row['accepted']} | "
+            f"{row['answered']} ({row['answered_200']}) | {row['refused']} | {row['lost']}"
+            f"{' (in flight on the killed worker)' if row['may_lose'] and row['lost'] else ''} | "
+            f"{', '.join(f'{k}: {v}' for k, v in sorted(other.items())) or '-'} | "
+            f"{row['fault_request_status'] or '-'} | {row['exit_code']} |"
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--case", action="append", help="run only these cases")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--out", type=Path, default=RESULTS / "chaos")
+    args = parser.parse_args(argv)
+    chosen = [c for c in cases() if not args.case or c.name in args.case]
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for case in chosen:
+            rows.append(run_case(case, Path(folder), args.clients, args.seconds))
+            print(json.dumps(rows[-1]), flush=True)
+    given = sys.argv[1:] if argv is None else argv
+    command = " ".join(["PYTHONPATH=. .venv/bin/python -m benchmarks.chaos", *given])
+    args.out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(markdown(rows, command, args.clients))
+    print(markdown(rows, command, args.clients))
+    return 0 if all(row["ok"] for row in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
