@@ -95,7 +95,9 @@ def start(model: Path, settings: dict[str, str], stderr_full: bool) -> tuple[Any
 
 
 def workers_of(process: subprocess.Popen[bytes]) -> list[psutil.Process]:
-    return psutil.Process(process.pid).children()
+    """The supervisor's workers (its children but multiprocessing's resource tracker)."""
+    children = psutil.Process(process.pid).children()
+    return [c for c in children if "spawn_main" in " ".join(c.cmdline())]
 
 
 async def load(url: str, clients: int, seconds: float, inject: Callable[[], Any]) -> Counter[str]:
