@@ -5,7 +5,7 @@
 The digits demo on a real ``python -m app`` with two API keys in the key file (``light`` and
 ``heavy``). The light caller runs ``--light`` (2) closed-loop clients posting one ~100 KB JPEG each
 request, first alone, then beside the heavy caller's ``--heavy`` (64) closed-loop clients, which
-retry at once when refused (an abusive caller ignores ``Retry-After``). Reports each caller's
+wait ``Retry-After`` when refused (``--abusive``: retry at once). Reports each caller's
 answers, refusals and latency percentiles; the targets: the light caller's p99 beside the heavy one
 within 2x of its p99 alone, and none of its requests refused while the heavy caller's are.
 Writes benchmarks/results/fairness.{json,md}.
@@ -33,10 +33,16 @@ KEYS = {"light": "light-caller-key", "heavy": "heavy-caller-key"}
 
 
 async def drive(
-    url: str, key: str, clients: int, seconds: float, data: bytes, stop: asyncio.Event | None
+    url: str,
+    key: str,
+    clients: int,
+    seconds: float,
+    data: bytes,
+    stop: asyncio.Event | None,
+    honour_retry_after: bool = True,
 ) -> dict[str, Any]:
     """``clients`` closed-loop clients for ``seconds`` (or until ``stop``): latencies of the 200s
-    and every status."""
+    and every status. A refused client waits ``Retry-After`` unless told to retry at once."""
     latencies: list[float] = []
     statuses: Counter[str] = Counter()
     deadline = time.perf_counter() + seconds
@@ -56,6 +62,8 @@ async def drive(
                         statuses[str(r.status)] += 1
                         if r.status == 200:
                             latencies.append(time.perf_counter() - started)
+                        elif honour_retry_after and "Retry-After" in r.headers:
+                            await asyncio.sleep(float(r.headers["Retry-After"]))
                 except (aiohttp.ClientError, TimeoutError) as exc:
                     statuses[type(exc).__name__] += 1
 
@@ -79,7 +87,9 @@ async def measure(url: str, args: argparse.Namespace, data: bytes) -> dict[str, 
     await drive(url, KEYS["light"], args.light, 3, data, None)
     alone = await drive(url, KEYS["light"], args.light, args.seconds, data, None)
     stop = asyncio.Event()
-    heavy_task = asyncio.create_task(drive(url, KEYS["heavy"], args.heavy, 1e9, data, stop))
+    heavy_task = asyncio.create_task(
+        drive(url, KEYS["heavy"], args.heavy, 1e9, data, stop, not args.abusive)
+    )
     await asyncio.sleep(3)  # the heavy caller's backlog builds up first
     beside = await drive(url, KEYS["light"], args.light, args.seconds, data, None)
     stop.set()
@@ -99,7 +109,12 @@ def markdown(result: dict[str, Any], command: str) -> str:
         "# Fair shares between callers",
         "",
         f"`{command}`, {result['date']}, the digits demo, one {result['image_bytes'] // 1000} KB "
-        "JPEG per request, closed-loop clients, two API keys.",
+        "JPEG per request, closed-loop clients, two API keys; the heavy caller "
+        + (
+            "retries at once when refused."
+            if result["args"]["abusive"]
+            else "waits Retry-After when refused."
+        ),
         "",
         "| caller | clients | answered 200 | per s | p50 ms | p99 ms | statuses |",
         "|---|---|---|---|---|---|---|",
@@ -128,6 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--light", type=int, default=2)
     parser.add_argument("--heavy", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument(
+        "--abusive",
+        action="store_true",
+        help="the heavy caller retries at once when refused, ignoring Retry-After",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "fairness")
     parser.add_argument(
         "--setting",

@@ -193,7 +193,7 @@ def test_the_asyncio_client_and_the_metrics(served: tuple[Server, str]) -> None:
 
 def test_keys_guard_grpc_as_they_guard_http(model_path: Path, tmp_path: Path) -> None:
     keys = tmp_path / "keys"
-    keys.write_text("grpc-key\n")
+    keys.write_text("grpc-key name=grpc-team\n")
     port = free_port()
     with run_server(model_path, grpc_port=str(port), api_keys_file=str(keys)) as server:
         server.wait_for_log(message_is("ready"))
@@ -205,11 +205,19 @@ def test_keys_guard_grpc_as_they_guard_http(model_path: Path, tmp_path: Path) ->
         with pytest.raises(InferenceServerException) as invalid:
             client.infer(MODEL, [images_input(IMAGES[:1])], headers=wrong)
         right = client.infer(MODEL, [images_input(IMAGES[:1])], headers={"x-api-key": "grpc-key"})
+        metrics = scrape(server.url)
     assert live
     assert refused.value.status() == "StatusCode.UNAUTHENTICATED"
     assert "an API key is required" in str(refused.value.message())
     assert invalid.value.status() == "StatusCode.UNAUTHENTICATED"
     assert right.as_numpy("probabilities").shape == (1, len(LABELS))
+    # Counted under its key's name, as HTTP's requests are; refused calls are nobody's.
+    counted = {
+        (s.labels["caller"], s.labels["status"]): s.value
+        for s in metrics["resnet_serve_caller_requests"].samples
+        if s.name.endswith("_total")
+    }
+    assert counted == {("grpc-team", "200"): 1.0}
 
 
 def test_the_standard_health_service_follows_readiness(served: tuple[Server, str]) -> None:

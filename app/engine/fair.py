@@ -100,11 +100,7 @@ class FairQueue(Generic[T]):
         self._items.push(caller.get(), item)
         self._unfinished += 1
         self._finished.clear()
-        while self._getters:
-            getter = self._getters.popleft()
-            if not getter.done():
-                getter.set_result(None)
-                break
+        self._wake_next()
 
     def get_nowait(self) -> T:
         if not self._items:

@@ -159,14 +159,18 @@ class RequestLog:
     ) -> None:
         """``endpoint``: the metric label (a route template); ``probe``: logged at debug;
         ``caller``: an inference request's, counted by its class too."""
-        key = (endpoint, status)
-        counter, histogram = self._series.get(key) or self._add_series(*key)
+        metrics = self.metrics
+        counter, histogram = self._children(
+            self._series, (metrics.requests, metrics.request_seconds), "endpoint", endpoint, status
+        )
         counter.inc()
         # A sampled request's trace id on its latency bucket: from a slow bucket to its trace.
         histogram.observe(seconds, {"trace_id": traced} if traced else None)
         if caller is not None:
-            key = (caller.label, status)
-            counter, histogram = self._callers.get(key) or self._add_caller(*key)
+            families = (metrics.caller_requests, metrics.caller_request_seconds)
+            counter, histogram = self._children(
+                self._callers, families, "caller", caller.label, status
+            )
             counter.inc()
             histogram.observe(seconds)
         extra: dict[str, object] = {
@@ -186,21 +190,22 @@ class RequestLog:
         if log.isEnabledFor(level):
             log.log(level, "request", extra=extra)
 
-    def _add_series(self, endpoint: str, status: int) -> tuple[Counter, Histogram]:
-        series = (
-            self.metrics.requests.labels(endpoint=endpoint, status=str(status)),
-            self.metrics.request_seconds.labels(endpoint=endpoint),
-        )
-        self._series[(endpoint, status)] = series
-        return series
-
-    def _add_caller(self, label: str, status: int) -> tuple[Counter, Histogram]:
-        series = (
-            self.metrics.caller_requests.labels(caller=label, status=str(status)),
-            self.metrics.caller_request_seconds.labels(caller=label),
-        )
-        self._callers[(label, status)] = series
-        return series
+    @staticmethod
+    def _children(
+        cache: dict[tuple[str, int], tuple[Counter, Histogram]],
+        families: tuple[Counter, Histogram],
+        label: str,
+        value: str,
+        status: int,
+    ) -> tuple[Counter, Histogram]:
+        found = cache.get((value, status))
+        if found is None:
+            counter, histogram = families
+            found = cache[(value, status)] = (
+                counter.labels(**{label: value, "status": str(status)}),
+                histogram.labels(**{label: value}),
+            )
+        return found
 
 
 class _Refusal:
