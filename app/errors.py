@@ -29,6 +29,10 @@ class NotReady(ServiceError):
     code = "not_ready"
 
 
+class RepositoryUnavailable(NotReady):
+    code = "repository_unavailable"
+
+
 class ShuttingDown(NotReady):
     code = "shutting_down"
 

@@ -192,7 +192,10 @@ async def _first_load(models: Models, lifecycle: Lifecycle, link: WorkerLink | N
 async def _watch(models: Models, interval_s: float) -> None:
     while True:
         await asyncio.sleep(interval_s)
-        await models.load_all(polled=True)
+        try:
+            await models.load_all(polled=True)
+        except Exception:  # the next look may succeed: a poll never stops for good
+            log.exception("polling the model repository failed")
 
 
 def open_app(settings: Settings, cores: int | None = None) -> FastAPI:

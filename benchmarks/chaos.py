@@ -24,6 +24,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -64,6 +65,7 @@ class Case:
     may_lose: bool = False  # requests in flight on a SIGKILLed process
     stops_server: bool = False
     stderr_full: bool = False
+    repository: bool = False  # the model is version 1 of a watched repository
 
 
 def start(model: Path, settings: dict[str, str], stderr_full: bool) -> tuple[Any, str]:
@@ -71,7 +73,7 @@ def start(model: Path, settings: dict[str, str], stderr_full: bool) -> tuple[Any
     env = {
         **os.environ,
         "PYTHONPATH": str(ROOT),
-        "RESNET_SERVE_MODEL_PATH": str(model),
+        **({} if "model_repository" in settings else {"RESNET_SERVE_MODEL_PATH": str(model)}),
         "RESNET_SERVE_HOST": "127.0.0.1",
         "RESNET_SERVE_PORT": str(port),
         "RESNET_SERVE_GRPC_PORT": "0",
@@ -91,7 +93,9 @@ def start(model: Path, settings: dict[str, str], stderr_full: bool) -> tuple[Any
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}")
         time.sleep(0.2)
-    raise RuntimeError("server not ready")
+    process.kill()
+    process.wait()
+    raise RuntimeError("server not ready after 300 s")
 
 
 def workers_of(process: subprocess.Popen[bytes]) -> list[psutil.Process]:
@@ -154,6 +158,28 @@ def cases() -> list[Case]:
     def nothing(process: Any, model: Path, url: str) -> None:
         return None
 
+    def replace_with_garbage(process: Any, model: Path, url: str) -> None:
+        # Version 1's file overwritten in place, and a version 2 that is not a model at all.
+        model.write_bytes(b"not an onnx model" * 100)
+        staged = model.parent.parent / "2.partial"
+        staged.mkdir()
+        (staged / "model.onnx").write_bytes(b"\x00" * 4096)
+        staged.rename(model.parent.parent / "2")
+        time.sleep(2)  # two polls: the new version is tried and refused while the load goes on
+
+    def vanish(process: Any, model: Path, url: str) -> None:
+        host, port = url.removeprefix("http://").split(":")
+        body = image_bytes(99, size=(80, 80))
+        head = (
+            f"POST /predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/png\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        for _ in range(20):  # each round: 4 gone mid-upload, 4 gone before their answer
+            for whole in (False,) * 4 + (True,) * 4:
+                with socket.create_connection((host, int(port)), timeout=5) as sock:
+                    sock.sendall(head + (body if whole else body[: len(body) // 2]))
+            time.sleep(0.1)
+
     fast = {"request_timeout_ms": "2000"}
     return [
         Case("sigterm", "SIGTERM to a one-worker server", fast, sigterm, stops_server=True),
@@ -180,6 +206,19 @@ def cases() -> list[Case]:
         ),
         Case("model-file-deleted", "the model file deleted while serving", fast, delete),
         Case(
+            "model-file-replaced",
+            "version 1's file overwritten and a broken version 2 added (repository, polled)",
+            fast | {"repository_poll_s": "0.5"},
+            replace_with_garbage,
+            repository=True,
+        ),
+        Case(
+            "clients-vanish",
+            "80 clients gone mid-upload and 80 gone before their answer, over 2 s",
+            fast,
+            vanish,
+        ),
+        Case(
             "logs-disk-full",
             "stderr on /dev/full at debug level (every log write fails)",
             fast | {"log_level": "debug"},
@@ -190,14 +229,20 @@ def cases() -> list[Case]:
 
 
 def run_case(case: Case, folder: Path, clients: int, seconds: float) -> dict[str, Any]:
+    settings = dict(case.settings)
+    where = folder / case.name
+    if case.repository:
+        settings["model_repository"] = str(where)
+        where = where / "tiny-test" / "1"  # the folder is the model's name
+    where.mkdir(parents=True)
     model = build_model(
-        folder / f"{case.name}.onnx",
+        where / "model.onnx",
         crop_size=SLOW_CROP,
         conv_layers=6,
         width=64,
         stuck_iterations=3_000_000,
     )
-    process, url = start(model, case.settings, case.stderr_full)
+    process, url = start(model, settings, case.stderr_full)
     injected: list[Any] = []
     try:
         outcomes = asyncio.run(

@@ -98,3 +98,33 @@ def test_with_two_workers_a_change_asked_of_one_is_applied_by_every_worker(
             client.close()
     assert replacement["worker"] == 0
     assert statuses == {404}
+
+
+def test_a_repository_folder_gone_for_a_while_costs_nothing_and_polling_goes_on(
+    tmp_path: Path,
+) -> None:
+    repository = tmp_path / "repository"
+    add_version(repository, 1)
+    away = tmp_path / "away"
+    with run_server(None, model_repository=str(repository), repository_poll_s="0.2") as server:
+        server.wait_for_log(message_is("serving"))
+        client = triton.InferenceServerClient(server.url.removeprefix("http://"))
+        try:
+            repository.rename(away)  # unmounted, or deleted
+            server.wait_for_log(message_is("the model source cannot be read"))
+            index = client.get_model_repository_index()
+            answered = classify(client)[0]
+            ready = client.is_server_ready()
+            with pytest.raises(InferenceServerException) as refused:
+                client.load_model(NAME)
+            away.rename(repository)
+            add_version(repository, 2)  # the polls find it: the watch did not stop
+            server.wait_for_log(lambda line: line.get("version") == "2")
+            assert classify(client)[0] == "2"
+        finally:
+            client.close()
+    assert index == [{"name": NAME, "version": "1", "state": "READY", "reason": ""}]
+    assert answered == "1"
+    assert ready
+    assert refused.value.status() == "503"
+    assert "cannot read the model repository" in str(refused.value.message())

@@ -29,7 +29,7 @@ from typing import Protocol
 from app.engine.memory import release_all
 from app.engine.repository import Signature, signature
 from app.engine.served import ServedModel, State
-from app.errors import UnknownModel
+from app.errors import RepositoryUnavailable, UnknownModel
 from app.process.link import Change
 from app.process.metrics import Metrics
 from app.version_policy import VersionPolicy
@@ -106,7 +106,11 @@ class Models:
         for key, (reason, _) in self._failed.items():
             entries.setdefault(key, Entry(*key, State.UNAVAILABLE, reason))
         named = {name for name, _ in entries}
-        for name in set(self.source.names()) - named:
+        try:
+            names = set(self.source.names())
+        except RepositoryUnavailable:
+            names = set()  # what is loaded is still listed, and serving
+        for name in names - named:
             entries[(name, "")] = Entry(name, "", State.UNAVAILABLE, "not loaded")
         return [entries[key] for key in sorted(entries, key=lambda k: (k[0], _order(k[1])))]
 
@@ -165,8 +169,9 @@ class Models:
         unloads the models whose folder is gone."""
         try:
             names = self.source.names()
-        except ModelError as exc:
-            log.error("the model source cannot be read", extra={"reason": str(exc)})
+        except (ModelError, RepositoryUnavailable) as exc:
+            reason = getattr(exc, "message", None) or str(exc)
+            log.error("the model source cannot be read", extra={"reason": reason})
             return
         for name in names:
             try:  # each model to the policy its last load brought, if any

@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from app.errors import UnknownModel
+from app.errors import RepositoryUnavailable, UnknownModel
 from app.version_policy import VersionPolicy
 from core.contract import ModelMetadata
 from core.errors import BadRequest, ModelError
@@ -38,7 +38,19 @@ def check_name(name: str) -> str:
 
 
 def scan(root: Path) -> dict[str, dict[int, Path]]:
-    """Every model folder's complete version directories: ``{name: {version: model file}}``."""
+    """Every model folder's complete version directories: ``{name: {version: model file}}``.
+
+    Raises RepositoryUnavailable when the folder cannot be read (gone, unmounted): what is
+    loaded keeps serving, and the next look finds it again."""
+    try:
+        return _scan(root)
+    except OSError as exc:
+        raise RepositoryUnavailable(
+            f"cannot read the model repository {root}: {exc.strerror or exc}"
+        ) from None
+
+
+def _scan(root: Path) -> dict[str, dict[int, Path]]:
     found: dict[str, dict[int, Path]] = {}
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and _NAME.fullmatch(p.name)):
         versions = {
