@@ -25,6 +25,6 @@ caller: ContextVar[Caller] = ContextVar("resnet_serve_caller", default=ANONYMOUS
 
 
 def by_address(host: str | None) -> Caller:
-    """The caller when keys are off: the client's address (behind a proxy, what uvicorn's
-    ``--forwarded-allow-ips`` lets it read from the proxy's headers)."""
+    """The caller when keys are off: the client's address (behind a proxy, the one uvicorn reads
+    from ``X-Forwarded-For`` when the proxy's address is in ``FORWARDED_ALLOW_IPS``)."""
     return Caller(f"address:{host}", ANONYMOUS.label) if host else ANONYMOUS
