@@ -95,24 +95,25 @@ def test_shares_hold_a_caller_to_its_weighted_share_only_while_others_compete() 
     now = [0.0]
     shares = Shares(lambda: now[0])
     for _ in range(10):
-        assert shares.allows(HEAVY, admitted=sum(shares.held.values()), waiting=lambda: 0)
+        assert shares.allows(HEAVY, admitted=sum(shares.held.values()), waiting=tuple)
         shares.take(HEAVY, 1)
-    # Alone it may have everything; a newcomer holding nothing is let in and then competes.
-    assert shares.allows(LIGHT, admitted=10, waiting=lambda: 1)
+    # Alone it may have everything; a newcomer at the door competes at once, and is let in.
+    assert not shares.allows(HEAVY, admitted=10, waiting=lambda: [LIGHT])
+    assert shares.allows(LIGHT, admitted=10, waiting=lambda: [LIGHT])
     shares.take(LIGHT, 1)
     now[0] += 0.1
-    assert not shares.allows(HEAVY, admitted=11, waiting=lambda: 0)
-    assert shares.allows(LIGHT, admitted=11, waiting=lambda: 0)
+    assert not shares.allows(HEAVY, admitted=11, waiting=tuple)
+    assert shares.allows(LIGHT, admitted=11, waiting=tuple)
     for _ in range(9):
         shares.give_back(HEAVY, 1)
-    assert not shares.allows(HEAVY, admitted=2, waiting=lambda: 0)  # 1 of 2: its half
+    assert not shares.allows(HEAVY, admitted=2, waiting=tuple)  # 1 of 2: its half
     shares.take(LIGHT, 1)
-    assert shares.allows(HEAVY, admitted=3, waiting=lambda: 0)  # 2 of 4 would be its half
+    assert shares.allows(HEAVY, admitted=3, waiting=tuple)  # 2 of 4 would be its half
     # The light caller's last request finished long ago: it no longer competes.
     shares.give_back(LIGHT, 2)
     now[0] += 5
     shares.take(HEAVY, 5)
-    assert shares.allows(HEAVY, admitted=6, waiting=lambda: 0)
+    assert shares.allows(HEAVY, admitted=6, waiting=tuple)
 
 
 def test_a_light_caller_is_served_beside_a_heavy_one_and_only_the_heavy_one_is_refused(

@@ -208,12 +208,10 @@ class Admission:
         return Ticket(self, who)
 
     def _allows(self, who: Caller) -> bool:
-        return self.shares.allows(who, self.admitted_images, self._idle_waiting_weight)
+        return self.shares.allows(who, self.admitted_images, self._waiting_callers)
 
-    def _idle_waiting_weight(self) -> int:
-        """The weight of the callers at the door that hold nothing inside yet."""
-        held = self.shares.held
-        return sum(who.weight for who, _ in self._door.values() if who.identity not in held)
+    def _waiting_callers(self) -> Iterator[Caller]:
+        return (who for who, _ in self._door.values())
 
     def _fits(self, images: int, estimate: CostEstimate | None = None) -> bool:
         budget_s = HEADROOM * self.config.request_timeout_ms / 1000

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, Future
 from typing import Any, Generic, TypeVar
 
@@ -50,10 +50,6 @@ class RoundRobin(Generic[T]):
         queue.append(item)
         self._size += 1
 
-    def peek(self) -> T:
-        """The item ``pop`` would return. Raises IndexError when empty."""
-        return self._queues[self._turns[0].identity][0]
-
     def pop(self) -> T:
         """The next item: the current caller's oldest, its turn passing on after ``weight``."""
         who = self._turns[0]
@@ -69,9 +65,6 @@ class RoundRobin(Generic[T]):
             self._turns.rotate(-1)
             self._taken = 0
         return item
-
-    def callers(self) -> int:
-        return len(self._turns)
 
 
 class FairQueue(Generic[T]):
@@ -196,7 +189,7 @@ class FairExecutor(Executor):
 # A caller whose last request finished this recently still counts as competing: a closed-loop
 # client is between two requests for a moment, and its share must not go to another meanwhile.
 ACTIVE_S = 1.0
-# How often the set of competing callers is recounted (their weights summed).
+# How often callers idle for longer than that are forgotten.
 RECOUNT_S = 0.05
 
 
@@ -212,42 +205,54 @@ class Shares:
 
     def __init__(self, clock: Callable[[], float]) -> None:
         self._clock = clock
-        self.held: dict[str, int] = {}
-        self._seen: dict[str, tuple[float, int]] = {}  # identity -> (last active, weight)
-        self._competing_weight = 0
-        self._recounted = -1.0
+        self.held: dict[str, int] = {}  # images per caller holding any
+        self._holding_weight = 0  # of the callers in ``held``
+        # Callers that hold nothing now: since when, and their weight (they still compete a while).
+        self._idle: dict[str, tuple[float, int]] = {}
+        self._idle_weight = 0  # of the callers in ``_idle``
+        self._pruned = float("-inf")
 
     def take(self, who: Caller, images: int) -> None:
-        self.held[who.identity] = self.held.get(who.identity, 0) + images
-        self._seen[who.identity] = (self._clock(), who.weight)
+        mine = self.held.get(who.identity, 0)
+        if not mine:
+            self._holding_weight += who.weight
+            if self._idle.pop(who.identity, None) is not None:
+                self._idle_weight -= who.weight
+        self.held[who.identity] = mine + images
 
     def give_back(self, who: Caller, images: int) -> None:
         left = self.held[who.identity] - images
         if left:
             self.held[who.identity] = left
-        else:
-            del self.held[who.identity]
-        self._seen[who.identity] = (self._clock(), who.weight)
+            return
+        del self.held[who.identity]
+        self._holding_weight -= who.weight
+        self._idle[who.identity] = (self._clock(), who.weight)
+        self._idle_weight += who.weight
 
-    def allows(self, who: Caller, admitted: int, waiting: Callable[[], int]) -> bool:
+    def allows(self, who: Caller, admitted: int, waiting: Callable[[], Iterable[Caller]]) -> bool:
         """Whether ``who`` may have one more image in, with ``admitted`` images in all;
-        ``waiting()``: the weight of callers waiting at the door and holding nothing."""
+        ``waiting()``: the callers waiting at the door."""
         mine = self.held.get(who.identity, 0)
         if not mine:
             return True
-        competing = self._weight(who) + waiting()
+        self._prune()
+        held, idle = self.held, self._idle
+        newcomers = sum(
+            w.weight for w in waiting() if w.identity not in held and w.identity not in idle
+        )
+        competing = self._holding_weight + self._idle_weight + newcomers
         if competing <= who.weight:
             return True
         return (mine + 1) * competing <= (admitted + 1) * who.weight
 
-    def _weight(self, who: Caller) -> int:
-        """The weight of the callers competing now (``who`` included)."""
+    def _prune(self) -> None:
+        """Forget the callers idle for longer than ACTIVE_S (looked at most every RECOUNT_S)."""
         now = self._clock()
-        if now - self._recounted >= RECOUNT_S or who.identity not in self._seen:
-            self._seen[who.identity] = (self._seen.get(who.identity, (now, 0))[0], who.weight)
-            for identity, (seen, _) in list(self._seen.items()):
-                if now - seen > ACTIVE_S and identity not in self.held:
-                    del self._seen[identity]
-            self._competing_weight = sum(weight for _, weight in self._seen.values())
-            self._recounted = now
-        return self._competing_weight
+        if now - self._pruned < RECOUNT_S:
+            return
+        self._pruned = now
+        for identity, (since, weight) in list(self._idle.items()):
+            if now - since > ACTIVE_S:
+                del self._idle[identity]
+                self._idle_weight -= weight
