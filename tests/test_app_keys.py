@@ -48,7 +48,7 @@ def test_a_key_may_name_its_caller_class_and_weight() -> None:
         ("# only a comment\n\n", "holds no keys"),
         ("ok-key\n" + "k" * (MAX_KEY_BYTES + 1) + "\n", f"line 2: key longer than {MAX_KEY_BYTES}"),
         ("two words\n", "line 1: after the key only name=<class> and weight="),
-        ("clé\n", "line 1: key has a non-ASCII"),
+        ("clé\n", "line 1: key has a character that is not visible ASCII"),
         ("k name=two words\n", "line 1: after the key only"),
         ("k name=a name=b\n", "line 1: after the key only"),
         ("k name=a/b\n", "line 1: name must be"),

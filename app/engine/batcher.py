@@ -119,7 +119,7 @@ class Batcher:
         self._failed: BaseException | None = None
         self._collecting: list[_Item] = []
         self._running: dict[asyncio.Task[None], list[_Item]] = {}
-        self._stuck_lanes: set[str] = set()
+        self._stuck_lanes: set[ThreadPoolExecutor] = set()
         metrics.track(queue_depth=self._queue.qsize, batch_limit=lambda: self.limit)
 
     @property
@@ -251,9 +251,9 @@ class Batcher:
                 self._fan_out(live, await self._run(lane, live, alone))
         finally:
             watch.cancel()
-            label = self._stuck_label(lane)
-            if label in self._stuck_lanes:
-                self._stuck_lanes.discard(label)
+            if lane in self._stuck_lanes:
+                self._stuck_lanes.discard(lane)
+                label = self._stuck_label(lane)
                 log.warning(
                     "a stuck lane returned",
                     extra={"lane": label, "seconds": round(loop.time() - started, 3)},
@@ -274,7 +274,7 @@ class Batcher:
         lane, which computes nothing else until the run returns."""
         seconds = asyncio.get_running_loop().time() - started
         label = self._stuck_label(lane)
-        self._stuck_lanes.add(label)
+        self._stuck_lanes.add(lane)
         description = (
             f"{label} has run one batch of {len(batch)} for over {seconds:.3g} s "
             f"(request_timeout_ms={self.config.request_timeout_ms:g})"
@@ -363,7 +363,7 @@ class Batcher:
         self._trace(lane_label, batch, size, started_ns)
         seconds = time.perf_counter() - started
         self.metrics.lane_busy(lane_label).inc(seconds)
-        if not inline and self._stuck_label(lane) in self._stuck_lanes:
+        if lane in self._stuck_lanes and not inline:
             # Its requests were answered 504 long ago; its time says nothing of the next run's
             # (it would refuse everyone through admission's cost estimate).
             return outputs[: len(batch)]

@@ -55,7 +55,7 @@ def parse_keys(text: str, source: str) -> dict[bytes, Caller]:
         if len(raw) > MAX_KEY_BYTES:
             raise KeyFileError(f"{where}: key longer than {MAX_KEY_BYTES} bytes")
         if any(byte not in _PRINTABLE for byte in raw):
-            raise KeyFileError(f"{where}: key has a non-ASCII character")
+            raise KeyFileError(f"{where}: key has a character that is not visible ASCII")
         keys.setdefault(raw, _caller(raw, options, where))
     if not keys:
         raise KeyFileError(f"{source} holds no keys")
