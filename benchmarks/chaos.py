@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -38,7 +38,7 @@ from typing import Any
 import httpx
 import psutil
 
-from benchmarks.load import ROOT, free_port
+from benchmarks.load import run_server
 from tests.helpers.models import POISON, SLOW_CROP, STALL, build_model, image_bytes
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -66,36 +66,6 @@ class Case:
     stops_server: bool = False
     stderr_full: bool = False
     repository: bool = False  # the model is version 1 of a watched repository
-
-
-def start(model: Path, settings: dict[str, str], stderr_full: bool) -> tuple[Any, str]:
-    port = free_port()
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        **({} if "model_repository" in settings else {"RESNET_SERVE_MODEL_PATH": str(model)}),
-        "RESNET_SERVE_HOST": "127.0.0.1",
-        "RESNET_SERVE_PORT": str(port),
-        "RESNET_SERVE_GRPC_PORT": "0",
-        "RESNET_SERVE_LOG_LEVEL": "warning",
-        **{f"RESNET_SERVE_{k.upper()}": v for k, v in settings.items()},
-    }
-    err = open("/dev/full", "w") if stderr_full else None  # noqa: SIM115
-    process = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=env, stderr=err)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}")
-        time.sleep(0.2)
-    process.kill()
-    process.wait()
-    raise RuntimeError("server not ready after 300 s")
 
 
 def workers_of(process: subprocess.Popen[bytes]) -> list[psutil.Process]:
@@ -242,16 +212,16 @@ def run_case(case: Case, folder: Path, clients: int, seconds: float) -> dict[str
         width=64,
         stuck_iterations=3_000_000,
     )
-    process, url = start(model, settings, case.stderr_full)
     injected: list[Any] = []
-    try:
+    with (
+        open("/dev/full", "w") if case.stderr_full else contextlib.nullcontext() as stderr,
+        run_server(None if case.repository else model, stderr=stderr, **settings) as server,
+    ):
+        process, url = server.process, server.url
         outcomes = asyncio.run(
             load(url, clients, seconds, lambda: injected.append(case.inject(process, model, url)))
         )
-        if case.stderr_full:  # the server also stops cleanly with its logs unwritable
-            process.send_signal(signal.SIGTERM)
-    finally:
-        if process.poll() is None and not case.stops_server and not case.stderr_full:
+        if not case.stops_server:  # it stops cleanly too (a second SIGTERM would force it)
             process.send_signal(signal.SIGTERM)
         exit_code = process.wait(timeout=60)
     lost = sum(v for k, v in outcomes.items() if k.startswith("lost"))

@@ -82,8 +82,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def run_server(model_path: Path | None, **settings: str) -> Iterator[Server]:
-    """``model_path`` None: ``settings`` name a ``model_repository`` instead."""
+def run_server(model_path: Path | None, *, stderr: Any = None, **settings: str) -> Iterator[Server]:
+    """``model_path`` None: ``settings`` name a ``model_repository`` instead; ``stderr``: where
+    the server's logs go (``subprocess.Popen``'s, default inherited)."""
     port = free_port()
     env = {
         **os.environ,
@@ -95,7 +96,7 @@ def run_server(model_path: Path | None, **settings: str) -> Iterator[Server]:
         "RESNET_SERVE_GRPC_PORT": "0",  # benchmarks.grpc gives one where it measures gRPC
         **{f"RESNET_SERVE_{k.upper()}": v for k, v in settings.items()},
     }
-    process = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=env)
+    process = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=env, stderr=stderr)
     server = Server(process, f"http://127.0.0.1:{port}")
     try:
         asyncio.run(_wait_ready(server))
