@@ -17,6 +17,7 @@ from tests.helpers.load import Point, closed_loop
 from tests.helpers.metrics import scrape
 from tests.helpers.models import image_bytes
 from tests.helpers.server import message_is, run_server
+from tests.test_overload import wait_for_gauge
 
 HEAVY, LIGHT = Caller("key:h", "heavy"), Caller("key:l", "light")
 
@@ -130,7 +131,10 @@ def test_a_light_caller_is_served_beside_a_heavy_one_and_only_the_heavy_one_is_r
             heavy = asyncio.ensure_future(
                 closed_loop(server.url, png, 48, 4, {"X-API-Key": "heavy-key"})
             )
-            await asyncio.sleep(1)
+            # Every heavy client's request is in (the +1: the scrape itself).
+            await asyncio.to_thread(
+                wait_for_gauge, server.url, "resnet_serve_requests_in_flight", 48 + 1
+            )
             light = await closed_loop(server.url, png, 1, 2, {"X-API-Key": "light-key"})
             return await heavy, light
 
