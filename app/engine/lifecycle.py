@@ -21,7 +21,7 @@ class Lifecycle:
         self.warmed = False
         self.draining = False
         self.broken: BaseException | None = None
-        # Lanes whose model run has outlasted a whole deadline: each lane's description, for /readyz.
+        # Lanes whose run has outlasted a whole deadline: each lane's description, for /readyz.
         self.stuck: dict[str, str] = {}
         self._warmed_event = asyncio.Event()
 
