@@ -8,7 +8,7 @@ import sys
 
 from pydantic import ValidationError
 
-from app.engine.session import OnnxModel
+from app.engine.backends import check_model
 from app.engine.sizing import session_config
 from app.main import key_files, open_app, source
 from app.process.keys import KeyFileError
@@ -48,7 +48,7 @@ def main() -> int:
             # Checked once, here, so that a bad model or key file is one line before any
             # worker starts; each worker then opens its own session.
             if settings.model_repository is None:
-                OnnxModel.check(session_config(settings))
+                check_model(session_config(settings))
             else:
                 source(settings)
             key_files(settings)

@@ -15,11 +15,12 @@ from dataclasses import replace
 from fastapi import FastAPI
 
 from app.engine.admission import Admission, AdmissionConfig
+from app.engine.backend import Backend
+from app.engine.backends import check_model, open_model
 from app.engine.fair import FairExecutor
 from app.engine.lifecycle import Lifecycle
 from app.engine.models import Models, Source
 from app.engine.repository import FileSource, RepositorySource
-from app.engine.session import OnnxModel
 from app.engine.sizing import session_config
 from app.engine.versions import Versions
 from app.grpc import server as grpc_serving
@@ -64,7 +65,7 @@ def key_files(settings: Settings) -> dict[str, KeyFile]:
 
 
 def create_app(
-    settings: Settings, model: OnnxModel | None = None, *, cores: int | None = None
+    settings: Settings, model: Backend | None = None, *, cores: int | None = None
 ) -> FastAPI:
     """``model``: ``model_path`` already opened (``python -m app`` opens it first to fail fast).
     ``cores``: this worker's own cores when it is pinned to them (app.engine.sizing).
@@ -173,7 +174,7 @@ def source(settings: Settings) -> Source:
     check = session_config(settings)
     return FileSource(
         settings.model_path,
-        lambda path: OnnxModel.check(replace(check, model_path=path)),
+        lambda path: check_model(replace(check, model_path=path)),
     )
 
 
@@ -204,4 +205,4 @@ def open_app(settings: Settings, cores: int | None = None) -> FastAPI:
     if settings.model_repository is not None:
         source(settings)  # the repository is there, or one line now
         return create_app(settings, cores=cores)
-    return create_app(settings, OnnxModel.load(session_config(settings, cores)), cores=cores)
+    return create_app(settings, open_model(session_config(settings, cores)), cores=cores)

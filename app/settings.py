@@ -18,7 +18,8 @@ from core.preprocess import DEFAULT_FORMATS, Limits
 
 ENV_PREFIX = "RESNET_SERVE_"
 Providers = Literal["auto", "cuda", "tensorrt", "cpu"]
-Precision = Literal["auto", "fp32", "fp16", "int8"]
+Precision = Literal["auto", "fp32", "fp16", "bf16", "int8"]
+BackendName = Literal["auto", "onnxruntime", "openvino"]
 GraphOptimization = Literal["disable", "basic", "extended", "all"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 MAX_LANES = 16  # each lane holds a batch's activations: bounded memory on large machines
@@ -104,9 +105,18 @@ class Settings(BaseSettings):
     tensorrt: TensorRT's fp16 engine (cached), falling back to CUDA, never to the CPU. cpu."""
     model_precision: Precision = "auto"
     """Which file beside model_path: auto serves model.fp16.onnx on CUDA where it exists (built by
-    `model build --also fp16`) and model_path everywhere else (never fp16 on the CPU); fp32, fp16
-    or int8 pin one (that variant beside model_path, or model_path itself, whose metadata must
-    agree)."""
+    `model build --also fp16`) and model_path everywhere else (never fp16 on the CPU), computed in
+    bf16 on a CPU that has it where the backend is auto (and bf16 is on); fp32, fp16 or int8 pin
+    one (that variant beside model_path, or model_path itself, whose metadata must agree); bf16
+    computes the fp32 file in bf16 on OpenVINO (a start-up error on a CPU without bf16)."""
+    backend: BackendName = "auto"
+    """The runtime on the CPU (docs/backends.md). auto: at warm-up, each candidate that passes the
+    file's reference check (ONNX Runtime, OpenVINO; fp32, bf16 where the CPU has it) is timed,
+    and the fastest serves, ONNX Runtime unless another is 10% faster; the timings are logged
+    and in /v1/model. onnxruntime, openvino: that one or a start-up error. GPUs: ONNX Runtime."""
+    bf16: bool = True
+    """Whether auto may compute the fp32 file in bf16 (OpenVINO) on a CPU that has it: false
+    serves as a CPU without bf16 does. An explicit model_precision=bf16 wins."""
     intra_op_threads: int = Field(0, ge=0)
     """ONNX Runtime threads of one batch's run under load. 0: the worker's share of the cores
     (its affinity, capped by a cgroup CPU quota, divided among the workers) split among its lanes,

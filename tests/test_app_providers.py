@@ -182,7 +182,7 @@ def test_gpu_providers_get_power_of_two_buckets(model_path: Path) -> None:
     ("name", "value"),
     [
         ("providers", "gpu"),
-        ("model_precision", "bf16"),
+        ("model_precision", "fp64"),
         ("cuda_conv_algo_search", "fastest"),
     ],
 )

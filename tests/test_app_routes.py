@@ -504,8 +504,11 @@ async def test_health_model_and_metrics_endpoints(serve: Serve) -> None:
     found = families(metrics.text)
     assert found["resnet_serve_batch_limit"].samples[0].value == 4
     (info,) = found["resnet_serve_model_info"].samples
+    assert model["backend"]["name"] == "onnxruntime"
+    assert model["file_precision"] == model["precision"] == "fp32"
     assert info.labels == TINY | {
         "provider": "CPUExecutionProvider",
+        "backend": "onnxruntime",
         "precision": "fp32",
         "build": "7",
     }

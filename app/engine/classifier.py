@@ -17,9 +17,9 @@ import numpy as np
 from opentelemetry.trace import SpanContext
 
 from app.engine.admission import Admission, CostEstimate, Ticket
+from app.engine.backend import Backend
 from app.engine.batcher import Batcher
 from app.engine.memory import release_after
-from app.engine.session import OnnxModel
 from app.errors import DeadlineExceeded, InvalidParameter
 from app.process.metrics import Metrics
 from app.process.tracing import NO_TRACING, Tracing, current, now_ns
@@ -57,7 +57,7 @@ class ClassifyConfig:
 class Classifier:
     def __init__(
         self,
-        model: OnnxModel,
+        model: Backend,
         batcher: Batcher,
         decoder: Executor,
         admission: Admission,

@@ -17,9 +17,9 @@ from enum import StrEnum
 from pathlib import Path
 
 from app.engine.admission import Admission, CostEstimate
+from app.engine.backend import Backend
 from app.engine.batcher import Batcher
 from app.engine.classifier import Classifier
-from app.engine.session import OnnxModel
 from app.engine.warmup import warm_up
 from app.process.metrics import VersionMetrics
 from core.contract import ModelMetadata
@@ -40,7 +40,7 @@ class ServedModel:
     name: str  # the model's name in URLs and answers
     version: str  # its version: the repository folder's number, or the metadata's version
     source: Path  # the ONNX file it was opened from
-    model: OnnxModel
+    model: Backend
     batcher: Batcher
     classifier: Classifier
     estimate: CostEstimate
@@ -88,7 +88,8 @@ class ServedModel:
         self.metrics.describe(
             {
                 "provider": self.provider,
-                "precision": self.metadata.precision,
+                "backend": self.model.backend,
+                "precision": self.model.precision,
                 "build": self.metadata.version,
             }
         )
@@ -99,6 +100,7 @@ class ServedModel:
                 "model": self.name,
                 "version": self.version,
                 "provider": self.provider,
+                "backend": self.model.describe(),
                 "batch_limit": self.batcher.limit,
                 "batch_ms": {size: round(s * 1000, 1) for size, s in self.batch_seconds.items()},
                 "inline": self.batcher.inline.describe(),

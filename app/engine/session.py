@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from app.engine.backend import Backend
 from app.engine.bound import BoundBuckets
 from app.engine.providers import (
     CPU,
@@ -26,7 +26,6 @@ from app.engine.providers import (
 )
 from core.contract import INPUT_NAME, OUTPUT_NAME, ModelMetadata
 from core.errors import ModelError
-from core.reference import mismatch, probe_images
 
 log = logging.getLogger(__name__)
 
@@ -58,15 +57,15 @@ SPINNING = {
 # computes a batch that runs alone with nothing queued; under load the one that never spins
 # does. Spinning's latency at low load, its CPU kept for decoding under load.
 ALONE_SPINNING = "in_run"
-# Probabilities of a row (self_check): each in [0, 1], summing to 1 within this (fp16 rounds).
-SUM_TOLERANCE = 1e-2
 
 
 @dataclass(frozen=True)
 class SessionConfig:
     model_path: Path
     providers: str  # auto | cuda | tensorrt | cpu (app.engine.providers.ACCEPTABLE)
-    precision: str  # auto | fp32 | fp16 | int8: which file beside model_path (app.engine.providers)
+    precision: (
+        str  # auto | fp32 | fp16 | bf16 | int8: the file beside model_path (app.engine.providers)
+    )
     intra_op_threads: int  # 0: ONNX Runtime picks
     # Threads of the session for lone batches (adaptive): all the lanes' threads together, as a
     # lone batch has their cores to itself (app.main.alone_threads).
@@ -74,9 +73,15 @@ class SessionConfig:
     spinning: str  # off | adaptive | in_run | always: when ORT's threads may busy-wait for work
     graph_optimization: str
     gpu: GpuOptions
+    # The runtime (app.engine.backends): auto | onnxruntime | openvino.
+    backend: str = "onnxruntime"
+    bf16: bool = True  # whether auto may compute an fp32 file in bf16 where the CPU has it
+    lanes: int = 1  # batches computing at once: OpenVINO's streams
 
 
-class OnnxModel:
+class OnnxModel(Backend):
+    backend = "onnxruntime"
+
     def __init__(
         self,
         session: ort.InferenceSession,
@@ -87,7 +92,8 @@ class OnnxModel:
         self._session = session
         self._alone = alone
         self.metadata = metadata
-        self.provider: str = session.get_providers()[0]
+        self.provider = session.get_providers()[0]
+        self.precision = metadata.precision
         self.cuda_graphs = cuda_graphs
         self._bound: BoundBuckets | None = None
         self._alone_bound: BoundBuckets | None = None
@@ -192,61 +198,6 @@ class OnnxModel:
         its own CUDA graphs and selects kernels on its own buffers. On the CPU a shape's plan
         belongs to the session, and a thread's buffers are allocated at its first batch."""
         return self.provider in GPU
-
-    def warm_up(self, batch_sizes: Iterable[int]) -> None:
-        # The first run of each shape pays for memory planning and kernel selection.
-        for images in self._zeros(batch_sizes):
-            self.predict(images)
-
-    def time_runs(self, batch_sizes: Iterable[int]) -> dict[int, float]:
-        """Seconds of one warm run of each size (app.engine.batch_limit)."""
-        seconds = {}
-        for images in self._zeros(batch_sizes):
-            started = time.perf_counter()
-            self.predict(images)
-            seconds[len(images)] = time.perf_counter() - started
-        return seconds
-
-    def self_check(self, batch: int) -> None:
-        """A batch of varied images gives one probability row each: finite, in [0, 1], summing
-        to 1, and the same row whatever else shares the batch (no row leaks into another); and
-        the probes give the file's reference outputs, where it has them (core.reference).
-        Raises ModelError: a version that fails it never serves."""
-        size = self.metadata.recipe.crop_size
-        rng = np.random.default_rng(0)
-        images = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
-        rows = self.predict(images)
-        expected = (batch, self.metadata.num_classes)
-        if rows.shape != expected:
-            raise ModelError(f"the model answered shape {list(rows.shape)} for {list(expected)}")
-        if not np.isfinite(rows).all() or rows.min() < 0 or rows.max() > 1:
-            raise ModelError("the model's probabilities are not all finite and within [0, 1]")
-        sums = rows.sum(axis=1)
-        if np.abs(sums - 1).max() > SUM_TOLERANCE:
-            raise ModelError(
-                f"the model's probabilities sum to {sums.min():.4g}..{sums.max():.4g}, not 1"
-            )
-        if batch > 1:
-            alone = self.predict(np.concatenate([images[:1], np.zeros_like(images[1:])]))
-            if not np.allclose(alone[0], rows[0], atol=1e-3):
-                raise ModelError("a row's probabilities change with the other rows of its batch")
-        if self.metadata.reference is not None:
-            probes = probe_images(size)
-            answers = np.concatenate([self.predict(probes[i : i + 1]) for i in range(len(probes))])
-            reason = mismatch(self.metadata.reference, answers, self.metadata.precision)
-            if reason is not None:
-                raise ModelError(reason)
-
-    def warm_up_alone(self, batch_sizes: Iterable[int]) -> None:
-        """``warm_up`` for the session of lone batches, where there is one."""
-        if self._alone is not None:
-            for images in self._zeros(batch_sizes):
-                self.predict_alone(images)
-
-    def _zeros(self, batch_sizes: Iterable[int]) -> Iterator[np.ndarray]:
-        size = self.metadata.recipe.crop_size
-        for batch_size in batch_sizes:
-            yield np.zeros((batch_size, size, size, 3), dtype=np.uint8)
 
 
 def _predict(

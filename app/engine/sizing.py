@@ -25,7 +25,7 @@ def worker_cores(settings: Settings, cores: int | None = None) -> int:
 
 
 def planned_provider(settings: Settings) -> str:
-    """The provider a session will be opened for first (``OnnxModel.load`` may fall back, or
+    """The provider a session will be opened for first (``open_model`` may fall back, or
     fail with the reason when none is installed)."""
     try:
         chosen, _ = choose_providers(settings.providers, ort.get_available_providers())
@@ -76,6 +76,9 @@ def session_config(settings: Settings, cores: int | None = None) -> SessionConfi
         alone_threads=alone_threads(settings, cores),
         spinning=settings.ort_spinning,
         graph_optimization=settings.graph_optimization,
+        backend=settings.backend,
+        bf16=settings.bf16,
+        lanes=concurrent_batches(settings, provider, cores),
         gpu=GpuOptions(
             cuda_graphs=settings.cuda_graphs,
             conv_algo_search=settings.cuda_conv_algo_search,

@@ -11,12 +11,14 @@ from dataclasses import replace
 from pathlib import Path
 
 from app.engine.admission import Admission, CostEstimate
+from app.engine.backend import Backend
+from app.engine.backends import open_model
 from app.engine.batcher import Batcher
 from app.engine.classifier import Classifier, ClassifyConfig
 from app.engine.lifecycle import Lifecycle
 from app.engine.memory import check_budget
 from app.engine.served import ServedModel
-from app.engine.session import OnnxModel, SessionConfig
+from app.engine.session import SessionConfig
 from app.engine.sizing import batch_config, session_config
 from app.process.metrics import Metrics
 from app.process.tracing import Tracing
@@ -53,7 +55,7 @@ class Versions:
         metrics: Metrics,
         lifecycle: Lifecycle,
         tracing: Tracing,
-        opened: OnnxModel | None = None,
+        opened: Backend | None = None,
     ) -> None:
         self.settings = settings
         self.cores = cores
@@ -86,7 +88,7 @@ class Versions:
     def close(self) -> None:
         self._loader.shutdown(wait=True)
 
-    def _serve(self, name: str, version: str, path: Path, loaded: OnnxModel) -> ServedModel:
+    def _serve(self, name: str, version: str, path: Path, loaded: Backend) -> ServedModel:
         estimate = CostEstimate()
         metrics = self.metrics.for_version(name, version)
         admission = self.admission
@@ -104,7 +106,8 @@ class Versions:
                 "resnet_serve.model": name,
                 "resnet_serve.model_version": version,
                 "resnet_serve.provider": loaded.provider,
-                "resnet_serve.precision": loaded.metadata.precision,
+                "resnet_serve.precision": loaded.precision,
+                "resnet_serve.backend": loaded.backend,
             },
         )
         classifier = Classifier(
@@ -126,9 +129,9 @@ def _yield_cpu() -> None:
     os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOAD_NICENESS)
 
 
-def _open_within(config: SessionConfig, budget_mib: int) -> OnnxModel:
-    """``OnnxModel.load``, refused first where it would go over the memory budget."""
+def _open_within(config: SessionConfig, budget_mib: int) -> Backend:
+    """``open_model``, refused first where it would go over the memory budget."""
     sessions = 2 if config.spinning == "adaptive" else 1
     size = config.model_path.stat().st_size if config.model_path.is_file() else 0
     check_budget(budget_mib, size, sessions, str(config.model_path))
-    return OnnxModel.load(config)
+    return open_model(config)

@@ -13,14 +13,14 @@ import statistics
 from functools import partial
 
 from app.engine.admission import CostEstimate
+from app.engine.backend import Backend
 from app.engine.batch_limit import fit_batch_limit, timed_sizes
 from app.engine.batcher import Batcher
-from app.engine.session import OnnxModel
 
 log = logging.getLogger(__name__)
 
 
-async def warm_up(model: OnnxModel, batcher: Batcher, estimate: CostEstimate) -> dict[int, float]:
+async def warm_up(model: Backend, batcher: Batcher, estimate: CostEstimate) -> dict[int, float]:
     """Warm every bucket, check the outputs and fit the batch limit; the timed seconds by batch
     size. Raises on any failure: the version then never takes a request."""
     sizes = list(batcher.config.buckets)

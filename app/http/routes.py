@@ -18,11 +18,13 @@ from app.http.disconnect import unless_disconnected
 from app.http.openapi import ERRORS, PREDICT_BODY
 from app.http.schemas import (
     Batching,
+    Candidate,
     ErrorResponse,
     InputSpec,
     ModelDescription,
     ModelList,
     PredictResponse,
+    Runtime,
     Status,
 )
 from app.http.uploads import read_uploads
@@ -157,7 +159,8 @@ def describe(served: ServedModel) -> ModelDescription:
         version=served.version,
         build=metadata.version,
         architecture=metadata.architecture,
-        precision=metadata.precision,
+        precision=served.model.precision,
+        file_precision=metadata.precision,
         num_classes=metadata.num_classes,
         labels=list(metadata.labels),
         input=InputSpec(name=INPUT_NAME, dtype="uint8", shape=["N", crop, crop, 3]),
@@ -165,6 +168,9 @@ def describe(served: ServedModel) -> ModelDescription:
         accuracy=metadata.accuracy,
         source_sha256=metadata.source_sha256,
         provider=served.provider,
+        backend=Runtime(
+            name=served.model.backend, candidates=[Candidate(**c) for c in served.model.choice]
+        ),
         batching=Batching(
             max_batch_size=batching.max_batch_size,
             batch_limit=served.batcher.limit,

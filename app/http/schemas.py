@@ -58,6 +58,21 @@ class InputSpec(BaseModel):
     shape: list[int | str] = Field(description='e.g. ["N", 224, 224, 3]: RGB, channels last')
 
 
+class Candidate(BaseModel):
+    backend: str
+    precision: str
+    images_per_s: float | None = Field(None, description="At warm-up, on one batch")
+    skipped: str | None = Field(None, description="Why it was not tried or failed its check")
+    chosen: bool
+
+
+class Runtime(BaseModel):
+    name: str = Field(description="onnxruntime or openvino")
+    candidates: list[Candidate] = Field(
+        description="What the backend setting tried before choosing (docs/backends.md)"
+    )
+
+
 class ModelDescription(BaseModel):
     name: str
     version: str = Field(
@@ -65,7 +80,10 @@ class ModelDescription(BaseModel):
     )
     build: str = Field(description="model_version in the ONNX metadata: the checkpoint's hash")
     architecture: str
-    precision: str
+    precision: str = Field(
+        description="What it computes in: fp32, fp16, bf16 (an fp32 file) or int8"
+    )
+    file_precision: str = Field(description="The file's precision (its metadata)")
     num_classes: int
     labels: list[str]
     input: InputSpec
@@ -73,6 +91,7 @@ class ModelDescription(BaseModel):
     accuracy: dict[str, Any] | None
     source_sha256: str
     provider: str
+    backend: Runtime
     batching: Batching
 
 

@@ -163,7 +163,7 @@ class Metrics:
         )
         self.model = Info(
             "resnet_serve_model",
-            "The model versions being served (name, version, provider, precision)",
+            "The model versions being served (name, version, provider, backend, precision)",
             VERSION_LABELS,
             registry=registry,
         )

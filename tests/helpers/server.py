@@ -76,6 +76,8 @@ def run_server(model_path: Path | None, **settings: str) -> Iterator[Server]:
         "RESNET_SERVE_FLAT_BATCH_MS": "1e9",
         # Servers run side by side: gRPC only where a test gives it a port (grpc_port).
         "RESNET_SERVE_GRPC_PORT": "0",
+        # ONNX Runtime, as the tests' faults and timings assume; test_app_backends tries the rest.
+        "RESNET_SERVE_BACKEND": "onnxruntime",
         **{k if k.isupper() else f"RESNET_SERVE_{k.upper()}": v for k, v in settings.items()},
     }
     if "model_repository" in settings:  # a repository replaces model_path

@@ -171,6 +171,16 @@ function fillPicker(listing) {
   picker.value = options.some((o) => o.value === chosen) ? chosen : "";
 }
 
+// The runtime that serves, and what the backend setting measured of the others at warm-up.
+function runtime(model) {
+  const others = model.backend.candidates.filter((c) => !c.chosen).map((c) =>
+    c.skipped ? `${c.backend} ${c.precision}: skipped` : `${c.backend} ${c.precision} ${c.images_per_s} img/s`);
+  const chosen = model.backend.candidates.find((c) => c.chosen);
+  const speed = chosen && chosen.images_per_s ? `, ${chosen.images_per_s} img/s at warm-up` : "";
+  const main = `${model.backend.name} on ${model.provider}${speed}`;
+  return others.length ? `${main} (also tried: ${others.join("; ")})` : main;
+}
+
 async function loadModelCard() {
   const card = $("model-card");
   let model;
@@ -195,7 +205,9 @@ async function loadModelCard() {
   const rows = [
     ["Name", model.name], ["Version", model.version], ["Build", model.build],
     ["Architecture", model.architecture],
-    ["Precision", model.precision], ["Provider", model.provider], ["Accuracy", accuracy],
+    ["Precision", model.precision === model.file_precision
+      ? model.precision : `${model.precision} (an ${model.file_precision} file)`],
+    ["Runtime", runtime(model)], ["Accuracy", accuracy],
     ["Classes", String(model.num_classes)], ["Input", `${height}×${width} RGB`],
     ["Batch", model.batching.batch_limit === model.batching.max_batch_size
       ? `up to ${model.batching.max_batch_size}`

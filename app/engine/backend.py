@@ -1,0 +1,119 @@
+"""The one seam between the serving code and a runtime: what the batcher, lanes, warm-up,
+batch-limit fit and admission use of a loaded model, whichever runtime computes it (ONNX Runtime in
+app.engine.session, OpenVINO in app.engine.openvino; app.engine.backends chooses).
+
+A backend computes ``predict`` (uint8[N, S, S, 3] -> float32[N, C] probabilities) for batch sizes
+among the buckets it was bound to; everything else here (warm-up runs, timings, the self-check
+against the file's reference outputs) is the same code on every runtime, so a second runtime
+cannot skip the check that the first one passes.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from core.contract import ModelMetadata
+from core.errors import ModelError
+from core.reference import mismatch, probe_images
+
+# Probabilities of a row (self_check): each in [0, 1], summing to 1 within this (fp16 rounds).
+SUM_TOLERANCE = 1e-2
+
+
+class Backend(ABC):
+    metadata: ModelMetadata
+    backend: str  # onnxruntime | openvino
+    provider: str  # where it computes: ORT's execution provider, or OpenVINO's device
+    precision: str  # what it computes in: fp32 | fp16 | bf16 | int8 (bf16: an fp32 file)
+    # What app.engine.backends tried before choosing it: each candidate's timing or why it was
+    # skipped, for /v1/model and the page.
+    choice: tuple[dict[str, Any], ...] = ()
+
+    @abstractmethod
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """uint8[N, S, S, 3] -> probabilities float32[N, C], N a bound bucket (once bound)."""
+
+    def predict_alone(self, images: np.ndarray) -> np.ndarray:
+        """``predict`` for a batch that has the machine to itself (nothing else running or
+        queued); a backend with a faster way for that case (``adaptive``) overrides it."""
+        return self.predict(images)
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether ``predict_alone`` differs from ``predict``."""
+        return False
+
+    def bind(self, buckets: Sequence[int]) -> None:  # noqa: B027 (optional: a no-op here)
+        """Prepare each bucket once; from now on only bucket sizes are run."""
+
+    @property
+    def warms_per_thread(self) -> bool:
+        """Whether each inference thread must warm every bucket itself (its own device state)."""
+        return False
+
+    def close(self) -> None:  # noqa: B027 (optional: a no-op here)
+        """Let the runtime's memory go now (a candidate ``auto`` did not choose)."""
+
+    def describe(self) -> str:
+        return f"{self.backend} {self.provider} {self.precision}"
+
+    def warm_up(self, batch_sizes: Iterable[int]) -> None:
+        # The first run of each shape pays for memory planning and kernel selection.
+        for images in self._zeros(batch_sizes):
+            self.predict(images)
+
+    def warm_up_alone(self, batch_sizes: Iterable[int]) -> None:
+        """``warm_up`` for the way of lone batches, where it differs."""
+        if self.adaptive:
+            for images in self._zeros(batch_sizes):
+                self.predict_alone(images)
+
+    def time_runs(self, batch_sizes: Iterable[int]) -> dict[int, float]:
+        """Seconds of one warm run of each size (app.engine.batch_limit)."""
+        seconds = {}
+        for images in self._zeros(batch_sizes):
+            started = time.perf_counter()
+            self.predict(images)
+            seconds[len(images)] = time.perf_counter() - started
+        return seconds
+
+    def self_check(self, batch: int) -> None:
+        """A batch of varied images gives one probability row each: finite, in [0, 1], summing
+        to 1, and the same row whatever else shares the batch (no row leaks into another); and
+        the probes give the file's reference outputs, where it has them (core.reference),
+        within the bounds of the precision this backend computes in.
+        Raises ModelError: a version that fails it never serves."""
+        size = self.metadata.recipe.crop_size
+        rng = np.random.default_rng(0)
+        images = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+        rows = self.predict(images)
+        expected = (batch, self.metadata.num_classes)
+        if rows.shape != expected:
+            raise ModelError(f"the model answered shape {list(rows.shape)} for {list(expected)}")
+        if not np.isfinite(rows).all() or rows.min() < 0 or rows.max() > 1:
+            raise ModelError("the model's probabilities are not all finite and within [0, 1]")
+        sums = rows.sum(axis=1)
+        if np.abs(sums - 1).max() > SUM_TOLERANCE:
+            raise ModelError(
+                f"the model's probabilities sum to {sums.min():.4g}..{sums.max():.4g}, not 1"
+            )
+        if batch > 1:
+            alone = self.predict(np.concatenate([images[:1], np.zeros_like(images[1:])]))
+            if not np.allclose(alone[0], rows[0], atol=1e-3):
+                raise ModelError("a row's probabilities change with the other rows of its batch")
+        if self.metadata.reference is not None:
+            probes = probe_images(size)
+            answers = np.concatenate([self.predict(probes[i : i + 1]) for i in range(len(probes))])
+            reason = mismatch(self.metadata.reference, answers, self.precision)
+            if reason is not None:
+                raise ModelError(f"{self.describe()}: {reason}")
+
+    def _zeros(self, batch_sizes: Iterable[int]) -> Iterator[np.ndarray]:
+        size = self.metadata.recipe.crop_size
+        for batch_size in batch_sizes:
+            yield np.zeros((batch_size, size, size, 3), dtype=np.uint8)

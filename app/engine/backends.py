@@ -1,0 +1,242 @@
+"""Which runtime and precision serve a model on this machine (``backend``, ``model_precision``,
+``bf16`` settings; docs/backends.md).
+
+An explicit setting is obeyed or fails at start-up in one line. ``auto`` on the CPU tries each
+candidate that computes answers of the file's grade (an fp32 file: ONNX Runtime fp32, OpenVINO
+fp32, OpenVINO bf16 where the CPU has it; the int8 file: both runtimes), drops any that fails the
+file's reference check (app.engine.backend), times the rest on one warm batch and keeps the
+fastest, ONNX Runtime unless another is at least ``MARGIN`` faster: a CPU without bf16, where
+the two fp32 runtimes are within noise of each other, keeps serving exactly as before. Every
+candidate's timing or the reason it was skipped is logged and kept (``Backend.choice``), for
+/v1/model and the page. The others are let go before the chosen one serves, so no second copy of
+the weights stays resident for nothing. On a GPU, ONNX Runtime serves (OpenVINO here is CPU only).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from app.engine import openvino
+from app.engine.backend import Backend
+from app.engine.providers import GPU, choose_providers
+from app.engine.session import OnnxModel, SessionConfig
+from core.contract import ModelMetadata
+from core.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+ONNXRUNTIME, OPENVINO = "onnxruntime", "openvino"
+MARGIN = 1.10  # how much faster than ONNX Runtime another candidate must be to replace it
+TIMED_RUNS = 3  # warm runs of the timed batch per candidate; their median counts
+TIMED_BATCH = 8  # the batch timed: the largest bucket when it is smaller
+
+
+@dataclass(frozen=True)
+class Candidate:
+    backend: str
+    precision: str  # fp32 | fp16 | bf16 | int8
+
+    def __str__(self) -> str:
+        return f"{self.backend} {self.precision}"
+
+
+def candidates(
+    backend: str,
+    precision: str,
+    *,
+    gpu: bool,
+    bf16_allowed: bool,
+    bf16_reason: str | None,
+) -> tuple[list[Candidate], list[tuple[Candidate, str]]]:
+    """What to try, best first, and what ``auto`` skipped with why. ``bf16_reason``: why this
+    machine cannot compute bf16 (None when it can). Raises ModelError for an explicit setting
+    that cannot be served at all."""
+    if precision == "bf16" and (gpu or backend == ONNXRUNTIME):
+        where = "a GPU provider" if gpu else "backend=onnxruntime"
+        raise ModelError(
+            f"model_precision=bf16 is computed by OpenVINO on the CPU, not by {where}: set "
+            "RESNET_SERVE_BACKEND=openvino (or auto) and RESNET_SERVE_PROVIDERS=cpu"
+        )
+    if backend == OPENVINO and gpu:
+        raise ModelError(
+            "backend=openvino serves on the CPU, but the providers setting plans a GPU: set "
+            "RESNET_SERVE_PROVIDERS=cpu, or RESNET_SERVE_BACKEND=onnxruntime for the GPU"
+        )
+    if backend == OPENVINO and precision == "fp16":
+        raise ModelError("fp16 files are for GPUs: on backend=openvino use fp32, bf16 or int8")
+    if backend == ONNXRUNTIME or gpu or precision == "fp16":
+        return [Candidate(ONNXRUNTIME, precision)], []
+    file_precision = "fp32" if precision in ("auto", "bf16") else precision
+    if backend == OPENVINO:
+        if precision == "auto":
+            bf16 = bf16_allowed and bf16_reason is None
+            return [Candidate(OPENVINO, "bf16" if bf16 else "fp32")], []
+        return [Candidate(OPENVINO, precision)], []
+    if precision == "bf16":
+        return [Candidate(OPENVINO, "bf16")], []
+    tried = [Candidate(ONNXRUNTIME, file_precision), Candidate(OPENVINO, file_precision)]
+    skipped = []
+    if precision == "auto":
+        in_bf16 = Candidate(OPENVINO, "bf16")
+        if not bf16_allowed:
+            skipped.append((in_bf16, "bf16 is off (RESNET_SERVE_BF16=false)"))
+        elif bf16_reason is not None:
+            skipped.append((in_bf16, bf16_reason))
+        else:
+            tried.append(in_bf16)
+    return tried, skipped
+
+
+def open_model(config: SessionConfig) -> Backend:
+    """The backend that serves ``config``, opened; its ``choice`` says what else was tried."""
+    gpu = _plans_gpu(config)
+    bf16_reason = None if gpu else _bf16_reason()
+    tried, skipped = candidates(
+        config.backend,
+        config.precision,
+        gpu=gpu,
+        bf16_allowed=config.bf16,
+        bf16_reason=bf16_reason,
+    )
+    if len(tried) == 1 and not skipped:
+        model = _open(tried[0], config)
+        model.choice = (_entry(tried[0], chosen=True),)
+        return model
+    report = [_entry(c, skipped=why) for c, why in skipped]
+    best: tuple[float, Backend, Candidate] | None = None
+    onnxruntime_speed = 0.0
+    for candidate in tried:
+        try:
+            model = _open(candidate, config)
+            speed = _time(model, config)
+        except ModelError as exc:
+            log.warning(
+                "backend candidate skipped", extra={"candidate": str(candidate), "why": str(exc)}
+            )
+            report.append(_entry(candidate, skipped=str(exc)))
+            continue
+        report.append(_entry(candidate, images_per_s=speed))
+        log.info(
+            "backend candidate timed",
+            extra={"candidate": str(candidate), "images_per_s": round(speed, 2)},
+        )
+        if candidate.backend == ONNXRUNTIME:
+            onnxruntime_speed = speed
+        if best is None or _better(speed, candidate, best[0], best[2], onnxruntime_speed):
+            if best is not None:
+                best[1].close()
+            best = (speed, model, candidate)
+        else:
+            model.close()
+    if best is None:
+        raise ModelError(
+            "no backend could serve this model: "
+            + "; ".join(
+                f"{entry['backend']} {entry['precision']}: {entry['skipped']}" for entry in report
+            )
+        )
+    speed, model, candidate = best
+    for entry in report:
+        entry["chosen"] = (
+            entry["backend"] == candidate.backend and entry["precision"] == candidate.precision
+        )
+    model.choice = tuple(report)
+    log.info("backend chosen", extra={"candidate": str(candidate), "images_per_s": round(speed, 2)})
+    return model
+
+
+def _better(
+    speed: float, candidate: Candidate, best_speed: float, best: Candidate, ort: float
+) -> bool:
+    if candidate.backend == ONNXRUNTIME:  # tried first: replaces nothing
+        return speed > best_speed
+    # Another runtime must beat ONNX Runtime by the margin, and whatever else is best by any.
+    return speed > best_speed and speed >= ort * MARGIN
+
+
+def _open(candidate: Candidate, config: SessionConfig) -> Backend:
+    if candidate.backend == ONNXRUNTIME:
+        return OnnxModel.load(replace(config, precision=candidate.precision))
+    return openvino.OpenVinoModel.load(
+        config.model_path,
+        candidate.precision,
+        lanes=config.lanes,
+        threads=config.alone_threads,
+    )
+
+
+def _time(model: Backend, config: SessionConfig) -> float:
+    """Images per second of one warm batch, after the file's reference check passes."""
+    batch = min(TIMED_BATCH, config.gpu.batch_range[1])
+    model.self_check(min(2, batch))
+    size = model.metadata.recipe.crop_size
+    images = np.zeros((batch, size, size, 3), dtype=np.uint8)
+    model.predict(images)  # the first run of a shape plans it
+    seconds = []
+    for _ in range(TIMED_RUNS):
+        started = time.perf_counter()
+        model.predict(images)
+        seconds.append(time.perf_counter() - started)
+    return batch / statistics.median(seconds)
+
+
+def _plans_gpu(config: SessionConfig) -> bool:
+    try:
+        chosen, _ = choose_providers(config.providers, ort.get_available_providers())
+    except ModelError:
+        return False
+    return chosen[0] in GPU
+
+
+def _bf16_reason() -> str | None:
+    reason = openvino.available()
+    if reason is not None:
+        return reason
+    if not openvino.has_bf16():
+        return "this CPU has no bf16 (OpenVINO reports no BF16 capability)"
+    return None
+
+
+def _entry(
+    candidate: Candidate,
+    *,
+    images_per_s: float | None = None,
+    skipped: str | None = None,
+    chosen: bool = False,
+) -> dict[str, Any]:
+    entry: dict[str, Any] = {"backend": candidate.backend, "precision": candidate.precision}
+    if images_per_s is not None:
+        entry["images_per_s"] = round(images_per_s, 2)
+    if skipped is not None:
+        entry["skipped"] = skipped
+    entry["chosen"] = chosen
+    return entry
+
+
+def check_model(config: SessionConfig) -> ModelMetadata:
+    """What a supervisor checks before its workers start: the settings can be served here (an
+    explicit backend or precision that this machine cannot run is one line now), and the file
+    (``OnnxModel.check``)."""
+    gpu = _plans_gpu(config)
+    tried, _ = candidates(
+        config.backend,
+        config.precision,
+        gpu=gpu,
+        bf16_allowed=config.bf16,
+        bf16_reason=None if gpu else _bf16_reason(),
+    )
+    if len(tried) == 1 and tried[0].backend == OPENVINO:
+        reason = openvino.available()
+        if reason is not None:
+            raise ModelError(f"backend=openvino: {reason}")
+        if tried[0].precision == "bf16" and not openvino.has_bf16():
+            raise ModelError(openvino.NO_BF16)
+    file_precision = "fp32" if config.precision == "bf16" else config.precision
+    return OnnxModel.check(replace(config, precision=file_precision))

@@ -1,0 +1,184 @@
+"""OpenVINO on the CPU: the same ONNX file, read directly, computed in fp32, in bf16 where the CPU
+has it (AVX-512 bf16, AMX), or from the int8 file's QDQ graph.
+
+Lanes map onto OpenVINO's streams, one to one: the model is compiled with as many streams as
+the batcher has lanes, the lanes' threads shared among them, and each lane thread infers through an
+infer request of its own, synchronously. Two batches computing at once then run on two streams,
+as two ORT runs do on two lanes, and the batcher, buckets, warm-up and batch-limit fit work
+unchanged. OpenVINO's throughput hint would pick its own stream count and wants requests queued
+asynchronously; the batcher already keeps exactly ``lanes`` batches in flight.
+
+One compiled model serves every bucket: the batch axis stays dynamic (measured on the 224x224
+ResNet-50, 2 threads: 8.6 / 8.4 img/s at batch 1 / 8 dynamic, 8.6 / 8.8 static per shape, so one
+copy of the weights instead of one per bucket).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from app.engine.backend import Backend
+from app.engine.providers import check_precision, model_file
+from core.contract import INPUT_NAME, OUTPUT_NAME, ModelMetadata
+from core.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+DEVICE = "CPU"
+PROVIDER = "OpenVINO CPU"
+# The hint OpenVINO takes for each precision the service computes in. int8 comes from the int8
+# file's quantised graph; its other layers run in fp32.
+PRECISION_HINT = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
+NO_BF16 = (
+    "model_precision=bf16 needs a CPU with avx512_bf16 or AMX, and OpenVINO reports no BF16 "
+    "capability here: set RESNET_SERVE_MODEL_PRECISION=auto or fp32"
+)
+
+
+def available() -> str | None:
+    """None when OpenVINO can serve here, else why not."""
+    try:
+        core()
+    except ImportError as exc:
+        return f"openvino is not installed ({exc})"
+    except RuntimeError as exc:  # no CPU plugin: a broken install
+        return f"openvino cannot start: {str(exc).splitlines()[0]}"
+    return None
+
+
+def has_bf16() -> bool:
+    """Whether OpenVINO computes bf16 on this CPU (it reports BF16 with avx512_bf16 or AMX; without
+    them it silently computes fp32 for a bf16 hint, so the hint alone proves nothing)."""
+    return "BF16" in core().get_property(DEVICE, "OPTIMIZATION_CAPABILITIES")
+
+
+@cache
+def core() -> Any:
+    import openvino  # type: ignore[import-untyped]
+
+    ov_core = openvino.Core()
+    ov_core.get_property(DEVICE, "FULL_DEVICE_NAME")  # raises now, not at the first model
+    return ov_core
+
+
+class OpenVinoModel(Backend):
+    backend = "openvino"
+    provider = PROVIDER
+
+    def __init__(self, compiled: Any, metadata: ModelMetadata, precision: str) -> None:
+        self._compiled = compiled
+        self._output = compiled.output(OUTPUT_NAME)
+        self.metadata = metadata
+        self.precision = precision
+        self._local = threading.local()
+        self._requests: list[Any] = []  # every lane's, so close() lets them all go
+
+    @classmethod
+    def load(cls, path: Path, precision: str, *, lanes: int, threads: int) -> OpenVinoModel:
+        """``precision``: fp32, bf16 (the fp32 file) or int8 (the int8 file beside ``path``).
+        ``threads``: all the lanes' threads together, 0 to let OpenVINO choose."""
+        reason = available()
+        if reason is not None:
+            raise ModelError(f"backend=openvino: {reason}")
+        if precision == "bf16" and not has_bf16():
+            raise ModelError(NO_BF16)
+        file_precision = "fp32" if precision == "bf16" else precision
+        source = model_file(path, file_precision, DEVICE)
+        if not source.is_file():
+            raise ModelError(f"model file not found: {source} (set RESNET_SERVE_MODEL_PATH)")
+        try:
+            model = core().read_model(str(source))
+        except RuntimeError as exc:
+            raise ModelError(f"OpenVINO cannot read {source}: {_first_line(exc)}") from exc
+        metadata = ModelMetadata.from_props(_metadata_props(model))
+        check_precision(file_precision, metadata.precision, DEVICE, source)
+        _check_io(model, metadata)
+        config: dict[str, Any] = {
+            "INFERENCE_PRECISION_HINT": PRECISION_HINT[precision],
+            "NUM_STREAMS": lanes,
+            "PERFORMANCE_HINT": "LATENCY" if lanes == 1 else "THROUGHPUT",
+            # As ONNX Runtime's threads: unpinned, so the decoders and HTTP share the cores.
+            "ENABLE_CPU_PINNING": False,
+        }
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        try:
+            compiled = core().compile_model(model, DEVICE, config)
+        except RuntimeError as exc:
+            raise ModelError(f"OpenVINO cannot compile {source}: {_first_line(exc)}") from exc
+        computed = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+        if precision == "bf16" and "bf16" not in computed:
+            raise ModelError(f"OpenVINO compiled {source} for {computed}, not bf16")
+        log.info(
+            "openvino model compiled",
+            extra={"path": str(source), "precision": precision, "streams": lanes},
+        )
+        return cls(compiled, metadata, precision)
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self._compiled.create_infer_request()
+            self._requests.append(request)
+        # Shared input: OpenVINO reads the batch in place; the output is copied out of the
+        # request's buffer, which this lane's next batch overwrites.
+        results = request.infer({INPUT_NAME: np.ascontiguousarray(images)}, share_inputs=True)
+        return np.array(results[self._output], dtype=np.float32, copy=True)
+
+    def close(self) -> None:
+        self._requests.clear()
+        self._local = threading.local()
+        self._compiled = None
+
+
+def _metadata_props(model: Any) -> dict[str, str]:
+    # OpenVINO keeps the ONNX file's metadata_props under rt_info["framework"].
+    if not model.has_rt_info(["framework"]):
+        return {}
+    keys = model.get_rt_info()["framework"]
+    return {key: model.get_rt_info(["framework", key]).astype(str) for key in keys}
+
+
+def _check_io(model: Any, metadata: ModelMetadata) -> None:
+    """What app.engine.session checks of the graph, on OpenVINO's reading of it."""
+    inputs = {name: port for port in model.inputs for name in port.get_names()}
+    outputs = {name: port for port in model.outputs for name in port.get_names()}
+    if INPUT_NAME not in inputs or OUTPUT_NAME not in outputs:
+        raise ModelError(
+            f"model must have input {INPUT_NAME!r} and output {OUTPUT_NAME!r}, "
+            f"has inputs {sorted(inputs)} and outputs {sorted(outputs)}"
+        )
+    crop, classes = metadata.recipe.crop_size, metadata.num_classes
+    images, probabilities = inputs[INPUT_NAME], outputs[OUTPUT_NAME]
+    shape = images.get_partial_shape()
+    expected = [None, crop, crop, 3]
+    if images.get_element_type().get_type_name() != "u8" or not _fits(shape, expected):
+        raise ModelError(
+            f"input {INPUT_NAME!r} must be uint8[N, {crop}, {crop}, 3], is "
+            f"{images.get_element_type()}{shape}"
+        )
+    if not _fits(probabilities.get_partial_shape(), [None, classes]):
+        raise ModelError(
+            f"output {OUTPUT_NAME!r} must be [N, {classes}], is {probabilities.get_partial_shape()}"
+        )
+
+
+def _fits(shape: Any, expected: list[int | None]) -> bool:
+    # Dynamic dimensions are accepted; static ones must agree with the metadata.
+    if shape.rank.is_dynamic or len(shape) != len(expected):
+        return False
+    return all(
+        want is None or dim.is_dynamic or dim.get_length() == want
+        for dim, want in zip(shape, expected, strict=True)
+    )
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

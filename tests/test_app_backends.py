@@ -1,0 +1,243 @@
+"""Backends: which runtime and precision the settings choose (a pure function), OpenVINO itself on
+real files, ``auto``'s timed choice, and servers on each backend answering the same."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from app.engine import openvino
+from app.engine.backends import Candidate, candidates, check_model, open_model
+from app.engine.openvino import OpenVinoModel
+from app.engine.session import OnnxModel
+from app.engine.sizing import session_config
+from app.settings import Settings
+from core.errors import ModelError
+from core.reference import PROBE
+from tests.helpers.models import CROP_SIZE, LABELS, build_model, image_bytes, offline_top
+from tests.helpers.server import message_is, post_image, run_server
+
+OV, ORT = "openvino", "onnxruntime"
+NO_BF16 = "this CPU has no bf16"
+# Both answers of this CPU, so every test below checks one of them (never neither).
+HAS_BF16 = openvino.has_bf16()
+
+
+def choose(backend: str, precision: str, **kwargs: object) -> tuple[list[str], list[str]]:
+    options: dict[str, object] = {"gpu": False, "bf16_allowed": True, "bf16_reason": None}
+    tried, skipped = candidates(backend, precision, **(options | kwargs))  # type: ignore[arg-type]
+    return [str(c) for c in tried], [f"{c}: {why}" for c, why in skipped]
+
+
+@pytest.mark.parametrize(
+    ("backend", "precision", "kwargs", "tried", "skipped"),
+    [
+        ("auto", "auto", {}, ["onnxruntime fp32", "openvino fp32", "openvino bf16"], []),
+        (
+            "auto",
+            "auto",
+            {"bf16_reason": NO_BF16},
+            ["onnxruntime fp32", "openvino fp32"],
+            [f"openvino bf16: {NO_BF16}"],
+        ),
+        (
+            "auto",
+            "auto",
+            {"bf16_allowed": False},
+            ["onnxruntime fp32", "openvino fp32"],
+            ["openvino bf16: bf16 is off (RESNET_SERVE_BF16=false)"],
+        ),
+        ("auto", "fp32", {}, ["onnxruntime fp32", "openvino fp32"], []),
+        ("auto", "int8", {}, ["onnxruntime int8", "openvino int8"], []),
+        ("auto", "fp16", {}, ["onnxruntime fp16"], []),
+        ("auto", "bf16", {}, ["openvino bf16"], []),
+        ("auto", "auto", {"gpu": True}, ["onnxruntime auto"], []),
+        ("onnxruntime", "auto", {}, ["onnxruntime auto"], []),
+        ("openvino", "auto", {}, ["openvino bf16"], []),
+        ("openvino", "auto", {"bf16_reason": NO_BF16}, ["openvino fp32"], []),
+        ("openvino", "auto", {"bf16_allowed": False}, ["openvino fp32"], []),
+        ("openvino", "int8", {}, ["openvino int8"], []),
+    ],
+    ids=[
+        "auto-tries-all-fp32-grade",
+        "auto-skips-bf16-without-it",
+        "auto-skips-bf16-when-off",
+        "pinned-fp32-is-never-bf16",
+        "int8-on-both",
+        "fp16-is-onnxruntime",
+        "bf16-is-openvino",
+        "gpu-is-onnxruntime",
+        "onnxruntime-alone",
+        "openvino-takes-bf16-where-it-can",
+        "openvino-fp32-without-bf16",
+        "openvino-fp32-when-off",
+        "openvino-int8",
+    ],
+)
+def test_candidates(
+    backend: str, precision: str, kwargs: dict[str, object], tried: list[str], skipped: list[str]
+) -> None:
+    assert choose(backend, precision, **kwargs) == (tried, skipped)
+
+
+@pytest.mark.parametrize(
+    ("backend", "precision", "gpu", "match"),
+    [
+        ("onnxruntime", "bf16", False, "computed by OpenVINO"),
+        ("auto", "bf16", True, "computed by OpenVINO"),
+        ("openvino", "auto", True, "providers setting plans a GPU"),
+        ("openvino", "fp16", False, "fp16 files are for GPUs"),
+    ],
+)
+def test_settings_no_backend_can_serve_are_one_line(
+    backend: str, precision: str, gpu: bool, match: str
+) -> None:
+    with pytest.raises(ModelError, match=match):
+        candidates(backend, precision, gpu=gpu, bf16_allowed=True, bf16_reason=None)
+
+
+def test_candidates_print_as_the_logs_name_them() -> None:
+    assert str(Candidate(OV, "bf16")) == "openvino bf16"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_model(tmp_path_factory.mktemp("backends") / "model.onnx", conv_layers=2)
+
+
+def test_openvino_computes_what_onnx_runtime_does(tiny: Path) -> None:
+    model = OpenVinoModel.load(tiny, "fp32", lanes=1, threads=1)
+    assert (model.backend, model.provider, model.precision) == (OV, "OpenVINO CPU", "fp32")
+    assert model.metadata.name == "tiny-test"  # read from the file's metadata by OpenVINO
+    images = np.random.default_rng(1).integers(0, 256, (5, CROP_SIZE, CROP_SIZE, 3), np.uint8)
+    session = ort.InferenceSession(str(tiny), providers=["CPUExecutionProvider"])
+    (expected,) = session.run(["probabilities"], {"images": images})
+    got = model.predict(images)
+    assert got.dtype == np.float32
+    assert got.shape == expected.shape
+    assert np.abs(got - expected).max() < 1e-5
+    model.self_check(4)  # the reference probes, on OpenVINO
+
+
+def test_each_lane_infers_on_its_own_request(tiny: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = OpenVinoModel.load(tiny, "fp32", lanes=2, threads=2)
+    images = [np.full((3, CROP_SIZE, CROP_SIZE, 3), value, np.uint8) for value in (0, 90, 255)]
+    expected = [model.predict(batch) for batch in images]
+    with ThreadPoolExecutor(2) as lanes:
+        for _ in range(5):
+            answers = list(lanes.map(model.predict, images))
+            for got, want in zip(answers, expected, strict=True):
+                assert np.array_equal(got, want)  # a lane never reads another's output
+
+
+def test_bf16_is_computed_where_the_cpu_has_it_and_refused_where_not(tiny: Path) -> None:
+    if HAS_BF16:
+        model = OpenVinoModel.load(tiny, "bf16", lanes=1, threads=1)
+        assert model.precision == "bf16"
+        model.self_check(2)
+    else:
+        with pytest.raises(ModelError, match="needs a CPU with avx512_bf16 or AMX"):
+            OpenVinoModel.load(tiny, "bf16", lanes=1, threads=1)
+
+
+def test_openvino_refuses_a_file_that_breaks_the_contract(tmp_path: Path) -> None:
+    eleven = {"num_classes": "11", "labels": json.dumps([*LABELS, "ten"])}
+    wrong = build_model(tmp_path / "model.onnx", metadata=eleven)
+    with pytest.raises(ModelError, match="output 'probabilities' must be"):
+        OpenVinoModel.load(wrong, "fp32", lanes=1, threads=1)
+    with pytest.raises(ModelError, match="model file not found"):
+        OpenVinoModel.load(tmp_path / "missing.onnx", "fp32", lanes=1, threads=1)
+
+
+def config_for(path: Path, **settings: object) -> object:
+    return replace(
+        session_config(Settings(model_path=path, **settings), cores=2),  # type: ignore[arg-type]
+        intra_op_threads=1,
+    )
+
+
+def test_auto_times_every_candidate_and_keeps_one(tiny: Path) -> None:
+    model = open_model(config_for(tiny))  # type: ignore[arg-type]
+    entries = {(e["backend"], e["precision"]): e for e in model.choice}
+    assert entries[(ORT, "fp32")]["images_per_s"] > 0
+    assert entries[(OV, "fp32")]["images_per_s"] > 0
+    bf16 = entries[(OV, "bf16")]
+    assert (bf16.get("images_per_s", 0) > 0) if HAS_BF16 else (NO_BF16 in bf16["skipped"])
+    chosen = [e for e in model.choice if e["chosen"]]
+    assert len(chosen) == 1
+    assert (chosen[0]["backend"], chosen[0]["precision"]) == (model.backend, model.precision)
+    timed = [e for e in model.choice if "images_per_s" in e]
+    onnxruntime = entries[(ORT, "fp32")]["images_per_s"]
+    if model.backend == OV:  # another runtime replaces ONNX Runtime only 10% faster
+        assert chosen[0]["images_per_s"] >= onnxruntime * 1.1
+    else:
+        assert max(e["images_per_s"] for e in timed) < onnxruntime * 1.1
+
+
+def test_auto_serves_nothing_that_fails_the_reference_check(tmp_path: Path) -> None:
+    # Its reference says the probes are class 0 at 0.99: these weights compute something else,
+    # on every runtime, so auto has no candidate left and says why for each.
+    entry = json.dumps({"probe": PROBE, "top": [[[0, 0.99]], [[0, 0.99]]]})
+    path = build_model(tmp_path / "model.onnx", metadata={"reference": entry})
+    with pytest.raises(ModelError, match="no backend could serve") as error:
+        open_model(config_for(path))  # type: ignore[arg-type]
+    assert "onnxruntime fp32: " in str(error.value)
+    assert "openvino fp32: " in str(error.value)
+    assert "does not compute what was exported" in str(error.value)
+
+
+def test_an_explicit_setting_is_one_line_before_workers_start(tiny: Path) -> None:
+    config = config_for(tiny, backend="onnxruntime", model_precision="bf16")
+    with pytest.raises(ModelError, match="computed by OpenVINO"):
+        check_model(config)  # type: ignore[arg-type]
+    if not HAS_BF16:
+        config = config_for(tiny, backend="openvino", model_precision="bf16")
+        with pytest.raises(ModelError, match="needs a CPU with avx512_bf16"):
+            check_model(config)  # type: ignore[arg-type]
+    assert check_model(config_for(tiny, backend="openvino")).name == "tiny-test"  # type: ignore[arg-type]
+
+
+def test_onnx_runtime_is_unchanged_when_pinned(tiny: Path) -> None:
+    model = open_model(config_for(tiny, backend="onnxruntime"))  # type: ignore[arg-type]
+    assert isinstance(model, OnnxModel)
+    assert model.choice == ({"backend": ORT, "precision": "auto", "chosen": True},)
+
+
+@pytest.mark.parametrize("backend", ["openvino", "auto"])
+def test_a_server_on_each_backend_answers_what_the_file_computes(tiny: Path, backend: str) -> None:
+    with run_server(tiny, backend=backend) as server:
+        if backend == "auto":
+            server.wait_for_log(message_is("backend chosen"))
+        server.wait_for_log(message_is("ready"))
+        with httpx.Client(base_url=server.url) as client:
+            described = client.get("/v1/models").json()["models"][0]
+            runtime = described["backend"]
+            assert runtime["name"] == (OV if backend == OV else runtime["name"])
+            assert [c["chosen"] for c in runtime["candidates"]].count(True) == 1
+            assert described["precision"] in ("fp32", "bf16")
+            assert described["file_precision"] == "fp32"
+            for seed in range(4):
+                data = image_bytes(seed)
+                (result,) = post_image(server.url, data, "x.png").json()["results"]
+                got = [(p["class_id"], p["score"]) for p in result["predictions"]]
+                want = offline_top(tiny, data, len(got))
+                assert [c for c, _ in got] == [c for c, _ in want]
+                assert np.allclose([s for _, s in got], [s for _, s in want], atol=1e-4)
+            metrics = client.get("/metrics").text
+            assert f'backend="{runtime["name"]}"' in metrics
+
+
+def test_a_server_asked_for_what_the_cpu_cannot_do_exits_with_one_line(tiny: Path) -> None:
+    setting = "bf16" if not HAS_BF16 else "fp16"  # fp16 on OpenVINO: refused on every CPU
+    with run_server(tiny, backend="openvino", model_precision=setting) as server:
+        line = server.wait_for_log(lambda e: "resnet-serve:" in str(e.get("message", "")))
+        assert server.process.wait(timeout=60) == 1
+    assert "openvino" in str(line["message"]) or "bf16" in str(line["message"])
