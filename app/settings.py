@@ -114,6 +114,10 @@ class Settings(BaseSettings):
     file's reference check (ONNX Runtime, OpenVINO; fp32, bf16 where the CPU has it) is timed,
     and the fastest serves, ONNX Runtime unless another is 10% faster; the timings are logged
     and in /v1/model. onnxruntime, openvino: that one or a start-up error. GPUs: ONNX Runtime."""
+    reference_check: bool = True
+    """Check, before a version serves, that this runtime computes the file's reference outputs
+    (its metadata, written by export) within its precision's bounds; a file without them is
+    refused. false serves unchecked, logged at warning: for files made by other tools."""
     bf16: bool = True
     """Whether auto may compute the fp32 file in bf16 (OpenVINO) on a CPU that has it: false
     serves as a CPU without bf16 does. An explicit model_precision=bf16 wins."""

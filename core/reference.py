@@ -1,23 +1,43 @@
-"""Reference outputs: what the exported file answered for two fixed probe images, written into its
-metadata at export (``reference``), so the server can check a version it opens computes the same
-on its own runtime and provider before that version takes a request.
+"""Reference outputs, written into the file's metadata at export (``reference``), so the server
+checks that a version it opens computes what was measured offline, on its own runtime, provider
+and precision, before that version takes a request.
 
-The probes are made by integer arithmetic, not a random generator, so both sides build the same
-bytes whatever their numpy. The reference is that very file on ONNX Runtime's CPU provider, which
-export has already compared with PyTorch; the tolerances cover the rounding of other providers and
-precisions (CUDA, TensorRT, OpenVINO's bf16), not a different computation.
+Two parts. ``probe``/``top``: what the file answered for two fixed probe images, made by integer
+arithmetic (both sides build the same bytes whatever their numpy). ``eval``: a few images of the
+evaluation set export already uses (PNG, within ``BUDGET`` bytes), their fp32 top classes, and
+the bounds each precision must meet on them: top-1 agreement with fp32 and the largest difference
+in a reference class's probability. The reference is the fp32 file on ONNX Runtime's CPU
+provider, which export has already compared with PyTorch.
+
+Why the metadata and not a sidecar file: the file stays the one contract that images, Kubernetes
+jobs and KServe copy around (a sidecar left behind would stop every start-up), and PNG keeps the
+images of a 224x224 model to about 1% of a ResNet-50 file.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 PROBE = "gradient+checker/1"
 TOP = 5
-# Largest difference allowed in a reference class's probability, by the file's precision.
-TOLERANCE = {"fp32": 0.01, "fp16": 0.03, "int8": 0.05}
+# Largest difference allowed in a probe's reference class's probability, by the precision computed.
+TOLERANCE = {"fp32": 0.01, "fp16": 0.03, "bf16": 0.03, "int8": 0.05}
+COUNT = 32  # evaluation images at most
+BUDGET = 1_000_000  # their PNG bytes at most (a 224x224 photo is ~100 KB: about 10 of them)
+# What each precision must meet on the evaluation images against fp32, unless export recorded
+# looser bounds for a file it measured (its own precision, e.g. an int8 file). fp32 as export's
+# own ORT-vs-PyTorch check; bf16 and fp16 round: one near-tie in 32 may flip.
+BOUNDS = {
+    "fp32": {"top1_agreement": 1.0, "max_abs_diff": 1e-4},
+    "bf16": {"top1_agreement": 0.96, "max_abs_diff": 0.05},
+    "fp16": {"top1_agreement": 0.96, "max_abs_diff": 0.05},
+    "int8": {"top1_agreement": 0.9, "max_abs_diff": 0.1},
+}
 
 
 def probe_images(crop_size: int) -> np.ndarray:
@@ -46,6 +66,80 @@ def entry_for(probabilities: np.ndarray) -> dict[str, Any]:
             for row, classes in zip(probabilities, top, strict=True)
         ],
     }
+
+
+def eval_entry(
+    images: np.ndarray,
+    probabilities: np.ndarray,
+    dataset: str,
+    measured: dict[str, dict[str, float]] | None = None,
+) -> dict[str, Any]:
+    """The ``eval`` part: the first images (spread over the set) that fit ``BUDGET``, their fp32
+    top classes, and per precision its bounds (``measured``: the file's own figures, which loosen
+    its precision's bound to what export found, never tighten it)."""
+    picked = np.unique(np.linspace(0, len(images) - 1, min(COUNT, len(images))).astype(int))
+    encoded: list[str] = []
+    used = 0
+    for index in picked:
+        png = _png(images[index])
+        if encoded and used + len(png) > BUDGET:
+            break
+        encoded.append(base64.b64encode(png).decode("ascii"))
+        used += len(png)
+    chosen = picked[: len(encoded)]
+    bounds = {name: dict(bound) for name, bound in BOUNDS.items()}
+    for name, figures in (measured or {}).items():
+        bound = bounds[name]
+        count = len(chosen)
+        # One more flip than measured, and twice the measured difference: other runtimes round
+        # a quantised graph differently, not wrongly.
+        bound["top1_agreement"] = min(
+            bound["top1_agreement"], figures["top1_agreement"] - 1 / count
+        )
+        bound["max_abs_diff"] = max(bound["max_abs_diff"], 2 * figures["max_abs_diff"])
+    return {
+        "dataset": dataset,
+        "images": encoded,
+        "top": entry_for(probabilities[chosen])["top"],
+        "bounds": bounds,
+    }
+
+
+def eval_images(entry: dict[str, Any]) -> np.ndarray:
+    """uint8[N, S, S, 3]: the ``eval`` part's images."""
+    decoded = [
+        np.asarray(Image.open(io.BytesIO(base64.b64decode(data)))) for data in entry["images"]
+    ]
+    return np.stack(decoded).astype(np.uint8)
+
+
+def judge(entry: dict[str, Any], probabilities: np.ndarray, precision: str) -> str | None:
+    """Why ``probabilities`` (of ``eval_images``) break the ``eval`` part's bounds for
+    ``precision``; None when they meet them."""
+    bound = entry.get("bounds", {}).get(precision, BOUNDS[precision])
+    top1 = probabilities.argmax(axis=1)
+    agreement = float(
+        np.mean([row[0][0] == int(got) for row, got in zip(entry["top"], top1, strict=True)])
+    )
+    worst = max(
+        abs(float(answer[cls]) - probability)
+        for answer, expected in zip(probabilities, entry["top"], strict=True)
+        for cls, probability in expected
+    )
+    if agreement < bound["top1_agreement"] or worst > bound["max_abs_diff"]:
+        return (
+            f"it does not compute what was exported: on {len(top1)} evaluation images "
+            f"({entry.get('dataset', '?')}) top-1 agreement with fp32 {agreement:.1%} (bound "
+            f"{bound['top1_agreement']:.1%}), largest probability difference {worst:.2g} (bound "
+            f"{bound['max_abs_diff']:.2g}) for {precision}"
+        )
+    return None
+
+
+def _png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
 
 
 def mismatch(entry: dict[str, Any], probabilities: np.ndarray, precision: str) -> str | None:

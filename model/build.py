@@ -23,7 +23,7 @@ from core.errors import ModelError
 from model import checkpoint
 from model.data import DIGITS, IMAGE_SUFFIXES
 from model.evalsets import calibration_for, eval_set_for
-from model.export import export
+from model.export import EXPORT_FORMAT, export
 from model.files import atomic_path
 from model.train import TrainConfig, train
 
@@ -130,6 +130,8 @@ def _source_checkpoint(
 def _inputs(config: BuildConfig) -> dict[str, Any]:
     skip = ("force", "also", "precision")  # precision: set per file by build()
     inputs: dict[str, Any] = {k: v for k, v in dataclasses.asdict(config).items() if k not in skip}
+    # A file written by an older export lacks what servers now check (its reference): rebuilt.
+    inputs["export_format"] = EXPORT_FORMAT
     try:
         inputs["resnet_serve"] = version("resnet-serve")
     except PackageNotFoundError:

@@ -1,14 +1,19 @@
 import importlib.util
+import json
 import logging
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
+from app.engine import openvino
+from app.engine.openvino import OpenVinoModel
 from app.engine.session import OnnxModel
 from app.engine.sizing import session_config
 from app.settings import Settings
+from core import reference
 from core.errors import ModelError
 from core.preprocess import decode
 from model import checkpoint, evalsets, export
@@ -104,6 +109,51 @@ def test_server_loads_the_export(fp32_onnx: Path) -> None:
     np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
 
 
+def test_the_reference_is_evaluation_images_both_runtimes_meet(fp32_onnx: Path) -> None:
+    meta = export.read_metadata(fp32_onnx)
+    assert meta.reference is not None
+    check = meta.reference["eval"]
+    images = reference.eval_images(check)
+    assert 1 <= len(images) <= reference.COUNT
+    assert images.shape[1:] == (32, 32, 3)
+    assert check["dataset"] == "train-val"
+    assert check["bounds"] == reference.BOUNDS  # an fp32 file: nothing measured loosens them
+    onnxruntime = OnnxModel.load(session_config(Settings(model_path=fp32_onnx, providers="cpu")))
+    onnxruntime.check_reference()
+    OpenVinoModel.load(fp32_onnx, "fp32", lanes=1, threads=1).check_reference()
+
+
+def test_a_reference_the_runtime_does_not_meet_is_refused(fp32_onnx: Path, tmp_path: Path) -> None:
+    model = onnx.load(str(fp32_onnx))
+    props = {p.key: p.value for p in model.metadata_props}
+    entry = json.loads(props["reference"])
+    for expected in entry["eval"]["top"]:  # every image's top class becomes the next class
+        expected[0][0] = (expected[0][0] + 1) % 3
+    props["reference"] = json.dumps(entry)
+    onnx.helper.set_model_props(model, props)
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    loaded = OnnxModel.load(session_config(Settings(model_path=tmp_path / "model.onnx")))
+    with pytest.raises(
+        ModelError, match=r"on .* evaluation images .* top-1 agreement with fp32 0\.0%"
+    ):
+        loaded.check_reference()
+
+
+def test_bf16_is_reported_where_the_cpu_has_it(fp32_onnx: Path) -> None:
+    bf16 = export.read_metadata(fp32_onnx).parity["bf16"]  # type: ignore[index]
+    if openvino.has_bf16():
+        assert bf16["top1_agreement"] >= reference.BOUNDS["bf16"]["top1_agreement"]
+        assert "top1" in bf16
+    else:
+        assert bf16 == {"skipped": "this CPU has no bf16 (OpenVINO reports no BF16 capability)"}
+
+
+def test_openvino_computes_the_export_as_onnx_runtime_does(fp32_onnx: Path) -> None:
+    images = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    ours = export.run_openvino(fp32_onnx.read_bytes(), images, "f32")
+    assert np.abs(ours - export.run_onnx(str(fp32_onnx), images)).max() < 1e-5
+
+
 def test_int8_keeps_accuracy_and_records_its_own(
     ckpt: checkpoint.Checkpoint, fp32_onnx: Path, tmp_path: Path, color_eval_folder: Path
 ) -> None:
@@ -124,6 +174,15 @@ def test_int8_keeps_accuracy_and_records_its_own(
     assert meta.accuracy["dataset"] == "val"
     assert meta.accuracy["top1"] >= fp32_top1 - export.INT8_MAX_ACCURACY_DROP
     assert out.stat().st_size < fp32_onnx.stat().st_size / 2
+    # Its bound is what export measured of it, never tighter than int8's own.
+    assert meta.reference is not None
+    bound = meta.reference["eval"]["bounds"]["int8"]
+    assert bound["top1_agreement"] <= reference.BOUNDS["int8"]["top1_agreement"]
+    assert bound["max_abs_diff"] >= reference.BOUNDS["int8"]["max_abs_diff"]
+    # Both runtimes compute the quantised file within it.
+    config = session_config(Settings(model_path=out, model_precision="int8"))
+    OnnxModel.load(config).check_reference()
+    OpenVinoModel.load(out, "int8", lanes=1, threads=1).check_reference()
 
 
 def test_failed_check_writes_nothing(

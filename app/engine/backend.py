@@ -10,6 +10,7 @@ cannot skip the check that the first one passes.
 
 from __future__ import annotations
 
+import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
@@ -19,7 +20,9 @@ import numpy as np
 
 from core.contract import ModelMetadata
 from core.errors import ModelError
-from core.reference import mismatch, probe_images
+from core.reference import eval_images, judge, mismatch, probe_images
+
+log = logging.getLogger(__name__)
 
 # Probabilities of a row (self_check): each in [0, 1], summing to 1 within this (fp16 rounds).
 SUM_TOLERANCE = 1e-2
@@ -33,6 +36,8 @@ class Backend(ABC):
     # What app.engine.backends tried before choosing it: each candidate's timing or why it was
     # skipped, for /v1/model and the page.
     choice: tuple[dict[str, Any], ...] = ()
+    reference_check: bool = True  # false: serve without the check (logged at warning)
+    buckets: tuple[int, ...] = ()  # the batch sizes it runs once bound
 
     @abstractmethod
     def predict(self, images: np.ndarray) -> np.ndarray:
@@ -48,8 +53,9 @@ class Backend(ABC):
         """Whether ``predict_alone`` differs from ``predict``."""
         return False
 
-    def bind(self, buckets: Sequence[int]) -> None:  # noqa: B027 (optional: a no-op here)
+    def bind(self, buckets: Sequence[int]) -> None:
         """Prepare each bucket once; from now on only bucket sizes are run."""
+        self.buckets = tuple(buckets)
 
     @property
     def warms_per_thread(self) -> bool:
@@ -85,8 +91,7 @@ class Backend(ABC):
     def self_check(self, batch: int) -> None:
         """A batch of varied images gives one probability row each: finite, in [0, 1], summing
         to 1, and the same row whatever else shares the batch (no row leaks into another); and
-        the probes give the file's reference outputs, where it has them (core.reference),
-        within the bounds of the precision this backend computes in.
+        the file's reference outputs come out (``check_reference``).
         Raises ModelError: a version that fails it never serves."""
         size = self.metadata.recipe.crop_size
         rng = np.random.default_rng(0)
@@ -106,12 +111,49 @@ class Backend(ABC):
             alone = self.predict(np.concatenate([images[:1], np.zeros_like(images[1:])]))
             if not np.allclose(alone[0], rows[0], atol=1e-3):
                 raise ModelError("a row's probabilities change with the other rows of its batch")
-        if self.metadata.reference is not None:
-            probes = probe_images(size)
-            answers = np.concatenate([self.predict(probes[i : i + 1]) for i in range(len(probes))])
-            reason = mismatch(self.metadata.reference, answers, self.precision)
-            if reason is not None:
-                raise ModelError(f"{self.describe()}: {reason}")
+        self.check_reference()
+
+    def check_reference(self) -> None:
+        """The file's reference outputs (core.reference), computed here: its probes, and its
+        evaluation images within the bounds of the precision this backend computes in."""
+        reference = self.metadata.reference
+        if not self.reference_check:
+            log.warning(
+                "serving without the reference check (reference_check=false)",
+                extra={"model": self.metadata.name, "backend": self.describe()},
+            )
+            return
+        if reference is None:
+            raise ModelError(
+                "the file has no reference outputs in its metadata ('reference', written by "
+                "python -m model export), so what this runtime computes cannot be checked: "
+                "re-export it, or set RESNET_SERVE_REFERENCE_CHECK=false to serve it unchecked"
+            )
+        size = self.metadata.recipe.crop_size
+        reason = mismatch(reference, self._rows(probe_images(size)), self.precision)
+        if reason is None and "eval" in reference:
+            try:
+                images = eval_images(reference["eval"])
+            except (KeyError, TypeError, ValueError, OSError) as exc:
+                raise ModelError(f"its metadata 'reference' cannot be read: {exc}") from exc
+            if images.shape[1:] != (size, size, 3):
+                raise ModelError(
+                    f"its metadata 'reference' holds {list(images.shape[1:])} images, not the "
+                    f"model's {[size, size, 3]}: it does not belong to this model"
+                )
+            reason = judge(reference["eval"], self._rows(images), self.precision)
+        if reason is not None:
+            raise ModelError(f"{self.describe()}: {reason}")
+
+    def _rows(self, images: np.ndarray) -> np.ndarray:
+        """``predict`` of each image, in the smallest bucket (the others padded with zeros)."""
+        bucket = self.buckets[0] if self.buckets else 1
+        rows = []
+        for image in images:
+            batch = np.zeros((bucket, *image.shape), dtype=np.uint8)
+            batch[0] = image
+            rows.append(self.predict(batch)[0])
+        return np.stack(rows)
 
     def _zeros(self, batch_sizes: Iterable[int]) -> Iterator[np.ndarray]:
         size = self.metadata.recipe.crop_size

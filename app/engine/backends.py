@@ -106,7 +106,7 @@ def open_model(config: SessionConfig) -> Backend:
         bf16_reason=bf16_reason,
     )
     if len(tried) == 1 and not skipped:
-        model = _open(tried[0], config)
+        model = _open(tried[0], config)  # checked at warm-up, as every version
         model.choice = (_entry(tried[0], chosen=True),)
         return model
     report = [_entry(c, skipped=why) for c, why in skipped]
@@ -162,14 +162,18 @@ def _better(
 
 
 def _open(candidate: Candidate, config: SessionConfig) -> Backend:
+    model: Backend
     if candidate.backend == ONNXRUNTIME:
-        return OnnxModel.load(replace(config, precision=candidate.precision))
-    return openvino.OpenVinoModel.load(
-        config.model_path,
-        candidate.precision,
-        lanes=config.lanes,
-        threads=config.alone_threads,
-    )
+        model = OnnxModel.load(replace(config, precision=candidate.precision))
+    else:
+        model = openvino.OpenVinoModel.load(
+            config.model_path,
+            candidate.precision,
+            lanes=config.lanes,
+            threads=config.alone_threads,
+        )
+    model.reference_check = config.reference_check
+    return model
 
 
 def _time(model: Backend, config: SessionConfig) -> float:

@@ -77,6 +77,7 @@ class SessionConfig:
     backend: str = "onnxruntime"
     bf16: bool = True  # whether auto may compute an fp32 file in bf16 where the CPU has it
     lanes: int = 1  # batches computing at once: OpenVINO's streams
+    reference_check: bool = True  # false: serve without checking the file's reference outputs
 
 
 class OnnxModel(Backend):
@@ -93,7 +94,8 @@ class OnnxModel(Backend):
         self._alone = alone
         self.metadata = metadata
         self.provider = session.get_providers()[0]
-        self.precision = metadata.precision
+        # TensorRT builds an fp16 engine from the fp32 file (trt_fp16_enable).
+        self.precision = "fp16" if self.provider == TENSORRT else metadata.precision
         self.cuda_graphs = cuda_graphs
         self._bound: BoundBuckets | None = None
         self._alone_bound: BoundBuckets | None = None
@@ -166,6 +168,7 @@ class OnnxModel(Backend):
 
     def bind(self, buckets: Sequence[int]) -> None:
         """Allocate each bucket's buffers once; from now on only bucket sizes may be run."""
+        super().bind(buckets)
         self._bound = self._bind(self._session, buckets)
         if self._alone is not None:
             self._alone_bound = self._bind(self._alone, buckets)

@@ -79,6 +79,7 @@ def session_config(settings: Settings, cores: int | None = None) -> SessionConfi
         backend=settings.backend,
         bf16=settings.bf16,
         lanes=concurrent_batches(settings, provider, cores),
+        reference_check=settings.reference_check,
         gpu=GpuOptions(
             cuda_graphs=settings.cuda_graphs,
             conv_algo_search=settings.cuda_conv_algo_search,
