@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from app.engine.backend import Backend
 from app.engine.session import OnnxModel
 from app.engine.sizing import concurrent_batches, session_config
 from app.settings import Settings
@@ -26,7 +27,7 @@ BATCH_SIZES = (1, 2, 4, 8, 16)
 
 
 def measure(
-    model: OnnxModel, batch_size: int, seconds: float, lanes: int = 1, max_runs: int = 1000
+    model: Backend, batch_size: int, seconds: float, lanes: int = 1, max_runs: int = 1000
 ) -> dict[str, Any]:
     """``lanes`` threads running batches on the one session at once, as the server's lanes do:
     images/s over the wall time, latency per run."""

@@ -38,7 +38,8 @@ from app.oip.tensors import (
 from core.contract import INPUT_NAME, OUTPUT_NAME
 from core.errors import EmptyUpload
 
-PLATFORM = "onnxruntime_onnx"
+# Triton's name for an ONNX file on ONNX Runtime; on OpenVINO the same form: "openvino_onnx".
+PLATFORM = "{backend}_onnx"
 EXTENSIONS = ["binary_tensor_data", "classification"]
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ProtocolError} for status in (400, 404, 413, 415, 422, 500, 503, 504)
@@ -225,7 +226,7 @@ def describe(models: Models, name: str, version: str | None) -> ModelMetadataRes
     return ModelMetadataResponse(
         name=served.name,
         versions=[version] if version is not None else models.versions(name),
-        platform=PLATFORM,
+        platform=PLATFORM.format(backend=served.model.backend),
         # The graph's input; BYTES [-1] of encoded images is accepted under the same name.
         inputs=[TensorMetadata(name=INPUT_NAME, datatype="UINT8", shape=[-1, crop, crop, 3])],
         outputs=[

@@ -1,0 +1,233 @@
+"""Every backend x precision this CPU has, in process, then the service with ``backend=auto``
+against ``backend=onnxruntime``, in one run (docs/backends.md).
+
+    make bench-models
+    PYTHONPATH=. .venv/bin/python -m benchmarks.backends [--seconds 6] [--serve-seconds 20]
+
+In process: each candidate in a fresh process (its peak RSS is its own), opened as the server opens
+it (``app.engine.backends``' loaders, the server's lanes and threads), run by as many threads at
+once as the server has lanes, at batch 1 and 8; and OpenVINO's own throughput hint with requests in
+flight (``AsyncInferQueue``), to measure the lane-to-stream mapping against it. Each candidate's
+largest probability difference from ONNX Runtime fp32 on the same 8 random images is reported.
+The service: 500x375 JPEG uploads, one per request, at 8 and 64 clients (``benchmarks.load``).
+Results: ``benchmarks/results/backends.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.ceiling import measure
+from benchmarks.load import photo, run_point, run_server
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+FP32 = ROOT / "artifacts" / "bench" / "resnet50-random-fp32.onnx"
+INT8 = ROOT / "artifacts" / "bench" / "resnet50-random-int8.onnx"
+# (backend, precision, file, mode): "lanes" is how the server runs it, "hint" OpenVINO's own.
+CANDIDATES = [
+    ("onnxruntime", "fp32", FP32, "lanes"),
+    ("openvino", "fp32", FP32, "lanes"),
+    ("openvino", "fp32", FP32, "hint"),
+    ("openvino", "bf16", FP32, "lanes"),
+    ("openvino", "bf16", FP32, "hint"),
+    ("onnxruntime", "int8", INT8, "lanes"),
+    ("openvino", "int8", INT8, "lanes"),
+    ("openvino", "int8", INT8, "hint"),
+]
+BATCHES = (1, 8)
+HINT_REQUESTS = 4
+CLIENTS = (8, 64)
+
+
+def child(backend: str, precision: str, path: Path, mode: str, seconds: float, out: Path) -> None:
+    """One candidate, measured in this process: writes its figures and its outputs."""
+    from app.engine import openvino
+    from app.engine.backends import Candidate, _open
+    from app.engine.sizing import concurrent_batches, session_config
+    from app.settings import Settings
+
+    settings = Settings(model_path=path)
+    config = session_config(settings)
+    lanes = concurrent_batches(settings, "CPUExecutionProvider")
+    started = time.perf_counter()
+    model = _open(Candidate(backend, precision), replace(config, precision=precision))
+    load_s = time.perf_counter() - started
+    size = model.metadata.recipe.crop_size
+    probe = np.random.default_rng(1).integers(0, 256, (8, size, size, 3), dtype=np.uint8)
+    outputs = model.predict(probe)
+    figures: dict[str, Any] = {"load_s": round(load_s, 2), "lanes": lanes}
+    for batch in BATCHES:
+        if mode == "lanes":
+            result = measure(model, batch, seconds, lanes)
+        else:
+            result = _hint(path, precision, batch, seconds, openvino.core())
+        figures[f"batch_{batch}"] = round(result["images_per_s"], 2)
+    figures["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    np.save(out.with_suffix(".npy"), outputs)
+    out.write_text(json.dumps(figures))
+
+
+def _hint(path: Path, precision: str, batch: int, seconds: float, core: Any) -> dict[str, Any]:
+    """OpenVINO's throughput hint, ``HINT_REQUESTS`` requests in flight."""
+    import openvino  # type: ignore[import-untyped]
+
+    hint = {"fp32": "f32", "int8": "f32", "bf16": "bf16"}[precision]
+    config = {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_PRECISION_HINT": hint}
+    compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+    queue = openvino.AsyncInferQueue(compiled, HINT_REQUESTS)
+    crop = compiled.input("images").get_partial_shape()[1].get_length()
+    images = np.random.default_rng(0).integers(0, 256, (batch, crop, crop, 3), dtype=np.uint8)
+    for _ in range(HINT_REQUESTS):
+        queue.start_async({"images": images})
+    queue.wait_all()
+    runs, began = 0, time.perf_counter()
+    while time.perf_counter() - began < seconds:
+        queue.start_async({"images": images})
+        runs += 1
+    queue.wait_all()
+    return {"images_per_s": batch * runs / (time.perf_counter() - began)}
+
+
+def in_process(seconds: float) -> list[dict[str, Any]]:
+    from app.engine import openvino
+
+    rows: list[dict[str, Any]] = []
+    reference: np.ndarray | None = None
+    with tempfile.TemporaryDirectory() as tmp:
+        for index, (backend, precision, path, mode) in enumerate(CANDIDATES):
+            row: dict[str, Any] = {"backend": backend, "precision": precision, "mode": mode}
+            rows.append(row)
+            if precision == "bf16" and not openvino.has_bf16():
+                row["skipped"] = "this CPU has no bf16"
+                continue
+            out = Path(tmp) / f"{index}.json"
+            args = [backend, precision, str(path), mode, str(seconds), str(out)]
+            command = [sys.executable, "-m", "benchmarks.backends", "--child", *args]
+            done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                row["skipped"] = done.stderr.strip().splitlines()[-1][:200]
+                continue
+            row |= json.loads(out.read_text())
+            outputs = np.load(out.with_suffix(".npy"))
+            if reference is None:
+                reference = outputs  # ONNX Runtime fp32 comes first
+            row["max_diff_vs_ort_fp32"] = float(np.abs(outputs - reference).max())
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def service(seconds: float) -> list[dict[str, Any]]:
+    pool = [(f"photo{i}.jpg", photo(500, 375, i)) for i in range(16)]
+    rows = []
+    for backend in ("auto", "onnxruntime"):
+        with run_server(FP32, backend=backend, log_level="warning") as server:
+            import httpx
+
+            described = httpx.get(f"{server.url}/v1/models").json()["models"][0]
+            for clients in CLIENTS:
+                point = asyncio.run(run_point(server, pool, clients, 1, seconds))
+                row = {
+                    "backend_setting": backend,
+                    "served_by": f"{described['backend']['name']} {described['precision']}",
+                    "clients": clients,
+                    "images_per_s": round(point["images_per_s"], 2),
+                    "p50_ms": round(point["p50_ms"], 1),
+                    "p99_ms": round(point["p99_ms"], 1),
+                    "statuses": point["statuses"],
+                    "server_peak_rss_mib": round(point["server_peak_rss_mib"]),
+                    "candidates": described["backend"]["candidates"],
+                }
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return rows
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [
+        f"# Backends and precisions ({result['date']})",
+        "",
+        f"`{result['command']}`; {result['cpu']}.",
+        "",
+        "## In process (224x224 ResNet-50, random weights; img/s)",
+        "",
+        "| backend | precision | run as | batch 1 | batch 8 | RSS MiB | max diff vs ORT fp32 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    hint = f"throughput hint, {HINT_REQUESTS} in flight"
+    for row in result["in_process"]:
+        head = f"| {row['backend']} | {row['precision']} | "
+        head += "server lanes" if row["mode"] == "lanes" else hint
+        if "skipped" in row:
+            lines.append(f"{head} | skipped: {row['skipped']} | | | |")
+            continue
+        lines.append(
+            f"{head} | {row['batch_1']} | {row['batch_8']} | {row['peak_rss_mib']} | "
+            f"{row['max_diff_vs_ort_fp32']:.1e} |"
+        )
+    measured = [r for r in result["in_process"] if "skipped" not in r]
+    best = max(
+        (max(r["batch_1"], r["batch_8"]) for r in measured if r["precision"] != "int8"), default=0
+    )
+    lines += [
+        "",
+        "## The service (500x375 JPEG, one per request)",
+        "",
+        f"Share: of the best fp32-grade in-process figure above ({best} img/s).",
+        "",
+        "| backend setting | served by | clients | img/s | share | p50 ms | p99 ms | RSS MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in result["service"]:
+        share = f"{row['images_per_s'] / best:.0%}" if best else "-"
+        lines.append(
+            f"| {row['backend_setting']} | {row['served_by']} | {row['clients']} | "
+            f"{row['images_per_s']} | {share} | {row['p50_ms']} | {row['p99_ms']} | "
+            f"{row['server_peak_rss_mib']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--serve-seconds", type=float, default=20.0)
+    parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        backend, precision, path, mode, seconds, out = args.child
+        child(backend, precision, Path(path), mode, float(seconds), Path(out))
+        return
+    from app.engine import openvino
+
+    flags = Path("/proc/cpuinfo").read_text().split()
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "command": "PYTHONPATH=. .venv/bin/python -m benchmarks.backends",
+        "cpu": (
+            f"{flags.count('processor')} cores, avx512f {'yes' if 'avx512f' in flags else 'no'}, "
+            f"bf16 {'yes' if openvino.has_bf16() else 'no'}"
+        ),
+        "in_process": in_process(args.seconds),
+        "service": service(args.serve_seconds),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "backends.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / "backends.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
