@@ -110,6 +110,7 @@ def open_model(config: SessionConfig) -> Backend:
         model.choice = (_entry(tried[0], chosen=True),)
         return model
     report = [_entry(c, skipped=why) for c, why in skipped]
+    failed: list[tuple[Candidate, str]] = []
     best: tuple[float, Backend, Candidate] | None = None
     onnxruntime_speed = 0.0
     for candidate in tried:
@@ -117,9 +118,11 @@ def open_model(config: SessionConfig) -> Backend:
             model = _open(candidate, config)
             speed = _time(model, config)
         except ModelError as exc:
-            log.warning(
-                "backend candidate skipped", extra={"candidate": str(candidate), "why": str(exc)}
-            )
+            if candidate.backend == ONNXRUNTIME:
+                # The runtime every file must load on: its failure is the file's, or the
+                # settings', and trying another runtime on it would only add noise.
+                raise
+            failed.append((candidate, str(exc)))
             report.append(_entry(candidate, skipped=str(exc)))
             continue
         report.append(_entry(candidate, images_per_s=speed))
@@ -136,12 +139,11 @@ def open_model(config: SessionConfig) -> Backend:
         else:
             model.close()
     if best is None:
-        raise ModelError(
-            "no backend could serve this model: "
-            + "; ".join(
-                f"{entry['backend']} {entry['precision']}: {entry['skipped']}" for entry in report
-            )
-        )
+        raise ModelError("; ".join(f"{c}: {why}" for c, why in failed))
+    for candidate, why in skipped:  # not for this machine or these settings
+        log.info("backend candidate skipped", extra={"candidate": str(candidate), "why": why})
+    for candidate, why in failed:  # it should have worked: worth a look
+        log.warning("backend candidate failed", extra={"candidate": str(candidate), "why": why})
     speed, model, candidate = best
     for entry in report:
         entry["chosen"] = (

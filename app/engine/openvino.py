@@ -93,9 +93,9 @@ class OpenVinoModel(Backend):
         if not source.is_file():
             raise ModelError(f"model file not found: {source} (set RESNET_SERVE_MODEL_PATH)")
         try:
-            model = core().read_model(str(source))
-        except RuntimeError as exc:
-            raise ModelError(f"OpenVINO cannot read {source}: {_first_line(exc)}") from exc
+            model = _read_onnx(source)
+        except Exception as exc:  # OpenVINO raises its own types (GeneralFailure, ...)
+            raise ModelError(f"OpenVINO cannot read {source}: {_last_line(exc)}") from exc
         metadata = ModelMetadata.from_props(_metadata_props(model))
         check_precision(file_precision, metadata.precision, DEVICE, source)
         _check_io(model, metadata)
@@ -111,7 +111,7 @@ class OpenVinoModel(Backend):
         try:
             compiled = core().compile_model(model, DEVICE, config)
         except RuntimeError as exc:
-            raise ModelError(f"OpenVINO cannot compile {source}: {_first_line(exc)}") from exc
+            raise ModelError(f"OpenVINO cannot compile {source}: {_last_line(exc)}") from exc
         computed = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
         if precision == "bf16" and "bf16" not in computed:
             raise ModelError(f"OpenVINO compiled {source} for {computed}, not bf16")
@@ -135,6 +135,20 @@ class OpenVinoModel(Backend):
         self._requests.clear()
         self._local = threading.local()
         self._compiled = None
+
+
+def _read_onnx(path: Path) -> Any:
+    # The ONNX frontend alone: Core.read_model tries every frontend on a file it cannot parse,
+    # and TensorFlow's writes its own complaints to stderr, several lines for one bad file.
+    from openvino.frontend import FrontEndManager  # type: ignore[import-untyped]
+
+    frontend = FrontEndManager().load_by_framework("onnx")
+    return frontend.convert(frontend.load(str(path)))
+
+
+def _last_line(exc: Exception) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(exc).__name__
 
 
 def _metadata_props(model: Any) -> dict[str, str]:
@@ -177,8 +191,3 @@ def _fits(shape: Any, expected: list[int | None]) -> bool:
         want is None or dim.is_dynamic or dim.get_length() == want
         for dim, want in zip(shape, expected, strict=True)
     )
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
