@@ -243,3 +243,22 @@ def test_a_server_asked_for_what_the_cpu_cannot_do_exits_with_one_line(tiny: Pat
         line = server.wait_for_log(lambda e: "resnet-serve:" in str(e.get("message", "")))
         assert server.process.wait(timeout=60) == 1
     assert "openvino" in str(line["message"]) or "bf16" in str(line["message"])
+
+
+def test_a_file_without_reference_outputs_is_refused_unless_the_check_is_off(
+    tmp_path: Path,
+) -> None:
+    bare = build_model(tmp_path / "model.onnx", drop=("reference",))
+    with pytest.raises(ModelError, match="has no reference outputs"):
+        check_model(config_for(bare))  # type: ignore[arg-type]  # what a supervisor checks
+    with run_server(bare) as server:
+        line = server.wait_for_log(lambda e: "resnet-serve:" in str(e.get("message", "")))
+        assert server.process.wait(timeout=60) == 1
+    assert "has no reference outputs" in str(line["message"])
+    assert "RESNET_SERVE_REFERENCE_CHECK=false" in str(line["message"])
+    with run_server(bare, reference_check="false") as server:
+        warning = server.wait_for_log(message_is("serving without the reference check"))
+        assert warning["level"] == "warning"
+        server.wait_for_log(message_is("ready"))
+        (result,) = post_image(server.url, image_bytes(3), "x.png").json()["results"]
+        assert result["predictions"][0]["class_id"] == offline_top(bare, image_bytes(3), 1)[0][0]

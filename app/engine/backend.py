@@ -24,6 +24,11 @@ from core.reference import eval_images, judge, mismatch, probe_images
 
 log = logging.getLogger(__name__)
 
+NO_REFERENCE = (
+    "the file has no reference outputs in its metadata ('reference', written by python -m model "
+    "export), so what a runtime computes from it cannot be checked: re-export it, or set "
+    "RESNET_SERVE_REFERENCE_CHECK=false to serve it unchecked"
+)
 # Probabilities of a row (self_check): each in [0, 1], summing to 1 within this (fp16 rounds).
 SUM_TOLERANCE = 1e-2
 
@@ -124,11 +129,7 @@ class Backend(ABC):
             )
             return
         if reference is None:
-            raise ModelError(
-                "the file has no reference outputs in its metadata ('reference', written by "
-                "python -m model export), so what this runtime computes cannot be checked: "
-                "re-export it, or set RESNET_SERVE_REFERENCE_CHECK=false to serve it unchecked"
-            )
+            raise ModelError(NO_REFERENCE)
         size = self.metadata.recipe.crop_size
         reason = mismatch(reference, self._rows(probe_images(size)), self.precision)
         if reason is None and "eval" in reference:

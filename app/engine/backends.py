@@ -24,7 +24,7 @@ import numpy as np
 import onnxruntime as ort
 
 from app.engine import openvino
-from app.engine.backend import Backend
+from app.engine.backend import NO_REFERENCE, Backend
 from app.engine.providers import GPU, choose_providers
 from app.engine.session import OnnxModel, SessionConfig
 from core.contract import ModelMetadata
@@ -175,6 +175,8 @@ def _open(candidate: Candidate, config: SessionConfig) -> Backend:
             threads=config.alone_threads,
         )
     model.reference_check = config.reference_check
+    if config.reference_check and model.metadata.reference is None:
+        raise ModelError(NO_REFERENCE)  # now, not at warm-up: one line at start-up
     return model
 
 
@@ -245,4 +247,7 @@ def check_model(config: SessionConfig) -> ModelMetadata:
         if tried[0].precision == "bf16" and not openvino.has_bf16():
             raise ModelError(openvino.NO_BF16)
     file_precision = "fp32" if config.precision == "bf16" else config.precision
-    return OnnxModel.check(replace(config, precision=file_precision))
+    metadata = OnnxModel.check(replace(config, precision=file_precision))
+    if config.reference_check and metadata.reference is None:
+        raise ModelError(NO_REFERENCE)
+    return metadata
