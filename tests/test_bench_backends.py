@@ -47,6 +47,15 @@ def test_the_report_names_every_candidate_and_the_share_of_the_best_fp32_grade()
                 "p99_ms": 1200.0,
                 "server_peak_rss_mib": 700,
             },
+            {
+                "backend_setting": "auto, int8",
+                "served_by": "openvino int8",
+                "clients": 8,
+                "images_per_s": 36.0,
+                "p50_ms": 200.0,
+                "p99_ms": 300.0,
+                "server_peak_rss_mib": 400,
+            },
         ],
     }
     text = markdown(result)
@@ -54,5 +63,6 @@ def test_the_report_names_every_candidate_and_the_share_of_the_best_fp32_grade()
     assert (
         "| openvino | int8 | throughput hint, 4 in flight | 30.0 | 40.0 | 300 | 1.0e-02 |" in text
     )
-    assert "(9.0 img/s)" in text  # the best fp32-grade figure, not int8's 40
+    assert "(fp32-grade 9.0 img/s, int8 40.0 img/s)" in text
     assert "| auto | onnxruntime fp32 | 8 | 8.1 | 90% |" in text
+    assert "| auto, int8 | openvino int8 | 8 | 36.0 | 90% |" in text  # against int8's 40
