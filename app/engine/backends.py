@@ -116,12 +116,18 @@ def open_model(config: SessionConfig) -> Backend:
     for candidate in tried:
         try:
             model = _open(candidate, config)
-            speed = _time(model, config)
         except ModelError as exc:
             if candidate.backend == ONNXRUNTIME:
                 # The runtime every file must load on: its failure is the file's, or the
                 # settings', and trying another runtime on it would only add noise.
                 raise
+            failed.append((candidate, str(exc)))
+            report.append(_entry(candidate, skipped=str(exc)))
+            continue
+        try:
+            speed = _time(model, config)
+        except ModelError as exc:  # its reference check: the next candidate may pass it
+            model.close()
             failed.append((candidate, str(exc)))
             report.append(_entry(candidate, skipped=str(exc)))
             continue
@@ -132,7 +138,7 @@ def open_model(config: SessionConfig) -> Backend:
         )
         if candidate.backend == ONNXRUNTIME:
             onnxruntime_speed = speed
-        if best is None or _better(speed, candidate, best[0], best[2], onnxruntime_speed):
+        if best is None or _better(speed, candidate, best[0], onnxruntime_speed):
             if best is not None:
                 best[1].close()
             best = (speed, model, candidate)
@@ -154,9 +160,7 @@ def open_model(config: SessionConfig) -> Backend:
     return model
 
 
-def _better(
-    speed: float, candidate: Candidate, best_speed: float, best: Candidate, ort: float
-) -> bool:
+def _better(speed: float, candidate: Candidate, best_speed: float, ort: float) -> bool:
     if candidate.backend == ONNXRUNTIME:  # tried first: replaces nothing
         return speed > best_speed
     # Another runtime must beat ONNX Runtime by the margin, and whatever else is best by any.
