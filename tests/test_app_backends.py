@@ -139,9 +139,12 @@ def test_each_lane_infers_on_its_own_request(tiny: Path) -> None:
 
 
 def test_bf16_is_computed_where_the_cpu_has_it_and_refused_where_not(tiny: Path) -> None:
+    fp32 = OpenVinoModel.load(tiny, "fp32", lanes=1, threads=1)
+    assert openvino.computed_precision(fp32._compiled) == "f32"  # what load compares bf16 with
     if HAS_BF16:
         model = OpenVinoModel.load(tiny, "bf16", lanes=1, threads=1)
         assert model.precision == "bf16"
+        assert openvino.computed_precision(model._compiled) == "bf16"
         model.self_check(2)
     else:
         with pytest.raises(ModelError, match="needs a CPU with avx512_bf16 or AMX"):

@@ -112,12 +112,12 @@ class OpenVinoModel(Backend):
             compiled = core().compile_model(model, DEVICE, config)
         except RuntimeError as exc:
             raise ModelError(f"OpenVINO cannot compile {source}: {_last_line(exc)}") from exc
-        computed = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
-        if precision == "bf16" and "bf16" not in computed:
+        computed = computed_precision(compiled)
+        if precision == "bf16" and computed != "bf16":
             raise ModelError(f"OpenVINO compiled {source} for {computed}, not bf16")
         log.info(
             "openvino model compiled",
-            extra={"path": str(source), "precision": precision, "streams": lanes},
+            extra={"path": str(source), "computes": computed, "streams": lanes},
         )
         return cls(compiled, metadata, precision)
 
@@ -135,6 +135,13 @@ class OpenVinoModel(Backend):
         self._requests.clear()
         self._local = threading.local()
         self._compiled = None
+
+
+def computed_precision(compiled: Any) -> str:
+    """What a compiled model computes in, as OpenVINO names it: f32, bf16 (its ``str`` is
+    "<Type: 'bfloat16'>", hence the type name)."""
+    name: str = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+    return name
 
 
 def _read_onnx(path: Path) -> Any:
