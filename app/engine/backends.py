@@ -96,15 +96,7 @@ def candidates(
 
 def open_model(config: SessionConfig) -> Backend:
     """The backend that serves ``config``, opened; its ``choice`` says what else was tried."""
-    gpu = _plans_gpu(config)
-    bf16_reason = None if gpu else _bf16_reason()
-    tried, skipped = candidates(
-        config.backend,
-        config.precision,
-        gpu=gpu,
-        bf16_allowed=config.bf16,
-        bf16_reason=bf16_reason,
-    )
+    tried, skipped = _plan(config)
     if len(tried) == 1 and not skipped:
         model = _open(tried[0], config)  # checked at warm-up, as every version
         model.choice = (_entry(tried[0], chosen=True),)
@@ -199,21 +191,20 @@ def _time(model: Backend, config: SessionConfig) -> float:
     return batch / statistics.median(seconds)
 
 
-def _plans_gpu(config: SessionConfig) -> bool:
+def _plan(config: SessionConfig) -> tuple[list[Candidate], list[tuple[Candidate, str]]]:
+    """``candidates`` for ``config`` on this machine."""
     try:
         chosen, _ = choose_providers(config.providers, ort.get_available_providers())
-    except ModelError:
-        return False
-    return chosen[0] in GPU
-
-
-def _bf16_reason() -> str | None:
-    reason = openvino.available()
-    if reason is not None:
-        return reason
-    if not openvino.has_bf16():
-        return "this CPU has no bf16 (OpenVINO reports no BF16 capability)"
-    return None
+        gpu = chosen[0] in GPU
+    except ModelError:  # no acceptable provider: OnnxModel.load says so in its own words
+        gpu = False
+    return candidates(
+        config.backend,
+        config.precision,
+        gpu=gpu,
+        bf16_allowed=config.bf16,
+        bf16_reason=None if gpu else openvino.unavailable("bf16"),
+    )
 
 
 def _entry(
@@ -236,20 +227,9 @@ def check_model(config: SessionConfig) -> ModelMetadata:
     """What a supervisor checks before its workers start: the settings can be served here (an
     explicit backend or precision that this machine cannot run is one line now), and the file
     (``OnnxModel.check``)."""
-    gpu = _plans_gpu(config)
-    tried, _ = candidates(
-        config.backend,
-        config.precision,
-        gpu=gpu,
-        bf16_allowed=config.bf16,
-        bf16_reason=None if gpu else _bf16_reason(),
-    )
+    tried, _ = _plan(config)
     if len(tried) == 1 and tried[0].backend == OPENVINO:
-        reason = openvino.available()
-        if reason is not None:
-            raise ModelError(f"backend=openvino: {reason}")
-        if tried[0].precision == "bf16" and not openvino.has_bf16():
-            raise ModelError(openvino.NO_BF16)
+        openvino.require(tried[0].precision)
     file_precision = "fp32" if config.precision == "bf16" else config.precision
     metadata = OnnxModel.check(replace(config, precision=file_precision))
     if config.reference_check and metadata.reference is None:

@@ -35,21 +35,29 @@ PROVIDER = "OpenVINO CPU"
 # The hint OpenVINO takes for each precision the service computes in. int8 comes from the int8
 # file's quantised graph; its other layers run in fp32.
 PRECISION_HINT = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
-NO_BF16 = (
-    "model_precision=bf16 needs a CPU with avx512_bf16 or AMX, and OpenVINO reports no BF16 "
-    "capability here: set RESNET_SERVE_MODEL_PRECISION=auto or fp32"
-)
 
 
-def available() -> str | None:
-    """None when OpenVINO can serve here, else why not."""
+def unavailable(precision: str) -> str | None:
+    """Why OpenVINO cannot compute ``precision`` on this machine; None when it can."""
     try:
         core()
     except ImportError as exc:
         return f"openvino is not installed ({exc})"
     except RuntimeError as exc:  # no CPU plugin: a broken install
         return f"openvino cannot start: {str(exc).splitlines()[0]}"
+    if precision == "bf16" and not has_bf16():
+        return "this CPU has no bf16 (OpenVINO reports no BF16 capability: avx512_bf16 or AMX)"
     return None
+
+
+def require(precision: str) -> None:
+    """Raises ModelError, one line naming the settings, where ``unavailable`` says why."""
+    reason = unavailable(precision)
+    if reason is not None:
+        raise ModelError(
+            f"backend=openvino, model_precision={precision}: {reason}; set "
+            "RESNET_SERVE_BACKEND=auto or onnxruntime, or another RESNET_SERVE_MODEL_PRECISION"
+        )
 
 
 def has_bf16() -> bool:
@@ -83,11 +91,7 @@ class OpenVinoModel(Backend):
     def load(cls, path: Path, precision: str, *, lanes: int, threads: int) -> OpenVinoModel:
         """``precision``: fp32, bf16 (the fp32 file) or int8 (the int8 file beside ``path``).
         ``threads``: all the lanes' threads together, 0 to let OpenVINO choose."""
-        reason = available()
-        if reason is not None:
-            raise ModelError(f"backend=openvino: {reason}")
-        if precision == "bf16" and not has_bf16():
-            raise ModelError(NO_BF16)
+        require(precision)
         file_precision = "fp32" if precision == "bf16" else precision
         source = model_file(path, file_precision, DEVICE)
         if not source.is_file():
