@@ -177,7 +177,9 @@ def _open(candidate: Candidate, config: SessionConfig) -> Backend:
 
 
 def _time(model: Backend, config: SessionConfig) -> float:
-    """Images per second of one warm batch, after the file's reference check passes."""
+    """Images per second of one warm batch, after the file's reference check passes. The chosen
+    one is checked again at warm-up, on the bound buffers it then serves from (another path
+    through the runtime than this unbound run)."""
     batch = min(TIMED_BATCH, config.gpu.batch_range[1])
     model.self_check(min(2, batch))
     size = model.metadata.recipe.crop_size
