@@ -107,7 +107,10 @@ def eval_entry(
 
 
 def eval_images(entry: dict[str, Any]) -> np.ndarray:
-    """uint8[N, S, S, 3]: the ``eval`` part's images."""
+    """uint8[N, S, S, 3]: the ``eval`` part's images. Raises ValueError (or KeyError, TypeError)
+    for an entry that is not one ``eval_entry`` wrote."""
+    if len(entry["images"]) != len(entry["top"]) or not entry["images"]:
+        raise ValueError(f"{len(entry['images'])} images for {len(entry['top'])} answers")
     decoded = [
         np.asarray(Image.open(io.BytesIO(base64.b64decode(data)))) for data in entry["images"]
     ]

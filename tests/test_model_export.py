@@ -1,7 +1,9 @@
 import importlib.util
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -123,19 +125,35 @@ def test_the_reference_is_evaluation_images_both_runtimes_meet(fp32_onnx: Path) 
     OpenVinoModel.load(fp32_onnx, "fp32", lanes=1, threads=1).check_reference()
 
 
-def test_a_reference_the_runtime_does_not_meet_is_refused(fp32_onnx: Path, tmp_path: Path) -> None:
-    model = onnx.load(str(fp32_onnx))
+def with_reference(source: Path, out: Path, change: Callable[[dict[str, Any]], None]) -> Path:
+    """``source`` saved as ``out`` with ``change`` made to its metadata's ``reference.eval``."""
+    model = onnx.load(str(source))
     props = {p.key: p.value for p in model.metadata_props}
     entry = json.loads(props["reference"])
-    for expected in entry["eval"]["top"]:  # every image's top class becomes the next class
-        expected[0][0] = (expected[0][0] + 1) % 3
+    change(entry["eval"])
     props["reference"] = json.dumps(entry)
     onnx.helper.set_model_props(model, props)
-    onnx.save(model, str(tmp_path / "model.onnx"))
-    loaded = OnnxModel.load(session_config(Settings(model_path=tmp_path / "model.onnx")))
+    onnx.save(model, str(out))
+    return out
+
+
+def test_a_reference_the_runtime_does_not_meet_is_refused(fp32_onnx: Path, tmp_path: Path) -> None:
+    def next_class(check: dict[str, Any]) -> None:  # every image's top class: the next class
+        for expected in check["top"]:
+            expected[0][0] = (expected[0][0] + 1) % 3
+
+    path = with_reference(fp32_onnx, tmp_path / "model.onnx", next_class)
+    loaded = OnnxModel.load(session_config(Settings(model_path=path)))
     with pytest.raises(
         ModelError, match=r"on .* evaluation images .* top-1 agreement with fp32 0\.0%"
     ):
+        loaded.check_reference()
+
+
+def test_a_reference_that_does_not_fit_is_a_clear_error(fp32_onnx: Path, tmp_path: Path) -> None:
+    path = with_reference(fp32_onnx, tmp_path / "model.onnx", lambda check: check["top"].pop())
+    loaded = OnnxModel.load(session_config(Settings(model_path=path)))
+    with pytest.raises(ModelError, match=r"its metadata 'reference' cannot be read: \d+ images"):
         loaded.check_reference()
 
 
