@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 
 from app.engine import openvino
-from app.engine.backends import Candidate, candidates, check_model, open_model
+from app.engine.backends import Candidate, candidates, check_model, open_model, peak_copies
 from app.engine.openvino import OpenVinoModel
 from app.engine.session import OnnxModel
 from app.engine.sizing import session_config
@@ -263,3 +263,19 @@ def test_a_file_without_reference_outputs_is_refused_unless_the_check_is_off(
         server.wait_for_log(message_is("ready"))
         (result,) = post_image(server.url, image_bytes(3), "x.png").json()["results"]
         assert result["predictions"][0]["class_id"] == offline_top(bare, image_bytes(3), 1)[0][0]
+
+
+@pytest.mark.parametrize(
+    ("settings", "copies"),
+    [
+        ({}, 3),  # ONNX Runtime's two sessions, and OpenVINO's candidate timed beside them
+        ({"ort_spinning": "off"}, 2),
+        ({"backend": "onnxruntime"}, 2),
+        ({"backend": "onnxruntime", "ort_spinning": "off"}, 1),
+        ({"backend": "openvino"}, 1),
+    ],
+)
+def test_the_memory_budget_counts_every_copy_auto_holds_at_once(
+    tiny: Path, settings: dict[str, str], copies: int
+) -> None:
+    assert peak_copies(config_for(tiny, **settings)) == copies  # type: ignore[arg-type]

@@ -159,6 +159,16 @@ def _better(speed: float, candidate: Candidate, best_speed: float, ort: float) -
     return speed > best_speed and speed >= ort * MARGIN
 
 
+def peak_copies(config: SessionConfig) -> int:
+    """The most copies of the weights ``open_model`` holds at once: ONNX Runtime's sessions (two
+    for ``adaptive`` on the CPU), plus the candidate being timed beside the best one so far."""
+    tried, _ = _plan(config)
+    if all(c.backend == OPENVINO for c in tried):
+        return 1
+    onnxruntime = 2 if config.spinning == "adaptive" else 1
+    return onnxruntime + (1 if len(tried) > 1 else 0)
+
+
 def _open(candidate: Candidate, config: SessionConfig) -> Backend:
     model: Backend
     if candidate.backend == ONNXRUNTIME:

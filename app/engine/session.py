@@ -63,9 +63,7 @@ ALONE_SPINNING = "in_run"
 class SessionConfig:
     model_path: Path
     providers: str  # auto | cuda | tensorrt | cpu (app.engine.providers.ACCEPTABLE)
-    precision: (
-        str  # auto | fp32 | fp16 | bf16 | int8: the file beside model_path (app.engine.providers)
-    )
+    precision: str  # auto | fp32 | fp16 | bf16 | int8 (app.engine.providers, .backends)
     intra_op_threads: int  # 0: ONNX Runtime picks
     # Threads of the session for lone batches (adaptive): all the lanes' threads together, as a
     # lone batch has their cores to itself (app.main.alone_threads).
@@ -73,11 +71,10 @@ class SessionConfig:
     spinning: str  # off | adaptive | in_run | always: when ORT's threads may busy-wait for work
     graph_optimization: str
     gpu: GpuOptions
-    # The runtime (app.engine.backends): auto | onnxruntime | openvino.
-    backend: str = "onnxruntime"
-    bf16: bool = True  # whether auto may compute an fp32 file in bf16 where the CPU has it
-    lanes: int = 1  # batches computing at once: OpenVINO's streams
-    reference_check: bool = True  # false: serve without checking the file's reference outputs
+    backend: str  # auto | onnxruntime | openvino (app.engine.backends)
+    bf16: bool  # whether auto may compute an fp32 file in bf16 where the CPU has it
+    lanes: int  # batches computing at once: OpenVINO's streams
+    reference_check: bool  # false: serve without checking the file's reference outputs
 
 
 class OnnxModel(Backend):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from app.engine.admission import Admission, CostEstimate
 from app.engine.backend import Backend
-from app.engine.backends import open_model
+from app.engine.backends import open_model, peak_copies
 from app.engine.batcher import Batcher
 from app.engine.classifier import Classifier, ClassifyConfig
 from app.engine.lifecycle import Lifecycle
@@ -131,7 +131,6 @@ def _yield_cpu() -> None:
 
 def _open_within(config: SessionConfig, budget_mib: int) -> Backend:
     """``open_model``, refused first where it would go over the memory budget."""
-    sessions = 2 if config.spinning == "adaptive" else 1
     size = config.model_path.stat().st_size if config.model_path.is_file() else 0
-    check_budget(budget_mib, size, sessions, str(config.model_path))
+    check_budget(budget_mib, size, peak_copies(config), str(config.model_path))
     return open_model(config)
