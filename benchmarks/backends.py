@@ -55,15 +55,14 @@ CLIENTS = (8, 64)
 def child(backend: str, precision: str, path: Path, mode: str, seconds: float, out: Path) -> None:
     """One candidate, measured in this process: writes its figures and its outputs."""
     from app.engine import openvino
-    from app.engine.backends import Candidate, _open
-    from app.engine.sizing import concurrent_batches, session_config
+    from app.engine.backends import Candidate, open_candidate
+    from app.engine.sizing import session_config
     from app.settings import Settings
 
-    settings = Settings(model_path=path)
-    config = session_config(settings)
-    lanes = concurrent_batches(settings, "CPUExecutionProvider")
+    config = session_config(Settings(model_path=path))
+    lanes = config.lanes
     started = time.perf_counter()
-    model = _open(Candidate(backend, precision), replace(config, precision=precision))
+    model = open_candidate(Candidate(backend, precision), replace(config, precision=precision))
     load_s = time.perf_counter() - started
     size = model.metadata.recipe.crop_size
     probe = np.random.default_rng(1).integers(0, 256, (8, size, size, 3), dtype=np.uint8)
@@ -110,34 +109,36 @@ def in_process(seconds: float, rounds: int) -> list[dict[str, Any]]:
         {"backend": backend, "precision": precision, "mode": mode}
         for backend, precision, _, mode in CANDIDATES
     ]
-    reference: np.ndarray | None = None
+    reference: np.ndarray | None = None  # ONNX Runtime fp32's outputs: it comes first
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(rounds):
-            for index, (backend, precision, path, mode) in enumerate(CANDIDATES):
-                row = rows[index]
+            for row, (backend, precision, path, mode) in zip(rows, CANDIDATES, strict=True):
                 if precision == "bf16" and not openvino.has_bf16():
                     row["skipped"] = "this CPU has no bf16"
                     continue
-                out = Path(tmp) / f"{index}.json"
+                out = Path(tmp) / f"{backend}-{precision}-{mode}.json"
                 args = [backend, precision, str(path), mode, str(seconds), str(out)]
-                command = [sys.executable, "-m", "benchmarks.backends", "--child", *args]
-                done = subprocess.run(
-                    command, cwd=ROOT, capture_output=True, text=True, check=False
-                )
-                if done.returncode != 0:
-                    row["skipped"] = done.stderr.strip().splitlines()[-1][:200]
+                failure = _run_child(args)
+                if failure is not None:
+                    row["skipped"] = failure
                     continue
                 figures = json.loads(out.read_text())
                 print(json.dumps(row | figures | {"round": round_}), flush=True)
-                for key in ("batch_1", "batch_8"):
+                for key in ("batch_1", "batch_8", "peak_rss_mib"):
                     figures[key] = max(figures[key], row.get(key, 0))
-                figures["peak_rss_mib"] = max(figures["peak_rss_mib"], row.get("peak_rss_mib", 0))
-                row |= figures
                 outputs = np.load(out.with_suffix(".npy"))
-                if reference is None:
-                    reference = outputs  # ONNX Runtime fp32 comes first
-                row["max_diff_vs_ort_fp32"] = float(np.abs(outputs - reference).max())
+                reference = outputs if reference is None else reference
+                row |= figures | {"max_diff_vs_ort_fp32": float(np.abs(outputs - reference).max())}
     return rows
+
+
+def _run_child(args: list[str]) -> str | None:
+    """One candidate in a fresh process; why it failed, or None."""
+    command = [sys.executable, "-m", "benchmarks.backends", "--child", *args]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
+    if done.returncode == 0:
+        return None
+    return (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1][:200]
 
 
 # The servers compared: (name in the tables, the file, settings).

@@ -98,7 +98,7 @@ def open_model(config: SessionConfig) -> Backend:
     """The backend that serves ``config``, opened; its ``choice`` says what else was tried."""
     tried, skipped = _plan(config)
     if len(tried) == 1 and not skipped:
-        model = _open(tried[0], config)  # checked at warm-up, as every version
+        model = open_candidate(tried[0], config)  # checked at warm-up, as every version
         model.choice = (_entry(tried[0], chosen=True),)
         return model
     report = [_entry(c, skipped=why) for c, why in skipped]
@@ -107,7 +107,7 @@ def open_model(config: SessionConfig) -> Backend:
     onnxruntime_speed = 0.0
     for candidate in tried:
         try:
-            model = _open(candidate, config)
+            model = open_candidate(candidate, config)
         except ModelError as exc:
             if candidate.backend == ONNXRUNTIME:
                 # The runtime every file must load on: its failure is the file's, or the
@@ -169,7 +169,8 @@ def peak_copies(config: SessionConfig) -> int:
     return onnxruntime + (1 if len(tried) > 1 else 0)
 
 
-def _open(candidate: Candidate, config: SessionConfig) -> Backend:
+def open_candidate(candidate: Candidate, config: SessionConfig) -> Backend:
+    """One candidate, opened as ``open_model`` opens it (benchmarks.backends measures them)."""
     model: Backend
     if candidate.backend == ONNXRUNTIME:
         model = OnnxModel.load(replace(config, precision=candidate.precision))
