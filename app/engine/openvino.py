@@ -123,7 +123,14 @@ class OpenVinoModel(Backend):
             "openvino model compiled",
             extra={"path": str(source), "computes": computed, "streams": lanes},
         )
-        return cls(compiled, metadata, precision)
+        model = cls(compiled, metadata, precision)
+        # The binding sets up its numpy glue (static locals, pybind11's call_once) on first use,
+        # and two threads making that first use at once deadlock each other (seen: two lanes'
+        # first warm-up batches, a server never ready). One batch here, on one thread, first.
+        crop = metadata.recipe.crop_size
+        model.predict(np.zeros((1, crop, crop, 3), dtype=np.uint8))
+        model.close_requests()
+        return model
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         request = getattr(self._local, "request", None)
@@ -136,9 +143,13 @@ class OpenVinoModel(Backend):
         return np.array(results[self._output], dtype=np.float32, copy=True)
 
     def close(self) -> None:
+        self.close_requests()
+        self._compiled = None
+
+    def close_requests(self) -> None:
+        """Let every thread's infer request go (this thread's next batch makes a new one)."""
         self._requests.clear()
         self._local = threading.local()
-        self._compiled = None
 
 
 def computed_precision(compiled: Any) -> str:
