@@ -211,7 +211,7 @@ def test_an_explicit_setting_is_one_line_before_workers_start(tiny: Path) -> Non
 def test_onnx_runtime_is_unchanged_when_pinned(tiny: Path) -> None:
     model = open_model(config_for(tiny, backend="onnxruntime"))  # type: ignore[arg-type]
     assert isinstance(model, OnnxModel)
-    assert model.choice == ({"backend": ORT, "precision": "auto", "chosen": True},)
+    assert model.choice == ({"backend": ORT, "precision": "fp32", "chosen": True},)
 
 
 @pytest.mark.parametrize("backend", ["openvino", "auto"])

@@ -99,7 +99,8 @@ def open_model(config: SessionConfig) -> Backend:
     tried, skipped = _plan(config)
     if len(tried) == 1 and not skipped:
         model = open_candidate(tried[0], config)  # checked at warm-up, as every version
-        model.choice = (_entry(tried[0], chosen=True),)
+        # What it computes, not the setting: "auto" resolves to the file's precision here.
+        model.choice = (_entry(Candidate(model.backend, model.precision), chosen=True),)
         return model
     report = [_entry(c, skipped=why) for c, why in skipped]
     failed: list[tuple[Candidate, str]] = []
