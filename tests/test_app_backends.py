@@ -13,7 +13,15 @@ import onnxruntime as ort
 import pytest
 
 from app.engine import openvino
-from app.engine.backends import Candidate, candidates, check_model, open_model, peak_copies
+from app.engine.backend import Backend
+from app.engine.backends import (
+    Candidate,
+    _ranked,
+    candidates,
+    check_model,
+    open_model,
+    peak_copies,
+)
 from app.engine.openvino import OpenVinoModel
 from app.engine.session import OnnxModel
 from app.engine.sizing import session_config
@@ -183,6 +191,47 @@ def test_auto_times_every_candidate_and_keeps_one(tiny: Path) -> None:
         assert chosen[0]["images_per_s"] >= onnxruntime * 1.1
     else:
         assert max(e["images_per_s"] for e in timed) < onnxruntime * 1.1
+
+
+def test_preference_keeps_onnx_runtime_first_unless_another_is_10_percent_faster() -> None:
+    ort_fp32, ov_fp32, ov_bf16 = (
+        Candidate(ORT, "fp32"),
+        Candidate(OV, "fp32"),
+        Candidate(OV, "bf16"),
+    )
+    assert _ranked({ort_fp32: 10, ov_fp32: 10.9, ov_bf16: 10.5}) == [ort_fp32, ov_fp32, ov_bf16]
+    assert _ranked({ort_fp32: 10, ov_fp32: 11.5, ov_bf16: 20}) == [ov_bf16, ov_fp32, ort_fp32]
+    assert _ranked({ort_fp32: 10, ov_fp32: 12, ov_bf16: 10.5}) == [ov_fp32, ort_fp32, ov_bf16]
+    assert _ranked({ov_fp32: 3, ov_bf16: 5}) == [ov_bf16, ov_fp32]  # ONNX Runtime's rows failed
+
+
+def test_auto_checks_references_in_order_of_preference_and_falls_back(
+    tiny: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # ONNX Runtime's reference check is made to fail (the real one of every other candidate
+    # runs): auto must serve the next candidate, and check none behind the one that passes.
+    checked: list[str] = []
+    real_check = Backend.check_reference
+
+    def check(self: Backend) -> None:
+        checked.append(self.backend)
+        if self.backend == ORT:
+            raise ModelError("onnxruntime CPUExecutionProvider fp32: it does not compute this")
+        real_check(self)
+
+    monkeypatch.setattr(Backend, "check_reference", check)
+    model = open_model(config_for(tiny))  # type: ignore[arg-type]
+    assert (model.backend, checked[-1]) == (OV, OV)
+    entries = {(e["backend"], e["precision"]): e for e in model.choice}
+    onnxruntime = entries[(ORT, "fp32")]
+    assert onnxruntime["images_per_s"] > 0
+    assert not onnxruntime["chosen"]
+    if checked == [ORT, OV]:  # ONNX Runtime was preferred, refused, and OpenVINO took over
+        assert "does not compute this" in onnxruntime["skipped"]
+    else:  # OpenVINO was preferred (10% faster), passed, and ONNX Runtime was never checked
+        assert checked == [OV]
+        assert "skipped" not in onnxruntime
+    assert len(checked) == len(set(checked))
 
 
 def test_auto_serves_nothing_that_fails_the_reference_check(tmp_path: Path) -> None:

@@ -3,10 +3,13 @@
 
 An explicit setting is obeyed or fails at start-up in one line. ``auto`` on the CPU tries each
 candidate that computes answers of the file's grade (an fp32 file: ONNX Runtime fp32, OpenVINO
-fp32, OpenVINO bf16 where the CPU has it; the int8 file: both runtimes), drops any that fails the
-file's reference check (app.engine.backend), times the rest on one warm batch and keeps the
-fastest, ONNX Runtime unless another is at least ``MARGIN`` faster: a CPU without bf16, where
-the two fp32 runtimes are within noise of each other, keeps serving exactly as before. Every
+fp32, OpenVINO bf16 where the CPU has it; the int8 file: both runtimes), times each on one warm
+batch, and serves the fastest that passes the file's reference check (app.engine.backend),
+ONNX Runtime unless another is at least ``MARGIN`` faster: a CPU without bf16, where the two
+fp32 runtimes are within noise of each other, keeps serving exactly as before. The check runs
+in that order of preference, so a candidate that would lose anyway is never checked; the
+chosen one is checked again at warm-up, on the bound buffers it then serves from (another path
+through the runtime than these unbound runs). Every
 candidate's timing or the reason it was skipped is logged and kept (``Backend.choice``), for
 /v1/model and the page. The others are let go before the chosen one serves, so no second copy of
 the weights stays resident for nothing. On a GPU, ONNX Runtime serves (OpenVINO here is CPU only).
@@ -102,10 +105,9 @@ def open_model(config: SessionConfig) -> Backend:
         # What it computes, not the setting: "auto" resolves to the file's precision here.
         model.choice = (_entry(Candidate(model.backend, model.precision), chosen=True),)
         return model
-    report = [_entry(c, skipped=why) for c, why in skipped]
     failed: list[tuple[Candidate, str]] = []
-    best: tuple[float, Backend, Candidate] | None = None
-    onnxruntime_speed = 0.0
+    speeds: dict[Candidate, float] = {}
+    kept: tuple[Candidate, Backend] | None = None  # the first in preference so far, still open
     for candidate in tried:
         try:
             model = open_candidate(candidate, config)
@@ -115,49 +117,74 @@ def open_model(config: SessionConfig) -> Backend:
                 # settings', and trying another runtime on it would only add noise.
                 raise
             failed.append((candidate, str(exc)))
-            report.append(_entry(candidate, skipped=str(exc)))
             continue
         try:
-            speed = _time(model, config)
-        except ModelError as exc:  # its reference check: the next candidate may pass it
+            speeds[candidate] = _time(model, config)
+        except ModelError as exc:  # rows out of shape or range: no reference could pass
             model.close()
             failed.append((candidate, str(exc)))
-            report.append(_entry(candidate, skipped=str(exc)))
             continue
-        report.append(_entry(candidate, images_per_s=speed))
         log.info(
             "backend candidate timed",
-            extra={"candidate": str(candidate), "images_per_s": round(speed, 2)},
+            extra={"candidate": str(candidate), "images_per_s": round(speeds[candidate], 2)},
         )
-        if candidate.backend == ONNXRUNTIME:
-            onnxruntime_speed = speed
-        if best is None or _better(speed, candidate, best[0], onnxruntime_speed):
-            if best is not None:
-                best[1].close()
-            best = (speed, model, candidate)
+        # One copy held beside ONNX Runtime's at most (peak_copies): the others go now.
+        if _ranked(speeds)[0] == candidate:
+            if kept is not None:
+                kept[1].close()
+            kept = (candidate, model)
         else:
             model.close()
-    if best is None:
+    # The file's reference check, in order of preference: the first to pass serves, and the
+    # ones behind it are never checked (each check is some 30 single-image runs).
+    chosen: tuple[Candidate, Backend] | None = None
+    for candidate in _ranked(speeds):
+        try:
+            model = (
+                kept[1]
+                if kept is not None and kept[0] == candidate
+                else open_candidate(candidate, config)
+            )
+        except ModelError as exc:
+            failed.append((candidate, str(exc)))
+            continue
+        try:
+            model.check_reference()
+        except ModelError as exc:
+            model.close()
+            failed.append((candidate, str(exc)))
+            continue
+        chosen = (candidate, model)
+        break
+    failed.sort(key=lambda item: tried.index(item[0]))
+    if chosen is None:
         raise ModelError("; ".join(f"{c}: {why}" for c, why in failed))
     for candidate, why in skipped:  # not for this machine or these settings
         log.info("backend candidate skipped", extra={"candidate": str(candidate), "why": why})
     for candidate, why in failed:  # it should have worked: worth a look
         log.warning("backend candidate failed", extra={"candidate": str(candidate), "why": why})
-    speed, model, candidate = best
-    for entry in report:
-        entry["chosen"] = (
-            entry["backend"] == candidate.backend and entry["precision"] == candidate.precision
-        )
-    model.choice = tuple(report)
-    log.info("backend chosen", extra={"candidate": str(candidate), "images_per_s": round(speed, 2)})
+    candidate, model = chosen
+    why_not = dict(failed)
+    model.choice = tuple(
+        _entry(c, images_per_s=speeds.get(c), skipped=why_not.get(c), chosen=c == candidate)
+        for c in tried
+    ) + tuple(_entry(c, skipped=why) for c, why in skipped)
+    log.info(
+        "backend chosen",
+        extra={"candidate": str(candidate), "images_per_s": round(speeds[candidate], 2)},
+    )
     return model
 
 
-def _better(speed: float, candidate: Candidate, best_speed: float, ort: float) -> bool:
-    if candidate.backend == ONNXRUNTIME:  # tried first: replaces nothing
-        return speed > best_speed
-    # Another runtime must beat ONNX Runtime by the margin, and whatever else is best by any.
-    return speed > best_speed and speed >= ort * MARGIN
+def _ranked(speeds: dict[Candidate, float]) -> list[Candidate]:
+    """Best first: the fastest, but ONNX Runtime ahead of any other less than MARGIN faster."""
+    onnxruntime = max((s for c, s in speeds.items() if c.backend == ONNXRUNTIME), default=0.0)
+
+    def preference(candidate: Candidate) -> tuple[bool, float]:
+        speed = speeds[candidate]
+        return candidate.backend == ONNXRUNTIME or speed >= onnxruntime * MARGIN, speed
+
+    return sorted(speeds, key=preference, reverse=True)
 
 
 def peak_copies(config: SessionConfig) -> int:
@@ -189,11 +216,9 @@ def open_candidate(candidate: Candidate, config: SessionConfig) -> Backend:
 
 
 def _time(model: Backend, config: SessionConfig) -> float:
-    """Images per second of one warm batch, after the file's reference check passes. The chosen
-    one is checked again at warm-up, on the bound buffers it then serves from (another path
-    through the runtime than this unbound run)."""
+    """Images per second of one warm batch, after its rows pass ``check_rows``."""
     batch = min(TIMED_BATCH, config.gpu.batch_range[1])
-    model.self_check(min(2, batch))
+    model.check_rows(min(2, batch))
     size = model.metadata.recipe.crop_size
     images = np.zeros((batch, size, size, 3), dtype=np.uint8)
     model.predict(images)  # the first run of a shape plans it
