@@ -3,10 +3,13 @@ the peers run (same session options and same answers as app/)."""
 
 from __future__ import annotations
 
+import asyncio
 from email import policy
 from email.parser import BytesParser
 from pathlib import Path
+from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 
@@ -21,6 +24,7 @@ from benchmarks.peers.drive import (
     form,
     pooled,
     retry_after,
+    served_by,
     top5,
     window_seconds,
 )
@@ -34,6 +38,7 @@ from benchmarks.peers.report import (
 )
 from benchmarks.peers.run import merged
 from tests.helpers.models import image_bytes
+from tests.helpers.server import Server
 
 
 def test_summarize_counts_only_requests_finished_inside_the_window() -> None:
@@ -121,7 +126,7 @@ def test_markdown_has_one_table_per_model_and_the_agreement_line() -> None:
         "peak_rss_mib": 512.6,
         "peak_pss_mib": 400.1,
     }
-    runs = [
+    runs: list[dict[str, Any]] = [
         {
             "server": s,
             "model": m,
@@ -132,7 +137,13 @@ def test_markdown_has_one_table_per_model_and_the_agreement_line() -> None:
         for m in ("fp32", "int8")
         for s in ("ours", "litserve")
     ]
+    runs[0]["served_by"] = ["onnxruntime fp32", "openvino fp32"]
     text = markdown({"runs": runs})
+    assert text.count("Ours served on") == 1  # the int8 run's record has none
+    assert (
+        "Ours served on (each start, as its /v1/models says): onnxruntime fp32, openvino fp32"
+        in text
+    )
     assert text.count("| server | start-up s |") == 2
     assert "## fp32" in text
     assert "## int8" in text
@@ -210,14 +221,17 @@ def test_passes_merge_into_one_run_with_each_point_pooled_over_them() -> None:
         return Measured(clients, start, 3.0, True, outcomes, 2.0, 1.0, 0.1, 100.0, None)
 
     first = {"server": "ours", "startup_s": 5.0, "top5": [[1]], "windows": {}}
+    first["served_by"] = "onnxruntime fp32"
     first["windows"] = {1: [window(1, 0.0, 10)], 16: [window(16, 10.0, 20)]}
     second = {"server": "ours", "startup_s": 6.0, "top5": [[1]], "windows": {}}
+    second["served_by"] = "openvino fp32"
     second["windows"] = {1: [window(1, 50.0, 30)], 16: [window(16, 60.0, 20)]}
     run = merged([first, second])
     assert [p["concurrency"] for p in run["points"]] == [1, 16]
     assert [p["rounds"] for p in run["points"]] == [2, 2]
     assert run["points"][0]["images_per_s"] == 40 / 4  # 10 + 30 answers in two windows of 2 s
     assert (run["startup_s"], run["startups_s"]) == (5.0, [5.0, 6.0])
+    assert run["served_by"] == ["onnxruntime fp32", "openvino fp32"]  # what each start chose
     assert "windows" not in run
     failed = {"server": "ours", "error": "RuntimeError: no answer"}
     assert merged([first, failed]) == failed
@@ -252,3 +266,10 @@ def test_the_load_sends_one_multipart_image_field_encoded_once() -> None:
     assert part.get_filename() == "p.jpg"
     assert part.get_content_type() == "image/jpeg"
     assert part.get_payload(decode=True) == image
+
+
+def test_served_by_reads_what_a_running_server_chose(server: Server) -> None:
+    chosen = httpx.get(f"{server.url}/v1/models").json()["models"][0]
+    (entry,) = [c for c in chosen["backend"]["candidates"] if c["chosen"]]
+    text = asyncio.run(served_by(f"{server.url}/predict"))
+    assert text == f"{entry['backend']} {chosen['precision']}"

@@ -79,6 +79,18 @@ async def wait_ready(server: Server, image: bytes, load: Load) -> float:
     raise RuntimeError(f"{server.name} not answering after {load.start_timeout_s} s")
 
 
+async def served_by(predict_url: str) -> str:
+    """Ours, at ``predict_url``: the runtime and precision its ``backend=auto`` chose at this
+    start, as /v1/models says."""
+    base = predict_url.rsplit("/", 1)[0]
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session,
+        session.get(f"{base}/v1/models") as response,
+    ):
+        model = (await response.json())["models"][0]
+    return f"{model['backend']['name']} {model['precision']}"
+
+
 async def answers(server: Server, images: list[tuple[str, bytes]]) -> list[list[int]]:
     """The top-5 classes of each image, one request at a time."""
     out = []

@@ -96,6 +96,14 @@ def markdown(results: dict[str, Any]) -> str:
                     f"| {_whole(p['peak_pss_mib'])} |"
                 )
         lines += ["", _agreement(results, model), ""]
+        served = [
+            r["served_by"] for r in results["runs"] if r["model"] == model and "served_by" in r
+        ]
+        if served:
+            lines += [
+                f"Ours served on (each start, as its /v1/models says): {', '.join(served[0])}",
+                "",
+            ]
     points = [p for run in results["runs"] for p in run.get("points", [])]
     if not all(p["steady"] for p in points):
         lines += [UNSTEADY, ""]

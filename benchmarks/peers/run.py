@@ -30,7 +30,7 @@ import aiohttp
 import psutil
 
 from benchmarks.load import photo
-from benchmarks.peers.drive import Load, Measured, answers, point, pooled, wait_ready
+from benchmarks.peers.drive import Load, Measured, answers, point, pooled, served_by, wait_ready
 from benchmarks.peers.report import agreement, markdown, plot
 from benchmarks.peers.servers import PEERS_VENV, ROOT, SERVERS, Batching, Server, start
 
@@ -123,6 +123,8 @@ def merged(passes: list[dict[str, Any]]) -> dict[str, Any]:
         return failed[0]
     run = {k: v for k, v in passes[0].items() if k != "windows"}
     run["startups_s"] = [p["startup_s"] for p in passes]
+    if "served_by" in run:
+        run["served_by"] = [p["served_by"] for p in passes]
     run["points"] = [
         pooled([w for p in passes for w in p["windows"][clients]])
         for clients in passes[0]["windows"]
@@ -238,6 +240,8 @@ async def _run_servers(
                 continue
             servers[name] = server
             runs[name] = {"server": name, "startup_s": startup, "top5": top5, "windows": {}}
+            if name == "ours":
+                runs[name]["served_by"] = await served_by(server.url)
             runs[name]["elapsed_s"] = time.perf_counter() - began
         window = replace(
             load, seconds=load.seconds / rounds, min_answers=load.min_answers // rounds
