@@ -1,5 +1,5 @@
 """Every backend x precision this CPU has, in process, then the service with ``backend=auto``
-against ``backend=onnxruntime``, in one run (docs/backends.md).
+against ``backend=onnxruntime`` and against ``auto`` with bf16 off, in one run (docs/backends.md).
 
     make bench-models
     PYTHONPATH=. .venv/bin/python -m benchmarks.backends [--seconds 6] [--serve-seconds 20]
@@ -8,7 +8,8 @@ In process: each candidate in a fresh process (its peak RSS is its own), opened 
 it (``app.engine.backends``' loaders, the server's lanes and threads), run by as many threads at
 once as the server has lanes, at batch 1 and 8; and OpenVINO's own throughput hint with requests in
 flight (``AsyncInferQueue``), to measure the lane-to-stream mapping against it. Each candidate's
-largest probability difference from ONNX Runtime fp32 on the same 8 random images is reported.
+largest probability difference from ONNX Runtime fp32 on the same 8 images (the file's reference
+evaluation images) is reported.
 The service: 500x375 JPEG uploads, one per request, at 8 and 64 clients (``benchmarks.load``).
 Results: ``benchmarks/results/backends.{json,md}``.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -64,9 +66,7 @@ def child(backend: str, precision: str, path: Path, mode: str, seconds: float, o
     started = time.perf_counter()
     model = open_candidate(Candidate(backend, precision), replace(config, precision=precision))
     load_s = time.perf_counter() - started
-    size = model.metadata.recipe.crop_size
-    probe = np.random.default_rng(1).integers(0, 256, (8, size, size, 3), dtype=np.uint8)
-    outputs = model.predict(probe)
+    outputs = model.predict(_probe(model.metadata))
     figures: dict[str, Any] = {"load_s": round(load_s, 2), "lanes": lanes}
     for batch in BATCHES:
         if mode == "lanes":
@@ -77,6 +77,19 @@ def child(backend: str, precision: str, path: Path, mode: str, seconds: float, o
     figures["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     np.save(out.with_suffix(".npy"), outputs)
     out.write_text(json.dumps(figures))
+
+
+def _probe(metadata: Any) -> np.ndarray:
+    """Eight images to compare the candidates' outputs on: the file's reference evaluation
+    images (real ones: random pixels through random weights give one saturated class, and
+    differences of 1e-13 that say nothing), random pixels for a file without them."""
+    from core.reference import eval_images
+
+    reference = metadata.reference or {}
+    if "eval" in reference:
+        return eval_images(reference["eval"])[:8]
+    size = metadata.recipe.crop_size
+    return np.random.default_rng(1).integers(0, 256, (8, size, size, 3), dtype=np.uint8)
 
 
 def _hint(path: Path, precision: str, batch: int, seconds: float, core: Any) -> dict[str, Any]:
@@ -145,6 +158,8 @@ def _run_child(args: list[str]) -> str | None:
 SERVERS = [
     ("onnxruntime", FP32, {"backend": "onnxruntime"}),
     ("auto", FP32, {"backend": "auto"}),
+    # A CPU without bf16, forced by the setting: must serve as backend=onnxruntime does.
+    ("auto, bf16 off", FP32, {"backend": "auto", "bf16": "false"}),
     ("auto, int8", INT8, {"backend": "auto", "model_precision": "int8"}),
 ]
 
@@ -263,6 +278,23 @@ def _medians(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return merged
 
 
+def cpu_description(bf16: bool) -> str:
+    """The CPU, as far as bf16 speed depends on it: its name and model, and AMX beside
+    avx512_bf16 (without AMX, some CPUs that report bf16 compute it no faster than fp32:
+    docs/backends.md)."""
+    fields: dict[str, str] = {}
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())  # the first processor's
+    flags = fields.get("flags", "").split()
+    has = [flag for flag in ("avx512f", "avx512_bf16", "amx_bf16") if flag in flags]
+    return (
+        f"{os.cpu_count()} cores, {fields.get('model name', 'unknown CPU')} (family "
+        f"{fields.get('cpu family', '?')}, model {fields.get('model', '?')}), "
+        f"{', '.join(has) or 'no AVX-512'}; OpenVINO bf16 {'yes' if bf16 else 'no'}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0)
@@ -276,14 +308,10 @@ def main() -> None:
         return
     from app.engine import openvino
 
-    flags = Path("/proc/cpuinfo").read_text().split()
     result = {
         "date": time.strftime("%Y-%m-%d"),
         "command": "PYTHONPATH=. .venv/bin/python -m benchmarks.backends",
-        "cpu": (
-            f"{flags.count('processor')} cores, avx512f {'yes' if 'avx512f' in flags else 'no'}, "
-            f"bf16 {'yes' if openvino.has_bf16() else 'no'}"
-        ),
+        "cpu": cpu_description(openvino.has_bf16()),
         "in_process": in_process(args.seconds, args.rounds),
         "service": service(args.serve_seconds, args.rounds),
     }
