@@ -106,13 +106,13 @@ class Settings(BaseSettings):
     model_precision: Precision = "auto"
     """Which file beside model_path: auto serves model.fp16.onnx on CUDA where it exists (built by
     `model build --also fp16`) and model_path everywhere else (never fp16 on the CPU), computed in
-    bf16 on a CPU that has it where the backend is auto (and bf16 is on); fp32, fp16 or int8 pin
+    bf16 where the backend is auto, the CPU has bf16 and it is timed fastest; fp32, fp16 or int8 pin
     one (that variant beside model_path, or model_path itself, whose metadata must agree); bf16
     computes the fp32 file in bf16 on OpenVINO (a start-up error on a CPU without bf16)."""
     backend: BackendName = "auto"
-    """The runtime on the CPU (docs/backends.md). auto: at warm-up, each candidate that passes the
-    file's reference check (ONNX Runtime, OpenVINO; fp32, bf16 where the CPU has it) is timed,
-    and the fastest serves, ONNX Runtime unless another is 10% faster; the timings are logged
+    """The runtime on the CPU (docs/backends.md). auto: at warm-up, each candidate (ONNX Runtime,
+    OpenVINO; fp32, bf16 where the CPU has it) is timed, and the fastest that passes the file's
+    reference check serves, ONNX Runtime unless another is 10% faster; the timings are logged
     and in /v1/model. onnxruntime, openvino: that one or a start-up error. GPUs: ONNX Runtime."""
     reference_check: bool = True
     """Check, before a version serves, that this runtime computes the file's reference outputs
