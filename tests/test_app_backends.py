@@ -27,7 +27,7 @@ from app.engine.session import OnnxModel
 from app.engine.sizing import session_config
 from app.settings import Settings
 from core.errors import ModelError
-from core.reference import PROBE
+from core.reference import BOUNDS, PROBE
 from tests.helpers.models import CROP_SIZE, LABELS, build_model, image_bytes, offline_top
 from tests.helpers.server import message_is, post_image, run_server
 
@@ -284,13 +284,19 @@ def test_a_server_on_each_backend_answers_what_the_file_computes(tiny: Path, bac
             else:
                 assert described["precision"] in (("fp32", "bf16") if HAS_BF16 else ("fp32",))
             assert described["file_precision"] == "fp32"
+            # What the file computes in fp32, within what the reference check allows this
+            # precision: bf16 rounds each score by some 1e-3 and may reorder a near-tie below the
+            # top class, so it is held to the top class and the bound.
+            tolerance = BOUNDS[described["precision"]]["max_abs_diff"]
             for seed in range(4):
                 data = image_bytes(seed)
                 (result,) = post_image(server.url, data, "x.png").json()["results"]
                 got = [(p["class_id"], p["score"]) for p in result["predictions"]]
-                want = offline_top(tiny, data, len(got))
-                assert [c for c, _ in got] == [c for c, _ in want]
-                assert np.allclose([s for _, s in got], [s for _, s in want], atol=1e-4)
+                want = offline_top(tiny, data, len(LABELS))
+                ranked = len(got) if described["precision"] == "fp32" else 1
+                assert [c for c, _ in got][:ranked] == [c for c, _ in want][:ranked]
+                every = dict(want)
+                assert all(abs(score - every[c]) <= tolerance for c, score in got), (got, want)
             metrics = client.get("/metrics").text
             assert f'backend="{runtime["name"]}"' in metrics
 
