@@ -35,7 +35,7 @@ def server(slow_model: Path) -> Iterator[Server]:
         "max_queue_images": "8",
         "max_images_per_request": "4",
         "request_timeout_ms": "1500",
-        # One lane: two clients keep the model busy, so the requests a test abandons stay queued.
+        # One lane: the overload test's clients queue behind one batch at a time.
         "concurrent_batches": "1",
     }
     with run_server(slow_model, **settings) as running:
@@ -103,11 +103,16 @@ def open_request(url: str, content_type: str, length: int, body: bytes) -> socke
 
 
 def wait_in_flight(url: str, count: int) -> None:
+    """Until ``count`` requests are in flight, besides the scrape asking."""
+    wait_gauge(url, "resnet_serve_requests_in_flight", count + 1)
+
+
+def wait_gauge(url: str, name: str, at_least: float) -> None:
     deadline = time.monotonic() + SETTLE_TIMEOUT_S
     while time.monotonic() < deadline:
-        if gauge(scrape(url), "resnet_serve_requests_in_flight") - 1 >= count:
+        if gauge(scrape(url), name) >= at_least:
             return
-    raise AssertionError(f"{count} requests never reached the server")
+    raise AssertionError(f"{name} never reached {at_least}: {scrape(url)}")
 
 
 def test_client_gone_mid_upload_leaves_nothing_behind(server: Server) -> None:
@@ -147,7 +152,7 @@ def test_client_gone_while_queued_is_cancelled_and_counted(slow_model: Path) -> 
             pending = busy.submit(
                 httpx.post, f"{server.url}/predict", files=busy_images, timeout=60
             )
-            wait_queued(server.url, 16)
+            wait_gauge(server.url, "resnet_serve_queue_depth", 16)
             sockets = [open_request(server.url, "image/png", len(PNG), PNG) for _ in range(4)]
             wait_in_flight(server.url, 1 + len(sockets))
             for sock in sockets:
@@ -157,14 +162,6 @@ def test_client_gone_while_queued_is_cancelled_and_counted(slow_model: Path) -> 
         assert gauge(families, "resnet_serve_queue_depth") == 0
         assert status_counts(families).get("499", 0.0) == len(sockets)
         assert post_image(server.url, PNG, "after.png").status_code == 200
-
-
-def wait_queued(url: str, images: int) -> None:
-    deadline = time.monotonic() + SETTLE_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if gauge(scrape(url), "resnet_serve_queue_depth") >= images:
-            return
-    raise AssertionError(f"{images} images were never queued at once")
 
 
 @pytest.mark.parametrize(
