@@ -3,6 +3,9 @@ against ``backend=onnxruntime`` and against ``auto`` with bf16 off, in one run (
 
     make bench-models
     PYTHONPATH=. .venv/bin/python -m benchmarks.backends [--seconds 6] [--serve-seconds 20]
+    # another file, in process only (the digits demo; its int8 rows say why they are skipped):
+    PYTHONPATH=. .venv/bin/python -m benchmarks.backends --fp32 artifacts/model.onnx \
+        --int8 artifacts/model.int8.onnx --no-service --out backends-digits
 
 In process: each candidate in a fresh process (its peak RSS is its own), opened as the server opens
 it (``app.engine.backends``' loaders, the server's lanes and threads), run by as many threads at
@@ -11,7 +14,7 @@ flight (``AsyncInferQueue``), to measure the lane-to-stream mapping against it. 
 largest probability difference from ONNX Runtime fp32 on the same 8 images (the file's reference
 evaluation images) is reported.
 The service: 500x375 JPEG uploads, one per request, at 8 and 64 clients (``benchmarks.load``).
-Results: ``benchmarks/results/backends.{json,md}``.
+Results: ``benchmarks/results/backends.{json,md}`` (``--out``).
 """
 
 from __future__ import annotations
@@ -33,22 +36,24 @@ import numpy as np
 
 from benchmarks.ceiling import measure
 from benchmarks.load import photo, run_point, run_server
+from core.reference import eval_images
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 FP32 = ROOT / "artifacts" / "bench" / "resnet50-random-fp32.onnx"
 INT8 = ROOT / "artifacts" / "bench" / "resnet50-random-int8.onnx"
-# (backend, precision, file, mode): "lanes" is how the server runs it, "hint" OpenVINO's own.
+# (backend, precision, mode): "lanes" is how the server runs it, "hint" OpenVINO's own.
 CANDIDATES = [
-    ("onnxruntime", "fp32", FP32, "lanes"),
-    ("openvino", "fp32", FP32, "lanes"),
-    ("openvino", "fp32", FP32, "hint"),
-    ("openvino", "bf16", FP32, "lanes"),
-    ("openvino", "bf16", FP32, "hint"),
-    ("onnxruntime", "int8", INT8, "lanes"),
-    ("openvino", "int8", INT8, "lanes"),
-    ("openvino", "int8", INT8, "hint"),
+    ("onnxruntime", "fp32", "lanes"),
+    ("openvino", "fp32", "lanes"),
+    ("openvino", "fp32", "hint"),
+    ("openvino", "bf16", "lanes"),
+    ("openvino", "bf16", "hint"),
+    ("onnxruntime", "int8", "lanes"),
+    ("openvino", "int8", "lanes"),
+    ("openvino", "int8", "hint"),
 ]
+COMMAND = "PYTHONPATH=. .venv/bin/python -m benchmarks.backends"
 BATCHES = (1, 8)
 HINT_REQUESTS = 4
 CLIENTS = (8, 64)
@@ -83,8 +88,6 @@ def _probe(metadata: Any) -> np.ndarray:
     """Eight images to compare the candidates' outputs on: the file's reference evaluation
     images (real ones: random pixels through random weights give one saturated class, and
     differences of 1e-13 that say nothing), random pixels for a file without them."""
-    from core.reference import eval_images
-
     reference = metadata.reference or {}
     if "eval" in reference:
         return eval_images(reference["eval"])[:8]
@@ -113,21 +116,25 @@ def _hint(path: Path, precision: str, batch: int, seconds: float, core: Any) -> 
     return {"images_per_s": batch * runs / (time.perf_counter() - began)}
 
 
-def in_process(seconds: float, rounds: int) -> list[dict[str, Any]]:
+def in_process(seconds: float, rounds: int, fp32: Path, int8: Path) -> list[dict[str, Any]]:
     """Every candidate once per round, the rounds one after another (the machine's noise spread
     over all of them); each figure is the best of its rounds: a ceiling."""
     from app.engine import openvino
 
     rows: list[dict[str, Any]] = [
         {"backend": backend, "precision": precision, "mode": mode}
-        for backend, precision, _, mode in CANDIDATES
+        for backend, precision, mode in CANDIDATES
     ]
     reference: np.ndarray | None = None  # ONNX Runtime fp32's outputs: it comes first
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(rounds):
-            for row, (backend, precision, path, mode) in zip(rows, CANDIDATES, strict=True):
+            for row, (backend, precision, mode) in zip(rows, CANDIDATES, strict=True):
+                path = int8 if precision == "int8" else fp32
                 if precision == "bf16" and not openvino.has_bf16():
                     row["skipped"] = "this CPU has no bf16"
+                    continue
+                if not path.is_file():
+                    row["skipped"] = f"no {path.name}"
                     continue
                 out = Path(tmp) / f"{backend}-{precision}-{mode}.json"
                 args = [backend, precision, str(path), mode, str(seconds), str(out)]
@@ -154,23 +161,23 @@ def _run_child(args: list[str]) -> str | None:
     return (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1][:200]
 
 
-# The servers compared: (name in the tables, the file, settings).
+# The servers compared: (name in the tables, whether on the int8 file, settings).
 SERVERS = [
-    ("onnxruntime", FP32, {"backend": "onnxruntime"}),
-    ("auto", FP32, {"backend": "auto"}),
+    ("onnxruntime", False, {"backend": "onnxruntime"}),
+    ("auto", False, {"backend": "auto"}),
     # A CPU without bf16, forced by the setting: must serve as backend=onnxruntime does.
-    ("auto, bf16 off", FP32, {"backend": "auto", "bf16": "false"}),
-    ("auto, int8", INT8, {"backend": "auto", "model_precision": "int8"}),
+    ("auto, bf16 off", False, {"backend": "auto", "bf16": "false"}),
+    ("auto, int8", True, {"backend": "auto", "model_precision": "int8"}),
 ]
 
 
-def service(seconds: float, rounds: int) -> list[dict[str, Any]]:
+def service(seconds: float, rounds: int, fp32: Path, int8: Path) -> list[dict[str, Any]]:
     """Every server in turn, ``rounds`` times (alternating); the table takes the medians."""
     pool = [(f"photo{i}.jpg", photo(500, 375, i)) for i in range(16)]
     rows: list[dict[str, Any]] = []
     for round_ in range(rounds):
-        for name, path, settings in SERVERS:
-            rows += _serve(name, path, settings, pool, seconds, round_)
+        for name, on_int8, settings in SERVERS:
+            rows += _serve(name, int8 if on_int8 else fp32, settings, pool, seconds, round_)
     return rows
 
 
@@ -212,7 +219,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"`{result['command']}`; {result['cpu']}.",
         "",
-        "## In process (224x224 ResNet-50, random weights; img/s)",
+        f"## In process ({result['model']}; img/s)",
         "",
         "| backend | precision | run as | batch 1 | batch 8 | RSS MiB | max diff vs ORT fp32 |",
         "|---|---|---|---|---|---|---|",
@@ -236,6 +243,8 @@ def markdown(result: dict[str, Any]) -> str:
         ]
         return max(speeds, default=0.0)
 
+    if not result["service"]:
+        return "\n".join([*lines, "", "The service: not measured (--no-service)."]) + "\n"
     lines += [
         "",
         "## The service (500x375 JPEG, one per request)",
@@ -300,6 +309,14 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--serve-seconds", type=float, default=15.0)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--fp32", type=Path, default=FP32, help="the fp32 file (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--int8", type=Path, default=INT8, help="the int8 file (default: %(default)s)"
+    )
+    parser.add_argument("--no-service", action="store_true", help="in process only")
+    parser.add_argument("--out", default="backends", help="results/<out>.{json,md}")
     parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -308,16 +325,20 @@ def main() -> None:
         return
     from app.engine import openvino
 
+    fp32, int8 = args.fp32.resolve(), args.int8.resolve()
     result = {
         "date": time.strftime("%Y-%m-%d"),
-        "command": "PYTHONPATH=. .venv/bin/python -m benchmarks.backends",
+        "command": " ".join(
+            ["PYTHONPATH=. .venv/bin/python -m benchmarks.backends", *sys.argv[1:]]
+        ),
         "cpu": cpu_description(openvino.has_bf16()),
-        "in_process": in_process(args.seconds, args.rounds),
-        "service": service(args.serve_seconds, args.rounds),
+        "model": fp32.name,
+        "in_process": in_process(args.seconds, args.rounds, fp32, int8),
+        "service": [] if args.no_service else service(args.serve_seconds, args.rounds, fp32, int8),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "backends.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / "backends.md").write_text(markdown(result))
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{args.out}.md").write_text(markdown(result))
     print(markdown(result))
 
 

@@ -11,6 +11,7 @@ def test_the_report_names_every_candidate_and_the_share_of_the_best_fp32_grade()
         "date": "2026-12-03",
         "command": "python -m benchmarks.backends",
         "cpu": "2 cores",
+        "model": "resnet50-random-fp32.onnx",
         "in_process": [
             {
                 "backend": "onnxruntime",
@@ -66,3 +67,8 @@ def test_the_report_names_every_candidate_and_the_share_of_the_best_fp32_grade()
     assert "(fp32-grade 9.0 img/s, int8 40.0 img/s)" in text
     assert "| auto | onnxruntime fp32 | 8 | 8.1 | 90% |" in text
     assert "| auto, int8 | openvino int8 | 8 | 36.0 | 90% |" in text  # against int8's 40
+    assert "## In process (resnet50-random-fp32.onnx; img/s)" in text
+    alone = markdown(result | {"service": []})  # --no-service
+    assert alone.endswith("The service: not measured (--no-service).\n")
+    assert "| backend setting |" not in alone
+    assert "| openvino | int8 | throughput hint" in alone
