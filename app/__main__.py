@@ -8,16 +8,16 @@ import sys
 
 from pydantic import ValidationError
 
-from app.engine.backends import check_model
-from app.engine.sizing import session_config
+from app.edge.keys import KeyFileError
 from app.main import key_files, open_app, source
-from app.process.keys import KeyFileError
-from app.process.logs import configure_logging
 from app.process.server import Server, port_in_use, uvicorn_config
-from app.process.tracing import TracingError
-from app.process.tracing import check as check_tracing
 from app.process.workers import supervise
+from app.repository.configs import session_config
+from app.runtimes.registry import check_model
 from app.settings import Settings
+from app.telemetry.logs import configure_logging
+from app.telemetry.tracing import TracingError
+from app.telemetry.tracing import check as check_tracing
 from core.errors import ModelError
 
 

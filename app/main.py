@@ -1,6 +1,6 @@
 """The application factory: ``create_app(settings)``. Importing this module loads nothing.
 
-Each component gets a narrow config built here (or in app.engine.sizing), once, from ``Settings``
+Each component gets a narrow config built here (or in app.repository.configs), once, from ``Settings``
 (where the defaults live).
 """
 
@@ -14,17 +14,10 @@ from dataclasses import replace
 
 from fastapi import FastAPI
 
-from app.engine.admission import Admission, AdmissionConfig
-from app.engine.backend import Backend
-from app.engine.backends import check_model, open_model
-from app.engine.fair import FairExecutor
-from app.engine.lifecycle import Lifecycle
-from app.engine.models import Models, Source
-from app.engine.repository import FileSource, RepositorySource
-from app.engine.sizing import session_config
-from app.engine.versions import Versions
+from app.batching.admission import Admission, AdmissionConfig, Lifecycle
+from app.batching.fair import FairExecutor
+from app.edge.keys import KeyFile
 from app.grpc import server as grpc_serving
-from app.http.access import RouteTable
 from app.http.auth import RequireKey
 from app.http.context import RequestContext, RequestLog
 from app.http.docs import install_docs
@@ -32,16 +25,22 @@ from app.http.handlers import install_error_handlers
 from app.http.intake import Intake
 from app.http.page import install_page
 from app.http.routes import router
+from app.http.routing import RouteTable
 from app.http.schema_bounds import install_schema_bounds
 from app.http.uploads import UploadLimits
 from app.oip.repository import router as repository_router
-from app.oip.routes import router as oip_router
-from app.process.keys import KeyFile
-from app.process.link import Change, Outcome, WorkerLink
-from app.process.metrics import Metrics
-from app.process.tracing import configure as configure_tracing
+from app.oip.rest import router as oip_router
+from app.repository.configs import session_config
+from app.repository.link import Change, Outcome, WorkerLink
+from app.repository.models import Models, Source
+from app.repository.policy import VersionPolicy
+from app.repository.sources import FileSource, RepositorySource
+from app.repository.version import Opener
+from app.runtimes.base import Backend
+from app.runtimes.registry import check_model, open_model
 from app.settings import Settings
-from app.version_policy import VersionPolicy
+from app.telemetry.metrics import Metrics
+from app.telemetry.tracing import configure as configure_tracing
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +67,7 @@ def create_app(
     settings: Settings, model: Backend | None = None, *, cores: int | None = None
 ) -> FastAPI:
     """``model``: ``model_path`` already opened (``python -m app`` opens it first to fail fast).
-    ``cores``: this worker's own cores when it is pinned to them (app.engine.sizing).
+    ``cores``: this worker's own cores when it is pinned to them (app.repository.configs).
 
     Raises KeyFileError for a configured key file that cannot be used.
     """
@@ -81,7 +80,7 @@ def create_app(
         lifecycle = Lifecycle(settings.retry_after_s)
         admission = Admission(admission_config(settings), lifecycle, metrics)
         decoder = FairExecutor(settings.decode_threads, "decode")
-        versions = Versions(settings, cores, admission, decoder, metrics, lifecycle, tracing, model)
+        versions = Opener(settings, cores, admission, decoder, metrics, lifecycle, tracing, model)
         models = Models(source(settings), versions.open, metrics)
         models.default_name = settings.default_model
         app.state.lifecycle = lifecycle
@@ -148,7 +147,7 @@ def create_app(
     install_docs(app, routes)
     install_schema_bounds(app, settings.max_images_per_request, settings.default_top_k)
     # The last added is outermost: the request context matches the route (its declared access,
-    # app.http.access) and sees the intake's refusals; keys are checked before the intake admits
+    # app.http.routing) and sees the intake's refusals; keys are checked before the intake admits
     # a request or reads its body.
     app.add_middleware(
         Intake,

@@ -13,7 +13,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.process.cpus import cpu_share
-from app.version_policy import VersionPolicy
+from app.repository.policy import VersionPolicy
 from core.preprocess import DEFAULT_FORMATS, Limits
 
 ENV_PREFIX = "RESNET_SERVE_"
@@ -77,7 +77,7 @@ class Settings(BaseSettings):
     """debug, info, warning or error: JSON lines, each with the request id while serving one.
     Health probes are logged at debug."""
     api_keys_file: Path | None = None
-    """A file of API keys, one per line (app.process.keys). Set, inference, /v1/model and the
+    """A file of API keys, one per line (app.edge.keys). Set, inference, /v1/model and the
     protocol's model routes need one of them (Authorization: Bearer or X-API-Key). Unset: open."""
     metrics_api_keys_file: Path | None = None
     """A separate file of keys for /metrics (a scraper's key cannot run inference). Unset: open."""
@@ -156,7 +156,7 @@ class Settings(BaseSettings):
     flat_batch_ms: float = Field(200.0, ge=0)
     """Batches grow to max_batch_size only where that cuts the cost per image (timed at warm-up on
     every lane at once); where it does not, they stop at the first size whose run takes this long,
-    so a request that just missed a batch waits for a short one (app.engine.batch_limit). A very
+    so a request that just missed a batch waits for a short one (app.batching.limit). A very
     large value: always up to max_batch_size."""
     max_queue_images: int = Field(1024, ge=1)
     """Images the batch queue holds (memory); beyond it 503 with Retry-After."""
@@ -166,7 +166,7 @@ class Settings(BaseSettings):
     16), each run on one thread; on a GPU one."""
     inline_max_ms: float = Field(5.0, ge=0)
     """A request alone on the server decodes its image, and runs its batch, on the event loop
-    where that is predicted to take under this (app.engine.inline): no hand-off to a thread and
+    where that is predicted to take under this (app.batching.lanes): no hand-off to a thread and
     back; other connections wait that long. 0: never."""
     request_timeout_ms: float = Field(5_000.0, gt=0)
     """Deadline from the moment a request's body is in: admission lets in only what the model can
@@ -252,7 +252,7 @@ class Settings(BaseSettings):
 
 @dataclass(frozen=True)
 class OtelVariables:
-    """OpenTelemetry's standard variables for traces, as set (app.process.tracing checks them);
+    """OpenTelemetry's standard variables for traces, as set (app.telemetry.tracing checks them);
     the service's own trace_* settings win where set."""
 
     traces_exporter: str

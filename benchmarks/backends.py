@@ -8,7 +8,7 @@ against ``backend=onnxruntime`` and against ``auto`` with bf16 off, in one run (
         --int8 artifacts/model.int8.onnx --no-service --out backends-digits
 
 In process: each candidate in a fresh process (its peak RSS is its own), opened as the server opens
-it (``app.engine.backends``' loaders, the server's lanes and threads), run by as many threads at
+it (``app.runtimes.registry``' loaders, the server's lanes and threads), run by as many threads at
 once as the server has lanes, at batch 1 and 8; and OpenVINO's own throughput hint with requests in
 flight (``AsyncInferQueue``), to measure the lane-to-stream mapping against it. Each candidate's
 largest probability difference from ONNX Runtime fp32 on the same 8 images (the file's reference
@@ -61,9 +61,9 @@ CLIENTS = (8, 64)
 
 def child(backend: str, precision: str, path: Path, mode: str, seconds: float, out: Path) -> None:
     """One candidate, measured in this process: writes its figures and its outputs."""
-    from app.engine import openvino
-    from app.engine.backends import Candidate, open_candidate
-    from app.engine.sizing import session_config
+    from app.repository.configs import session_config
+    from app.runtimes import openvino
+    from app.runtimes.registry import Candidate, open_candidate
     from app.settings import Settings
 
     config = session_config(Settings(model_path=path))
@@ -119,7 +119,7 @@ def _hint(path: Path, precision: str, batch: int, seconds: float, core: Any) -> 
 def in_process(seconds: float, rounds: int, fp32: Path, int8: Path) -> list[dict[str, Any]]:
     """Every candidate once per round, the rounds one after another (the machine's noise spread
     over all of them); each figure is the best of its rounds: a ceiling."""
-    from app.engine import openvino
+    from app.runtimes import openvino
 
     rows: list[dict[str, Any]] = [
         {"backend": backend, "precision": precision, "mode": mode}
@@ -323,7 +323,7 @@ def main() -> None:
         backend, precision, path, mode, seconds, out = args.child
         child(backend, precision, Path(path), mode, float(seconds), Path(out))
         return
-    from app.engine import openvino
+    from app.runtimes import openvino
 
     fp32, int8 = args.fp32.resolve(), args.int8.resolve()
     result = {

@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from app.engine.backend import Backend
-from app.engine.session import OnnxModel
-from app.engine.sizing import concurrent_batches, session_config
+from app.repository.configs import concurrent_batches, session_config
+from app.runtimes.base import Backend
+from app.runtimes.onnxruntime import OnnxModel
 from app.settings import Settings
 
 BATCH_SIZES = (1, 2, 4, 8, 16)

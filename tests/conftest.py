@@ -11,8 +11,8 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from app.engine.session import OnnxModel
 from app.main import create_app
+from app.runtimes.onnxruntime import OnnxModel
 from app.settings import Settings
 from tests.helpers.models import build_model, build_slow_model
 from tests.helpers.server import Server, message_is, run_server

@@ -1,4 +1,4 @@
-"""Every route declares its access (app.http.access), and the door enforces each declaration."""
+"""Every route declares its access (app.http.routing), and the door enforces each declaration."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import httpx
 import pytest
 from fastapi import APIRouter, FastAPI
 
-from app.http.access import Access, RouteTable
+from app.http.routing import Access, RouteTable
 from app.main import create_app
 from tests.conftest import Serve
 from tests.helpers.models import image_bytes

@@ -4,11 +4,10 @@ import asyncio
 
 import pytest
 
-from app.engine import admission as admission_module
-from app.engine.admission import Admission, AdmissionConfig, CostEstimate
-from app.engine.lifecycle import Lifecycle
+from app.batching import admission as admission_module
+from app.batching.admission import Admission, AdmissionConfig, CostEstimate, Lifecycle
 from app.errors import Overloaded
-from app.process.metrics import Metrics
+from app.telemetry.metrics import Metrics
 
 pytestmark = pytest.mark.anyio
 

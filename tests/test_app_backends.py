@@ -12,9 +12,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from app.engine import openvino
-from app.engine.backend import Backend
-from app.engine.backends import (
+from app.repository.configs import session_config
+from app.runtimes import openvino
+from app.runtimes.base import Backend
+from app.runtimes.onnxruntime import OnnxModel
+from app.runtimes.openvino import OpenVinoModel
+from app.runtimes.registry import (
     Candidate,
     _ranked,
     candidates,
@@ -22,9 +25,6 @@ from app.engine.backends import (
     open_model,
     peak_copies,
 )
-from app.engine.openvino import OpenVinoModel
-from app.engine.session import OnnxModel
-from app.engine.sizing import session_config
 from app.settings import Settings
 from core.errors import ModelError
 from core.reference import BOUNDS, PROBE

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.engine.batch_limit import fit_batch_limit, timed_sizes
+from app.batching.limit import fit_batch_limit, timed_sizes
 
 # Seconds per run of each size, as warm-up timed them on this repo's 2-core machine, both lanes
 # at once (one ORT thread each).

@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from app.engine.batcher import BatchConfig, Batcher, bucket_for
+from app.batching.batcher import BatchConfig, Batcher, bucket_for
 from app.errors import DeadlineExceeded, InferenceFailed, Overloaded, ShuttingDown
-from app.process.metrics import Metrics
+from app.telemetry.metrics import Metrics
 
 pytestmark = pytest.mark.anyio
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from app.engine.fair import FairExecutor, FairQueue, RoundRobin, Shares
-from app.process.callers import Caller, caller
+from app.batching.fair import FairExecutor, FairQueue, RoundRobin, Shares
+from app.edge.callers import Caller, caller
 from tests.helpers.load import Point, closed_loop
 from tests.helpers.metrics import scrape
 from tests.helpers.models import image_bytes

@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from app.engine.session import OnnxModel
-from app.engine.sizing import session_config
+from app.repository.configs import session_config
+from app.runtimes.onnxruntime import OnnxModel
 from app.settings import Settings
 from core import preprocess
 from tests.conftest import Serve
@@ -41,7 +41,7 @@ async def test_a_lone_request_moves_onto_the_event_loop_once_its_work_is_known_f
         ran_on.append(threading.current_thread().name)
         return predict_alone(images)
 
-    monkeypatch.setattr("app.engine.classifier.decode_counted", recorded_decode)
+    monkeypatch.setattr("app.pipeline.pipeline.decode_counted", recorded_decode)
     monkeypatch.setattr(model, "predict_alone", recorded_run)
     async with serve(model, inline_max_ms=inline_max_ms) as client:
         ran_on.clear()  # warm-up's runs

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.engine.lifecycle import Lifecycle
+from app.batching.admission import Lifecycle
 from app.errors import NotReady, ShuttingDown
 
 pytestmark = pytest.mark.anyio

@@ -3,7 +3,7 @@ from __future__ import annotations
 import json
 import logging
 
-from app.process.logs import JsonFormatter, request_id
+from app.telemetry.logs import JsonFormatter, request_id
 
 
 def record(message: str, **extra: object) -> logging.LogRecord:

@@ -11,7 +11,9 @@ import onnxruntime as ort
 import pytest
 from pydantic import ValidationError
 
-from app.engine.providers import (
+from app.repository.configs import batch_buckets, session_config
+from app.runtimes.onnxruntime import OnnxModel
+from app.runtimes.providers import (
     CPU,
     CUDA,
     TENSORRT,
@@ -23,8 +25,6 @@ from app.engine.providers import (
     session_providers,
     tensorrt_options,
 )
-from app.engine.session import OnnxModel
-from app.engine.sizing import batch_buckets, session_config
 from app.settings import Settings
 from core.errors import ModelError
 from tests.helpers.models import build_model

@@ -1,5 +1,5 @@
 """The model repository: versions found, loaded beside the serving ones, swapped and unloaded
-while clients keep sending, and a broken version never served (app.engine.models)."""
+while clients keep sending, and a broken version never served (app.repository.models)."""
 
 from __future__ import annotations
 
@@ -307,7 +307,7 @@ async def test_a_load_over_the_memory_budget_is_refused_and_the_serving_version_
     ):
         add_version(repository, 2)
         # As if version 2's sessions needed far more than the budget leaves.
-        monkeypatch.setattr("app.engine.memory.SESSION_BYTES_PER_FILE_BYTE", 1e9)
+        monkeypatch.setattr("app.process.memory.SESSION_BYTES_PER_FILE_BYTE", 1e9)
         refused = await control(client, "load")
         answer = await predict(client)
     assert refused.status_code == 400

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from starlette.requests import Request
 
-from app.engine.session import OnnxModel
-from app.engine.sizing import session_config
 from app.errors import ClientClosedRequest
 from app.http.disconnect import unless_disconnected
 from app.http.schemas import PredictResponse
 from app.main import create_app
+from app.repository.configs import session_config
+from app.runtimes.onnxruntime import OnnxModel
 from core.preprocess import Recipe
 from tests.conftest import Serve
 from tests.helpers.metrics import families

@@ -9,10 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.engine.bound import BoundBuckets
-from app.engine.providers import CPU
-from app.engine.session import OnnxModel
-from app.engine.sizing import session_config
+from app.repository.configs import session_config
+from app.runtimes.onnxruntime import BoundBuckets, OnnxModel
+from app.runtimes.providers import CPU
 from app.settings import Settings
 from core.errors import ModelError
 from tests.helpers.models import CROP_SIZE, LABELS, build_model

@@ -9,9 +9,14 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from app.engine.providers import CPU, CUDA
-from app.engine.sizing import alone_threads, batch_buckets, concurrent_batches, intra_op_threads
 from app.process.cpus import cpu_share, usable_cpus
+from app.repository.configs import (
+    alone_threads,
+    batch_buckets,
+    concurrent_batches,
+    intra_op_threads,
+)
+from app.runtimes.providers import CPU, CUDA
 from app.settings import Settings
 from tests.helpers.server import ROOT
 

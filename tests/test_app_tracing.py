@@ -1,4 +1,4 @@
-"""Traces of the pipeline (app.process.tracing), read from the SDK's in-memory exporter: the span
+"""Traces of the pipeline (app.telemetry.tracing), read from the SDK's in-memory exporter: the span
 tree of one request, one batch span linked to every request it served, sampling, refusals, and
 an exporter that is down or slow costing no request anything."""
 
@@ -20,8 +20,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
-from app.process import tracing
 from app.settings import Settings
+from app.telemetry import tracing
 from tests.conftest import running
 from tests.helpers.metrics import families
 from tests.helpers.models import image_bytes

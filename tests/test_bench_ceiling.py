@@ -2,8 +2,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from app.engine.session import OnnxModel
-from app.engine.sizing import session_config
+from app.repository.configs import session_config
+from app.runtimes.onnxruntime import OnnxModel
 from app.settings import Settings
 from benchmarks.ceiling import measure
 

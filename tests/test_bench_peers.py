@@ -13,8 +13,8 @@ import httpx
 import numpy as np
 import pytest
 
-from app.engine.session import OnnxModel
-from app.engine.sizing import intra_op_threads, session_config
+from app.repository.configs import intra_op_threads, session_config
+from app.runtimes.onnxruntime import OnnxModel
 from app.settings import Settings
 from benchmarks.peers.common import Classifier
 from benchmarks.peers.drive import (

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from app.process.metrics import Metrics
+from app.telemetry.metrics import Metrics
 from tests.test_deploy_k8s import render
 
 ROOT = Path(__file__).resolve().parent.parent

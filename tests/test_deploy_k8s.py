@@ -20,8 +20,8 @@ import referencing
 import yaml
 
 from app.main import create_app
-from app.process.metrics import Metrics
 from app.settings import ENV_PREFIX, Settings
+from app.telemetry.metrics import Metrics
 
 K8S = Path(__file__).resolve().parent.parent / "deploy" / "k8s"
 KUBECTL = Path(sys.executable).with_name("kubectl")

@@ -15,10 +15,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from app.engine.batcher import bucket_for
-from app.engine.providers import CPU, CUDA
-from app.engine.session import OnnxModel
-from app.engine.sizing import batch_buckets, session_config
+from app.batching.batcher import bucket_for
+from app.repository.configs import batch_buckets, session_config
+from app.runtimes.onnxruntime import OnnxModel
+from app.runtimes.providers import CPU, CUDA
 from app.settings import Settings
 from core.contract import variant_path
 from tests.conftest import Serve

@@ -80,7 +80,7 @@ APP_LAYERS = {
         "app.main",
         "app.process.server",
     },
-    "app/version_policy.py": {
+    "app/repository/policy.py": {
         "app.engine",
         "app.http",
         "app.oip",

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.engine.session import OnnxModel
-from app.engine.sizing import session_config
+from app.repository.configs import session_config
+from app.runtimes.onnxruntime import OnnxModel
 from app.settings import Settings
 from core.preprocess import decode
 from model.export import read_metadata

@@ -10,10 +10,10 @@ import onnx
 import pytest
 import torch
 
-from app.engine import openvino
-from app.engine.openvino import OpenVinoModel
-from app.engine.session import OnnxModel
-from app.engine.sizing import session_config
+from app.repository.configs import session_config
+from app.runtimes import openvino
+from app.runtimes.onnxruntime import OnnxModel
+from app.runtimes.openvino import OpenVinoModel
 from app.settings import Settings
 from core import reference
 from core.errors import ModelError

@@ -18,24 +18,24 @@ from fastapi import FastAPI
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health_pb2
 
-from app.engine.admission import Ticket
-from app.engine.classifier import Image
-from app.engine.models import Models
-from app.engine.repository import check_name
-from app.engine.served import ServedModel
+from app.batching.admission import Ticket
+from app.edge.callers import Caller, by_address, caller
 from app.errors import ClientClosedRequest, DeadlineExceeded, GivenStatus, Overloaded
 from app.grpc import inference_pb2 as pb
 from app.grpc.tensors import parameters, to_request, to_response
-from app.http.access import Access
 from app.http.auth import Refused, check_key
 from app.http.context import SAFE_ID
 from app.http.routes import check_ready
+from app.http.routing import Access
 from app.oip.repository import load_model, policy_from_config, unload_model
-from app.oip.routes import EXTENSIONS, describe
+from app.oip.rest import EXTENSIONS, describe
 from app.oip.tensors import encoded_images, output_tensor, the_input, uint8_crops, wanted_outputs
-from app.process.callers import Caller, by_address, caller
-from app.process.logs import request_id
-from app.process.tracing import end_status, trace_id
+from app.pipeline.pipeline import Image
+from app.repository.models import Models
+from app.repository.sources import check_name
+from app.repository.version import ServedModel
+from app.telemetry.logs import request_id
+from app.telemetry.tracing import end_status, trace_id
 from core.errors import BadRequest, ServiceError
 
 log = logging.getLogger(__name__)

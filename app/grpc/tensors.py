@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from app.grpc import inference_pb2 as pb
 from app.oip.codec import OutputTensor, join_bytes, tensor_bytes
-from app.oip.schemas import InferenceRequest, RequestInput, RequestOutput
+from app.oip.protocol import InferenceRequest, RequestInput, RequestOutput
 from core.errors import BadRequest
 
 

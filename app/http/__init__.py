@@ -1,1 +1,2 @@
-"""The HTTP edge: routes, middleware, uploads, errors as JSON, the page and the docs."""
+"""The HTTP transport: REST routes, the middleware at the door, uploads, errors as JSON, the
+page and the docs."""

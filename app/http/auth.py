@@ -1,6 +1,6 @@
 """API keys at the door, pure ASGI: a refused request never reaches admission, routing or its body.
 
-Protected when a key set is configured, by the access each route declares (app.http.access):
+Protected when a key set is configured, by the access each route declares (app.http.routing):
 ``Access.INFERENCE`` and ``Access.API`` routes by the API keys, ``Access.METRICS`` by the metrics
 keys, ``Access.REPOSITORY`` by the repository keys (and refused while other keys are in use but
 no repository keys are). Health probes, the docs and the page are ``Access.OPEN``. A key comes as
@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.http.access import CALLER_KEY, SCOPE_KEY, Access, Matched
+from app.edge.callers import Caller, by_address, caller
+from app.edge.keys import MAX_KEY_BYTES, KeyFile
 from app.http.handlers import error_response
-from app.process.callers import Caller, by_address, caller
-from app.process.keys import MAX_KEY_BYTES, KeyFile
-from app.process.metrics import Metrics
+from app.http.routing import CALLER_KEY, SCOPE_KEY, Access, Matched
+from app.telemetry.metrics import Metrics
 
 _CHALLENGE = 'Bearer realm="resnet-serve"'
 _MESSAGES = {
@@ -48,7 +48,7 @@ def identify(key: bytes | None, keys: KeyFile) -> Caller | str:
     return keys.match(key) or "invalid"
 
 
-# Which key set guards each kind of route (app.http.access); the rest are open.
+# Which key set guards each kind of route (app.http.routing); the rest are open.
 KEY_SETS = {
     Access.API: "api",
     Access.INFERENCE: "api",
@@ -103,7 +103,7 @@ class RequireKey:
         if not isinstance(refused, Refused):
             client = scope.get("client")
             scope[CALLER_KEY] = who = refused or by_address(client[0] if client else None)
-            caller.set(who)  # the queues behind the door read it (app.engine.fair)
+            caller.set(who)  # the queues behind the door read it (app.batching.fair)
             await self.app(scope, receive, send)
             return
         self.metrics.auth_refused.labels(reason=refused.reason).inc()

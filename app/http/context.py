@@ -13,12 +13,12 @@ import orjson
 from prometheus_client import Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.http.access import CALLER_KEY, SCOPE_KEY, Access, RouteTable
+from app.edge.callers import Caller
 from app.http.handlers import error_response
-from app.process.callers import Caller
-from app.process.logs import request_id
-from app.process.metrics import Metrics
-from app.process.tracing import Tracing, end_status, trace_id, trace_response
+from app.http.routing import CALLER_KEY, SCOPE_KEY, Access, RouteTable
+from app.telemetry.logs import request_id
+from app.telemetry.metrics import Metrics
+from app.telemetry.tracing import Tracing, end_status, trace_id, trace_response
 
 log = logging.getLogger("app.access")
 

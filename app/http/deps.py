@@ -10,13 +10,12 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from app.engine.admission import Ticket
-from app.engine.lifecycle import Lifecycle
-from app.engine.models import Models
+from app.batching.admission import Lifecycle, Ticket
 from app.http.intake import TICKET_KEY
 from app.http.uploads import UploadLimits
-from app.process.link import Change, Outcome
-from app.process.metrics import Metrics
+from app.repository.link import Change, Outcome
+from app.repository.models import Models
+from app.telemetry.metrics import Metrics
 
 
 async def _models(request: Request) -> Models:
@@ -40,7 +39,7 @@ async def _repository_changes(request: Request) -> ChangeRepository:
 
 
 ModelsDep = Annotated[Models, Depends(_models)]
-# A repository change applied by every worker (app.process.link); each one's outcome.
+# A repository change applied by every worker (app.repository.link); each one's outcome.
 ChangeRepository = Callable[[Change], Awaitable[list[Outcome]]]
 RepositoryChangesDep = Annotated[ChangeRepository, Depends(_repository_changes)]
 MetricsDep = Annotated[Metrics, Depends(_metrics)]

@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from app.process.logs import request_id
+from app.telemetry.logs import request_id
 from core.errors import ServiceError
 
 log = logging.getLogger(__name__)

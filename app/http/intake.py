@@ -1,7 +1,7 @@
 """The front door, pure ASGI and before any routing: what a request may cost before it is served.
 
-- Inference requests (routes declared ``Access.INFERENCE``: app.http.access) are admitted here
-  (app.engine.admission), before their body is read and before FastAPI's routing and dependency
+- Inference requests (routes declared ``Access.INFERENCE``: app.http.routing) are admitted here
+  (app.batching.admission), before their body is read and before FastAPI's routing and dependency
   stack: waiting and refusing must cost far less than serving.
 - Bodies stream in under three bounds: ``max_request_bytes`` per request, ``max_buffered_bytes``
   across all requests, and ``upload_timeout_ms`` for the whole upload (408, connection closed).
@@ -15,11 +15,11 @@ import asyncio
 from opentelemetry.trace import SpanContext
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.engine.admission import Admission, BufferAccount
+from app.batching.admission import Admission, BufferAccount
 from app.errors import ClientClosedRequest, UploadTimeout
-from app.http.access import SCOPE_KEY, Access, Matched
 from app.http.handlers import error_response
-from app.process.tracing import NO_TRACING, Tracing, current, now_ns
+from app.http.routing import SCOPE_KEY, Access, Matched
+from app.telemetry.tracing import NO_TRACING, Tracing, current, now_ns
 from core.errors import PayloadTooLarge, ServiceError
 
 CLOSE = {"Connection": "close"}

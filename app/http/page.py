@@ -11,7 +11,7 @@ from fastapi import APIRouter, FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
-from app.http.access import Access, RouteTable, access
+from app.http.routing import Access, RouteTable, access
 
 STATIC_DIR = Path(__file__).parent / "static"
 

@@ -8,14 +8,12 @@ import orjson
 from fastapi import APIRouter, Query, Request, Response
 from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS
 
-from app.engine.lifecycle import Lifecycle
-from app.engine.models import Models
-from app.engine.served import ServedModel
+from app.batching.admission import Lifecycle
 from app.errors import NotReady, UnknownModel
-from app.http.access import Access, access
 from app.http.deps import LifecycleDep, MetricsDep, ModelsDep, TicketDep, UploadLimitsDep
 from app.http.disconnect import unless_disconnected
 from app.http.openapi import ERRORS, PREDICT_BODY
+from app.http.routing import Access, access
 from app.http.schemas import (
     Batching,
     Candidate,
@@ -28,6 +26,8 @@ from app.http.schemas import (
     Status,
 )
 from app.http.uploads import read_uploads
+from app.repository.models import Models
+from app.repository.version import ServedModel
 from core.contract import INPUT_NAME
 
 router = APIRouter()

@@ -12,7 +12,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from app.engine.models import Models
+from app.repository.models import Models
 
 # The operations whose `model` and `version` query parameters name a served version.
 NAMED = (("/predict", "post"), ("/v1/model", "get"))

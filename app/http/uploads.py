@@ -12,8 +12,8 @@ from fastapi import Request
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from app.engine.classifier import Image
 from app.errors import InvalidMultipart
+from app.pipeline.pipeline import Image
 from core.errors import EmptyUpload, PayloadTooLarge, UnsupportedMediaType
 
 

@@ -1,1 +1,2 @@
-"""The Open Inference Protocol (KServe v2 / Triton HTTP REST), over the Classifier of /predict."""
+"""The Open Inference Protocol (KServe v2 / Triton): its recipe once, served over REST here and
+over gRPC by app.grpc."""

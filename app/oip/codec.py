@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from app.oip.schemas import InferenceRequest, RequestInput
+from app.oip.protocol import InferenceRequest, RequestInput
 from core.errors import BadRequest
 
 HEADER_LENGTH = "Inference-Header-Content-Length"

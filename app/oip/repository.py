@@ -5,7 +5,7 @@
 A load brings the model to its version policy: the server's, or Triton's ``version_policy`` in
 the request's ``config`` parameter (kept for that model until a load without one). It answers once
 the new versions serve, or 400 naming each version that failed while the old ones keep serving.
-With several workers, every worker applies the change before the answer (app.process.link).
+With several workers, every worker applies the change before the answer (app.repository.link).
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from typing import Any, TypeVar
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field, ValidationError
 
-from app.engine.models import Models
-from app.engine.repository import check_name
-from app.http.access import Access, access
 from app.http.deps import ChangeRepository, ModelsDep, RepositoryChangesDep
-from app.oip.schemas import ProtocolError
-from app.process.link import Change, raise_refusal
-from app.version_policy import VersionPolicy
+from app.http.routing import Access, access
+from app.oip.protocol import ProtocolError
+from app.repository.link import Change, raise_refusal
+from app.repository.models import Models
+from app.repository.policy import VersionPolicy
+from app.repository.sources import check_name
 from core.errors import BadRequest
 
 router = APIRouter(

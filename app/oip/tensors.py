@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from app.engine.classifier import Classifier
 from app.errors import InvalidParameter
 from app.http.uploads import UploadLimits
 from app.oip.codec import OutputTensor, split_bytes
-from app.oip.schemas import InferenceRequest, RequestInput
+from app.oip.protocol import InferenceRequest, RequestInput
+from app.pipeline.pipeline import Classifier
 from core.contract import INPUT_NAME, OUTPUT_NAME
 from core.errors import BadRequest, EmptyUpload, PayloadTooLarge
 

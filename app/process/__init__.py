@@ -1,1 +1,1 @@
-"""The process: uvicorn server, workers, cores, logging, metrics, key files."""
+"""The process: the uvicorn server and its draining connections, workers, cores, memory."""

@@ -12,7 +12,7 @@ The supervisor (this process) binds the port, starts the workers, and then only 
   has, and exits; the supervisor exits 0 once all have exited 0;
 - SIGHUP: with key files or a model repository, passed on (each worker re-reads its keys and
   loads what changed in the repository); without, a stop like SIGTERM;
-- a repository load or unload asked of one worker is relayed to every worker (app.process.link);
+- a repository load or unload asked of one worker is relayed to every worker (app.repository.link);
 - a worker whose supervisor has gone (SIGKILL) drains and exits by itself.
 """
 
@@ -36,12 +36,12 @@ from types import FrameType
 from fastapi import FastAPI
 from prometheus_client.multiprocess import mark_process_dead
 
+from app.edge.keys import KeyFileError
 from app.process.cpus import pin_worker
-from app.process.keys import KeyFileError
-from app.process.link import STARTED, Change, Outcome, WorkerLink
-from app.process.logs import configure_logging
 from app.process.server import Server, uvicorn_config
+from app.repository.link import STARTED, Change, Outcome, WorkerLink
 from app.settings import Settings
+from app.telemetry.logs import configure_logging
 from core.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ Build = Callable[[Settings, int | None], FastAPI]
 class _Worker:
     index: int
     process: BaseProcess
-    conn: Connection  # app.process.link; the worker sees EOF when the supervisor dies
+    conn: Connection  # app.repository.link; the worker sees EOF when the supervisor dies
     started: bool = False
 
 

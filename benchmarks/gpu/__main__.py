@@ -23,7 +23,7 @@ from typing import Any
 
 import onnxruntime as ort
 
-from app.engine.providers import CUDA
+from app.runtimes.providers import CUDA
 from benchmarks.gpu.fp16 import ensure_fp16
 from benchmarks.gpu.http import sweep
 from benchmarks.gpu.inprocess import CPU_VARIANTS, GPU_VARIANTS, run_variant

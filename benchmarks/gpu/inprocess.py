@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.engine.providers import TENSORRT
-from app.engine.session import OnnxModel
-from app.engine.sizing import batch_buckets, session_config
+from app.repository.configs import batch_buckets, session_config
+from app.runtimes.onnxruntime import OnnxModel
+from app.runtimes.providers import TENSORRT
 from app.settings import Settings
 from benchmarks.ceiling import measure
 from core.errors import ModelError

@@ -40,7 +40,7 @@ class PeerConfig:
 
 
 def session_options() -> ort.SessionOptions:
-    """The options a session opened by hand has, with ``app.engine.session._open_session``'s
+    """The options a session opened by hand has, with ``app.runtimes.onnxruntime._open_session``'s
     inter-op and optimisation choices: inter-op parallelism off, every graph optimisation on
     (a test checks they stay equal). intra_op_num_threads=0 lets ONNX Runtime use one thread
     per physical core, as a user's own session would; ours, by design, runs one thread per

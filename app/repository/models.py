@@ -12,7 +12,7 @@ at a time (a lock per name), so a request sees either the old set or the new one
   serving, and the failure is logged, counted and shown in the index. A load whose every new
   version failed takes nothing out, so a model that had a ready version still has one.
 
-Where versions come from is a ``Source``: the repository folder (app.engine.repository), or the
+Where versions come from is a ``Source``: the repository folder (app.repository.sources), or the
 one file of ``model_path``.
 """
 
@@ -26,13 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from app.engine.memory import release_all
-from app.engine.repository import Signature, signature
-from app.engine.served import ServedModel, State
 from app.errors import RepositoryUnavailable, UnknownModel
-from app.process.link import Change
-from app.process.metrics import Metrics
-from app.version_policy import VersionPolicy
+from app.process.memory import release_all
+from app.repository.link import Change
+from app.repository.policy import VersionPolicy
+from app.repository.sources import Signature, signature
+from app.repository.version import ServedModel, State
+from app.telemetry.metrics import Metrics
 from core.errors import ModelError, ServiceError
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ class Models:
             self._policies.pop(name, None)
 
     async def apply(self, change: Change) -> list[tuple[str, str]]:
-        """A repository change (app.process.link): the versions that failed, with why."""
+        """A repository change (app.repository.link): the versions that failed, with why."""
         if change.action == "unload":
             await self.unload(change.name)
             return []

@@ -22,7 +22,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 # How often a worker writes its callback gauges to the shared files: fresher than any scrape.
 SAMPLE_INTERVAL_S = 0.1
-# The metrics of one served model version carry these labels (app.engine.served).
+# The metrics of one served model version carry these labels (app.repository.version).
 VERSION_LABELS = ["model", "version"]
 
 
@@ -45,7 +45,7 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
-        # Bounded: a key's name from the key file, "unnamed", or "anonymous" (app.process.callers).
+        # Bounded: a key's name from the key file, "unnamed", or "anonymous" (app.edge.callers).
         self.caller_requests = Counter(
             "resnet_serve_caller_requests",
             "Inference requests (HTTP and gRPC) by caller class and status code",
@@ -150,7 +150,7 @@ class Metrics:
         )
         self.batch_limit = Gauge(
             "resnet_serve_batch_limit",
-            "The most images one batch takes (fitted at warm-up: app.engine.batch_limit)",
+            "The most images one batch takes (fitted at warm-up: app.batching.limit)",
             VERSION_LABELS,
             multiprocess_mode="livemax",
             registry=registry,

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import onnxruntime as ort
 
-from app.engine.batcher import BatchConfig
-from app.engine.providers import CPU, GPU, GpuOptions, choose_providers, default_trt_cache_dir
-from app.engine.session import SessionConfig
+from app.batching.batcher import BatchConfig
 from app.process.cpus import cpu_share
+from app.runtimes.onnxruntime import SessionConfig
+from app.runtimes.providers import CPU, GPU, GpuOptions, choose_providers, default_trt_cache_dir
 from app.settings import MAX_LANES, Settings
 from core.errors import ModelError
 

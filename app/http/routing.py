@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Scope
 ACCESS_KEY = "x-access"
 # Where the matched route's access and label live in the ASGI scope (set by RequestContext).
 SCOPE_KEY = "resnet_serve.access"
-# Who the request is for (app.process.callers), set by the key check.
+# Who the request is for (app.edge.callers), set by the key check.
 CALLER_KEY = "resnet_serve.caller"
 # Distinct (method, path) pairs remembered; model names in paths are the caller's to invent.
 CACHE_SIZE = 1024

@@ -1,4 +1,4 @@
-"""Who a request is for, as fair shares (app.engine.fair) and the per-caller metrics see it.
+"""Who a request is for, as fair shares (app.batching.fair) and the per-caller metrics see it.
 
 A caller is an API key (its ``name=`` in the key file says which class it is counted under in
 the metrics, its ``weight=`` how many turns it gets to another's one), or, when keys are off, a

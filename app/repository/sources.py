@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from app.errors import RepositoryUnavailable, UnknownModel
-from app.version_policy import VersionPolicy
+from app.repository.policy import VersionPolicy
 from core.contract import ModelMetadata
 from core.errors import BadRequest, ModelError
 

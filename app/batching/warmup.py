@@ -3,7 +3,7 @@ outputs checked, then the batch limit fitted.
 
 The first run of each shape pays for memory planning and kernel selection (and, on CUDA, graph
 capture), so no request ever does. The same runs, timed on every lane at once as under load, fit
-the batch limit (app.engine.batch_limit) and give admission its first cost per image.
+the batch limit (app.batching.limit) and give admission its first cost per image.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import logging
 import statistics
 from functools import partial
 
-from app.engine.admission import CostEstimate
-from app.engine.backend import Backend
-from app.engine.batch_limit import fit_batch_limit, timed_sizes
-from app.engine.batcher import Batcher
+from app.batching.admission import CostEstimate
+from app.batching.batcher import Batcher
+from app.batching.limit import fit_batch_limit, timed_sizes
+from app.runtimes.base import Backend
 
 log = logging.getLogger(__name__)
 

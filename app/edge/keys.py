@@ -2,7 +2,7 @@
 
 A line is the key, optionally followed by ``name=<class>`` (the caller class its requests are
 counted under in the metrics: letters, digits, ``._-``, up to 64; keys without one count as
-"unnamed") and ``weight=<1..100>`` (its share when callers compete, app.engine.fair; default 1)::
+"unnamed") and ``weight=<1..100>`` (its share when callers compete, app.batching.fair; default 1)::
 
     3c9f...e1  name=mobile-app  weight=3
 
@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from app.process.callers import Caller
+from app.edge.callers import Caller
 
 log = logging.getLogger(__name__)
 

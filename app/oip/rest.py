@@ -11,17 +11,14 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
-from app.engine.admission import Ticket
-from app.engine.classifier import Image
-from app.engine.models import Models
-from app.engine.served import ServedModel
-from app.http.access import Access, access
+from app.batching.admission import Ticket
 from app.http.deps import LifecycleDep, ModelsDep, TicketDep, UploadLimitsDep
 from app.http.disconnect import unless_disconnected
 from app.http.routes import check_ready
+from app.http.routing import Access, access
 from app.http.uploads import UploadLimits
 from app.oip.codec import HEADER_LENGTH, encode_response, parse_request
-from app.oip.schemas import (
+from app.oip.protocol import (
     InferenceRequest,
     ModelMetadataResponse,
     ProtocolError,
@@ -35,6 +32,9 @@ from app.oip.tensors import (
     uint8_crops,
     wanted_outputs,
 )
+from app.pipeline.pipeline import Image
+from app.repository.models import Models
+from app.repository.version import ServedModel
 from core.contract import INPUT_NAME, OUTPUT_NAME
 from core.errors import EmptyUpload
 

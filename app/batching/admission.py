@@ -4,9 +4,12 @@ A request is admitted while the work already admitted, each image at its model v
 cost (a ``CostEstimate`` per served version), would let it finish inside ``request_timeout_ms``.
 Otherwise it waits at the door, without its body being read, for at most ``admission_wait_ms``,
 and is shed (503) if no room opens; when room opens, waiting callers are let in in turn
-(app.engine.fair), so one caller's crowd at the door does not shut another out. Uploads hold almost
+(app.batching.fair), so one caller's crowd at the door does not shut another out. Uploads hold almost
 nothing: they are bounded by the bytes they have actually buffered and by ``upload_timeout_ms``,
 so clients trickling bytes cannot starve honest ones.
+
+Readiness (``Lifecycle``) is the first thing the door asks: warmed up, not draining, nothing
+broken.
 """
 
 from __future__ import annotations
@@ -18,11 +21,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from app.engine.fair import Shares
-from app.engine.lifecycle import Lifecycle
-from app.errors import Overloaded
-from app.process.callers import Caller, caller
-from app.process.metrics import Metrics
+from app.batching.fair import Shares
+from app.edge.callers import Caller, caller
+from app.errors import NotReady, Overloaded, ShuttingDown
+from app.telemetry.metrics import Metrics
 
 # How long an admitted request counts before its body is in (see Ticket).
 PROVISIONAL_S = 1.0
@@ -53,6 +55,63 @@ class CostEstimate:
         self.seconds_per_image = (
             cost if previous is None else previous + EWMA_WEIGHT * (cost - previous)
         )
+
+
+class Lifecycle:
+    """Readiness: warmed up, not draining, nothing broken.
+
+    Create it inside the running loop. ``draining`` is a plain flag so a signal handler may set it.
+    """
+
+    def __init__(self, retry_after_s: int) -> None:
+        self.retry_after = {"Retry-After": str(retry_after_s)}
+        self.warmed_batch_sizes: list[int] = []
+        self.warmed = False
+        self.draining = False
+        self.broken: BaseException | None = None
+        # Lanes whose run has outlasted a whole deadline: each lane's description, for /readyz.
+        self.stuck: dict[str, str] = {}
+        self._warmed_event = asyncio.Event()
+
+    def fail(self, error: BaseException) -> None:
+        """A component died (the batching task): never report ready again; probes restart us."""
+        self.broken = error
+
+    def mark_warmed(self, batch_sizes: list[int]) -> None:
+        self.warmed_batch_sizes = batch_sizes
+        self.warmed = True
+        self._warmed_event.set()
+
+    async def wait_warmed(self) -> None:
+        await self._warmed_event.wait()
+
+    @property
+    def ready(self) -> bool:
+        return self.warmed and not self.draining and self.broken is None
+
+    def lane_stuck(self, lane: str, description: str | None) -> None:
+        """A lane's run outlasted its deadline (``description``), or returned (None)."""
+        if description is None:
+            self.stuck.pop(lane, None)
+        else:
+            self.stuck[lane] = description
+
+    def check_ready(self) -> None:
+        """Admitting, and no lane stuck: a load balancer sends its traffic elsewhere meanwhile."""
+        self.check_admitting()
+        if self.stuck:
+            raise NotReady("; ".join(self.stuck.values()), headers=self.retry_after)
+
+    def check_admitting(self) -> None:
+        if self.draining:
+            raise ShuttingDown(
+                "the server is shutting down and admits no new work",
+                headers=self.retry_after,
+            )
+        if self.broken is not None:
+            raise NotReady(f"the server is broken: {self.broken!r}", headers=self.retry_after)
+        if not self.warmed:
+            raise NotReady("the model is still warming up", headers=self.retry_after)
 
 
 class Admission:

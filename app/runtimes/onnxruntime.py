@@ -1,8 +1,25 @@
-"""The ONNX Runtime session: provider choice, graph checks against the contract, inference."""
+"""The ONNX Runtime session: provider choice, graph checks against the contract, inference.
+
+Bound buffers (``BoundBuckets``): per batch bucket, input and output tensors allocated once, where the model runs.
+
+On CUDA they live on the device: a batch costs one host-to-device copy of its uint8 images and one
+copy back of its probabilities, and with ``cuda_graphs`` each bucket replays the CUDA graph captured
+at warm-up (one ``gpu_graph_id`` per bucket). On the CPU the same code runs on host buffers, which
+is how CI tests it. Each lane (app.batching.lanes) gets its own set on first use, so batches
+computing at once never share a buffer or a graph.
+
+The whole bucket's probabilities come back, padding rows included, and the batcher drops the
+padding: ORT's ``OrtValue`` copies a tensor to the host whole (``numpy()``), and copying fewer
+rows would take another kernel on the device per batch. It is small: 64 rows x 1000 classes of
+float32 are 256 KB, microseconds over PCIe next to a ResNet-50 batch's milliseconds. Top-k on
+the device would need a TopK output in the graph, a change of the ONNX contract.
+"""
 
 from __future__ import annotations
 
+import itertools
 import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -10,9 +27,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from app.engine.backend import Backend
-from app.engine.bound import BoundBuckets
-from app.engine.providers import (
+from app.runtimes.base import Backend
+from app.runtimes.providers import (
     CPU,
     CUDA,
     GPU,
@@ -41,7 +57,7 @@ OPTIMIZATION_LEVELS = {
 # runs, which took the CPU the decoders needed at saturation; "off" parks the threads after every
 # parallel operator, which costs each run the wake-ups; "in_run" spins within a run only.
 # "adaptive" (the default) is "off", plus a second session that spins within its runs for a batch
-# that has the machine to itself (app.engine.batcher: nothing else computing, queued or admitted).
+# that has the machine to itself (app.batching.batcher: nothing else computing, queued or admitted).
 # Measured (benchmarks/results/lanes.md, alternating servers, digits demo): at 1 client 268 vs
 # 239 req/s for adaptive vs off (166 vs 145 in another run); at 16 clients it costs nothing
 # (572 vs 574 img/s, both with two lanes): a busy server never takes the spinning session.
@@ -62,8 +78,8 @@ ALONE_SPINNING = "in_run"
 @dataclass(frozen=True)
 class SessionConfig:
     model_path: Path
-    providers: str  # auto | cuda | tensorrt | cpu (app.engine.providers.ACCEPTABLE)
-    precision: str  # auto | fp32 | fp16 | bf16 | int8 (app.engine.providers, .backends)
+    providers: str  # auto | cuda | tensorrt | cpu (app.runtimes.providers.ACCEPTABLE)
+    precision: str  # auto | fp32 | fp16 | bf16 | int8 (app.runtimes.providers, .backends)
     intra_op_threads: int  # 0: ONNX Runtime picks
     # Threads of the session for lone batches (adaptive): all the lanes' threads together, as a
     # lone batch has their cores to itself (app.main.alone_threads).
@@ -71,7 +87,7 @@ class SessionConfig:
     spinning: str  # off | adaptive | in_run | always: when ORT's threads may busy-wait for work
     graph_optimization: str
     gpu: GpuOptions
-    backend: str  # auto | onnxruntime | openvino (app.engine.backends)
+    backend: str  # auto | onnxruntime | openvino (app.runtimes.registry)
     bf16: bool  # whether auto may compute an fp32 file in bf16 where the CPU has it
     lanes: int  # batches computing at once: OpenVINO's streams
     reference_check: bool  # false: serve without checking the file's reference outputs
@@ -270,3 +286,82 @@ def _check_dim(name: str, shape: Sequence[int | str | None], axis: int, expected
         raise ModelError(
             f"{name} has shape {list(shape)}, but the metadata implies {expected} on axis {axis}"
         )
+
+
+@dataclass
+class _Slot:
+    images: ort.OrtValue
+    probabilities: ort.OrtValue
+    binding: ort.IOBinding
+    options: ort.RunOptions | None  # only to name a CUDA graph: reading it costs every run
+
+
+class BoundBuckets:
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        buckets: Sequence[int],
+        crop_size: int,
+        num_classes: int,
+        *,
+        device: str,
+        graphs: bool,
+    ) -> None:
+        self._session = session
+        self._device = device
+        self.buckets = list(buckets)
+        self._shape = (crop_size, num_classes, device)
+        self._graphs = graphs
+        self._lanes = itertools.count()  # a CUDA graph id is unique per (thread, bucket)
+        self._local = threading.local()
+
+    def run(self, images: np.ndarray) -> np.ndarray:
+        """uint8[B, S, S, 3] -> float32[B, C] for a bucket size B (the batcher pads to one)."""
+        slot = self._slots().get(len(images))
+        if slot is None:
+            raise ValueError(f"a batch of {len(images)} is not one of the buckets {self.buckets}")
+        slot.images.update_inplace(np.ascontiguousarray(images))
+        self._session.run_with_iobinding(slot.binding, slot.options)
+        probabilities: np.ndarray = slot.probabilities.numpy()
+        # From the device, numpy() is the copy to the host, a new array. On the CPU it is a view
+        # of the buffer this bucket's next batch overwrites, so it is copied here.
+        return probabilities if self._device != "cpu" else probabilities.copy()
+
+    def _slots(self) -> dict[int, _Slot]:
+        slots: dict[int, _Slot] | None = getattr(self._local, "slots", None)
+        if slots is None:
+            first_id = next(self._lanes) * len(self.buckets)
+            crop_size, num_classes, device = self._shape
+            slots = self._local.slots = {
+                bucket: _slot(
+                    self._session,
+                    bucket,
+                    crop_size,
+                    num_classes,
+                    device,
+                    first_id + index if self._graphs else None,
+                )
+                for index, bucket in enumerate(self.buckets)
+            }
+        return slots
+
+
+def _slot(
+    session: ort.InferenceSession,
+    bucket: int,
+    crop_size: int,
+    num_classes: int,
+    device: str,
+    graph_id: int | None,
+) -> _Slot:
+    shape_in, shape_out = (bucket, crop_size, crop_size, 3), (bucket, num_classes)
+    images = ort.OrtValue.ortvalue_from_shape_and_type(shape_in, np.uint8, device, 0)
+    probabilities = ort.OrtValue.ortvalue_from_shape_and_type(shape_out, np.float32, device, 0)
+    binding = session.io_binding()
+    binding.bind_ortvalue_input(INPUT_NAME, images)
+    binding.bind_ortvalue_output(OUTPUT_NAME, probabilities)
+    options = None
+    if graph_id is not None:
+        options = ort.RunOptions()
+        options.add_run_config_entry("gpu_graph_id", str(graph_id))
+    return _Slot(images, probabilities, binding, options)

@@ -16,13 +16,13 @@ from typing import Any, NamedTuple, TypeVar
 import numpy as np
 from opentelemetry.trace import SpanContext
 
-from app.engine.admission import Admission, CostEstimate, Ticket
-from app.engine.backend import Backend
-from app.engine.batcher import Batcher
-from app.engine.memory import release_after
+from app.batching.admission import Admission, CostEstimate, Ticket
+from app.batching.batcher import Batcher
 from app.errors import DeadlineExceeded, InvalidParameter
-from app.process.metrics import Metrics
-from app.process.tracing import NO_TRACING, Tracing, current, now_ns
+from app.process.memory import release_after
+from app.runtimes.base import Backend
+from app.telemetry.metrics import Metrics
+from app.telemetry.tracing import NO_TRACING, Tracing, current, now_ns
 from core.contract import ModelMetadata
 from core.errors import InvalidImage, ServiceError, TooManyPixels
 from core.preprocess import Decoded, Limits, decode_cost, decode_counted
@@ -194,7 +194,7 @@ class Classifier:
 
     def _decodes_inline(self, image: Image, images: int) -> bool:
         """Whether this request has the server to itself and ``image`` is predicted to decode
-        within ``inline_max_ms`` (app.engine.inline)."""
+        within ``inline_max_ms`` (app.batching.lanes)."""
         if not self._inline.max_ms or not self.batcher.alone(images):
             return False
         try:

@@ -1,9 +1,9 @@
 """Fair shares between callers: every queue a request waits in serves callers in turn.
 
-The request's caller (app.process.callers: an API key, or the client's address when keys are
+The request's caller (app.edge.callers: an API key, or the client's address when keys are
 off) travels in a context variable, set where the key is checked (HTTP: app.http.auth, gRPC:
 app.grpc.service), and every queue behind the door reads it:
-the door itself (app.engine.admission), the decode threads (``FairExecutor``) and the batch
+the door itself (app.batching.admission), the decode threads (``FairExecutor``) and the batch
 queue (``FairQueue``). Within a caller, first come first served; between callers, weighted round
 robin on images (deficit round robin with a unit cost: every queued thing is one image or one
 waiting request). A caller sending 30x more than another then gets its own backlog, not the
@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, Future
 from typing import Any, Generic, TypeVar
 
-from app.process.callers import Caller, caller
+from app.edge.callers import Caller, caller
 
 T = TypeVar("T")
 

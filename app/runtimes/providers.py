@@ -114,7 +114,7 @@ def cuda_options(options: GpuOptions) -> dict[str, str]:
         # Off by default in ORT; the graph already takes NHWC uint8 and transposes it inside,
         # so NHWC kernels may save that transpose: the GPU benchmark compares both.
         "prefer_nhwc": "1" if options.prefer_nhwc else "0",
-        # A captured graph replays fixed device buffers: app.engine.bound binds one set per bucket.
+        # A captured graph replays fixed device buffers: BoundBuckets binds one set per bucket.
         "enable_cuda_graph": "1" if options.cuda_graphs else "0",
     }
 

@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from app.engine.backend import Backend
-from app.engine.providers import check_precision, model_file
+from app.runtimes.base import Backend
+from app.runtimes.providers import check_precision, model_file
 from core.contract import INPUT_NAME, OUTPUT_NAME, ModelMetadata
 from core.errors import ModelError
 
@@ -182,7 +182,7 @@ def _metadata_props(model: Any) -> dict[str, str]:
 
 
 def _check_io(model: Any, metadata: ModelMetadata) -> None:
-    """What app.engine.session checks of the graph, on OpenVINO's reading of it."""
+    """What app.runtimes.onnxruntime checks of the graph, on OpenVINO's reading of it."""
     inputs = {name: port for port in model.inputs for name in port.get_names()}
     outputs = {name: port for port in model.outputs for name in port.get_names()}
     if INPUT_NAME not in inputs or OUTPUT_NAME not in outputs:

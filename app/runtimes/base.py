@@ -1,6 +1,6 @@
 """The one seam between the serving code and a runtime: what the batcher, lanes, warm-up,
 batch-limit fit and admission use of a loaded model, whichever runtime computes it (ONNX Runtime in
-app.engine.session, OpenVINO in app.engine.openvino; app.engine.backends chooses).
+app.runtimes.onnxruntime, OpenVINO in app.runtimes.openvino; app.runtimes.registry chooses).
 
 A backend computes ``predict`` (uint8[N, S, S, 3] -> float32[N, C] probabilities) for batch sizes
 among the buckets it was bound to; everything else here (warm-up runs, timings, the self-check
@@ -38,7 +38,7 @@ class Backend(ABC):
     backend: str  # onnxruntime | openvino
     provider: str  # where it computes: ORT's execution provider, or OpenVINO's device
     precision: str  # what it computes in: fp32 | fp16 | bf16 | int8 (bf16: an fp32 file)
-    # What app.engine.backends tried before choosing it: each candidate's timing or why it was
+    # What app.runtimes.registry tried before choosing it: each candidate's timing or why it was
     # skipped, for /v1/model and the page.
     choice: tuple[dict[str, Any], ...] = ()
     reference_check: bool = True  # false: serve without the check (logged at warning)
@@ -85,7 +85,7 @@ class Backend(ABC):
                 self.predict_alone(images)
 
     def time_runs(self, batch_sizes: Iterable[int]) -> dict[int, float]:
-        """Seconds of one warm run of each size (app.engine.batch_limit)."""
+        """Seconds of one warm run of each size (app.batching.limit)."""
         seconds = {}
         for images in self._zeros(batch_sizes):
             started = time.perf_counter()

@@ -1,9 +1,9 @@
 """Dynamic batching between the HTTP handlers and the model.
 
-Bounded; first come first served within a caller, callers in turn (app.engine.fair). A batch
+Bounded; first come first served within a caller, callers in turn (app.batching.fair). A batch
 closes when it holds ``limit`` images (``max_batch_size`` until warm-up fits it:
-app.engine.batch_limit) or when its oldest image has waited ``max_wait_ms``.
-Batches compute on lanes (app.engine.lanes), so the event loop keeps accepting and decoding
+app.batching.limit) or when its oldest image has waited ``max_wait_ms``.
+Batches compute on lanes (app.batching.lanes), so the event loop keeps accepting and decoding
 while a batch computes. A batch is collected only when a lane is free: an idle model runs what
 is queued now, and batches grow while the lanes are busy.
 """
@@ -20,12 +20,11 @@ from dataclasses import dataclass
 import numpy as np
 from opentelemetry.trace import INVALID_SPAN_CONTEXT, SpanContext, format_trace_id
 
-from app.engine.fair import FairQueue
-from app.engine.inline import Inline
-from app.engine.lanes import Lanes
+from app.batching.fair import FairQueue
+from app.batching.lanes import Inline, Lanes
 from app.errors import DeadlineExceeded, InferenceFailed, Overloaded, ShuttingDown
-from app.process.metrics import VersionMetrics
-from app.process.tracing import NO_TRACING, Tracing, current, now_ns
+from app.telemetry.metrics import VersionMetrics
+from app.telemetry.tracing import NO_TRACING, Tracing, current, now_ns
 from core.errors import ServiceError
 
 log = logging.getLogger(__name__)
@@ -51,7 +50,7 @@ class _Item:
 
 @dataclass(frozen=True)
 class BatchConfig:
-    """Built once from ``Settings`` (where the defaults live) by app.engine.sizing."""
+    """Built once from ``Settings`` (where the defaults live) by app.repository.configs."""
 
     max_batch_size: int
     # Shapes the model ever sees, ascending, the last == max_batch_size: a batch is padded with
@@ -61,13 +60,13 @@ class BatchConfig:
     max_queue_images: int
     request_timeout_ms: float  # the deadline of work submitted without one
     retry_after_s: int
-    # Batches computing at once, each on its own lane (app.engine.lanes), all on the one session:
+    # Batches computing at once, each on its own lane (app.batching.lanes), all on the one session:
     # on the CPU, runs on one core each side by side beat one run spread over all of them.
     concurrent_batches: int = 1
-    # A lone batch runs on the event loop where its last run took under this (app.engine.inline).
+    # A lone batch runs on the event loop where its last run took under this (app.batching.lanes).
     inline_max_ms: float = 0.0
     # Where a bigger batch costs no less per image, batches stop at the first size whose run
-    # takes this long (app.engine.batch_limit); warm-up sets ``Batcher.limit``.
+    # takes this long (app.batching.limit); warm-up sets ``Batcher.limit``.
     flat_batch_ms: float = 0.0
 
 

@@ -4,7 +4,7 @@
 An explicit setting is obeyed or fails at start-up in one line. ``auto`` on the CPU tries each
 candidate that computes answers of the file's grade (an fp32 file: ONNX Runtime fp32, OpenVINO
 fp32, OpenVINO bf16 where the CPU has it; the int8 file: both runtimes), times each on one warm
-batch, and serves the fastest that passes the file's reference check (app.engine.backend),
+batch, and serves the fastest that passes the file's reference check (app.runtimes.base),
 ONNX Runtime unless another is at least ``MARGIN`` faster: a CPU without bf16, where the two
 fp32 runtimes are within noise of each other, keeps serving exactly as before. The check runs
 in that order of preference, so a candidate that would lose anyway is never checked; the
@@ -26,10 +26,10 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from app.engine import openvino
-from app.engine.backend import NO_REFERENCE, Backend
-from app.engine.providers import GPU, choose_providers
-from app.engine.session import OnnxModel, SessionConfig
+from app.runtimes import openvino
+from app.runtimes.base import NO_REFERENCE, Backend
+from app.runtimes.onnxruntime import OnnxModel, SessionConfig
+from app.runtimes.providers import GPU, choose_providers
 from core.contract import ModelMetadata
 from core.errors import ModelError
 

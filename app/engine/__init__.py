@@ -1,1 +1,0 @@
-"""The inference engine: runtime sessions, batching on lanes, admission, the classifier."""

@@ -1,0 +1,1 @@
+"""One request pipeline for every protocol: admission -> decode -> batch -> run -> head."""

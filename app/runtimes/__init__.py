@@ -1,0 +1,1 @@
+"""Runtimes behind one interface: ONNX Runtime and OpenVINO, registered, chosen by auto."""
