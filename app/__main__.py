@@ -8,11 +8,12 @@ import sys
 
 from pydantic import ValidationError
 
-from app.edge.keys import KeyFileError
-from app.main import key_files, open_app, source
+from app.edge.access import KeyFileError, key_files
+from app.main import open_app
 from app.process.server import Server, port_in_use, uvicorn_config
 from app.process.workers import supervise
 from app.repository.configs import session_config
+from app.repository.sources import source
 from app.runtimes.registry import check_model
 from app.settings import Settings
 from app.telemetry.logs import configure_logging
@@ -66,7 +67,7 @@ def main() -> int:
     # not turn into death-by-signal (exit 143), so the re-raised signal is ignored here.
     for stop in (signal.SIGINT, signal.SIGTERM):
         signal.signal(stop, lambda sig, frame: None)
-    server = Server(uvicorn_config(settings, app), app)
+    server = Server(uvicorn_config(settings, app), app.state.service)
     server.run()
     return 0 if server.started else 1
 

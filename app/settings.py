@@ -77,7 +77,7 @@ class Settings(BaseSettings):
     """debug, info, warning or error: JSON lines, each with the request id while serving one.
     Health probes are logged at debug."""
     api_keys_file: Path | None = None
-    """A file of API keys, one per line (app.edge.keys). Set, inference, /v1/model and the
+    """A file of API keys, one per line (app.edge.access). Set, inference, /v1/model and the
     protocol's model routes need one of them (Authorization: Bearer or X-API-Key). Unset: open."""
     metrics_api_keys_file: Path | None = None
     """A separate file of keys for /metrics (a scraper's key cannot run inference). Unset: open."""

@@ -4,9 +4,9 @@ A request is admitted while the work already admitted, each image at its model v
 cost (a ``CostEstimate`` per served version), would let it finish inside ``request_timeout_ms``.
 Otherwise it waits at the door, without its body being read, for at most ``admission_wait_ms``,
 and is shed (503) if no room opens; when room opens, waiting callers are let in in turn
-(app.batching.fair), so one caller's crowd at the door does not shut another out. Uploads hold almost
-nothing: they are bounded by the bytes they have actually buffered and by ``upload_timeout_ms``,
-so clients trickling bytes cannot starve honest ones.
+(app.batching.fair), so one caller's crowd at the door does not shut another out. Uploads hold
+almost nothing: they are bounded by the bytes they have actually buffered and by
+``upload_timeout_ms``, so clients trickling bytes cannot starve honest ones.
 
 Readiness (``Lifecycle``) is the first thing the door asks: warmed up, not draining, nothing
 broken.
@@ -19,13 +19,16 @@ import time
 from collections import Counter, deque
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar, Token
 from dataclasses import dataclass
 
 from app.batching.fair import Shares
-from app.edge.callers import Caller, caller
+from app.edge.requests import Caller, caller
 from app.errors import NotReady, Overloaded, ShuttingDown
 from app.telemetry.metrics import Metrics
 
+# The request's admission at the door, where it came through one (set by ``with ticket:``).
+admitted: ContextVar[Ticket | None] = ContextVar("resnet_serve_ticket", default=None)
 # How long an admitted request counts before its body is in (see Ticket).
 PROVISIONAL_S = 1.0
 # Admit only what the model alone would finish in this share of the deadline: decoding and
@@ -65,7 +68,6 @@ class Lifecycle:
 
     def __init__(self, retry_after_s: int) -> None:
         self.retry_after = {"Retry-After": str(retry_after_s)}
-        self.warmed_batch_sizes: list[int] = []
         self.warmed = False
         self.draining = False
         self.broken: BaseException | None = None
@@ -77,8 +79,7 @@ class Lifecycle:
         """A component died (the batching task): never report ready again; probes restart us."""
         self.broken = error
 
-    def mark_warmed(self, batch_sizes: list[int]) -> None:
-        self.warmed_batch_sizes = batch_sizes
+    def mark_warmed(self) -> None:
         self.warmed = True
         self._warmed_event.set()
 
@@ -203,12 +204,12 @@ class Admission:
         return turn.result()
 
     @contextmanager
-    def work(
-        self, images: int, ticket: Ticket | None = None, estimate: CostEstimate | None = None
-    ) -> Iterator[None]:
+    def work(self, images: int, estimate: CostEstimate | None = None) -> Iterator[None]:
         """Hold ``images`` of the version ``estimate`` learns about in the predicted wait while
-        they are decoded, queued and computed."""
+        they are decoded, queued and computed; the request's ticket (``admitted``), if it came
+        through the door, gives its place to them."""
         self.lifecycle.check_admitting()
+        ticket = admitted.get()
         if ticket is not None:
             ticket.spend()
         if not self._fits(images, estimate):
@@ -303,7 +304,8 @@ class Ticket:
     """A request admitted at the door, counted as one image until its body is in.
 
     An honest upload finishes well inside ``PROVISIONAL_S``; one still trickling in after that
-    stops counting, so slow clients cannot hold the room that honest ones need.
+    stops counting, so slow clients cannot hold the room that honest ones need. ``with ticket:``
+    around the request's handling makes it the request's (``admitted``) and releases it after.
     """
 
     def __init__(self, admission: Admission, who: Caller) -> None:
@@ -311,6 +313,7 @@ class Ticket:
         self._who = who
         self._held = True
         self._expiry = asyncio.get_running_loop().call_later(PROVISIONAL_S, self.release)
+        self._token: Token[Ticket | None] | None = None
 
     def spend(self) -> None:
         """The request's own images take the place it held (no door opens in between)."""
@@ -324,6 +327,15 @@ class Ticket:
         if self._held:
             self.spend()
             self._admission.open_door()
+
+    def __enter__(self) -> Ticket:
+        self._token = admitted.set(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._token is not None:
+            admitted.reset(self._token)
+        self.release()
 
 
 class BufferAccount:

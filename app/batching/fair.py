@@ -1,6 +1,6 @@
 """Fair shares between callers: every queue a request waits in serves callers in turn.
 
-The request's caller (app.edge.callers: an API key, or the client's address when keys are
+The request's caller (app.edge.requests: an API key, or the client's address when keys are
 off) travels in a context variable, set where the key is checked (HTTP: app.http.auth, gRPC:
 app.grpc.service), and every queue behind the door reads it:
 the door itself (app.batching.admission), the decode threads (``FairExecutor``) and the batch
@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, Future
 from typing import Any, Generic, TypeVar
 
-from app.edge.callers import Caller, caller
+from app.edge.requests import Caller, caller
 
 T = TypeVar("T")
 

@@ -5,7 +5,8 @@ lane before it collects a batch, so an idle model runs what is queued now and ba
 every lane is busy. Warm-up uses the same threads: on a GPU each lane owns its bound buffers and
 CUDA graphs (app.runtimes.onnxruntime), so only that thread may warm them.
 
-Inline (``Inline``), the lone-request fast path: work a request alone on the server does on the event loop.
+Inline (``Inline``), the lone-request fast path: work a request alone on the server does on the
+event loop.
 
 A request with the server to itself (nothing else admitted, queued or computing:
 ``Batcher.alone``) pays two thread hand-offs for nothing: to a decode thread and back, to an

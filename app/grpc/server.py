@@ -8,15 +8,15 @@ from __future__ import annotations
 import logging
 
 import grpc
-from fastapi import FastAPI
 
 from app.grpc.service import InferenceService
+from app.service import Service
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-async def start(app: FastAPI, settings: Settings) -> grpc.aio.Server:
+async def start(service: Service, settings: Settings) -> grpc.aio.Server:
     """Listening on ``host:grpc_port``. With several workers each listens on the port
     (SO_REUSEPORT, as for HTTP: app.process.workers checked it is free); alone, it is bound
     exclusively, so a port in use is an error instead of a silently shared one."""
@@ -26,8 +26,8 @@ async def start(app: FastAPI, settings: Settings) -> grpc.aio.Server:
         ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
     ]
     server = grpc.aio.server(options=options)
-    service = InferenceService(app)
-    server.add_generic_rpc_handlers((service.handlers(), service.health()))
+    inference = InferenceService(service)
+    server.add_generic_rpc_handlers((inference.handlers(), inference.health()))
     address = f"[{settings.host}]" if ":" in settings.host else settings.host
     port = server.add_insecure_port(f"{address}:{settings.grpc_port}")
     await server.start()

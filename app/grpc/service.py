@@ -6,34 +6,23 @@ are the REST side's, each mapped to the gRPC status a client expects (``STATUS``
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import grpc
-from fastapi import FastAPI
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health_pb2
 
-from app.batching.admission import Ticket
-from app.edge.callers import Caller, by_address, caller
+from app.edge.access import Access, Refused, check_key
+from app.edge.requests import Caller, RequestIds, by_address, caller
 from app.errors import ClientClosedRequest, DeadlineExceeded, GivenStatus, Overloaded
 from app.grpc import inference_pb2 as pb
 from app.grpc.tensors import parameters, to_request, to_response
-from app.http.auth import Refused, check_key
-from app.http.context import SAFE_ID
-from app.http.routes import check_ready
-from app.http.routing import Access
-from app.oip.repository import load_model, policy_from_config, unload_model
-from app.oip.rest import EXTENSIONS, describe
-from app.oip.tensors import encoded_images, output_tensor, the_input, uint8_crops, wanted_outputs
-from app.pipeline.pipeline import Image
-from app.repository.models import Models
+from app.oip import serving
 from app.repository.sources import check_name
-from app.repository.version import ServedModel
+from app.service import Service
 from app.telemetry.logs import request_id
 from app.telemetry.tracing import end_status, trace_id
 from core.errors import BadRequest, ServiceError
@@ -43,6 +32,7 @@ log = logging.getLogger(__name__)
 SERVICE = "inference.GRPCInferenceService"
 HEALTH = "grpc.health.v1.Health"
 PROBES = ("/ServerLive", "/ServerReady", f"{HEALTH}/Check")  # logged at debug, as /readyz
+T = TypeVar("T")
 M = TypeVar("M", bound=Message)
 R = TypeVar("R", bound=Message)
 # The REST side's statuses as gRPC's. 503 is UNAVAILABLE while warming or draining (retry on
@@ -62,8 +52,6 @@ STATUS = {
     503: grpc.StatusCode.UNAVAILABLE,
     504: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
-_ID_PREFIX = "grpc-" + os.urandom(6).hex() + "-"
-_ID_COUNTER = itertools.count(1)
 
 
 def status_of(error: ServiceError) -> grpc.StatusCode:
@@ -76,9 +64,9 @@ class InferenceService:
     """Each method of the service as a handler of raw bytes (``handlers``): a message that does
     not parse is INVALID_ARGUMENT like any other bad request, counted and logged."""
 
-    def __init__(self, app: FastAPI) -> None:
-        self.app = app
-        self.state = app.state
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.ids = RequestIds("grpc-")
 
     # -- what each call does --------------------------------------------------------------------
 
@@ -91,7 +79,7 @@ class InferenceService:
         self, request: Message, context: grpc.aio.ServicerContext
     ) -> pb.ServerReadyResponse:
         try:
-            check_ready(self.state.lifecycle, self.state.models)
+            self.service.check_ready()
         except ServiceError:
             return pb.ServerReadyResponse(ready=False)
         return pb.ServerReadyResponse(ready=True)
@@ -100,8 +88,7 @@ class InferenceService:
         self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelReadyResponse:
         try:
-            self._models.resolve(request.name, request.version or None)
-            self.state.lifecycle.check_admitting()
+            serving.check_model_ready(self.service, request.name, request.version or None)
         except ServiceError:  # unknown, warming or draining
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=True)
@@ -109,14 +96,15 @@ class InferenceService:
     async def _server(
         self, request: Message, context: grpc.aio.ServicerContext
     ) -> pb.ServerMetadataResponse:
+        described = serving.server_metadata()
         return pb.ServerMetadataResponse(
-            name=self.app.title, version=self.app.version, extensions=EXTENSIONS
+            name=described.name, version=described.version, extensions=described.extensions
         )
 
     async def _metadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
-        described = describe(self._models, request.name, request.version or None)
+        described = serving.model_metadata(self.service, request.name, request.version or None)
         response = pb.ModelMetadataResponse(
             name=described.name, versions=described.versions, platform=described.platform
         )
@@ -129,48 +117,30 @@ class InferenceService:
     async def _infer(
         self, message: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
-        served = self._models.resolve(message.model_name, message.model_version or None)
-        with self.state.tracing.timed("admission"):
-            ticket = await self.state.admission.enter()
-        try:
-            with served.hold():
-                return await self._run(served, message, ticket, context)
-        finally:
-            ticket.release()
+        service = self.service
+        served = service.models.resolve(message.model_name, message.model_version or None)
+        with service.tracing.timed("admission"):
+            ticket = await service.admission.enter()
+        with ticket, served.hold():
+            request, parts = to_request(message)
 
-    async def _run(
-        self,
-        served: ServedModel,
-        message: pb.ModelInferRequest,
-        ticket: Ticket,
-        context: grpc.aio.ServicerContext,
-    ) -> pb.ModelInferResponse:
-        classifier, limits = served.classifier, self.state.upload_limits
-        request, parts = to_request(message)
-        spec, binary = the_input(request, parts)
-        wanted = wanted_outputs(request, classifier.metadata.num_classes)
-        if spec.datatype == "BYTES":
-            images = [Image(None, data) for data in encoded_images(spec, binary, limits)]
-            work: Awaitable[Any] = classifier.classify(images, ticket)
-        else:
-            crop = classifier.metadata.recipe.crop_size
-            work = classifier.infer(uint8_crops(spec, binary, crop, limits), ticket)
-        remaining = context.time_remaining()
-        try:
-            async with asyncio.timeout(remaining):  # the client's own deadline
-                probabilities = await work
-        except TimeoutError:
-            raise DeadlineExceeded("the call's deadline passed before it was answered") from None
-        outputs = [output_tensor(classifier, probabilities, one) for one in wanted]
+            async def within_deadline(work: Awaitable[T]) -> T:
+                try:
+                    async with asyncio.timeout(context.time_remaining()):  # the client's own
+                        return await work
+                except TimeoutError:
+                    raise DeadlineExceeded(
+                        "the call's deadline passed before it was answered"
+                    ) from None
+
+            _, outputs = await serving.infer(service, served, request, parts, within_deadline)
         return to_response(served.name, served.version, request, outputs)
 
     async def _index(
         self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryIndexResponse:
         response = pb.RepositoryIndexResponse()
-        for entry in self._models.index():
-            if request.ready and entry.state != "READY":
-                continue
+        for entry in serving.index(self.service, request.ready):
             response.models.add(
                 name=entry.name, version=entry.version, state=entry.state.value, reason=entry.reason
             )
@@ -179,15 +149,14 @@ class InferenceService:
     async def _load(
         self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelLoadResponse:
-        policy = policy_from_config(parameters(request.parameters).get("config"))
-        name = check_name(request.model_name)
-        await load_model(self.state.change_repository, self._models, name, policy)
+        policy = serving.policy_from_config(parameters(request.parameters).get("config"))
+        await serving.load(self.service, check_name(request.model_name), policy)
         return pb.RepositoryModelLoadResponse()
 
     async def _unload(
         self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelUnloadResponse:
-        await unload_model(self.state.change_repository, check_name(request.model_name))
+        await serving.unload(self.service, check_name(request.model_name))
         return pb.RepositoryModelUnloadResponse()
 
     # -- every call ------------------------------------------------------------------------------
@@ -257,11 +226,6 @@ class InferenceService:
 
         return call
 
-    @property
-    def _models(self) -> Models:
-        models: Models = self.state.models
-        return models
-
     async def _call(
         self,
         path: str,
@@ -274,8 +238,7 @@ class InferenceService:
         """``handler``'s answer to ``raw`` parsed as ``kind``, or an abort with the status its
         error maps to; the call's key, request id, span, metrics and access log line."""
         metadata = _metadata(context)
-        given = metadata.get(b"x-request-id", b"").decode("latin-1")
-        rid = given if SAFE_ID.fullmatch(given) else f"{_ID_PREFIX}{next(_ID_COUNTER):x}"
+        rid = self.ids(metadata.get(b"x-request-id", b"").decode("latin-1"))
         token = request_id.set(rid)
         status, started = 200, time.perf_counter()
         who: Caller | None = None  # once its key is accepted
@@ -284,14 +247,15 @@ class InferenceService:
             service, method = path[1:].rsplit("/", 1)
             return path[1:], {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
 
-        with self.state.tracing.request(metadata, describe) as span:
+        service = self.service
+        with service.tracing.request(metadata, describe) as span:
             try:
-                refused = check_key(access, metadata, self.state.key_files)
-                if isinstance(refused, Refused):
-                    self.state.metrics.auth_refused.labels(reason=refused.reason).inc()
-                    raise GivenStatus(refused.status, refused.code, refused.message)
+                found = check_key(access, metadata, service.key_files)
+                if isinstance(found, Refused):
+                    service.metrics.auth_refused.labels(reason=found.reason).inc()
+                    raise GivenStatus(found.status, found.code, found.message)
                 # The peer is "ipv4:host:port": a client's connections share its address.
-                who = refused or by_address(context.peer().rpartition(":")[0])
+                who = found or by_address(context.peer().rpartition(":")[0])
                 caller.set(who)
                 try:
                     request = kind.FromString(raw)
@@ -319,7 +283,7 @@ class InferenceService:
                     end_status(span, status, None, None)
                 seconds, traced = time.perf_counter() - started, trace_id(span)
                 counted = who if access is Access.INFERENCE else None
-                self.state.request_log.record(
+                service.request_log.record(
                     path, "gRPC", path, status, seconds, traced, path.endswith(PROBES), counted
                 )
                 request_id.reset(token)

@@ -11,7 +11,8 @@ from fastapi import APIRouter, FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
-from app.http.routing import Access, RouteTable, access
+from app.edge.access import Access, access
+from app.http.routing import RouteTable
 
 STATIC_DIR = Path(__file__).parent / "static"
 

@@ -1,19 +1,14 @@
-"""HTTP endpoints: translate requests to the classifier's calls and its answers to JSON."""
+"""The service's own HTTP endpoints beside ``/predict``: health, readiness, metrics, and the models
+being served."""
 
 from __future__ import annotations
 
-from typing import Annotated
-
-import orjson
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Request, Response
 from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS
 
-from app.batching.admission import Lifecycle
-from app.errors import NotReady, UnknownModel
-from app.http.deps import LifecycleDep, MetricsDep, ModelsDep, TicketDep, UploadLimitsDep
-from app.http.disconnect import unless_disconnected
-from app.http.openapi import ERRORS, PREDICT_BODY
-from app.http.routing import Access, access
+from app.edge.access import Access, access
+from app.http.openapi import ERRORS
+from app.http.predict import ModelName, ModelVersion
 from app.http.schemas import (
     Batching,
     Candidate,
@@ -21,61 +16,14 @@ from app.http.schemas import (
     InputSpec,
     ModelDescription,
     ModelList,
-    PredictResponse,
     Runtime,
     Status,
 )
-from app.http.uploads import read_uploads
-from app.repository.models import Models
 from app.repository.version import ServedModel
+from app.service import Service
 from core.contract import INPUT_NAME
 
 router = APIRouter()
-
-TopK = Annotated[
-    int | None, Query(ge=1, description="Predictions per image; 1..num_classes (default: setting)")
-]
-ModelName = Annotated[
-    str | None, Query(max_length=128, description="The model (default: the default model)")
-]
-ModelVersion = Annotated[
-    str | None,
-    Query(max_length=64, description="Its version (default: its newest ready version)"),
-]
-
-
-@router.post(
-    "/predict",
-    response_model=PredictResponse,
-    responses=ERRORS,
-    openapi_extra=access(Access.INFERENCE, **PREDICT_BODY),
-    summary="Classify one or many images (multipart files, or one image as the raw body)",
-)
-async def predict(
-    request: Request,
-    models: ModelsDep,
-    limits: UploadLimitsDep,
-    ticket: TicketDep,
-    top_k: TopK = None,
-    model: ModelName = None,
-    version: ModelVersion = None,
-) -> Response:
-    with models.resolve(model, version).hold() as served:
-        classifier = served.classifier
-        k = classifier.top_k_or_default(top_k)
-        images = await read_uploads(request, limits)
-        probabilities = await unless_disconnected(request, classifier.classify(images, ticket))
-    # A PredictResponse, dumped by orjson: validating pydantic models per prediction cost a
-    # measurable share of a request's event-loop time (tests hold the body to the model).
-    results = [
-        {
-            "filename": image.name,
-            "predictions": [ranked._asdict() for ranked in classifier.top_k(row, k)],
-        }
-        for image, row in zip(images, probabilities, strict=True)
-    ]
-    body = {"model_name": served.name, "model_version": served.version, "results": results}
-    return Response(orjson.dumps(body), media_type="application/json")
 
 
 @router.get(
@@ -95,18 +43,10 @@ async def healthz() -> Status:
     openapi_extra=access(Access.PROBE),
     summary="Readiness: model loaded and warmed up for every batch size, not shutting down",
 )
-async def readyz(lifecycle: LifecycleDep, models: ModelsDep) -> Status:
-    check_ready(lifecycle, models)
+async def readyz(request: Request) -> Status:
+    service: Service = request.app.state.service
+    service.check_ready()
     return Status(status="ready")
-
-
-def check_ready(lifecycle: Lifecycle, models: Models) -> None:
-    """Warm, not draining, no lane stuck, and a version of the default model ready."""
-    lifecycle.check_ready()
-    try:
-        models.resolve()
-    except UnknownModel as exc:
-        raise NotReady(exc.message, headers=lifecycle.retry_after) from None
 
 
 @router.get(
@@ -115,7 +55,8 @@ def check_ready(lifecycle: Lifecycle, models: Models) -> None:
     response_class=Response,
     openapi_extra=access(Access.METRICS),
 )
-async def metrics_endpoint(request: Request, metrics: MetricsDep) -> Response:
+async def metrics_endpoint(request: Request) -> Response:
+    metrics = request.app.state.service.metrics
     # OpenMetrics (with the exemplars: trace ids on latency buckets) for scrapers that ask for
     # it, as Prometheus does; the plain text format for everyone else.
     if "application/openmetrics-text" in request.headers.get("accept", ""):
@@ -131,9 +72,10 @@ async def metrics_endpoint(request: Request, metrics: MetricsDep) -> Response:
     summary="A model being served: the default one, or the one named",
 )
 async def describe_model(
-    models: ModelsDep, model: ModelName = None, version: ModelVersion = None
+    request: Request, model: ModelName = None, version: ModelVersion = None
 ) -> ModelDescription:
-    return describe(models.resolve(model, version))
+    service: Service = request.app.state.service
+    return describe(service.models.resolve(model, version))
 
 
 @router.get(
@@ -142,7 +84,8 @@ async def describe_model(
     openapi_extra=access(Access.API),
     summary="Every model version being served",
 )
-async def list_models(models: ModelsDep) -> ModelList:
+async def list_models(request: Request) -> ModelList:
+    models = request.app.state.service.models
     ready = sorted(models.ready(), key=lambda s: (s.name, models.versions(s.name).index(s.version)))
     default = models.resolve() if ready else None
     return ModelList(

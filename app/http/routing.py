@@ -1,46 +1,26 @@
-"""Who may call a route, and what it costs at the door: declared once, on the route itself.
+"""Which route a request is for, and the access it declares, before any routing.
 
-Every route states its access in its decorator (``openapi_extra=access(INFERENCE)``), and the
-middleware that runs before routing (keys: app.http.auth, admission: app.http.intake, the metrics
-label: app.http.context) reads it from the route the request matches, found once per request by
-``RouteTable``, through which every router is included in the app. A route that declares
-nothing makes ``create_app`` fail, so a new route cannot
-skip the key check or admission by being forgotten. The declaration shows in the OpenAPI
-document as ``x-access``.
+Every route states its access in its decorator (``openapi_extra=access(INFERENCE)``, from
+app.edge.access), and the door that runs before routing (app.http.middleware: the key check,
+admission, the metrics label) reads it from the route the request matches, found once per
+request by ``RouteTable``, through which every router is included in the app. A route that
+declares nothing makes ``create_app`` fail, so a new route cannot skip the key check or
+admission by being forgotten. The declaration shows in the OpenAPI document as ``x-access``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import StrEnum
-from typing import Any
 
 from fastapi import APIRouter, FastAPI
 from fastapi.routing import APIRoute
 from starlette.routing import BaseRoute, Match, Mount, Route
 from starlette.types import ASGIApp, Scope
 
-ACCESS_KEY = "x-access"
-# Where the matched route's access and label live in the ASGI scope (set by RequestContext).
-SCOPE_KEY = "resnet_serve.access"
-# Who the request is for (app.edge.callers), set by the key check.
-CALLER_KEY = "resnet_serve.caller"
+from app.edge.access import ACCESS_KEY, Access
+
 # Distinct (method, path) pairs remembered; model names in paths are the caller's to invent.
 CACHE_SIZE = 1024
-
-
-class Access(StrEnum):
-    OPEN = "open"  # the docs, the page: never guarded
-    PROBE = "probe"  # health and readiness: open, and logged at debug (probes come every second)
-    API = "api"  # the API keys (the model's description)
-    INFERENCE = "inference"  # the API keys, then admission before the body is read
-    METRICS = "metrics"  # the metrics keys
-    REPOSITORY = "repository"  # the repository keys: loading and unloading models
-
-
-def access(kind: Access, **openapi_extra: Any) -> dict[str, Any]:
-    """The route decorator's ``openapi_extra``, declaring ``kind`` beside any other extras."""
-    return {**openapi_extra, ACCESS_KEY: kind.value}
 
 
 @dataclass(frozen=True)

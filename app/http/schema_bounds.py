@@ -34,7 +34,7 @@ def _bounded(
     predict = schema["paths"]["/predict"]["post"]
     multipart = predict["requestBody"]["content"]["multipart/form-data"]["schema"]
     multipart["properties"]["files"]["maxItems"] = max_images_per_request
-    models: Models | None = getattr(app.state, "models", None)
+    models: Models | None = getattr(app.state.service, "models", None)
     ready = models.ready() if models is not None else []
     if not ready:
         return schema

@@ -1,46 +1,40 @@
-"""The protocol's endpoints under /v2: thin translations to the Classifier that /predict uses.
+"""The Open Inference Protocol over REST, under /v2: its routes translate HTTP to the protocol's
+recipe (app.oip.serving) and back; ``/predict``'s pipeline serves them.
 
 Health and readiness mean what /healthz and /readyz mean; infer requests are admitted at the
-door (app.http.intake) and bounded like /predict's; errors are ``{"error": "..."}``
+door (app.http.middleware) and bounded like /predict's; errors are ``{"error": "..."}``
 (app.http.handlers).
+
+The repository extension (``repository``): the index, load and unload (Triton's and MLServer's
+``/v2/repository`` routes; ``tritonclient``'s ``get_model_repository_index``, ``load_model`` and
+``unload_model`` work unchanged), guarded by the repository keys (app.edge.access). A load brings
+the model to its version policy: the server's, or Triton's ``version_policy`` in the request's
+``config`` parameter (kept for that model until a load without one). It answers once the new
+versions serve, or 400 naming each version that failed while the old ones keep serving. With
+several workers, every worker applies the change before the answer (app.repository.link).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request, Response
+from pydantic import BaseModel, Field, ValidationError
 
-from app.batching.admission import Ticket
-from app.http.deps import LifecycleDep, ModelsDep, TicketDep, UploadLimitsDep
-from app.http.disconnect import unless_disconnected
-from app.http.routes import check_ready
-from app.http.routing import Access, access
-from app.http.uploads import UploadLimits
+from app.edge.access import Access, access
+from app.edge.requests import unless_disconnected
+from app.oip import serving
 from app.oip.codec import HEADER_LENGTH, encode_response, parse_request
 from app.oip.protocol import (
     InferenceRequest,
     ModelMetadataResponse,
     ProtocolError,
     ServerMetadataResponse,
-    TensorMetadata,
 )
-from app.oip.tensors import (
-    encoded_images,
-    output_tensor,
-    the_input,
-    uint8_crops,
-    wanted_outputs,
-)
-from app.pipeline.pipeline import Image
-from app.repository.models import Models
-from app.repository.version import ServedModel
-from core.contract import INPUT_NAME, OUTPUT_NAME
-from core.errors import EmptyUpload
+from app.repository.sources import check_name
+from app.service import Service
+from core.errors import BadRequest, EmptyUpload
 
-# Triton's name for an ONNX file on ONNX Runtime; on OpenVINO the same form: "openvino_onnx".
-PLATFORM = "{backend}_onnx"
-EXTENSIONS = ["binary_tensor_data", "classification"]
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ProtocolError} for status in (400, 404, 413, 415, 422, 500, 503, 504)
 }
@@ -80,22 +74,30 @@ INFER_BODY = {
 }
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol"], responses=ERRORS)
-
+repository = APIRouter(
+    prefix="/v2/repository",
+    tags=["Open Inference Protocol: model repository"],
+    responses={status: {"model": ProtocolError} for status in (400, 401, 403, 404)},
+)
 
 OPEN = access(Access.OPEN)
 PROBE = access(Access.PROBE)
 # Model metadata is guarded like /v1/model; inference is also admitted at the door.
 MODEL = access(Access.API)
 INFER = access(Access.INFERENCE, **INFER_BODY)
+REPOSITORY = access(Access.REPOSITORY)
+
+
+def _service(request: Request) -> Service:
+    service: Service = request.app.state.service
+    return service
 
 
 @router.get(
     "", response_model=ServerMetadataResponse, openapi_extra=OPEN, summary="Server metadata"
 )
-async def server_metadata(request: Request) -> ServerMetadataResponse:
-    return ServerMetadataResponse(
-        name=request.app.title, version=request.app.version, extensions=EXTENSIONS
-    )
+async def server_metadata() -> ServerMetadataResponse:
+    return serving.server_metadata()
 
 
 @router.get(
@@ -108,14 +110,14 @@ async def live() -> Response:
 @router.get(
     "/health/ready", response_class=Response, openapi_extra=PROBE, summary="Readiness (as /readyz)"
 )
-async def ready(lifecycle: LifecycleDep, models: ModelsDep) -> Response:
-    check_ready(lifecycle, models)
+async def ready(request: Request) -> Response:
+    _service(request).check_ready()
     return Response()
 
 
 @router.get("/models/{model_name}", response_model=ModelMetadataResponse, openapi_extra=MODEL)
-async def model_metadata(model_name: str, models: ModelsDep) -> ModelMetadataResponse:
-    return describe(models, model_name, None)
+async def model_metadata(model_name: str, request: Request) -> ModelMetadataResponse:
+    return serving.model_metadata(_service(request), model_name, None)
 
 
 @router.get(
@@ -124,9 +126,9 @@ async def model_metadata(model_name: str, models: ModelsDep) -> ModelMetadataRes
     openapi_extra=MODEL,
 )
 async def version_metadata(
-    model_name: str, model_version: str, models: ModelsDep
+    model_name: str, model_version: str, request: Request
 ) -> ModelMetadataResponse:
-    return describe(models, model_name, model_version)
+    return serving.model_metadata(_service(request), model_name, model_version)
 
 
 @router.get(
@@ -135,9 +137,8 @@ async def version_metadata(
     openapi_extra=MODEL,
     summary="Model readiness (as /readyz)",
 )
-async def model_ready(model_name: str, models: ModelsDep, lifecycle: LifecycleDep) -> Response:
-    models.resolve(model_name, None)
-    lifecycle.check_admitting()
+async def model_ready(model_name: str, request: Request) -> Response:
+    serving.check_model_ready(_service(request), model_name, None)
     return Response()
 
 
@@ -147,11 +148,8 @@ async def model_ready(model_name: str, models: ModelsDep, lifecycle: LifecycleDe
     openapi_extra=MODEL,
     summary="Model readiness",
 )
-async def version_ready(
-    model_name: str, model_version: str, models: ModelsDep, lifecycle: LifecycleDep
-) -> Response:
-    models.resolve(model_name, model_version)
-    lifecycle.check_admitting()
+async def version_ready(model_name: str, model_version: str, request: Request) -> Response:
+    serving.check_model_ready(_service(request), model_name, model_version)
     return Response()
 
 
@@ -160,15 +158,8 @@ async def version_ready(
     openapi_extra=INFER,
     summary="Inference (JSON or binary tensor data)",
 )
-async def infer(
-    request: Request,
-    model_name: str,
-    models: ModelsDep,
-    limits: UploadLimitsDep,
-    ticket: TicketDep,
-) -> Response:
-    with models.resolve(model_name, None).hold() as served:
-        return await _infer(request, served, limits, ticket)
+async def infer(request: Request, model_name: str) -> Response:
+    return await _infer(request, model_name, None)
 
 
 @router.post(
@@ -176,39 +167,24 @@ async def infer(
     openapi_extra=INFER,
     summary="Inference",
 )
-async def infer_version(
-    request: Request,
-    model_name: str,
-    model_version: str,
-    models: ModelsDep,
-    limits: UploadLimitsDep,
-    ticket: TicketDep,
-) -> Response:
-    with models.resolve(model_name, model_version).hold() as served:
-        return await _infer(request, served, limits, ticket)
+async def infer_version(request: Request, model_name: str, model_version: str) -> Response:
+    return await _infer(request, model_name, model_version)
 
 
-async def _infer(
-    request: Request, served: ServedModel, limits: UploadLimits, ticket: Ticket | None
-) -> Response:
-    classifier = served.classifier
-    body = await request.body()
-    if not body:
-        raise EmptyUpload("the request body is empty (0 bytes): send an inference request")
-    inference, parts = parse_request(body, request.headers.get(HEADER_LENGTH))
-    spec, binary = the_input(inference, parts)
-    wanted = wanted_outputs(inference, classifier.metadata.num_classes)
-    if spec.datatype == "BYTES":
-        images = [Image(None, data) for data in encoded_images(spec, binary, limits)]
-        work = classifier.classify(images, ticket)
-    else:
-        crops = uint8_crops(spec, binary, classifier.metadata.recipe.crop_size, limits)
-        work = classifier.infer(crops, ticket)
-    probabilities = await unless_disconnected(request, work)
-    header: dict[str, Any] = {"model_name": served.name, "model_version": served.version}
-    if inference.id is not None:
-        header["id"] = inference.id
-    outputs = [output_tensor(classifier, probabilities, one) for one in wanted]
+async def _infer(request: Request, name: str, version: str | None) -> Response:
+    service = _service(request)
+    with service.models.resolve(name, version).hold() as served:
+        body = await request.body()
+        if not body:
+            raise EmptyUpload("the request body is empty (0 bytes): send an inference request")
+        inference, parts = parse_request(body, request.headers.get(HEADER_LENGTH))
+        header, outputs = await serving.infer(
+            service,
+            served,
+            inference,
+            parts,
+            lambda work: unless_disconnected(request.receive, work),
+        )
     content, header_length = encode_response(header, outputs)
     if header_length is None:
         return Response(content, media_type="application/json")
@@ -219,17 +195,66 @@ async def _infer(
     )
 
 
-def describe(models: Models, name: str, version: str | None) -> ModelMetadataResponse:
-    served = models.resolve(name, version)
-    metadata = served.metadata
-    crop = metadata.recipe.crop_size
-    return ModelMetadataResponse(
-        name=served.name,
-        versions=[version] if version is not None else models.versions(name),
-        platform=PLATFORM.format(backend=served.model.backend),
-        # The graph's input; BYTES [-1] of encoded images is accepted under the same name.
-        inputs=[TensorMetadata(name=INPUT_NAME, datatype="UINT8", shape=[-1, crop, crop, 3])],
-        outputs=[
-            TensorMetadata(name=OUTPUT_NAME, datatype="FP32", shape=[-1, metadata.num_classes])
-        ],
-    )
+class IndexRequest(BaseModel):
+    ready: bool = False
+
+
+class IndexEntry(BaseModel):
+    name: str
+    version: str
+    state: str = Field(description="READY, LOADING, UNLOADING or UNAVAILABLE")
+    reason: str
+
+
+class ControlRequest(BaseModel):
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+@repository.post(
+    "/index",
+    response_model=list[IndexEntry],
+    openapi_extra=REPOSITORY,
+    summary="Every model and version, with its state",
+)
+async def index(request: Request) -> list[IndexEntry]:
+    wanted = await _body(request, IndexRequest)
+    return [
+        IndexEntry(name=e.name, version=e.version, state=e.state.value, reason=e.reason)
+        for e in serving.index(_service(request), wanted.ready)
+    ]
+
+
+@repository.post(
+    "/models/{model_name}/load",
+    response_class=Response,
+    openapi_extra=REPOSITORY,
+    summary="Load the model to its version policy (200 once its new versions serve)",
+)
+async def load(model_name: str, request: Request) -> Response:
+    control = await _body(request, ControlRequest)
+    policy = serving.policy_from_config(control.parameters.get("config"))
+    await serving.load(_service(request), check_name(model_name), policy)
+    return Response()
+
+
+@repository.post(
+    "/models/{model_name}/unload",
+    response_class=Response,
+    openapi_extra=REPOSITORY,
+    summary="Unload every version of the model (200 once they have answered what they held)",
+)
+async def unload(model_name: str, request: Request) -> Response:
+    await _body(request, ControlRequest)
+    await serving.unload(_service(request), check_name(model_name))
+    return Response()
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+async def _body(request: Request, model: type[M]) -> M:
+    body = await request.body()
+    try:
+        return model.model_validate_json(body) if body.strip() else model()
+    except ValidationError as exc:
+        raise BadRequest(f"invalid request: {exc.errors()[0]['msg']}") from None

@@ -1,4 +1,4 @@
-"""Protocol tensors <-> the classifier's inputs and answers, under the same limits as /predict.
+"""Protocol tensors <-> the pipeline's inputs and answers, under the same limits as /predict.
 
 The model's one input takes two datatypes, as OpenVINO Model Server does: BYTES ``[N]`` of
 encoded images (decoded by our preprocessing) or UINT8 ``[N, S, S, 3]`` of preprocessed crops.
@@ -13,11 +13,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from app.errors import InvalidParameter
-from app.http.uploads import UploadLimits
 from app.oip.codec import OutputTensor, split_bytes
 from app.oip.protocol import InferenceRequest, RequestInput
-from app.pipeline.pipeline import Classifier
-from core.contract import INPUT_NAME, OUTPUT_NAME
+from app.pipeline.heads import Classify
+from app.pipeline.pipeline import UploadLimits
+from core.contract import INPUT_NAME, OUTPUT_NAME, ModelMetadata
 from core.errors import BadRequest, EmptyUpload, PayloadTooLarge
 
 INPUT_DATATYPES = ("BYTES", "UINT8")
@@ -119,17 +119,15 @@ def wanted_outputs(request: InferenceRequest, num_classes: int) -> list[Wanted]:
 
 
 def output_tensor(
-    classifier: Classifier, probabilities: list[np.ndarray], wanted: Wanted
+    metadata: ModelMetadata, probabilities: list[np.ndarray], wanted: Wanted
 ) -> OutputTensor:
     if not wanted.classification:
         values = np.stack(probabilities).astype(np.float32, copy=False)
         return OutputTensor(OUTPUT_NAME, "FP32", values, wanted.binary)
     # Triton's classification format, "score:index:label", the score as C's "%f".
+    classify = Classify(metadata, wanted.classification, wanted.classification)
     rows = [
-        [
-            f"{p.score:f}:{p.class_id}:{p.label}".encode()
-            for p in classifier.top_k(row, wanted.classification)
-        ]
+        [f"{p.score:f}:{p.class_id}:{p.label}".encode() for p in classify(row)]
         for row in probabilities
     ]
     return OutputTensor(OUTPUT_NAME, "BYTES", np.array(rows, dtype=object), wanted.binary)

@@ -1,7 +1,9 @@
-"""The inference pipeline every API calls: decode -> batch -> probabilities -> top-k.
+"""The request pipeline every protocol calls: admission -> decode -> batch -> run -> head.
 
-Like MLServer's DataPlane: ``/predict`` and the Open Inference Protocol endpoints share this one
-object, so limits, batching, metrics and errors cannot drift between them. HTTP stays in routes.
+Like MLServer's DataPlane: ``/predict``, the Open Inference Protocol over REST and over gRPC share
+this one object per model version, so limits, batching, metrics and errors cannot drift between
+them. A transport hands it encoded images (or preprocessed crops) and a head (app.pipeline.heads),
+which turns each image's row of model outputs into its answer.
 """
 
 from __future__ import annotations
@@ -11,15 +13,16 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 from opentelemetry.trace import SpanContext
 
-from app.batching.admission import Admission, CostEstimate, Ticket
+from app.batching.admission import Admission, CostEstimate
 from app.batching.batcher import Batcher
-from app.errors import DeadlineExceeded, InvalidParameter
-from app.process.memory import release_after
+from app.errors import DeadlineExceeded
+from app.pipeline.heads import Head
+from app.process.memory import TRIM_ABOVE_PIXELS, release_all
 from app.runtimes.base import Backend
 from app.telemetry.metrics import Metrics
 from app.telemetry.tracing import NO_TRACING, Tracing, current, now_ns
@@ -28,14 +31,6 @@ from core.errors import InvalidImage, ServiceError, TooManyPixels
 from core.preprocess import Decoded, Limits, decode_cost, decode_counted
 
 T = TypeVar("T")
-
-
-class Ranked(NamedTuple):
-    """One of an image's top-k classes."""
-
-    label: str
-    class_id: int
-    score: float
 
 
 @dataclass(frozen=True)
@@ -47,14 +42,21 @@ class Image:
 
 
 @dataclass(frozen=True)
-class ClassifyConfig:
-    default_top_k: int
+class UploadLimits:
+    """What one request may bring, checked by each transport as it reads the images."""
+
+    max_image_bytes: int
+    max_images_per_request: int
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
     limits: Limits  # per image: pixels, formats
     max_request_pixels: int
     request_timeout_ms: float
 
 
-class Classifier:
+class Pipeline:
     def __init__(
         self,
         model: Backend,
@@ -62,7 +64,7 @@ class Classifier:
         decoder: Executor,
         admission: Admission,
         metrics: Metrics,
-        config: ClassifyConfig,
+        config: PipelineConfig,
         estimate: CostEstimate | None = None,
         tracing: Tracing = NO_TRACING,
     ) -> None:
@@ -72,33 +74,21 @@ class Classifier:
         self.admission = admission
         self.estimate = estimate or CostEstimate()
         self.config = config
+        self.metadata: ModelMetadata = model.metadata
+        self._recipe = model.metadata.recipe
         self._decoder = decoder
         self._metrics = metrics
         self._inline = batcher.inline
         self._tracing = tracing
 
-    @property
-    def metadata(self) -> ModelMetadata:
-        return self.model.metadata
-
-    def top_k_or_default(self, top_k: int | None) -> int:
-        num_classes = self.metadata.num_classes
-        if top_k is None:
-            return min(self.config.default_top_k, num_classes)
-        if not 1 <= top_k <= num_classes:
-            raise InvalidParameter(f"top_k={top_k} is out of range 1..{num_classes} (the classes)")
-        return top_k
-
-    async def classify(
-        self, images: Sequence[Image], ticket: Ticket | None = None
-    ) -> list[np.ndarray]:
-        """Probabilities float32[C] per encoded image, in order.
+    async def images(self, images: Sequence[Image], head: Head[T]) -> list[T]:
+        """The head's answer for each encoded image, in order.
 
         A request decodes one image at a time, so it holds at most one decode thread: a request
         of many large images cannot queue ahead of everyone else's. Its pixel budget is checked
         from the headers before anything is decoded.
         """
-        with self.admission.work(len(images), ticket, self.estimate):
+        with self.admission.work(len(images), self.estimate):
             deadline = self._deadline()
             if len(images) > 1:  # one image is bounded by max_image_pixels <= the budget
                 await self._run(self._check_budget, images)
@@ -111,21 +101,14 @@ class Classifier:
                     crops.append(self._decode_labelled(index, image, parent))
                 else:
                     crops.append(await self._run(self._decode_labelled, index, image, parent))
-            return await self.batcher.submit(crops, deadline)
+            rows = await self.batcher.submit(crops, deadline)
+        return [head(row) for row in rows]
 
-    async def infer(
-        self, crops: Sequence[np.ndarray], ticket: Ticket | None = None
-    ) -> list[np.ndarray]:
-        """Probabilities for already preprocessed uint8[S, S, 3] crops."""
-        with self.admission.work(len(crops), ticket, self.estimate):
-            return await self.batcher.submit(crops, self._deadline())
-
-    def top_k(self, probabilities: np.ndarray, k: int) -> list[Ranked]:
-        """The k best classes, best first; equal scores list the lower class id first."""
-        labels = self.metadata.labels
-        order = np.argsort(-probabilities, kind="stable")[:k].tolist()
-        scores = probabilities[order].tolist()
-        return [Ranked(labels[i], i, score) for i, score in zip(order, scores, strict=True)]
+    async def crops(self, crops: Sequence[np.ndarray], head: Head[T]) -> list[T]:
+        """The head's answer for each already preprocessed uint8[S, S, 3] crop."""
+        with self.admission.work(len(crops), self.estimate):
+            rows = await self.batcher.submit(crops, self._deadline())
+        return [head(row) for row in rows]
 
     def _deadline(self) -> float:
         return asyncio.get_running_loop().time() + self.config.request_timeout_ms / 1000
@@ -139,7 +122,7 @@ class Classifier:
         return await asyncio.get_running_loop().run_in_executor(self._decoder, fn, *args)
 
     def _check_budget(self, images: Sequence[Image]) -> None:
-        recipe, limits = self.metadata.recipe, self.config.limits
+        recipe, limits = self._recipe, self.config.limits
         total = 0
         for index, image in enumerate(images):
             total += _labelled(index, image, decode_cost, image.data, recipe, limits)
@@ -187,9 +170,10 @@ class Classifier:
 
     def _decode(self, data: bytes) -> Decoded:
         started = time.perf_counter()
-        decoded = decode_counted(data, self.metadata.recipe, self.config.limits)
+        decoded = decode_counted(data, self._recipe, self.config.limits)
         self._inline.decoded(decoded.pixels, time.perf_counter() - started)
-        release_after(decoded.pixels)
+        if decoded.pixels > TRIM_ABOVE_PIXELS:  # app.process.memory
+            release_all()
         return decoded
 
     def _decodes_inline(self, image: Image, images: int) -> bool:
@@ -198,7 +182,7 @@ class Classifier:
         if not self._inline.max_ms or not self.batcher.alone(images):
             return False
         try:
-            pixels = decode_cost(image.data, self.metadata.recipe, self.config.limits)
+            pixels = decode_cost(image.data, self._recipe, self.config.limits)
         except Exception:  # a bad image fails on the decode thread, as any other does
             return False
         return self._inline.decodes(pixels)

@@ -13,7 +13,8 @@ import os
 
 from core.errors import ModelError
 
-# Decodes smaller than this leave little behind; trimming after each would only cost time.
+# Decodes smaller than this leave little behind; trimming after each would only cost time (the
+# pipeline calls ``release_all`` after a larger one).
 TRIM_ABOVE_PIXELS = 4_000_000
 
 
@@ -30,13 +31,8 @@ _malloc_trim = _load_trim()
 
 def release_all() -> None:
     """Give every freed page back: after a model version's sessions are let go (its weights and
-    arena are hundreds of MB that glibc would otherwise keep)."""
+    arena are hundreds of MB that glibc would otherwise keep), and after a large decode."""
     if _malloc_trim is not None:
-        _malloc_trim(0)
-
-
-def release_after(pixels: int) -> None:
-    if _malloc_trim is not None and pixels > TRIM_ABOVE_PIXELS:
         _malloc_trim(0)
 
 

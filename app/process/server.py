@@ -31,7 +31,7 @@ import signal
 import socket
 from collections.abc import Callable
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 import uvicorn
 from fastapi import FastAPI
@@ -69,6 +69,17 @@ def uvicorn_config(settings: Settings, app: FastAPI) -> uvicorn.Config:
     )
 
 
+class Served(Protocol):
+    """What the server asks of the service it runs (app.service.Service)."""
+
+    @property
+    def reloads_on_sighup(self) -> bool: ...
+
+    def reload(self) -> None: ...
+
+    def stop_admitting(self) -> None: ...
+
+
 class Server(uvicorn.Server):
     """Turns readiness to 503 the moment a stop signal arrives, before uvicorn starts draining;
     on SIGHUP re-reads the key files and loads what changed in the model repository;
@@ -77,19 +88,18 @@ class Server(uvicorn.Server):
     def __init__(
         self,
         config: uvicorn.Config,
-        app: FastAPI,
+        served: Served,
         on_started: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(config)
-        self._app = app
+        self._served = served
         self._on_started = on_started
-        self._reloading: asyncio.Task[None] | None = None
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         # Only with keys or a repository to re-read: otherwise SIGHUP (a closed terminal) still
         # ends the server.
-        if self._app.state.reloads_on_sighup:
-            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._reload)
+        if self._served.reloads_on_sighup:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._served.reload)
         await super().serve(sockets)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
@@ -97,17 +107,8 @@ class Server(uvicorn.Server):
         if self.started and self._on_started is not None:
             self._on_started()
 
-    def _reload(self) -> None:
-        for keys in self._app.state.key_files.values():
-            keys.reload()
-        models = getattr(self._app.state, "models", None)
-        if models is not None:
-            self._reloading = asyncio.get_running_loop().create_task(models.load_all())
-
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        lifecycle = getattr(self._app.state, "lifecycle", None)
-        if lifecycle is not None:
-            lifecycle.draining = True
+        self._served.stop_admitting()
         super().handle_exit(sig, frame)
 
 

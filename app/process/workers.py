@@ -36,7 +36,7 @@ from types import FrameType
 from fastapi import FastAPI
 from prometheus_client.multiprocess import mark_process_dead
 
-from app.edge.keys import KeyFileError
+from app.edge.access import KeyFileError
 from app.process.cpus import pin_worker
 from app.process.server import Server, uvicorn_config
 from app.repository.link import STARTED, Change, Outcome, WorkerLink
@@ -315,8 +315,9 @@ def serve_worker(settings: Settings, build: Build, index: int, port: int, conn: 
     except (OSError, ModelError, KeyFileError) as exc:
         print(f"resnet-serve: worker {index}: {exc}", file=sys.stderr)
         sys.exit(1)
-    app.state.link = link
-    server = Server(uvicorn_config(settings, app), app, on_started=lambda: link.send(STARTED))
+    service = app.state.service
+    service.link = link
+    server = Server(uvicorn_config(settings, app), service, on_started=lambda: link.send(STARTED))
     server.run(sockets=[listener])
     if not server.started:
         sys.exit(1)

@@ -1,4 +1,6 @@
-"""How one worker uses its share of the cores: lanes, threads per run, batch buckets.
+"""What serves a model version, configured once from ``Settings`` (where the defaults live): the
+runtime's session, the batcher, the pipeline and admission; and how one worker uses its share of
+the cores for them: lanes, threads per run, batch buckets.
 
 Each choice is made for the provider that runs it: the session's threads for the provider it is
 opened for (the first one the ``providers`` setting accepts that is installed), the batcher's lanes
@@ -11,7 +13,9 @@ from __future__ import annotations
 
 import onnxruntime as ort
 
+from app.batching.admission import AdmissionConfig
 from app.batching.batcher import BatchConfig
+from app.pipeline.pipeline import PipelineConfig
 from app.process.cpus import cpu_share
 from app.runtimes.onnxruntime import SessionConfig
 from app.runtimes.providers import CPU, GPU, GpuOptions, choose_providers, default_trt_cache_dir
@@ -101,4 +105,20 @@ def batch_config(settings: Settings, provider: str, cores: int | None = None) ->
         concurrent_batches=concurrent_batches(settings, provider, cores),
         inline_max_ms=settings.inline_max_ms,
         flat_batch_ms=settings.flat_batch_ms,
+    )
+
+
+def pipeline_config(settings: Settings) -> PipelineConfig:
+    return PipelineConfig(
+        limits=settings.limits,
+        max_request_pixels=settings.max_request_pixels,
+        request_timeout_ms=settings.request_timeout_ms,
+    )
+
+
+def admission_config(settings: Settings) -> AdmissionConfig:
+    return AdmissionConfig(
+        request_timeout_ms=settings.request_timeout_ms,
+        admission_wait_ms=settings.admission_wait_ms,
+        max_buffered_bytes=settings.max_buffered_bytes,
     )

@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from app.errors import RepositoryUnavailable, UnknownModel
+from app.repository.configs import session_config
 from app.repository.policy import VersionPolicy
+from app.runtimes.registry import check_model
+from app.settings import Settings
 from core.contract import ModelMetadata
 from core.errors import BadRequest, ModelError
 
@@ -70,6 +74,20 @@ def signature(model_file: Path) -> Signature:
     """What changes while a version directory is still being written."""
     files = sorted(p for p in model_file.parent.iterdir() if p.is_file())
     return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+
+
+def source(settings: Settings) -> RepositorySource | FileSource:
+    """Where the model versions come from: the repository folder, or the one file. Raises
+    ModelError (one line at start-up) for a repository folder that is not there."""
+    if settings.model_repository is not None:
+        return RepositorySource(
+            settings.model_repository, VersionPolicy.parse(settings.version_policy)
+        )
+    check = session_config(settings)
+    return FileSource(
+        settings.model_path,
+        lambda path: check_model(replace(check, model_path=path)),
+    )
 
 
 class RepositorySource:

@@ -23,9 +23,9 @@ from pathlib import Path
 from app.batching.admission import Admission, CostEstimate, Lifecycle
 from app.batching.batcher import Batcher
 from app.batching.warmup import warm_up
-from app.pipeline.pipeline import Classifier, ClassifyConfig
+from app.pipeline.pipeline import Pipeline
 from app.process.memory import check_budget
-from app.repository.configs import batch_config, session_config
+from app.repository.configs import batch_config, pipeline_config, session_config
 from app.runtimes.base import Backend
 from app.runtimes.onnxruntime import SessionConfig
 from app.runtimes.registry import open_model, peak_copies
@@ -53,7 +53,7 @@ class ServedModel:
     source: Path  # the ONNX file it was opened from
     model: Backend
     batcher: Batcher
-    classifier: Classifier
+    pipeline: Pipeline
     estimate: CostEstimate
     admission: Admission
     metrics: VersionMetrics
@@ -136,15 +136,6 @@ class ServedModel:
 LOAD_NICENESS = 10
 
 
-def classify_config(settings: Settings) -> ClassifyConfig:
-    return ClassifyConfig(
-        default_top_k=settings.default_top_k,
-        limits=settings.limits,
-        max_request_pixels=settings.max_request_pixels,
-        request_timeout_ms=settings.request_timeout_ms,
-    )
-
-
 class Opener:
     """Opens versions for one worker; every version shares its admission, decoders and metrics.
 
@@ -216,18 +207,18 @@ class Opener:
                 "resnet_serve.backend": loaded.backend,
             },
         )
-        classifier = Classifier(
+        pipeline = Pipeline(
             loaded,
             batcher,
             self.decoder,
             admission,
             self.metrics,
-            classify_config(self.settings),
+            pipeline_config(self.settings),
             estimate,
             self.tracing,
         )
         return ServedModel(
-            name, version, path, loaded, batcher, classifier, estimate, admission, metrics
+            name, version, path, loaded, batcher, pipeline, estimate, admission, metrics
         )
 
 

@@ -1,6 +1,7 @@
 """The ONNX Runtime session: provider choice, graph checks against the contract, inference.
 
-Bound buffers (``BoundBuckets``): per batch bucket, input and output tensors allocated once, where the model runs.
+Bound buffers (``BoundBuckets``): per batch bucket, input and output tensors allocated once, where
+the model runs.
 
 On CUDA they live on the device: a batch costs one host-to-device copy of its uint8 images and one
 copy back of its probabilities, and with ``cuda_graphs`` each bucket replays the CUDA graph captured

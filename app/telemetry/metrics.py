@@ -45,7 +45,7 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
-        # Bounded: a key's name from the key file, "unnamed", or "anonymous" (app.edge.callers).
+        # Bounded: a key's name from the key file, "unnamed", or "anonymous" (app.edge.requests).
         self.caller_requests = Counter(
             "resnet_serve_caller_requests",
             "Inference requests (HTTP and gRPC) by caller class and status code",

@@ -1,4 +1,13 @@
-"""API keys from a file: one per line, blank lines and ``#`` comments ignored; rotated live.
+"""Who may call what, for every transport: the access each route or call declares, the API keys
+(read from files, rotated live) and the check of a call's key against them.
+
+Protected when a key set is configured, by the access each route or call declares:
+``Access.INFERENCE`` and ``Access.API`` by the API keys, ``Access.METRICS`` by the metrics keys,
+``Access.REPOSITORY`` by the repository keys (and refused while other keys are in use but no
+repository keys are). Health probes, the docs and the page are ``Access.OPEN``. A key comes as
+``Authorization: Bearer <key>`` or ``X-API-Key: <key>`` (HTTP headers, or gRPC metadata).
+
+Key files: one key per line, blank lines and ``#`` comments ignored; rotated live.
 
 A line is the key, optionally followed by ``name=<class>`` (the caller class its requests are
 counted under in the metrics: letters, digits, ``._-``, up to 64; keys without one count as
@@ -19,10 +28,107 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
-from app.edge.callers import Caller
+from app.edge.requests import Caller
+from app.settings import Settings
+
+# Where a route declares its access: its decorator's ``openapi_extra`` (shown in the OpenAPI
+# document as ``x-access``), read by the HTTP route table (app.http.routing).
+ACCESS_KEY = "x-access"
+
+
+class Access(StrEnum):
+    OPEN = "open"  # the docs, the page: never guarded
+    PROBE = "probe"  # health and readiness: open, and logged at debug (probes come every second)
+    API = "api"  # the API keys (the model's description)
+    INFERENCE = "inference"  # the API keys, then admission before the body is read
+    METRICS = "metrics"  # the metrics keys
+    REPOSITORY = "repository"  # the repository keys: loading and unloading models
+
+
+def access(kind: Access, **openapi_extra: Any) -> dict[str, Any]:
+    """A route decorator's ``openapi_extra``, declaring ``kind`` beside any other extras."""
+    return {**openapi_extra, ACCESS_KEY: kind.value}
+
+
+# Which key set guards each kind of call; the rest are open.
+KEY_SETS = {
+    Access.API: "api",
+    Access.INFERENCE: "api",
+    Access.METRICS: "metrics",
+    Access.REPOSITORY: "repository",
+}
+_MESSAGES = {
+    "missing": "an API key is required: send Authorization: Bearer <key> or X-API-Key: <key>",
+    "empty": "the API key is empty",
+    "too_long": "the API key is longer than {limit} bytes",
+    "invalid": "the API key is not valid",
+}
+
+
+@dataclass(frozen=True)
+class Refused:
+    status: int
+    code: str
+    message: str
+    reason: str  # the metrics label
+
+
+def check_key(
+    access: Access, headers: Mapping[bytes, bytes], keys: Mapping[str, KeyFile]
+) -> Caller | Refused | None:
+    """The caller a call of ``access`` with these headers (or gRPC metadata) is for, by its key;
+    why it is refused; or None where no key guards it."""
+    name = KEY_SETS.get(access)
+    key_set = keys.get(name) if name is not None else None
+    if name == "repository" and key_set is None and keys:
+        # Keys are in use, but none may change models: an inference key must not unload.
+        message = (
+            "the repository API needs a repository key, and none is configured "
+            "(RESNET_SERVE_REPOSITORY_API_KEYS_FILE)"
+        )
+        return Refused(403, "forbidden", message, "no_key_set")
+    if key_set is None:
+        return None
+    found = identify(presented_key(headers), key_set)
+    if isinstance(found, Caller):
+        return found
+    return Refused(401, "unauthorized", _MESSAGES[found].format(limit=MAX_KEY_BYTES), found)
+
+
+def key_files(settings: Settings) -> dict[str, KeyFile]:
+    """The configured key sets by name, each read now (raises KeyFileError)."""
+    paths = {
+        "api": settings.api_keys_file,
+        "metrics": settings.metrics_api_keys_file,
+        "repository": settings.repository_api_keys_file,
+    }
+    return {name: KeyFile(path, name) for name, path in paths.items() if path is not None}
+
+
+def presented_key(headers: Mapping[bytes, bytes]) -> bytes | None:
+    """The key the call carries: a Bearer token, else X-API-Key; None when it has neither."""
+    scheme, _, token = headers.get(b"authorization", b"").strip().partition(b" ")
+    if scheme.lower() == b"bearer":
+        return token.strip()
+    return headers.get(b"x-api-key")
+
+
+def identify(key: bytes | None, keys: KeyFile) -> Caller | str:
+    """The caller ``key`` stands for, or why it is refused (a metrics label)."""
+    if key is None:
+        return "missing"
+    if not key:
+        return "empty"
+    if len(key) > MAX_KEY_BYTES:
+        return "too_long"
+    return keys.match(key) or "invalid"
+
 
 log = logging.getLogger(__name__)
 
