@@ -18,10 +18,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-from opentelemetry.trace import INVALID_SPAN_CONTEXT, SpanContext, format_trace_id
+from opentelemetry.trace import SpanContext, format_trace_id
+from prometheus_client import Counter
 
 from app.batching.fair import FairQueue
 from app.batching.lanes import Inline, Lanes
+from app.batching.spans import BatchSpans
+from app.batching.watchdog import Watchdog
 from app.errors import DeadlineExceeded, InferenceFailed, Overloaded, ShuttingDown
 from app.telemetry.metrics import VersionMetrics
 from app.telemetry.tracing import NO_TRACING, Tracing, current, now_ns
@@ -103,11 +106,11 @@ class Batcher:
         self.alone_fn = alone_fn
         self.admitted_images = admitted_images
         self.tracing = tracing
-        self.described = dict(described or {})
-        self.on_stuck = on_stuck
-        # A run longer than a whole deadline answers nobody in time: its lane is stuck.
-        self.stuck_after_s = config.request_timeout_ms / 1000
+        described = dict(described or {})
+        self.spans = BatchSpans(tracing, described)
+        self.watchdog = Watchdog(config.request_timeout_ms, described, self.lane_label, on_stuck)
         self._lane_numbers: dict[ThreadPoolExecutor, int] = {}
+        self._busy: dict[str, Counter] = {}  # each lane's busy-seconds counter, once looked up
         self.inline = Inline(config.inline_max_ms, batches=alone_fn is not None)
         self.lanes = Lanes(config.concurrent_batches)
         self.limit = config.max_batch_size  # the most images one batch takes
@@ -118,7 +121,6 @@ class Batcher:
         self._failed: BaseException | None = None
         self._collecting: list[_Item] = []
         self._running: dict[asyncio.Task[None], list[_Item]] = {}
-        self._stuck_lanes: set[ThreadPoolExecutor] = set()
         metrics.track(queue_depth=self._queue.qsize, batch_limit=lambda: self.limit)
 
     @property
@@ -168,8 +170,8 @@ class Batcher:
             deadline = loop.time() + self.config.request_timeout_ms / 1000
         futures = self._enqueue(images, deadline)
         # Past the deadline an image still queued gets 504 when a lane takes it, and a stuck
-        # run's after ``stuck_after_s``: this bound only matters when every lane is stuck.
-        bound_s = max(0.0, deadline - loop.time()) + 2 * self.stuck_after_s
+        # run's after the watchdog's ``after_s``: this bound only matters when every lane is stuck.
+        bound_s = max(0.0, deadline - loop.time()) + 2 * self.watchdog.after_s
         try:
             _, waiting = await asyncio.wait(
                 futures, timeout=bound_s, return_when=asyncio.FIRST_EXCEPTION
@@ -243,48 +245,20 @@ class Batcher:
     async def _process(self, lane: ThreadPoolExecutor, batch: list[_Item], alone: bool) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
-        watch = loop.call_later(self.stuck_after_s, self._stuck, lane, batch, started)
+        watchdog = self.watchdog
+        watch = loop.call_later(watchdog.after_s, watchdog.stuck, lane, batch, started)
         try:
             live = self._admit(batch)
             if live:
                 self._fan_out(live, await self._run(lane, live, alone))
         finally:
             watch.cancel()
-            if lane in self._stuck_lanes:
-                self._stuck_lanes.discard(lane)
-                label = self._stuck_label(lane)
-                log.warning(
-                    "a stuck lane returned",
-                    extra={"lane": label, "seconds": round(loop.time() - started, 3)},
-                )
-                self.on_stuck(label, None)
+            if lane in watchdog.stuck_lanes:
+                watchdog.returned(lane, started)
             for _ in batch:
                 self._queue.task_done()
             self._computing -= 1
             self.lanes.give_back(lane)
-
-    def _stuck_label(self, lane: ThreadPoolExecutor) -> str:
-        model = self.described.get("resnet_serve.model", "")
-        version = self.described.get("resnet_serve.model_version", "")
-        return f"{model}:{version}:lane {self._lane_label(lane, inline=False)}"
-
-    def _stuck(self, lane: ThreadPoolExecutor, batch: list[_Item], started: float) -> None:
-        """The run has outlasted a whole deadline: answer its requests now (504) and report the
-        lane, which computes nothing else until the run returns."""
-        seconds = asyncio.get_running_loop().time() - started
-        label = self._stuck_label(lane)
-        self._stuck_lanes.add(lane)
-        description = (
-            f"{label} has run one batch of {len(batch)} for over {seconds:.3g} s "
-            f"(request_timeout_ms={self.config.request_timeout_ms:g})"
-        )
-        log.error("a lane is stuck", extra={"lane": label, "batch_size": len(batch)})
-        for item in batch:
-            if not item.future.done():
-                item.future.set_exception(
-                    DeadlineExceeded(f"the model run did not return in time: {description}")
-                )
-        self.on_stuck(label, description)
 
     async def _collect(self) -> list[_Item]:
         first = await self._queue.get()
@@ -352,17 +326,23 @@ class Batcher:
         except Exception as exc:
             log.exception("inference failed", extra={"batch_size": len(batch)})
             failed = InferenceFailed(f"inference failed for a batch of {len(batch)}: {exc!r}")
-            self._trace(self._lane_label(lane, inline), batch, size, started_ns, failed.message)
+            if started_ns:
+                label = self.lane_label(lane, inline)
+                self.spans.record(label, batch, size, started_ns, failed.message)
             return failed
         if len(outputs) != size:
             return InferenceFailed(
                 f"model returned {len(outputs)} outputs for a batch of {size} images"
             )
-        lane_label = self._lane_label(lane, inline)
-        self._trace(lane_label, batch, size, started_ns)
+        lane_label = self.lane_label(lane, inline)
+        if started_ns:
+            self.spans.record(lane_label, batch, size, started_ns)
         seconds = time.perf_counter() - started
-        self.metrics.lane_busy(lane_label).inc(seconds)
-        if lane in self._stuck_lanes and not inline:
+        busy = self._busy.get(lane_label)
+        if busy is None:
+            busy = self._busy[lane_label] = self.metrics.lane_busy(lane_label)
+        busy.inc(seconds)
+        if lane in self.watchdog.stuck_lanes and not inline:
             # Its requests were answered 504 long ago; its time says nothing of the next run's
             # (it would refuse everyone through admission's cost estimate).
             return outputs[: len(batch)]
@@ -375,75 +355,11 @@ class Batcher:
         self.metrics.images.inc(len(batch))
         return outputs[: len(batch)]
 
-    def _lane_label(self, lane: ThreadPoolExecutor, inline: bool) -> str:
+    def lane_label(self, lane: ThreadPoolExecutor, inline: bool = False) -> str:
         """The lane a batch ran on, for metrics and spans: its number, or "loop" (inline)."""
         if inline:
             return "loop"
         return str(self._lane_numbers.setdefault(lane, len(self._lane_numbers)))
-
-    def _trace(
-        self,
-        lane: str,
-        batch: list[_Item],
-        size: int,
-        started_ns: int,
-        error: str | None = None,
-    ) -> None:
-        """The batch's span, linked to each traced request in it; and in each such request, its
-        wait in the queue and its share of the run, linked back to the batch."""
-        traced = [item for item in batch if item.trace is not None]
-        if not traced:
-            return
-        try:
-            self._record_spans(lane, traced, len(batch), size, started_ns, error)
-        except Exception:  # tracing never fails a batch
-            log.exception("tracing the batch failed")
-
-    def _record_spans(
-        self,
-        lane: str,
-        traced: list[_Item],
-        images: int,
-        size: int,
-        started_ns: int,
-        error: str | None,
-    ) -> None:
-        ended_ns = now_ns()
-        attributes = {
-            **self.described,
-            "resnet_serve.batch.size": images,
-            "resnet_serve.batch.bucket": size,
-            "resnet_serve.batch.padding": size - images,
-            "resnet_serve.batch.lane": lane,
-        }
-        requests: dict[tuple[int, int], tuple[SpanContext, list[_Item]]] = {}
-        for item in traced:
-            assert item.trace is not None
-            key = (item.trace.trace_id, item.trace.span_id)
-            requests.setdefault(key, (item.trace, []))[1].append(item)
-        span = self.tracing.stage(
-            "batch",
-            started_ns,
-            ended_ns,
-            attributes,
-            parent=INVALID_SPAN_CONTEXT,  # a root of its own: it serves many traces
-            links=[request for request, _ in requests.values()],
-            error=error,
-        )
-        shared = [span] if span is not None else []
-        for request, items in requests.values():
-            queued = min(item.enqueued_ns for item in items)
-            own = {"resnet_serve.images": len(items)}
-            self.tracing.stage("queue", queued, started_ns, own, parent=request, links=shared)
-            self.tracing.stage(
-                "inference",
-                started_ns,
-                ended_ns,
-                own,
-                parent=request,
-                links=shared,
-                error=error,
-            )
 
     def _fan_out(self, batch: list[_Item], outputs: np.ndarray | ServiceError) -> None:
         for index, item in enumerate(batch):

@@ -229,12 +229,10 @@ class VersionMetrics:
         self.batch_size = metrics.batch_size.labels(name, version)
         self.padded_batch_size = metrics.padded_batch_size.labels(name, version)
         self.images = metrics.images.labels(name, version)
-        self._lanes: dict[str, Counter] = {}
 
     def lane_busy(self, lane: str) -> Counter:
-        if lane not in self._lanes:
-            self._lanes[lane] = self._metrics.lane_busy_seconds.labels(*self._labels, lane)
-        return self._lanes[lane]
+        """The lane's busy-seconds child (the batcher keeps it: a lookup takes a lock)."""
+        return self._metrics.lane_busy_seconds.labels(*self._labels, lane)
 
     def track(self, queue_depth: Callable[[], float], batch_limit: Callable[[], float]) -> None:
         self._metrics.track(self._metrics.queue_depth.labels(*self._labels), queue_depth)
