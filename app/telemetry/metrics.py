@@ -31,16 +31,23 @@ class Metrics:
         self.multiprocess = multiprocess
         self._sampled: list[tuple[Gauge, Callable[[], float]]] = []
         self.registry = CollectorRegistry()
-        registry = self.registry
+        self._requests(self.registry)
+        self._admission(self.registry)
+        self._batches(self.registry)
+        self._lanes(self.registry)
+        self._models(self.registry)
+
+    def _requests(self, registry: CollectorRegistry) -> None:
+        """Requests, HTTP's and gRPC's alike: counted, timed, by caller class, refused keys."""
         self.requests = Counter(
             "resnet_serve_requests",
-            "HTTP requests by endpoint and status code",
+            "Requests (HTTP and gRPC) by endpoint (route template or gRPC method) and status",
             ["endpoint", "status"],
             registry=registry,
         )
         self.request_seconds = Histogram(
             "resnet_serve_request_duration_seconds",
-            "HTTP request latency",
+            "Request latency (HTTP and gRPC), by endpoint",
             ["endpoint"],
             buckets=LATENCY_BUCKETS,
             registry=registry,
@@ -65,6 +72,48 @@ class Metrics:
             multiprocess_mode="livesum",
             registry=registry,
         )
+        self.auth_refused = Counter(
+            "resnet_serve_auth_refused",
+            "Requests refused for a missing, empty, too long or invalid API key, by reason",
+            ["reason"],
+            registry=registry,
+        )
+
+    def _admission(self, registry: CollectorRegistry) -> None:
+        """The door: what is admitted, waiting, buffered or refused before the work."""
+        self.rejected = Counter(
+            "resnet_serve_rejected",
+            "Inference requests refused before their body was read or before decoding, by reason",
+            ["reason"],
+            registry=registry,
+        )
+        self.pending_images = Gauge(
+            "resnet_serve_pending_images",
+            "Images admitted (body read) and not finished: decoding, queued or computing",
+            multiprocess_mode="livesum",
+            registry=registry,
+        )
+        self.admission_wait_seconds = Histogram(
+            "resnet_serve_admission_wait_seconds",
+            "Time an inference request waited at the door before it was admitted or refused",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.door_waiting = Gauge(
+            "resnet_serve_admission_waiting",
+            "Inference requests waiting for room before their body is read",
+            multiprocess_mode="livesum",
+            registry=registry,
+        )
+        self.buffered_bytes = Gauge(
+            "resnet_serve_buffered_bytes",
+            "Bytes of request bodies being received, all requests together",
+            multiprocess_mode="livesum",
+            registry=registry,
+        )
+
+    def _batches(self, registry: CollectorRegistry) -> None:
+        """The pipeline's decodes, and each model version's batches (labelled by model, version)."""
         self.preprocess_seconds = Histogram(
             "resnet_serve_preprocess_seconds",
             "Decode, resize and crop time per image",
@@ -99,6 +148,9 @@ class Metrics:
             buckets=BATCH_BUCKETS,
             registry=registry,
         )
+
+    def _lanes(self, registry: CollectorRegistry) -> None:
+        """Each model version's queue, lanes and batch limit, and the images it classified."""
         self.queue_depth = Gauge(
             "resnet_serve_queue_depth",
             "Images waiting for a batch",
@@ -106,46 +158,10 @@ class Metrics:
             multiprocess_mode="livesum",
             registry=registry,
         )
-        self.rejected = Counter(
-            "resnet_serve_rejected",
-            "Inference requests refused before their body was read or before decoding, by reason",
-            ["reason"],
-            registry=registry,
-        )
-        self.auth_refused = Counter(
-            "resnet_serve_auth_refused",
-            "Requests refused for a missing, empty, too long or invalid API key, by reason",
-            ["reason"],
-            registry=registry,
-        )
-        self.pending_images = Gauge(
-            "resnet_serve_pending_images",
-            "Images admitted (body read) and not finished: decoding, queued or computing",
-            multiprocess_mode="livesum",
-            registry=registry,
-        )
-        self.admission_wait_seconds = Histogram(
-            "resnet_serve_admission_wait_seconds",
-            "Time an inference request waited at the door before it was admitted or refused",
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
         self.lane_busy_seconds = Counter(
             "resnet_serve_lane_busy_seconds",
             "Seconds each lane spent running batches (lane 'loop': lone batches run inline)",
             [*VERSION_LABELS, "lane"],
-            registry=registry,
-        )
-        self.door_waiting = Gauge(
-            "resnet_serve_admission_waiting",
-            "Inference requests waiting for room before their body is read",
-            multiprocess_mode="livesum",
-            registry=registry,
-        )
-        self.buffered_bytes = Gauge(
-            "resnet_serve_buffered_bytes",
-            "Bytes of request bodies being received, all requests together",
-            multiprocess_mode="livesum",
             registry=registry,
         )
         self.batch_limit = Gauge(
@@ -161,6 +177,9 @@ class Metrics:
             VERSION_LABELS,
             registry=registry,
         )
+
+    def _models(self, registry: CollectorRegistry) -> None:
+        """The model versions served, and what became of each one opened; the tracer's losses."""
         self.model = Info(
             "resnet_serve_model",
             "The model versions being served (name, version, provider, backend, precision)",
