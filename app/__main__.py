@@ -12,7 +12,7 @@ from app.edge.access import KeyFileError, key_files
 from app.main import open_app
 from app.process.server import Server, port_in_use, uvicorn_config
 from app.process.workers import supervise
-from app.repository.configs import session_config
+from app.repository.configs import runtime_config
 from app.repository.sources import source
 from app.runtimes.registry import check_model
 from app.settings import Settings
@@ -49,7 +49,7 @@ def main() -> int:
             # Checked once, here, so that a bad model or key file is one line before any
             # worker starts; each worker then opens its own session.
             if settings.model_repository is None:
-                check_model(session_config(settings))
+                check_model(runtime_config(settings))
             else:
                 source(settings)
             key_files(settings)

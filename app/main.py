@@ -24,7 +24,7 @@ from app.http.routing import RouteTable
 from app.http.schema_bounds import install_schema_bounds
 from app.oip.rest import repository as repository_router
 from app.oip.rest import router as oip_router
-from app.repository.configs import session_config
+from app.repository.configs import runtime_config
 from app.repository.sources import source
 from app.runtimes.base import Backend
 from app.runtimes.registry import open_model
@@ -86,4 +86,4 @@ def open_app(settings: Settings, cores: int | None = None) -> FastAPI:
     if settings.model_repository is not None:
         source(settings)  # the repository is there, or one line now
         return create_app(settings, cores=cores)
-    return create_app(settings, open_model(session_config(settings, cores)), cores=cores)
+    return create_app(settings, open_model(runtime_config(settings, cores)), cores=cores)

@@ -61,12 +61,12 @@ CLIENTS = (8, 64)
 
 def child(backend: str, precision: str, path: Path, mode: str, seconds: float, out: Path) -> None:
     """One candidate, measured in this process: writes its figures and its outputs."""
-    from app.repository.configs import session_config
+    from app.repository.configs import runtime_config
     from app.runtimes import openvino
     from app.runtimes.registry import Candidate, open_candidate
     from app.settings import Settings
 
-    config = session_config(Settings(model_path=path))
+    config = runtime_config(Settings(model_path=path))
     lanes = config.lanes
     started = time.perf_counter()
     model = open_candidate(Candidate(backend, precision), replace(config, precision=precision))

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from app.repository.configs import concurrent_batches, session_config
+from app.repository.configs import concurrent_batches, runtime_config
 from app.runtimes.base import Backend
 from app.runtimes.onnxruntime import OnnxModel
 from app.settings import Settings
@@ -61,7 +61,7 @@ def measure(
 
 def ceiling(settings: Settings, seconds: float = 3.0) -> list[dict[str, Any]]:
     """The server's session and its lanes (one ORT thread each on the CPU by default)."""
-    model = OnnxModel.load(session_config(settings))
+    model = OnnxModel.load(runtime_config(settings))
     lanes = concurrent_batches(settings, model.provider)
     return [measure(model, batch_size, seconds, lanes) for batch_size in BATCH_SIZES]
 

@@ -80,9 +80,7 @@ def trace(model: Path, port: int, warm: int) -> dict[str, object]:
         "RESNET_SERVE_GRPC_PORT": "0",
         "RESNET_SERVE_LOG_LEVEL": "warning",
     }
-    server = subprocess.Popen(
-        [sys.executable, "-c", PROBE, str(ROOT), str(out)], cwd=ROOT, env=env
-    )
+    server = subprocess.Popen([sys.executable, "-c", PROBE, str(ROOT), str(out)], cwd=ROOT, env=env)
     url = f"http://127.0.0.1:{port}"
     image = jpeg()
     try:

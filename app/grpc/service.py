@@ -250,12 +250,7 @@ class InferenceService:
         service = self.service
         with service.tracing.request(metadata, describe) as span:
             try:
-                found = check_key(access, metadata, service.key_files)
-                if isinstance(found, Refused):
-                    service.metrics.auth_refused.labels(reason=found.reason).inc()
-                    raise GivenStatus(found.status, found.code, found.message)
-                # The peer is "ipv4:host:port": a client's connections share its address.
-                who = found or by_address(context.peer().rpartition(":")[0])
+                who = self._caller(access, metadata, context)
                 caller.set(who)
                 try:
                     request = kind.FromString(raw)
@@ -287,6 +282,18 @@ class InferenceService:
                     path, "gRPC", path, status, seconds, traced, path.endswith(PROBES), counted
                 )
                 request_id.reset(token)
+
+
+    def _caller(
+        self, access: Access, metadata: Mapping[bytes, bytes], context: grpc.aio.ServicerContext
+    ) -> Caller:
+        """Who the call is for, by its key (raises its refusal) or, with keys off, its peer."""
+        found = check_key(access, metadata, self.service.key_files)
+        if isinstance(found, Refused):
+            self.service.metrics.auth_refused.labels(reason=found.reason).inc()
+            raise GivenStatus(found.status, found.code, found.message)
+        # The peer is "ipv4:host:port": a client's connections share its address.
+        return found or by_address(context.peer().rpartition(":")[0])
 
 
 def _serialize(message: Message) -> bytes:

@@ -17,25 +17,14 @@ from app.batching.admission import AdmissionConfig
 from app.batching.batcher import BatchConfig
 from app.pipeline.pipeline import PipelineConfig
 from app.process.cpus import cpu_share
-from app.runtimes.onnxruntime import SessionConfig
-from app.runtimes.providers import CPU, GPU, GpuOptions, choose_providers, default_trt_cache_dir
+from app.runtimes.config import OrtOptions, RuntimeConfig
+from app.runtimes.providers import CPU, GPU, GpuOptions, default_trt_cache_dir, plan_providers
 from app.settings import MAX_LANES, Settings
-from core.errors import ModelError
 
 
 def worker_cores(settings: Settings, cores: int | None = None) -> int:
     """``cores`` when given (a pinned worker's own), else the usable cores split evenly."""
     return cores if cores is not None else cpu_share(settings.workers)
-
-
-def planned_provider(settings: Settings) -> str:
-    """The provider a session will be opened for first (``open_model`` may fall back, or
-    fail with the reason when none is installed)."""
-    try:
-        chosen, _ = choose_providers(settings.providers, ort.get_available_providers())
-    except ModelError:
-        return CPU
-    return chosen[0]
 
 
 def concurrent_batches(settings: Settings, provider: str, cores: int | None = None) -> int:
@@ -69,27 +58,33 @@ def batch_buckets(settings: Settings, provider: str) -> tuple[int, ...]:
     return tuple(range(1, largest + 1))
 
 
-def session_config(settings: Settings, cores: int | None = None) -> SessionConfig:
-    provider = planned_provider(settings)
+def runtime_config(settings: Settings, cores: int | None = None) -> RuntimeConfig:
+    """What a model version's runtime is opened with; its execution providers planned here,
+    once (the first one the setting accepts that is installed sizes the lanes and threads)."""
+    providers = plan_providers(settings.providers, ort.get_available_providers())
+    provider = providers.first
     buckets = batch_buckets(settings, provider)
-    return SessionConfig(
+    return RuntimeConfig(
         model_path=settings.model_path,
-        providers=settings.providers,
+        backend=settings.backend,
         precision=settings.model_precision,
+        bf16=settings.bf16,
+        providers=providers,
+        lanes=concurrent_batches(settings, provider, cores),
         intra_op_threads=intra_op_threads(settings, provider, cores),
         alone_threads=alone_threads(settings, cores),
-        spinning=settings.ort_spinning,
-        graph_optimization=settings.graph_optimization,
-        backend=settings.backend,
-        bf16=settings.bf16,
-        lanes=concurrent_batches(settings, provider, cores),
+        largest_batch=buckets[-1],
         reference_check=settings.reference_check,
-        gpu=GpuOptions(
-            cuda_graphs=settings.cuda_graphs,
-            conv_algo_search=settings.cuda_conv_algo_search,
-            prefer_nhwc=settings.cuda_prefer_nhwc,
-            trt_cache_dir=settings.trt_cache_dir or default_trt_cache_dir(settings.model_path),
-            batch_range=(buckets[0], buckets[-1]),
+        onnxruntime=OrtOptions(
+            spinning=settings.ort_spinning,
+            graph_optimization=settings.graph_optimization,
+            gpu=GpuOptions(
+                cuda_graphs=settings.cuda_graphs,
+                conv_algo_search=settings.cuda_conv_algo_search,
+                prefer_nhwc=settings.cuda_prefer_nhwc,
+                trt_cache_dir=settings.trt_cache_dir or default_trt_cache_dir(settings.model_path),
+                batch_range=(buckets[0], buckets[-1]),
+            ),
         ),
     )
 

@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from app.errors import RepositoryUnavailable, UnknownModel
-from app.repository.configs import session_config
+from app.repository.configs import runtime_config
 from app.repository.policy import VersionPolicy
 from app.runtimes.registry import check_model
 from app.settings import Settings
@@ -83,7 +83,7 @@ def source(settings: Settings) -> RepositorySource | FileSource:
         return RepositorySource(
             settings.model_repository, VersionPolicy.parse(settings.version_policy)
         )
-    check = session_config(settings)
+    check = runtime_config(settings)
     return FileSource(
         settings.model_path,
         lambda path: check_model(replace(check, model_path=path)),

@@ -25,9 +25,9 @@ from app.batching.batcher import Batcher
 from app.batching.warmup import warm_up
 from app.pipeline.pipeline import Pipeline
 from app.process.memory import check_budget
-from app.repository.configs import batch_config, pipeline_config, session_config
+from app.repository.configs import batch_config, pipeline_config, runtime_config
 from app.runtimes.base import Backend
-from app.runtimes.onnxruntime import SessionConfig
+from app.runtimes.config import RuntimeConfig
 from app.runtimes.registry import open_model, peak_copies
 from app.settings import Settings
 from app.telemetry.metrics import Metrics, VersionMetrics
@@ -169,7 +169,7 @@ class Opener:
         serve."""
         loaded, self._opened = self._opened, None
         if loaded is None:
-            config = replace(session_config(self.settings, self.cores), model_path=path)
+            config = replace(runtime_config(self.settings, self.cores), model_path=path)
             budget = self.settings.memory_budget_mib
             loop = asyncio.get_running_loop()
             loaded = await loop.run_in_executor(self._loader, _open_within, config, budget)
@@ -226,7 +226,7 @@ def _yield_cpu() -> None:
     os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOAD_NICENESS)
 
 
-def _open_within(config: SessionConfig, budget_mib: int) -> Backend:
+def _open_within(config: RuntimeConfig, budget_mib: int) -> Backend:
     """``open_model``, refused first where it would go over the memory budget."""
     size = config.model_path.stat().st_size if config.model_path.is_file() else 0
     check_budget(budget_mib, size, peak_copies(config), str(config.model_path))

@@ -1,6 +1,8 @@
 """The one seam between the serving code and a runtime: what the batcher, lanes, warm-up,
 batch-limit fit and admission use of a loaded model, whichever runtime computes it (ONNX Runtime in
-app.runtimes.onnxruntime, OpenVINO in app.runtimes.openvino; app.runtimes.registry chooses).
+app.runtimes.onnxruntime, OpenVINO in app.runtimes.openvino; app.runtimes.registry lists them and
+chooses). A runtime is a module with a ``Backend`` and its ``Runtime`` entry, and one line in the
+registry.
 
 A backend computes ``predict`` (uint8[N, S, S, 3] -> float32[N, C] probabilities) for batch sizes
 among the buckets it was bound to; everything else here (warm-up runs, timings, the self-check
@@ -13,14 +15,18 @@ from __future__ import annotations
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from core.contract import ModelMetadata
 from core.errors import ModelError
 from core.reference import eval_images, judge, mismatch, probe_images
+
+if TYPE_CHECKING:
+    from app.runtimes.config import RuntimeConfig
 
 log = logging.getLogger(__name__)
 
@@ -163,3 +169,22 @@ class Backend(ABC):
         size = self.metadata.recipe.crop_size
         for batch_size in batch_sizes:
             yield np.zeros((batch_size, size, size, 3), dtype=np.uint8)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """A runtime the server can serve a model file on, as the registry knows it."""
+
+    name: str  # the ``backend`` setting's value
+    title: str  # as messages name it
+    # What it computes: the precisions of the files it reads, and bf16 from an fp32 file.
+    precisions: tuple[str, ...]
+    gpu: bool  # whether it serves on the GPU providers too (else on the CPU only)
+    # (precision, config) -> the model opened, computing in that precision.
+    open: Callable[[str, RuntimeConfig], Backend]
+    # What ``model_precision=auto`` means for it when pinned: given whether bf16 may be and can
+    # be computed here, the precision to ask for ("auto": it picks the file's variant itself).
+    auto_precision: Callable[[bool], str]
+    unavailable: Callable[[str], str | None]  # why it cannot compute a precision here, or None
+    require: Callable[[str], None]  # raises ModelError, naming the settings, where it cannot
+    copies: Callable[[RuntimeConfig], int]  # copies of the weights it holds, opened

@@ -28,15 +28,14 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from app.runtimes.base import Backend
+from app.runtimes.base import Backend, Runtime
+from app.runtimes.config import RuntimeConfig
 from app.runtimes.providers import (
     CPU,
     CUDA,
     GPU,
     TENSORRT,
-    GpuOptions,
     check_precision,
-    choose_providers,
     model_file,
     provider_options,
     session_providers,
@@ -76,24 +75,6 @@ SPINNING = {
 ALONE_SPINNING = "in_run"
 
 
-@dataclass(frozen=True)
-class SessionConfig:
-    model_path: Path
-    providers: str  # auto | cuda | tensorrt | cpu (app.runtimes.providers.ACCEPTABLE)
-    precision: str  # auto | fp32 | fp16 | bf16 | int8 (app.runtimes.providers, .backends)
-    intra_op_threads: int  # 0: ONNX Runtime picks
-    # Threads of the session for lone batches (adaptive): all the lanes' threads together, as a
-    # lone batch has their cores to itself (app.main.alone_threads).
-    alone_threads: int
-    spinning: str  # off | adaptive | in_run | always: when ORT's threads may busy-wait for work
-    graph_optimization: str
-    gpu: GpuOptions
-    backend: str  # auto | onnxruntime | openvino (app.runtimes.registry)
-    bf16: bool  # whether auto may compute an fp32 file in bf16 where the CPU has it
-    lanes: int  # batches computing at once: OpenVINO's streams
-    reference_check: bool  # false: serve without checking the file's reference outputs
-
-
 class OnnxModel(Backend):
     backend = "onnxruntime"
 
@@ -115,13 +96,16 @@ class OnnxModel(Backend):
         self._alone_bound: BoundBuckets | None = None
 
     @classmethod
-    def load(cls, config: SessionConfig) -> OnnxModel:
+    def load(cls, config: RuntimeConfig) -> OnnxModel:
         if not config.model_path.is_file():
             raise ModelError(
                 f"model file not found: {config.model_path} (set RESNET_SERVE_MODEL_PATH)"
             )
-        chosen, reason = choose_providers(config.providers, ort.get_available_providers())
-        if config.providers == "tensorrt" and chosen[0] != TENSORRT:
+        plan = config.providers
+        if not plan.chosen:
+            raise ModelError(plan.reason)
+        chosen, reason = list(plan.chosen), plan.reason
+        if plan.setting == "tensorrt" and chosen[0] != TENSORRT:
             log.warning("%s is not available: serving on %s", TENSORRT, chosen[0])
         # A provider that fails to initialise (missing libraries) makes ORT fall back in
         # silence; each fallback the setting accepts is opened afresh, with its own file.
@@ -133,7 +117,7 @@ class OnnxModel(Backend):
             following = chosen[index + 1] if index + 1 < len(chosen) else None
             if following is None:
                 raise ModelError(
-                    f"providers={config.providers}: {provider} failed to initialise and "
+                    f"providers={plan.setting}: {provider} failed to initialise and "
                     "nothing else is accepted; see the onnxruntime log above"
                 )
             reason += f"; {provider} failed to initialise, falling back to {following}"
@@ -147,10 +131,15 @@ class OnnxModel(Backend):
         _check_graph(session, metadata)
         alone = None
         # With one core to the process there is no pool to spin: a second session buys nothing.
-        if config.spinning == "adaptive" and provider == CPU and config.alone_threads != 1:
-            lone = replace(config, spinning=ALONE_SPINNING, intra_op_threads=config.alone_threads)
+        options = config.onnxruntime
+        if options.spinning == "adaptive" and provider == CPU and config.alone_threads != 1:
+            lone = replace(
+                config,
+                intra_op_threads=config.alone_threads,
+                onnxruntime=replace(options, spinning=ALONE_SPINNING),
+            )
             alone = _open_session(path, [CPU], lone)
-        model = cls(session, metadata, cuda_graphs=config.gpu.cuda_graphs, alone=alone)
+        model = cls(session, metadata, cuda_graphs=options.gpu.cuda_graphs, alone=alone)
         log.info(
             "model loaded",
             extra={"provider": model.provider, "path": str(path), "reason": reason},
@@ -158,7 +147,7 @@ class OnnxModel(Backend):
         return model
 
     @staticmethod
-    def check(config: SessionConfig) -> ModelMetadata:
+    def check(config: RuntimeConfig) -> ModelMetadata:
         """What ``load`` checks of the file the best provider would serve, on a throwaway
         unoptimised CPU session: a supervisor validates the model this way and leaves the
         device to the workers, which open their own."""
@@ -166,12 +155,15 @@ class OnnxModel(Backend):
             raise ModelError(
                 f"model file not found: {config.model_path} (set RESNET_SERVE_MODEL_PATH)"
             )
-        chosen, _ = choose_providers(config.providers, ort.get_available_providers())
-        path = model_file(config.model_path, config.precision, chosen[0])
-        cpu = replace(config, intra_op_threads=1, graph_optimization="disable")
+        if not config.providers.chosen:
+            raise ModelError(config.providers.reason)
+        first = config.providers.first
+        path = model_file(config.model_path, config.precision, first)
+        unoptimised = replace(config.onnxruntime, graph_optimization="disable")
+        cpu = replace(config, intra_op_threads=1, onnxruntime=unoptimised)
         session = _open_session(path, [CPU], cpu)
         metadata = ModelMetadata.from_props(session.get_modelmeta().custom_metadata_map)
-        check_precision(config.precision, metadata.precision, chosen[0], path)
+        check_precision(config.precision, metadata.precision, first, path)
         _check_graph(session, metadata)
         return metadata
 
@@ -226,17 +218,18 @@ def _predict(
     return np.asarray(outputs[0])
 
 
-def _open_session(path: Path, providers: list[str], config: SessionConfig) -> ort.InferenceSession:
+def _open_session(path: Path, providers: list[str], config: RuntimeConfig) -> ort.InferenceSession:
+    own = config.onnxruntime
     options = ort.SessionOptions()
     options.intra_op_num_threads = config.intra_op_threads
     options.inter_op_num_threads = 1
-    options.graph_optimization_level = OPTIMIZATION_LEVELS[config.graph_optimization]
-    for key, value in SPINNING[config.spinning].items():
+    options.graph_optimization_level = OPTIMIZATION_LEVELS[own.graph_optimization]
+    for key, value in SPINNING[own.spinning].items():
         options.add_session_config_entry(key, value)
     # TensorRT's profile needs the crop size before the session exists: a CPU session with
     # optimisation off reads the metadata (well under a second even for ResNet-50).
     crop = _crop_size(path) if TENSORRT in providers else 0
-    chosen = [(p, provider_options(p, config.gpu, crop)) for p in providers]
+    chosen = [(p, provider_options(p, own.gpu, crop)) for p in providers]
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=chosen)
     except Exception as exc:  # ORT raises its own exception types, not importable uniformly
@@ -366,3 +359,29 @@ def _slot(
         options = ort.RunOptions()
         options.add_run_config_entry("gpu_graph_id", str(graph_id))
     return _Slot(images, probabilities, binding, options)
+
+
+def _open(precision: str, config: RuntimeConfig) -> OnnxModel:
+    return OnnxModel.load(replace(config, precision=precision))
+
+
+def _copies(config: RuntimeConfig) -> int:
+    # ``adaptive`` on the CPU opens a second session, for lone batches.
+    return 2 if config.onnxruntime.spinning == "adaptive" else 1
+
+
+def _always(precision: str) -> None:
+    """ONNX Runtime computes every precision it lists wherever it is installed."""
+
+
+RUNTIME = Runtime(
+    name="onnxruntime",
+    title="ONNX Runtime",
+    precisions=("fp32", "fp16", "int8"),
+    gpu=True,
+    open=_open,
+    auto_precision=lambda bf16: "auto",
+    unavailable=lambda precision: None,
+    require=_always,
+    copies=_copies,
+)

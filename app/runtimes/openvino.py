@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from app.runtimes.base import Backend
+from app.runtimes.base import Backend, Runtime
+from app.runtimes.config import RuntimeConfig
 from app.runtimes.providers import check_precision, model_file
 from core.contract import INPUT_NAME, OUTPUT_NAME, ModelMetadata
 from core.errors import ModelError
@@ -213,3 +214,22 @@ def _fits(shape: Any, expected: list[int | None]) -> bool:
         want is None or dim.is_dynamic or dim.get_length() == want
         for dim, want in zip(shape, expected, strict=True)
     )
+
+
+def _open(precision: str, config: RuntimeConfig) -> OpenVinoModel:
+    return OpenVinoModel.load(
+        config.model_path, precision, lanes=config.lanes, threads=config.alone_threads
+    )
+
+
+RUNTIME = Runtime(
+    name="openvino",
+    title="OpenVINO",
+    precisions=("fp32", "bf16", "int8"),
+    gpu=False,
+    open=_open,
+    auto_precision=lambda bf16: "bf16" if bf16 else "fp32",
+    unavailable=unavailable,
+    require=require,
+    copies=lambda config: 1,
+)

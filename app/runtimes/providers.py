@@ -41,6 +41,35 @@ class GpuOptions:
     batch_range: tuple[int, int]  # smallest and largest batch bucket: TensorRT's profile
 
 
+@dataclass(frozen=True)
+class ProviderPlan:
+    """The providers one ``providers`` setting gets on this machine, planned once per model
+    version opened (``plan_providers``): the installed ones it accepts, best first, and why; or,
+    when none is installed, only why (``OnnxModel.load`` raises it)."""
+
+    setting: str  # auto | cuda | tensorrt | cpu
+    chosen: tuple[str, ...]
+    reason: str
+
+    @property
+    def first(self) -> str:
+        """The provider a session is opened for first (the CPU's when none is installed: the
+        sizing of lanes and buckets then follows the CPU, and loading says why it fails)."""
+        return self.chosen[0] if self.chosen else CPU
+
+    @property
+    def gpu(self) -> bool:
+        return self.first in GPU
+
+
+def plan_providers(setting: str, available: Sequence[str]) -> ProviderPlan:
+    try:
+        chosen, reason = choose_providers(setting, available)
+    except ModelError as exc:
+        return ProviderPlan(setting, (), str(exc))
+    return ProviderPlan(setting, tuple(chosen), reason)
+
+
 def choose_providers(requested: str, available: Sequence[str]) -> tuple[list[str], str]:
     """The providers to try, best first, and why: those the setting accepts that are installed."""
     accepted = ACCEPTABLE[requested]

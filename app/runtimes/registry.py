@@ -1,5 +1,6 @@
-"""Which runtime and precision serve a model on this machine (``backend``, ``model_precision``,
-``bf16`` settings; docs/backends.md).
+"""The runtimes the server knows (``RUNTIMES``: one entry per runtime module), and which runtime and
+precision serve a model on this machine (``backend``, ``model_precision``, ``bf16`` settings;
+docs/backends.md).
 
 An explicit setting is obeyed or fails at start-up in one line. ``auto`` on the CPU tries each
 candidate that computes answers of the file's grade (an fp32 file: ONNX Runtime fp32, OpenVINO
@@ -24,19 +25,22 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
-from app.runtimes import openvino
-from app.runtimes.base import NO_REFERENCE, Backend
-from app.runtimes.onnxruntime import OnnxModel, SessionConfig
-from app.runtimes.providers import GPU, choose_providers
+from app.runtimes import onnxruntime, openvino
+from app.runtimes.base import NO_REFERENCE, Backend, Runtime
+from app.runtimes.config import RuntimeConfig
+from app.runtimes.onnxruntime import OnnxModel
 from core.contract import ModelMetadata
 from core.errors import ModelError
 
 log = logging.getLogger(__name__)
 
-ONNXRUNTIME, OPENVINO = "onnxruntime", "openvino"
-MARGIN = 1.10  # how much faster than ONNX Runtime another candidate must be to replace it
+# Best first when they tie. The first is the reference: every file must load on it, and another
+# replaces it only when at least MARGIN faster.
+RUNTIMES: dict[str, Runtime] = {r.name: r for r in (onnxruntime.RUNTIME, openvino.RUNTIME)}
+ONNXRUNTIME, OPENVINO = onnxruntime.RUNTIME.name, openvino.RUNTIME.name
+REFERENCE = ONNXRUNTIME
+MARGIN = 1.10  # how much faster than the reference another candidate must be to replace it
 TIMED_RUNS = 3  # warm runs of the timed batch per candidate; their median counts
 TIMED_BATCH = 8  # the batch timed: the largest bucket when it is smaller
 
@@ -58,104 +62,69 @@ def candidates(
     bf16_allowed: bool,
     bf16_reason: str | None,
 ) -> tuple[list[Candidate], list[tuple[Candidate, str]]]:
-    """What to try, best first, and what ``auto`` skipped with why. ``bf16_reason``: why this
-    machine cannot compute bf16 (None when it can). Raises ModelError for an explicit setting
-    that cannot be served at all."""
-    if precision == "bf16" and (gpu or backend == ONNXRUNTIME):
-        where = "a GPU provider" if gpu else "backend=onnxruntime"
+    """What to try, best first, and what ``auto`` skipped with why, from what each registered
+    runtime computes. ``bf16_reason``: why this machine cannot compute bf16 (None when it can).
+    Raises ModelError for an explicit setting that cannot be served at all."""
+    in_bf16 = [r for r in RUNTIMES.values() if "bf16" in r.precisions]
+    pinned = RUNTIMES[backend] if backend != "auto" else None
+    if precision == "bf16" and (gpu or (pinned is not None and pinned not in in_bf16)):
+        where = "a GPU provider" if gpu else f"backend={backend}"
         raise ModelError(
-            f"model_precision=bf16 is computed by OpenVINO on the CPU, not by {where}: set "
-            "RESNET_SERVE_BACKEND=openvino (or auto) and RESNET_SERVE_PROVIDERS=cpu"
+            f"model_precision=bf16 is computed by {' or '.join(r.title for r in in_bf16)} on "
+            f"the CPU, not by {where}: set RESNET_SERVE_BACKEND={in_bf16[0].name} (or auto) "
+            "and RESNET_SERVE_PROVIDERS=cpu"
         )
-    if backend == OPENVINO and gpu:
-        raise ModelError(
-            "backend=openvino serves on the CPU, but the providers setting plans a GPU: set "
-            "RESNET_SERVE_PROVIDERS=cpu, or RESNET_SERVE_BACKEND=onnxruntime for the GPU"
-        )
-    if backend == OPENVINO and precision == "fp16":
-        raise ModelError("fp16 files are for GPUs: on backend=openvino use fp32, bf16 or int8")
-    if backend == ONNXRUNTIME or gpu or precision == "fp16":
-        return [Candidate(ONNXRUNTIME, precision)], []
-    file_precision = "fp32" if precision in ("auto", "bf16") else precision
-    if backend == OPENVINO:
-        if precision == "auto":
-            bf16 = bf16_allowed and bf16_reason is None
-            return [Candidate(OPENVINO, "bf16" if bf16 else "fp32")], []
-        return [Candidate(OPENVINO, precision)], []
+    if pinned is not None:
+        return [Candidate(backend, _pinned(pinned, precision, gpu, bf16_allowed, bf16_reason))], []
+    if gpu or precision == "fp16":  # fp16 files are for GPUs: the runtimes that serve on one
+        return [Candidate(r.name, precision) for r in RUNTIMES.values() if r.gpu][:1], []
     if precision == "bf16":
-        return [Candidate(OPENVINO, "bf16")], []
-    tried = [Candidate(ONNXRUNTIME, file_precision), Candidate(OPENVINO, file_precision)]
+        return [Candidate(in_bf16[0].name, "bf16")], []
+    grade = "fp32" if precision == "auto" else precision
+    tried = [Candidate(r.name, grade) for r in RUNTIMES.values() if grade in r.precisions]
     skipped = []
-    if precision == "auto":
-        in_bf16 = Candidate(OPENVINO, "bf16")
+    for runtime in in_bf16 if precision == "auto" else ():
+        candidate = Candidate(runtime.name, "bf16")
         if not bf16_allowed:
-            skipped.append((in_bf16, "bf16 is off (RESNET_SERVE_BF16=false)"))
+            skipped.append((candidate, "bf16 is off (RESNET_SERVE_BF16=false)"))
         elif bf16_reason is not None:
-            skipped.append((in_bf16, bf16_reason))
+            skipped.append((candidate, bf16_reason))
         else:
-            tried.append(in_bf16)
+            tried.append(candidate)
     return tried, skipped
 
 
-def open_model(config: SessionConfig) -> Backend:
+def _pinned(
+    runtime: Runtime, precision: str, gpu: bool, bf16_allowed: bool, bf16_reason: str | None
+) -> str:
+    """The precision a pinned ``backend`` is asked for; raises where it cannot serve at all."""
+    if gpu and not runtime.gpu:
+        on_gpu = next(r.name for r in RUNTIMES.values() if r.gpu)
+        raise ModelError(
+            f"backend={runtime.name} serves on the CPU, but the providers setting plans a GPU: "
+            f"set RESNET_SERVE_PROVIDERS=cpu, or RESNET_SERVE_BACKEND={on_gpu} for the GPU"
+        )
+    if precision == "auto":
+        return runtime.auto_precision(bf16_allowed and bf16_reason is None)
+    if precision not in runtime.precisions:  # fp16, on a runtime that serves the CPU only
+        raise ModelError(
+            f"{precision} files are for GPUs: on backend={runtime.name} use "
+            f"{', '.join(runtime.precisions)}"
+        )
+    return precision
+
+
+def open_model(config: RuntimeConfig) -> Backend:
     """The backend that serves ``config``, opened; its ``choice`` says what else was tried."""
-    tried, skipped = _plan(config)
+    tried, skipped = plan(config)
     if len(tried) == 1 and not skipped:
         model = open_candidate(tried[0], config)  # checked at warm-up, as every version
         # What it computes, not the setting: "auto" resolves to the file's precision here.
         model.choice = (_entry(Candidate(model.backend, model.precision), chosen=True),)
         return model
     failed: list[tuple[Candidate, str]] = []
-    speeds: dict[Candidate, float] = {}
-    kept: tuple[Candidate, Backend] | None = None  # the first in preference so far, still open
-    for candidate in tried:
-        try:
-            model = open_candidate(candidate, config)
-        except ModelError as exc:
-            if candidate.backend == ONNXRUNTIME:
-                # The runtime every file must load on: its failure is the file's, or the
-                # settings', and trying another runtime on it would only add noise.
-                raise
-            failed.append((candidate, str(exc)))
-            continue
-        try:
-            speeds[candidate] = _time(model, config)
-        except ModelError as exc:  # rows out of shape or range: no reference could pass
-            model.close()
-            failed.append((candidate, str(exc)))
-            continue
-        log.info(
-            "backend candidate timed",
-            extra={"candidate": str(candidate), "images_per_s": round(speeds[candidate], 2)},
-        )
-        # One copy held beside ONNX Runtime's at most (peak_copies): the others go now.
-        if _ranked(speeds)[0] == candidate:
-            if kept is not None:
-                kept[1].close()
-            kept = (candidate, model)
-        else:
-            model.close()
-    # The file's reference check, in order of preference: the first to pass serves, and the
-    # ones behind it are never checked (each check is some 30 single-image runs).
-    chosen: tuple[Candidate, Backend] | None = None
-    for candidate in _ranked(speeds):
-        try:
-            model = (
-                kept[1]
-                if kept is not None and kept[0] == candidate
-                else open_candidate(candidate, config)
-            )
-        except ModelError as exc:
-            failed.append((candidate, str(exc)))
-            continue
-        try:
-            model.check_reference()
-        except ModelError as exc:
-            model.close()
-            failed.append((candidate, str(exc)))
-            continue
-        chosen = (candidate, model)
-        break
+    speeds, kept = _time_each(tried, config, failed)
+    chosen = _first_checked(speeds, kept, config, failed)
     failed.sort(key=lambda item: tried.index(item[0]))
     if chosen is None:
         raise ModelError("; ".join(f"{c}: {why}" for c, why in failed))
@@ -176,48 +145,130 @@ def open_model(config: SessionConfig) -> Backend:
     return model
 
 
-def _ranked(speeds: dict[Candidate, float]) -> list[Candidate]:
-    """Best first: the fastest, but ONNX Runtime ahead of any other less than MARGIN faster."""
-    onnxruntime = max((s for c, s in speeds.items() if c.backend == ONNXRUNTIME), default=0.0)
-
-    def preference(candidate: Candidate) -> tuple[bool, float]:
-        speed = speeds[candidate]
-        return candidate.backend == ONNXRUNTIME or speed >= onnxruntime * MARGIN, speed
-
-    return sorted(speeds, key=preference, reverse=True)
+Opened = tuple[Candidate, Backend]
 
 
-def peak_copies(config: SessionConfig) -> int:
-    """The most copies of the weights ``open_model`` holds at once: ONNX Runtime's sessions (two
-    for ``adaptive`` on the CPU), plus the candidate being timed beside the best one so far."""
-    tried, _ = _plan(config)
-    if all(c.backend == OPENVINO for c in tried):
-        return 1
-    onnxruntime = 2 if config.spinning == "adaptive" else 1
-    return onnxruntime + (1 if len(tried) > 1 else 0)
-
-
-def open_candidate(candidate: Candidate, config: SessionConfig) -> Backend:
-    """One candidate, opened as ``open_model`` opens it (benchmarks.backends measures them)."""
-    model: Backend
-    if candidate.backend == ONNXRUNTIME:
-        model = OnnxModel.load(replace(config, precision=candidate.precision))
-    else:
-        model = openvino.OpenVinoModel.load(
-            config.model_path,
-            candidate.precision,
-            lanes=config.lanes,
-            threads=config.alone_threads,
+def _time_each(
+    tried: list[Candidate], config: RuntimeConfig, failed: list[tuple[Candidate, str]]
+) -> tuple[dict[Candidate, float], Opened | None]:
+    """Each candidate's images per second, and the fastest in preference, still open."""
+    speeds: dict[Candidate, float] = {}
+    kept: Opened | None = None
+    for candidate in tried:
+        try:
+            model = open_candidate(candidate, config)
+        except ModelError as exc:
+            if candidate.backend == REFERENCE:
+                # The runtime every file must load on: its failure is the file's, or the
+                # settings', and trying another runtime on it would only add noise.
+                raise
+            failed.append((candidate, str(exc)))
+            continue
+        try:
+            speeds[candidate] = _time(model, config)
+        except ModelError as exc:  # rows out of shape or range: no reference could pass
+            model.close()
+            failed.append((candidate, str(exc)))
+            continue
+        log.info(
+            "backend candidate timed",
+            extra={"candidate": str(candidate), "images_per_s": round(speeds[candidate], 2)},
         )
+        # One copy held beside the reference's at most (peak_copies): the others go now.
+        if _ranked(speeds)[0] == candidate:
+            if kept is not None:
+                kept[1].close()
+            kept = (candidate, model)
+        else:
+            model.close()
+    return speeds, kept
+
+
+def _first_checked(
+    speeds: dict[Candidate, float],
+    kept: Opened | None,
+    config: RuntimeConfig,
+    failed: list[tuple[Candidate, str]],
+) -> Opened | None:
+    """The file's reference check, in order of preference: the first to pass serves, and the
+    ones behind it are never checked (each check is some 30 single-image runs)."""
+    for candidate in _ranked(speeds):
+        try:
+            model = (
+                kept[1]
+                if kept is not None and kept[0] == candidate
+                else open_candidate(candidate, config)
+            )
+        except ModelError as exc:
+            failed.append((candidate, str(exc)))
+            continue
+        try:
+            model.check_reference()
+        except ModelError as exc:
+            model.close()
+            failed.append((candidate, str(exc)))
+            continue
+        return candidate, model
+    return None
+
+
+def open_candidate(candidate: Candidate, config: RuntimeConfig) -> Backend:
+    """One candidate, opened as ``open_model`` opens it (benchmarks.backends measures them)."""
+    model = RUNTIMES[candidate.backend].open(candidate.precision, config)
     model.reference_check = config.reference_check
     if config.reference_check and model.metadata.reference is None:
         raise ModelError(NO_REFERENCE)  # now, not at warm-up: one line at start-up
     return model
 
 
-def _time(model: Backend, config: SessionConfig) -> float:
+def plan(config: RuntimeConfig) -> tuple[list[Candidate], list[tuple[Candidate, str]]]:
+    """``candidates`` for ``config`` on this machine."""
+    gpu = config.providers.gpu
+    in_bf16 = [r for r in RUNTIMES.values() if "bf16" in r.precisions]
+    bf16_reason = None if gpu else in_bf16[0].unavailable("bf16")
+    return candidates(
+        config.backend, config.precision, gpu=gpu, bf16_allowed=config.bf16, bf16_reason=bf16_reason
+    )
+
+
+def peak_copies(config: RuntimeConfig) -> int:
+    """The most copies of the weights ``open_model`` holds at once: the first candidate's (two
+    ONNX Runtime sessions for ``adaptive`` on the CPU), plus the one being timed beside it."""
+    tried, _ = plan(config)
+    first = RUNTIMES[tried[0].backend].copies(config)
+    others = [RUNTIMES[c.backend].copies(config) for c in tried[1:]]
+    return first + max(others, default=0)
+
+
+def check_model(config: RuntimeConfig) -> ModelMetadata:
+    """What a supervisor checks before its workers start: the settings can be served here (an
+    explicit backend or precision that this machine cannot run is one line now), and the file,
+    on the reference runtime (``OnnxModel.check``)."""
+    tried, _ = plan(config)
+    if len(tried) == 1:
+        RUNTIMES[tried[0].backend].require(tried[0].precision)
+    file_precision = "fp32" if config.precision == "bf16" else config.precision
+    metadata = OnnxModel.check(replace(config, precision=file_precision))
+    if config.reference_check and metadata.reference is None:
+        raise ModelError(NO_REFERENCE)
+    return metadata
+
+
+def _ranked(speeds: dict[Candidate, float]) -> list[Candidate]:
+    """Best first: the fastest, but the reference runtime ahead of any other less than MARGIN
+    faster."""
+    reference = max((s for c, s in speeds.items() if c.backend == REFERENCE), default=0.0)
+
+    def preference(candidate: Candidate) -> tuple[bool, float]:
+        speed = speeds[candidate]
+        return candidate.backend == REFERENCE or speed >= reference * MARGIN, speed
+
+    return sorted(speeds, key=preference, reverse=True)
+
+
+def _time(model: Backend, config: RuntimeConfig) -> float:
     """Images per second of one warm batch, after its rows pass ``check_rows``."""
-    batch = min(TIMED_BATCH, config.gpu.batch_range[1])
+    batch = min(TIMED_BATCH, config.largest_batch)
     model.check_rows(min(2, batch))
     size = model.metadata.recipe.crop_size
     images = np.zeros((batch, size, size, 3), dtype=np.uint8)
@@ -228,22 +279,6 @@ def _time(model: Backend, config: SessionConfig) -> float:
         model.predict(images)
         seconds.append(time.perf_counter() - started)
     return batch / statistics.median(seconds)
-
-
-def _plan(config: SessionConfig) -> tuple[list[Candidate], list[tuple[Candidate, str]]]:
-    """``candidates`` for ``config`` on this machine."""
-    try:
-        chosen, _ = choose_providers(config.providers, ort.get_available_providers())
-        gpu = chosen[0] in GPU
-    except ModelError:  # no acceptable provider: OnnxModel.load says so in its own words
-        gpu = False
-    return candidates(
-        config.backend,
-        config.precision,
-        gpu=gpu,
-        bf16_allowed=config.bf16,
-        bf16_reason=None if gpu else openvino.unavailable("bf16"),
-    )
 
 
 def _entry(
@@ -260,17 +295,3 @@ def _entry(
         entry["skipped"] = skipped
     entry["chosen"] = chosen
     return entry
-
-
-def check_model(config: SessionConfig) -> ModelMetadata:
-    """What a supervisor checks before its workers start: the settings can be served here (an
-    explicit backend or precision that this machine cannot run is one line now), and the file
-    (``OnnxModel.check``)."""
-    tried, _ = _plan(config)
-    if len(tried) == 1 and tried[0].backend == OPENVINO:
-        openvino.require(tried[0].precision)
-    file_precision = "fp32" if config.precision == "bf16" else config.precision
-    metadata = OnnxModel.check(replace(config, precision=file_precision))
-    if config.reference_check and metadata.reference is None:
-        raise ModelError(NO_REFERENCE)
-    return metadata

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.repository.configs import batch_buckets, session_config
+from app.repository.configs import batch_buckets, runtime_config
 from app.runtimes.onnxruntime import OnnxModel
 from app.runtimes.providers import TENSORRT
 from app.settings import Settings
@@ -48,7 +48,7 @@ def run_variant(
     settings = Settings(model_path=model, max_batch_size=max_batch_size, **variant.settings)
     started = time.perf_counter()
     try:
-        loaded = OnnxModel.load(session_config(settings))
+        loaded = OnnxModel.load(runtime_config(settings))
     except ModelError as exc:
         return {"variant": variant.name, "skipped": str(exc)}
     buckets = batch_buckets(settings, loaded.provider)
