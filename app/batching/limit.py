@@ -1,10 +1,9 @@
 """How many images one batch may take: fitted to the model's timings at warm-up.
 
 A bigger batch pays where it cuts the cost per image (a GPU, a small model whose per-call
-overhead dominates). Where it does not, it only makes a request that just missed a batch wait
-for a longer one: fp32 ResNet-50 on a one-thread CPU lane costs 75 ms an image alone or in a
-batch of 8, and a batch of 8 holds the next request 0.6 s (benchmarks/results/batch_limit.md:
-p99 at 16 clients about 1 s with batches of 8, under 0.8 s with batches of at most 4).
+overhead dominates). Where it does not (fp32 ResNet-50 on a one-thread CPU lane costs about as
+much per image alone as in a batch of 8), it only makes a request that just missed a batch wait
+for a longer one, which shows in the p99 (docs/workers.md, benchmarks/results/batch_limit.md).
 """
 
 from __future__ import annotations

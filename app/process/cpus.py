@@ -32,8 +32,8 @@ def pin_worker(index: int, workers: int) -> list[int] | None:
     affinity then lists cores the quota never lets us fill).
 
     A worker that stays on its cores keeps its caches and never waits behind another worker
-    on the same core: measured on 2 cores (benchmarks/results/workers.md), two pinned workers
-    served 9% (16 clients) and 22% (64) more than two the kernel moved about.
+    on the same core: two pinned workers serve more than two the kernel moves about
+    (docs/workers.md, benchmarks/results/workers.md).
     """
     cores = sorted(os.sched_getaffinity(0))
     if workers == 1 or len(cores) % workers or _cpu_quota() is not None:

@@ -37,8 +37,8 @@ def release_all() -> None:
 
 
 # Resident memory of one ONNX Runtime CPU session per byte of its model file: the weights, their
-# prepacked copies and the arena. Measured for the 224x224 fp32 ResNet-50 (98 MB file): 491 MiB with
-# one session, 742 MiB with the lone-batch session beside it, so about 2.5x the file per session.
+# prepacked copies and the arena: about 2.5x the file per session, measured for the 224x224 fp32
+# ResNet-50 with one session and with the lone-batch session beside it (docs/repository.md).
 SESSION_BYTES_PER_FILE_BYTE = 2.5
 
 

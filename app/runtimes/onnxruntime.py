@@ -57,11 +57,9 @@ OPTIMIZATION_LEVELS = {
 # runs, which took the CPU the decoders needed at saturation; "off" parks the threads after every
 # parallel operator, which costs each run the wake-ups; "in_run" spins within a run only.
 # "adaptive" (the default) is "off", plus a second session that spins within its runs for a batch
-# that has the machine to itself (app.batching.batcher: nothing else computing, queued or admitted).
-# Measured (benchmarks/results/lanes.md, alternating servers, digits demo): at 1 client 268 vs
-# 239 req/s for adaptive vs off (166 vs 145 in another run); at 16 clients it costs nothing
-# (572 vs 574 img/s, both with two lanes): a busy server never takes the spinning session.
-# The second session costs memory: RSS 458 vs 349 MiB (digits), 742 vs 491 MiB (224x224 fp32).
+# that has the machine to itself (app.batching.batcher: nothing else computing, queued or admitted):
+# a lone request gets spinning's latency, and a busy server, which never takes the spinning session,
+# keeps its CPU for decoding. The second session costs memory; docs/workers.md has both measured.
 NEVER_SPIN = {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}
 SPINNING = {
     "off": NEVER_SPIN,

@@ -8,9 +8,9 @@ as two ORT runs do on two lanes, and the batcher, buckets, warm-up and batch-lim
 unchanged. OpenVINO's throughput hint would pick its own stream count and wants requests queued
 asynchronously; the batcher already keeps exactly ``lanes`` batches in flight.
 
-One compiled model serves every bucket: the batch axis stays dynamic (measured on the 224x224
-ResNet-50, 2 threads: 8.6 / 8.4 img/s at batch 1 / 8 dynamic, 8.6 / 8.8 static per shape, so one
-copy of the weights instead of one per bucket).
+One compiled model serves every bucket: the batch axis stays dynamic, as fast as a static shape
+per bucket within noise (docs/backends.md), with one copy of the weights instead of one per
+bucket.
 """
 
 from __future__ import annotations

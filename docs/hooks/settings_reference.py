@@ -1,13 +1,17 @@
-"""MkDocs hook: the configuration reference, generated from ``app.settings.Settings`` at build time.
+"""The configuration reference, generated from ``app.settings.Settings``: a table of every setting,
+its environment variable, its default and its description (the attribute's docstring in
+``app/settings.py``).
 
-A page holding the marker below gets a table of every setting: its environment variable, its
-default and its description (the attribute's docstring in ``app/settings.py``). Nothing about a
-setting is written twice, so the reference cannot drift from the code.
+The table is committed in ``docs/configuration.md`` between the two markers below, so the page
+reads whole where the repository is browsed; this MkDocs hook fails the site's build (and with
+it ``make test``) when the committed table is not what the code says now, and
+``python docs/hooks/settings_reference.py`` writes it anew.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from pydantic.fields import FieldInfo
@@ -16,6 +20,8 @@ from pydantic_core import PydanticUndefined
 from app.settings import ENV_PREFIX, Settings
 
 MARKER = "<!-- settings-reference -->"
+END = "<!-- /settings-reference -->"
+PAGE = Path(__file__).resolve().parents[1] / "configuration.md"
 # The first setting of each section, in the order of the fields in app/settings.py.
 SECTIONS = {
     "model_path": "Model, server and keys",
@@ -29,9 +35,23 @@ SECTIONS = {
 
 
 def on_page_markdown(markdown: str, **kwargs: Any) -> str:
-    if MARKER not in markdown:
-        return markdown
-    return markdown.replace(MARKER, reference())
+    if MARKER in markdown and committed(markdown) != reference():
+        raise ValueError(
+            "docs/configuration.md: the settings table is not what app/settings.py says; run "
+            "python docs/hooks/settings_reference.py"
+        )
+    return markdown
+
+
+def committed(page: str) -> str:
+    """The table between the markers of ``page``."""
+    return page.split(MARKER + "\n", 1)[1].split(END, 1)[0]
+
+
+def write(page: Path = PAGE) -> None:
+    text = page.read_text()
+    before, after = text.split(MARKER, 1)[0], text.split(END, 1)[1]
+    page.write_text(f"{before}{MARKER}\n{reference()}{END}{after}")
 
 
 def reference() -> str:
@@ -64,3 +84,7 @@ def default(field: FieldInfo) -> str:
     if isinstance(value, float) and value.is_integer():
         return f"`{int(value)}`"
     return f"`{value}`"
+
+
+if __name__ == "__main__":
+    write()
