@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 PEERS_VENV ?= .venv-peers
 BENCH := artifacts/bench/resnet50-random
 
-.PHONY: run test lint docs build venv bench bench-models peers-venv bench-peers docker-test gpu-wheels gpu-check clean
+.PHONY: run test test-fast lint docs build venv bench bench-models peers-venv bench-peers docker-test gpu-wheels gpu-check clean
 
 venv: $(VENV)/.installed
 
@@ -49,6 +49,10 @@ docs: venv
 
 test: lint docs
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The minute-by-minute command: tests/unit only (no server, no subprocess), no lint, no docs.
+test-fast: venv
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
 bench: build
 	$(BIN)/python -m benchmarks

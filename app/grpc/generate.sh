@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerates app/grpc/inference_pb2.py, .pyi and inference_pb2_grpc.py from inference.proto with the
-# grpcio-tools of the dev venv (make venv). tests/test_grpc_stubs.py generates them into a temporary
-# folder (the first argument, default: here) and fails while the committed ones differ.
+# grpcio-tools of the dev venv (make venv). tests/integration/test_grpc_stubs_process.py generates them
+# into a temporary folder (the first argument, default: here) and fails while the committed ones differ.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=${1:-.}

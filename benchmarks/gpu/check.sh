@@ -83,7 +83,7 @@ fi
 
 # 4. tests, then the benchmark
 set +e
-RESNET_GPU_TEST_MODEL="$MODELS/model.onnx" timeout 150 "$PYTHON" -m pytest -m gpu tests/test_gpu.py \
+RESNET_GPU_TEST_MODEL="$MODELS/model.onnx" timeout 150 "$PYTHON" -m pytest -m gpu tests/integration/test_gpu.py \
   -p no:cacheprovider -W default::DeprecationWarning -q 2>&1 | tee "$RESULTS/gpu-tests.log"
 tests=${PIPESTATUS[0]}
 timeout 240 "$PYTHON" -m benchmarks.gpu --model "$bench"

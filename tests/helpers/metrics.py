@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import httpx
@@ -29,3 +30,11 @@ def status_counts(families: dict[str, Any], endpoint: str = "/predict") -> dict[
         for s in families["resnet_serve_requests"].samples
         if s.name.endswith("_total") and s.labels["endpoint"] == endpoint
     }
+
+
+def wait_for_gauge(url: str, name: str, at_least: float) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if gauge(scrape(url), name) >= at_least:
+            return
+    raise AssertionError(f"{name} never reached {at_least}: {scrape(url)}")

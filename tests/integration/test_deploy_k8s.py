@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from collections.abc import Iterator
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +19,8 @@ import yaml
 from app.main import create_app
 from app.settings import ENV_PREFIX, Settings
 from app.telemetry.metrics import Metrics
+from tests.helpers.k8s import K8S, render
 
-K8S = Path(__file__).resolve().parent.parent / "deploy" / "k8s"
-KUBECTL = Path(sys.executable).with_name("kubectl")
 # The oldest release still common in managed clusters; has autoscaling/v2 and policy/v1.
 KUBERNETES_VERSION = "1.30.0"
 TARGETS = [
@@ -43,19 +39,6 @@ CRD_SCHEMAS = {
 }
 METRIC = re.compile(r"\bresnet_serve_[a-z_]+\b")
 ADAPTER = K8S / "prometheus-adapter" / "values.yaml"
-
-
-@cache
-def render(target: str) -> tuple[dict[str, Any], ...]:
-    result = subprocess.run(
-        [str(KUBECTL), "kustomize", str(K8S / target)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, f"kubectl kustomize {target}: {result.stderr}"
-    return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
 
 
 def docs(kind: str, targets: list[str] = TARGETS) -> Iterator[tuple[str, dict[str, Any]]]:

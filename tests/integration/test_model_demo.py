@@ -18,7 +18,7 @@ from app.settings import Settings
 from core.preprocess import decode
 from model.export import read_metadata
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow

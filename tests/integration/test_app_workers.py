@@ -21,14 +21,9 @@ from app.process.cpus import usable_cpus
 from tests.helpers.metrics import families
 from tests.helpers.models import build_model, image_bytes
 from tests.helpers.server import ROOT, STARTUP_TIMEOUT_S, Server, message_is, post_image, run_server
+from tests.helpers.workers import start_workers
 
 WORKERS = {"workers": "2", "decode_threads": "1"}
-
-
-def start_workers(server: Server) -> dict[int, int]:
-    """Waits until both workers accept; returns their pids by index."""
-    started = [server.wait_for_log(message_is("worker started")) for _ in range(2)]
-    return {int(str(entry["worker"])): int(str(entry["pid"])) for entry in started}
 
 
 def predict_all(url: str, count: int) -> list[int]:

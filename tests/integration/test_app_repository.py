@@ -17,21 +17,10 @@ import pytest
 
 from core.reference import PROBE
 from tests.conftest import running
-from tests.helpers.models import LABELS, build_model, image_bytes
+from tests.helpers.models import build_model
+from tests.helpers.repository import NAME, PNG, add_version
 
 pytestmark = pytest.mark.anyio
-
-NAME = "digits"
-PNG = image_bytes(5)
-
-
-def add_version(repository: Path, version: int, *, name: str = NAME) -> Path:
-    """A version whose labels carry its number, so an answer shows which version computed it."""
-    folder = repository / NAME / str(version)
-    folder.mkdir(parents=True)
-    labels = [f"{label}@v{version}" for label in LABELS]
-    metadata = {"model_name": name, "model_version": f"build-{version}"}
-    return build_model(folder / "model.onnx", labels=labels, metadata=metadata)
 
 
 @pytest.fixture

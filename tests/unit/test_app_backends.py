@@ -1,18 +1,16 @@
 """Backends: which runtime and precision the settings choose (a pure function), OpenVINO itself on
-real files, ``auto``'s timed choice, and servers on each backend answering the same."""
+real files and ``auto``'s timed choice (tests/integration/test_app_backends_server.py: servers on
+each backend answering the same)."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
-import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
 
-from app.repository.configs import session_config
 from app.runtimes import openvino
 from app.runtimes.base import Backend
 from app.runtimes.onnxruntime import OnnxModel
@@ -25,16 +23,12 @@ from app.runtimes.registry import (
     open_model,
     peak_copies,
 )
-from app.settings import Settings
 from core.errors import ModelError
-from core.reference import BOUNDS, PROBE
-from tests.helpers.models import CROP_SIZE, LABELS, build_model, image_bytes, offline_top
-from tests.helpers.server import message_is, post_image, run_server
+from core.reference import PROBE
+from tests.helpers.backends import HAS_BF16, ORT, OV, config_for, tiny_model
+from tests.helpers.models import CROP_SIZE, LABELS, build_model
 
-OV, ORT = "openvino", "onnxruntime"
 NO_BF16 = "this CPU has no bf16"
-# Both answers of this CPU, so every test below checks one of them (never neither).
-HAS_BF16 = openvino.has_bf16()
 
 
 def choose(backend: str, precision: str, **kwargs: object) -> tuple[list[str], list[str]]:
@@ -116,7 +110,7 @@ def test_candidates_print_as_the_logs_name_them() -> None:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_model(tmp_path_factory.mktemp("backends") / "model.onnx", conv_layers=2)
+    return tiny_model(tmp_path_factory.mktemp("backends"))
 
 
 def test_openvino_computes_what_onnx_runtime_does(tiny: Path) -> None:
@@ -166,13 +160,6 @@ def test_openvino_refuses_a_file_that_breaks_the_contract(tmp_path: Path) -> Non
         OpenVinoModel.load(wrong, "fp32", lanes=1, threads=1)
     with pytest.raises(ModelError, match="model file not found"):
         OpenVinoModel.load(tmp_path / "missing.onnx", "fp32", lanes=1, threads=1)
-
-
-def config_for(path: Path, **settings: object) -> object:
-    return replace(
-        session_config(Settings(model_path=path, **settings), cores=2),  # type: ignore[arg-type]
-        intra_op_threads=1,
-    )
 
 
 def test_auto_times_every_candidate_and_keeps_one(tiny: Path) -> None:
@@ -261,71 +248,6 @@ def test_onnx_runtime_is_unchanged_when_pinned(tiny: Path) -> None:
     model = open_model(config_for(tiny, backend="onnxruntime"))  # type: ignore[arg-type]
     assert isinstance(model, OnnxModel)
     assert model.choice == ({"backend": ORT, "precision": "fp32", "chosen": True},)
-
-
-@pytest.mark.parametrize("backend", ["openvino", "auto"])
-def test_a_server_on_each_backend_answers_what_the_file_computes(tiny: Path, backend: str) -> None:
-    with run_server(tiny, backend=backend) as server:
-        if backend == "auto":
-            server.wait_for_log(message_is("backend chosen"))
-        server.wait_for_log(message_is("ready"))
-        with httpx.Client(base_url=server.url) as client:
-            described = client.get("/v1/models").json()["models"][0]
-            runtime = described["backend"]
-            (chosen,) = [c for c in runtime["candidates"] if c["chosen"]]
-            # What serves is what was chosen: on openvino, OpenVINO whatever its speed.
-            assert (runtime["name"], described["precision"]) == (
-                chosen["backend"],
-                chosen["precision"],
-            )
-            if backend == OV:
-                assert runtime["name"] == OV
-                assert described["precision"] == ("bf16" if HAS_BF16 else "fp32")
-            else:
-                assert described["precision"] in (("fp32", "bf16") if HAS_BF16 else ("fp32",))
-            assert described["file_precision"] == "fp32"
-            # What the file computes in fp32, within what the reference check allows this
-            # precision: bf16 rounds each score by some 1e-3 and may reorder a near-tie below the
-            # top class, so it is held to the top class and the bound.
-            tolerance = BOUNDS[described["precision"]]["max_abs_diff"]
-            for seed in range(4):
-                data = image_bytes(seed)
-                (result,) = post_image(server.url, data, "x.png").json()["results"]
-                got = [(p["class_id"], p["score"]) for p in result["predictions"]]
-                want = offline_top(tiny, data, len(LABELS))
-                ranked = len(got) if described["precision"] == "fp32" else 1
-                assert [c for c, _ in got][:ranked] == [c for c, _ in want][:ranked]
-                every = dict(want)
-                assert all(abs(score - every[c]) <= tolerance for c, score in got), (got, want)
-            metrics = client.get("/metrics").text
-            assert f'backend="{runtime["name"]}"' in metrics
-
-
-def test_a_server_asked_for_what_the_cpu_cannot_do_exits_with_one_line(tiny: Path) -> None:
-    setting = "bf16" if not HAS_BF16 else "fp16"  # fp16 on OpenVINO: refused on every CPU
-    with run_server(tiny, backend="openvino", model_precision=setting) as server:
-        line = server.wait_for_log(lambda e: "resnet-serve:" in str(e.get("message", "")))
-        assert server.process.wait(timeout=60) == 1
-    assert "openvino" in str(line["message"]) or "bf16" in str(line["message"])
-
-
-def test_a_file_without_reference_outputs_is_refused_unless_the_check_is_off(
-    tmp_path: Path,
-) -> None:
-    bare = build_model(tmp_path / "model.onnx", drop=("reference",))
-    with pytest.raises(ModelError, match="has no reference outputs"):
-        check_model(config_for(bare))  # type: ignore[arg-type]  # what a supervisor checks
-    with run_server(bare) as server:
-        line = server.wait_for_log(lambda e: "resnet-serve:" in str(e.get("message", "")))
-        assert server.process.wait(timeout=60) == 1
-    assert "has no reference outputs" in str(line["message"])
-    assert "RESNET_SERVE_REFERENCE_CHECK=false" in str(line["message"])
-    with run_server(bare, reference_check="false") as server:
-        warning = server.wait_for_log(message_is("serving without the reference check"))
-        assert warning["level"] == "warning"
-        server.wait_for_log(message_is("ready"))
-        (result,) = post_image(server.url, image_bytes(3), "x.png").json()["results"]
-        assert result["predictions"][0]["class_id"] == offline_top(bare, image_bytes(3), 1)[0][0]
 
 
 @pytest.mark.parametrize(

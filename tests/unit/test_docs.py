@@ -10,7 +10,7 @@ from types import ModuleType
 
 from app.settings import ENV_PREFIX, Settings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def hook() -> ModuleType:

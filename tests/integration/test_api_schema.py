@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Serve
-from tests.helpers.server import ROOT, message_is, run_server
+from tests.helpers.server import message_is, run_server
 
 MAX_EXAMPLES = 100
 
@@ -24,12 +24,13 @@ def test_schemathesis_finds_no_mismatch(model_path: Path, tmp_path: Path) -> Non
         server.wait_for_log(message_is("ready"))
         command = [
             *(sys.executable, "-m", "schemathesis.cli", "--no-color"),
-            *("--config-file", str(ROOT / "tests" / "schemathesis.toml")),
+            *("--config-file", str(Path(__file__).with_name("schemathesis.toml"))),
             *("run", f"{server.url}/openapi.json", "--checks", "all"),
             *("--max-examples", str(MAX_EXAMPLES), "--seed", "0", "--workers", "1"),
             # Loading and unloading change what the server serves: a fuzzer that unloads the
-            # model makes every later answer a 404 or 503. tests/test_app_repository.py covers
-            # them; the repository index is fuzzed with the rest.
+            # model makes every later answer a 404 or 503.
+            # tests/integration/test_app_repository.py covers them; the repository index is
+            # fuzzed with the rest.
             *("--exclude-path-regex", "^/v2/repository/models/"),
         ]
         done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=240)

@@ -1,4 +1,5 @@
-"""Fair shares between callers: the queues (unit) and two API keys on a real server."""
+"""Fair shares between callers: the queues (tests/integration/test_app_fair_server.py: two API keys
+on a real server)."""
 
 from __future__ import annotations
 
@@ -7,17 +8,9 @@ import contextvars
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
-from pathlib import Path
-
-import numpy as np
 
 from app.batching.fair import FairExecutor, FairQueue, RoundRobin, Shares
 from app.edge.callers import Caller, caller
-from tests.helpers.load import Point, closed_loop
-from tests.helpers.metrics import scrape
-from tests.helpers.models import image_bytes
-from tests.helpers.server import message_is, run_server
-from tests.test_overload import wait_for_gauge
 
 HEAVY, LIGHT = Caller("key:h", "heavy"), Caller("key:l", "light")
 
@@ -115,42 +108,3 @@ def test_shares_hold_a_caller_to_its_weighted_share_only_while_others_compete() 
     now[0] += 5
     shares.take(HEAVY, 5)
     assert shares.allows(HEAVY, admitted=6, waiting=tuple)
-
-
-def test_a_light_caller_is_served_beside_a_heavy_one_and_only_the_heavy_one_is_refused(
-    slow_model: Path, tmp_path: Path
-) -> None:
-    keys = tmp_path / "keys"
-    keys.write_text("heavy-key name=heavy\nlight-key name=light\n")
-    png = image_bytes(1)
-    settings = {"max_batch_size": "8", "intra_op_threads": "1", "admission_wait_ms": "300"}
-    with run_server(slow_model, api_keys_file=str(keys), **settings) as server:
-        server.wait_for_log(message_is("ready"))
-
-        async def both() -> tuple[Point, Point]:
-            heavy = asyncio.ensure_future(
-                closed_loop(server.url, png, 48, 4, {"X-API-Key": "heavy-key"})
-            )
-            # Every heavy client's request is in (the +1: the scrape itself).
-            await asyncio.to_thread(
-                wait_for_gauge, server.url, "resnet_serve_requests_in_flight", 48 + 1
-            )
-            light = await closed_loop(server.url, png, 1, 2, {"X-API-Key": "light-key"})
-            return await heavy, light
-
-        heavy, light = asyncio.run(both())
-        metrics = scrape(server.url)
-    assert set(light.statuses) == {"200"}, light.statuses
-    assert "503" in heavy.statuses, heavy.statuses
-    light_ms = np.median(light.latencies_ms)
-    heavy_ms = np.median(heavy.latencies_ms)
-    assert light_ms < heavy_ms / 2, (light_ms, heavy_ms)
-    counted = {
-        (s.labels["caller"], s.labels["status"]): s.value
-        for s in metrics["resnet_serve_caller_requests"].samples
-        if s.name.endswith("_total")
-    }
-    assert counted[("light", "200")] == light.statuses["200"]
-    assert ("light", "503") not in counted
-    assert counted[("heavy", "503")] >= 1
-    assert {label for label, _ in counted} == {"heavy", "light"}

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import io
 import socket
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import psutil
 from PIL import Image
 
 from tests.helpers.load import closed_loop
-from tests.helpers.metrics import gauge, scrape, status_counts
+from tests.helpers.metrics import gauge, scrape, status_counts, wait_for_gauge
 from tests.helpers.models import image_bytes
 from tests.helpers.server import message_is, run_server
 
@@ -64,14 +63,6 @@ def read_to_close(sock: socket.socket) -> str:
     while chunk := sock.recv(4096):
         chunks.append(chunk)
     return b"".join(chunks).decode("latin-1")
-
-
-def wait_for_gauge(url: str, name: str, at_least: float) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if gauge(scrape(url), name) >= at_least:
-            return
-    raise AssertionError(f"{name} never reached {at_least}: {scrape(url)}")
 
 
 def test_trickling_uploads_hold_nothing_honest_clients_need(slow_model: Path) -> None:

@@ -12,9 +12,9 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from tests.helpers.models import image_bytes
+from tests.helpers.repository import NAME, PNG, add_version
 from tests.helpers.server import message_is, post_image, run_server
-from tests.test_app_repository import NAME, PNG, add_version
-from tests.test_app_workers import start_workers
+from tests.helpers.workers import start_workers
 
 
 def classify(client: triton.InferenceServerClient, version: str = "") -> tuple[str, str]:

@@ -1,8 +1,9 @@
 """A real ``python -m app`` under overload and abandoned connections: bounded answers, no leaks.
 
-Already covered in tests/test_app_server.py, not repeated here: SIGTERM drain, missing and
-corrupt model files at start-up; in tests/test_app_routes.py: batch failure fan-out (500),
-503 by predicted wait, 504 past the deadline; in tests/test_overload.py: goodput, slow uploads.
+Already covered in tests/integration/test_app_server.py, not repeated here: SIGTERM drain, missing
+and corrupt model files at start-up; in tests/integration/test_app_routes.py: batch failure fan-out
+(500), 503 by predicted wait, 504 past the deadline; in tests/integration/test_overload.py:
+goodput, slow uploads.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import yaml
 from app.main import create_app
 from app.settings import Settings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PORT = Settings().port
 GRPC_PORT = Settings().grpc_port
 

@@ -14,7 +14,7 @@ import pytest
 
 from tests.helpers.models import image_bytes
 from tests.helpers.server import message_is, run_server
-from tests.test_app_workers import start_workers
+from tests.helpers.workers import start_workers
 
 CLIENTS = 16
 PNG = image_bytes(4)

@@ -36,7 +36,8 @@ def call(server: Server, method: str, path: str, headers: Headers) -> httpx.Resp
     return httpx.get(f"{server.url}{path}", headers=headers, timeout=30)
 
 
-# On a real server, one of each kind; tests/test_app_access.py covers every declared route.
+# On a real server, one of each kind; tests/integration/test_app_access.py covers every declared
+# route.
 API_ENDPOINTS = [
     ("POST", "/predict"),
     ("GET", "/v1/model"),

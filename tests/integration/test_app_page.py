@@ -18,8 +18,8 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
+from tests.helpers.repository import NAME, add_version
 from tests.helpers.server import ROOT, Server, run_server
-from tests.test_app_repository import NAME, add_version
 
 EXAMPLES = sorted((ROOT / "examples").glob("digit-*.png"))
 ARTIFACTS = ROOT / "tests" / "artifacts"

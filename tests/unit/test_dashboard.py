@@ -1,20 +1,18 @@
-"""The Grafana dashboard (deploy/k8s/dashboard/resnet-serve.json): it parses, every query names
-metrics the app exposes, and the compose stack and Kubernetes ship the same file."""
+"""The Grafana dashboard (deploy/k8s/dashboard/resnet-serve.json): it parses and every query names
+metrics the app exposes. That the compose stack and Kubernetes ship the same file needs kubectl:
+tests/integration/test_dashboard_k8s.py."""
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from app.telemetry.metrics import Metrics
-from tests.test_deploy_k8s import render
+from tests.helpers.k8s import dashboard
 
-ROOT = Path(__file__).resolve().parent.parent
-DASHBOARD = ROOT / "deploy" / "k8s" / "dashboard" / "resnet-serve.json"
+ROOT = Path(__file__).resolve().parents[2]
 METRIC = re.compile(r"\bresnet_serve_[a-z_]+\b")
 SERIES = {
     "counter": ("_total",),
@@ -31,11 +29,6 @@ def exposed() -> set[str]:
         for family in Metrics().registry.collect()
         for suffix in SERIES[family.type]
     }
-
-
-def dashboard() -> dict[str, Any]:
-    loaded: dict[str, Any] = json.loads(DASHBOARD.read_text())
-    return loaded
 
 
 def test_every_panel_queries_metrics_the_app_exposes() -> None:
@@ -65,25 +58,6 @@ def test_every_panel_queries_metrics_the_app_exposes() -> None:
         assert name in used, name
     ids = [panel["id"] for panel in panels]
     assert len(ids) == len(set(ids))
-
-
-def test_compose_and_kubernetes_ship_the_same_dashboard() -> None:
-    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-    grafana = compose["services"]["grafana"]
-    mounts = dict(volume.split(":")[:2] for volume in grafana["volumes"])
-    provider = yaml.safe_load((ROOT / "docker" / "grafana" / "dashboards.yml").read_text())
-    # The folder Grafana loads dashboards from is the one that holds this file.
-    (source,) = [
-        src for src, dst in mounts.items() if dst == provider["providers"][0]["options"]["path"]
-    ]
-    assert (ROOT / source).resolve() == DASHBOARD.parent
-    sources = yaml.safe_load((ROOT / "docker" / "grafana" / "datasources.yml").read_text())
-    prometheus = next(s for s in sources["datasources"] if s["type"] == "prometheus")
-    assert prometheus["url"] == "http://prometheus:9090"
-    (configmap,) = render("dashboard")
-    assert configmap["kind"] == "ConfigMap"
-    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
-    assert json.loads(configmap["data"]["resnet-serve.json"]) == dashboard()
 
 
 def test_the_tracing_profile_receives_what_the_api_sends() -> None:

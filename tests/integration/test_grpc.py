@@ -22,11 +22,10 @@ from tritonclient.utils import InferenceServerException
 
 from app.grpc import inference_pb2 as pb
 from app.grpc import inference_pb2_grpc as pb_grpc
-from tests.helpers.metrics import scrape, status_counts
+from tests.helpers.metrics import scrape, status_counts, wait_for_gauge
 from tests.helpers.models import CROP_SIZE, LABELS, image_bytes
 from tests.helpers.server import Server, free_port, message_is, run_server
-from tests.test_app_workers import start_workers
-from tests.test_overload import wait_for_gauge
+from tests.helpers.workers import start_workers
 
 MODEL = "tiny-test"
 IMAGES = [image_bytes(seed) for seed in range(3)]

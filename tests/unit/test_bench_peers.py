@@ -1,15 +1,14 @@
 """The peer benchmark's own logic: load-point accounting, the table, and the shared classifier
-the peers run (same session options and same answers as app/)."""
+the peers run (same session options and same answers as app/). Reading a running server:
+tests/integration/test_bench_peers_server.py."""
 
 from __future__ import annotations
 
-import asyncio
 from email import policy
 from email.parser import BytesParser
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
 
@@ -24,7 +23,6 @@ from benchmarks.peers.drive import (
     form,
     pooled,
     retry_after,
-    served_by,
     top5,
     window_seconds,
 )
@@ -38,7 +36,6 @@ from benchmarks.peers.report import (
 )
 from benchmarks.peers.run import merged
 from tests.helpers.models import image_bytes
-from tests.helpers.server import Server
 
 
 def test_summarize_counts_only_requests_finished_inside_the_window() -> None:
@@ -266,10 +263,3 @@ def test_the_load_sends_one_multipart_image_field_encoded_once() -> None:
     assert part.get_filename() == "p.jpg"
     assert part.get_content_type() == "image/jpeg"
     assert part.get_payload(decode=True) == image
-
-
-def test_served_by_reads_what_a_running_server_chose(server: Server) -> None:
-    chosen = httpx.get(f"{server.url}/v1/models").json()["models"][0]
-    (entry,) = [c for c in chosen["backend"]["candidates"] if c["chosen"]]
-    text = asyncio.run(served_by(f"{server.url}/predict"))
-    assert text == f"{entry['backend']} {chosen['precision']}"
