@@ -77,7 +77,7 @@ async def running(
     client to it."""
     app = create_app(make_settings(**overrides), model)
     async with app.router.lifespan_context(app):
-        await app.state.lifecycle.wait_warmed()
+        await app.state.service.lifecycle.wait_warmed()
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             yield app, client

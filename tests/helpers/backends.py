@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from app.repository.configs import session_config
+from app.repository.configs import runtime_config
 from app.runtimes import openvino
 from app.settings import Settings
 from tests.helpers.models import build_model
@@ -22,6 +22,6 @@ def tiny_model(folder: Path) -> Path:
 
 def config_for(path: Path, **settings: object) -> object:
     return replace(
-        session_config(Settings(model_path=path, **settings), cores=2),  # type: ignore[arg-type]
+        runtime_config(Settings(model_path=path, **settings), cores=2),  # type: ignore[arg-type]
         intra_op_threads=1,
     )

@@ -12,7 +12,8 @@ import httpx
 import pytest
 from fastapi import APIRouter, FastAPI
 
-from app.http.routing import Access, RouteTable
+from app.edge.access import Access
+from app.http.routing import RouteTable
 from app.main import create_app
 from tests.conftest import Serve
 from tests.helpers.models import image_bytes
@@ -79,8 +80,8 @@ async def test_every_inference_route_is_admitted_before_its_body_is_read(
         yield PNG
 
     async with app.router.lifespan_context(app):
-        await app.state.lifecycle.wait_warmed()
-        app.state.lifecycle.draining = True  # the door admits nothing now
+        await app.state.service.lifecycle.wait_warmed()
+        app.state.service.lifecycle.draining = True  # the door admits nothing now
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
             for method, path in declared(app, Access.INFERENCE):
@@ -101,7 +102,7 @@ async def test_every_guarded_route_refuses_a_missing_key_and_open_ones_do_not(
         make_settings(api_keys_file=tmp_path / "api", metrics_api_keys_file=tmp_path / "metrics")
     )
     async with app.router.lifespan_context(app):
-        await app.state.lifecycle.wait_warmed()
+        await app.state.service.lifecycle.wait_warmed()
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
             for method, path in declared(app, Access.API, Access.INFERENCE, Access.METRICS):

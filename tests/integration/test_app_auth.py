@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.edge.keys import MAX_KEY_BYTES
+from app.edge.access import MAX_KEY_BYTES
 from tests.helpers.metrics import families
 from tests.helpers.models import image_bytes
 from tests.helpers.server import Server, message_is, run_server

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from app.repository.configs import session_config
+from app.repository.configs import runtime_config
 from app.runtimes.onnxruntime import OnnxModel
 from app.settings import Settings
 from core import preprocess
@@ -27,7 +27,7 @@ async def test_a_lone_request_moves_onto_the_event_loop_once_its_work_is_known_f
     monkeypatch: pytest.MonkeyPatch,
     inline_max_ms: float,
 ) -> None:
-    model = OnnxModel.load(session_config(make_settings()))
+    model = OnnxModel.load(runtime_config(make_settings()))
     assert model.adaptive  # a lone batch has a session of its own
     decoded_on: list[str] = []
     ran_on: list[str] = []

@@ -217,7 +217,7 @@ async def test_draining_refuses_at_the_door_with_retry_after(
 ) -> None:
     async with running(make_settings) as (app, client):
         assert (await client.get("/v2/health/ready")).status_code == 200
-        app.state.lifecycle.draining = True
+        app.state.service.lifecycle.draining = True
         ready = await client.get("/v2/health/ready")
         model_ready = await client.get("/v2/models/tiny-test/ready")
         body, headers = bytes_request(image_bytes(0))
@@ -231,7 +231,7 @@ async def test_draining_refuses_at_the_door_with_retry_after(
 
 async def test_past_the_deadline_is_504(make_settings: Callable[..., Settings]) -> None:
     async with running(make_settings, request_timeout_ms=1e-6) as (app, client):
-        app.state.models.resolve().estimate.seconds_per_image = (
+        app.state.service.models.resolve().estimate.seconds_per_image = (
             0.0  # admitted: the deadline is what fails it
         )
         body, headers = bytes_request(image_bytes(0))

@@ -93,11 +93,12 @@ async def test_load_switch_unload_go_back_and_a_broken_version_without_one_faile
         clients += [asyncio.create_task(protocol_client(client)) for _ in range(4)]
         add_version(repository, 2)
         both = await control(client, "load", version_policy={"latest": {"num_versions": 2}})
-        assert app.state.models.versions(NAME) == ["1", "2"]  # v2 beside v1, and it takes over
+        # v2 beside v1, and it takes over
+        assert app.state.service.models.versions(NAME) == ["1", "2"]
         only_two = await control(client, "load")  # the server's policy: latest
-        assert app.state.models.versions(NAME) == ["2"]
+        assert app.state.service.models.versions(NAME) == ["2"]
         back = await control(client, "load", version_policy={"specific": {"versions": [1]}})
-        assert app.state.models.versions(NAME) == ["1"]
+        assert app.state.service.models.versions(NAME) == ["1"]
         broken = repository / NAME / "3"
         broken.mkdir()
         (broken / "model.onnx").write_bytes(
@@ -124,7 +125,7 @@ async def test_unload_finishes_admitted_work_then_the_model_is_gone(
     make_settings: Any, repository: Path
 ) -> None:
     async with running(make_settings, model_repository=repository) as (app, client):
-        served = app.state.models.resolve()
+        served = app.state.service.models.resolve()
         pending = [asyncio.create_task(predict(client)) for _ in range(6)]
         await asyncio.sleep(0)
         unloaded = await control(client, "unload")
@@ -246,13 +247,13 @@ async def test_watching_loads_a_version_once_its_files_have_settled(
     ):
         add_version(repository, 2)
         for _ in range(400):  # each look is an event on the loop; at most 20 s
-            if app.state.models.versions(NAME) == ["2"]:
+            if app.state.service.models.versions(NAME) == ["2"]:
                 break
             await asyncio.sleep(0.05)
         answer = await predict(client)
         shutil.rmtree(repository / NAME)
         for _ in range(400):
-            if not app.state.models.ready():
+            if not app.state.service.models.ready():
                 break
             await asyncio.sleep(0.05)
         gone = await predict(client)
@@ -309,7 +310,7 @@ async def test_a_loads_own_policy_holds_across_reloads_until_a_load_without_one(
 ) -> None:
     add_version(repository, 2)
     async with running(make_settings, model_repository=repository) as (app, client):
-        models = app.state.models
+        models = app.state.service.models
         await control(client, "load", version_policy={"specific": {"versions": [1]}})
         await models.load_all()  # what SIGHUP does
         await models.load_all(polled=True)  # and what a watcher's look does

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from starlette.requests import Request
 
+from app.edge.requests import unless_disconnected
 from app.errors import ClientClosedRequest
-from app.http.disconnect import unless_disconnected
 from app.http.schemas import PredictResponse
 from app.main import create_app
-from app.repository.configs import session_config
+from app.repository.configs import runtime_config
 from app.runtimes.onnxruntime import OnnxModel
 from core.preprocess import Recipe
 from tests.conftest import Serve
@@ -266,7 +266,7 @@ async def test_request_pixel_budget_is_checked_before_any_decoding(serve: Serve)
     # 3 images of 40x30: each under max_image_pixels, together over max_request_pixels.
     async with serve(max_image_pixels=2000, max_request_pixels=3000) as client:
         response = await client.post("/predict", files=files(*(image_bytes(i) for i in range(3))))
-        decoded = client._transport.app.state.metrics.registry.get_sample_value(  # type: ignore[attr-defined]
+        decoded = client._transport.app.state.service.metrics.registry.get_sample_value(  # type: ignore[attr-defined]
             "resnet_serve_preprocess_seconds_count"
         )
     assert_error(response, 413, "too_many_pixels", "3600 pixels", "max_request_pixels=3000")
@@ -354,7 +354,7 @@ class GatedModel(OnnxModel):
 
 @pytest.fixture
 def gated(make_settings: Any) -> GatedModel:
-    return GatedModel(OnnxModel.load(session_config(make_settings())))
+    return GatedModel(OnnxModel.load(runtime_config(make_settings())))
 
 
 async def test_not_ready_until_warmed_up_then_ready(gated: GatedModel, make_settings: Any) -> None:
@@ -366,17 +366,17 @@ async def test_not_ready_until_warmed_up_then_ready(gated: GatedModel, make_sett
             assert_error(await client.post("/predict", files=files(PNG)), 503, "not_ready")
             assert (await client.get("/healthz")).status_code == 200
             gated.release.set()
-            await app.state.lifecycle.wait_warmed()
+            await app.state.service.lifecycle.wait_warmed()
             assert (await client.get("/readyz")).json() == {"status": "ready"}
             model = (await client.get("/v1/model")).json()
     assert model["batching"]["warmed_batch_sizes"] == [1, 2, 3, 4]
 
 
 async def test_every_inference_lane_is_warm_before_readiness(make_settings: Any) -> None:
-    model = OnnxModel.load(session_config(make_settings()))
+    model = OnnxModel.load(runtime_config(make_settings()))
     app = create_app(make_settings(concurrent_batches=3), model)
     async with app.router.lifespan_context(app):
-        await app.state.lifecycle.wait_warmed()
+        await app.state.service.lifecycle.wait_warmed()
         assert model._bound is not None
         assert next(model._bound._lanes) == 3  # three threads have bound their buffers
         transport = httpx.ASGITransport(app=app)
@@ -399,16 +399,16 @@ async def test_warm_up_limits_batches_where_the_cost_per_image_is_flat(
     make_settings: Any,
 ) -> None:
     settings = make_settings(flat_batch_ms=100.0)
-    app = create_app(settings, FlatModel.load(session_config(settings)))
+    app = create_app(settings, FlatModel.load(runtime_config(settings)))
     async with app.router.lifespan_context(app):
-        await app.state.lifecycle.wait_warmed()
+        await app.state.service.lifecycle.wait_warmed()
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
             answers = await asyncio.gather(
                 *(client.post("/predict", files=files(image_bytes(s))) for s in range(8))
             )
             model = (await client.get("/v1/model")).json()
-        registry = app.state.metrics.registry
+        registry = app.state.service.metrics.registry
     assert [a.status_code for a in answers] == [200] * 8
     # 60 ms for one image, 120 ms for two: the first size at 100 ms, not max_batch_size=4.
     assert model["batching"]["batch_limit"] == 2
@@ -421,7 +421,7 @@ async def test_warm_up_limits_batches_where_the_cost_per_image_is_flat(
 
 async def test_draining_turns_readiness_and_admission_to_503(serve: Serve) -> None:
     async with serve() as client:
-        client._transport.app.state.lifecycle.draining = True  # type: ignore[attr-defined]
+        client._transport.app.state.service.lifecycle.draining = True  # type: ignore[attr-defined]
         assert_error(await client.get("/readyz"), 503, "shutting_down")
         response = await client.post("/predict", files=files(PNG))
     assert_error(response, 503, "shutting_down")
@@ -455,10 +455,10 @@ async def test_overload_is_503_before_the_body_is_read(
         yield PNG
 
     async with app.router.lifespan_context(app):
-        await app.state.lifecycle.wait_warmed()
+        await app.state.service.lifecycle.wait_warmed()
         # As if measured: 1 s per image. One image in flight leaves room for no second one.
         for _ in range(50):
-            app.state.models.resolve().estimate.observe_batch(1, 1.0)
+            app.state.service.models.resolve().estimate.observe_batch(1, 1.0)
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
             first = asyncio.ensure_future(client.post("/predict", files=files(PNG)))
@@ -475,11 +475,11 @@ async def test_overload_is_503_before_the_body_is_read(
 async def test_past_the_deadline_is_504_without_using_the_model(make_settings: Any) -> None:
     app = create_app(make_settings(request_timeout_ms=1e-6))
     async with app.router.lifespan_context(app):
-        await app.state.lifecycle.wait_warmed()
-        app.state.models.resolve().estimate.seconds_per_image = (
+        await app.state.service.lifecycle.wait_warmed()
+        app.state.service.models.resolve().estimate.seconds_per_image = (
             0.0  # admitted: the deadline is what fails it
         )
-        registry = app.state.metrics.registry
+        registry = app.state.service.metrics.registry
         before = registry.get_sample_value("resnet_serve_images_total", TINY)
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
@@ -554,6 +554,6 @@ async def test_client_disconnect_cancels_the_pending_work() -> None:
     work = asyncio.ensure_future(never.wait())
     request = Request({"type": "http", "method": "POST", "headers": []}, receive)
     with pytest.raises(ClientClosedRequest):
-        await unless_disconnected(request, work)
+        await unless_disconnected(request.receive, work)
     await asyncio.gather(work, return_exceptions=True)
     assert work.cancelled()

@@ -52,7 +52,7 @@ async def traced(
 
 
 def finished(app: FastAPI, memory: InMemorySpanExporter) -> list[ReadableSpan]:
-    assert app.state.tracing.provider.force_flush()
+    assert app.state.service.tracing.provider.force_flush()
     return list(memory.get_finished_spans())
 
 
@@ -213,14 +213,14 @@ async def test_a_stuck_failing_exporter_costs_requests_nothing_and_drops_are_cou
         _,
     ):
         first = await client.post("/predict", files=upload(), headers=SAMPLED)
-        app.state.tracing.provider.force_flush(timeout_millis=1)  # wakes the export thread
+        app.state.service.tracing.provider.force_flush(timeout_millis=1)  # wakes the export thread
         assert await asyncio.to_thread(stalled.entered.wait, 30)  # and it is stuck in export
         answers = [
             await client.post("/predict", files=upload(), headers=SAMPLED) for _ in range(10)
         ]
         answered_while_stuck = not stalled.release.is_set()
         stalled.release.set()
-        assert app.state.tracing.provider.force_flush(timeout_millis=30_000)
+        assert app.state.service.tracing.provider.force_flush(timeout_millis=30_000)
         metrics = (await client.get("/metrics")).text
     assert [a.status_code for a in [first, *answers]] == [200] * 11
     assert answered_while_stuck  # no request waited for the exporter

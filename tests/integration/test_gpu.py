@@ -16,7 +16,7 @@ import onnxruntime as ort
 import pytest
 
 from app.batching.batcher import bucket_for
-from app.repository.configs import batch_buckets, session_config
+from app.repository.configs import batch_buckets, runtime_config
 from app.runtimes.onnxruntime import OnnxModel
 from app.runtimes.providers import CPU, CUDA
 from app.settings import Settings
@@ -46,7 +46,7 @@ def model_file() -> Path:
 
 def load(path: Path, **overrides: Any) -> OnnxModel:
     settings = Settings(model_path=path, max_batch_size=BUCKETS[-1], **overrides)
-    model = OnnxModel.load(session_config(settings))
+    model = OnnxModel.load(runtime_config(settings))
     model.bind(batch_buckets(settings, model.provider))
     return model
 

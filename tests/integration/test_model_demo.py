@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.repository.configs import session_config
+from app.repository.configs import runtime_config
 from app.runtimes.onnxruntime import OnnxModel
 from app.settings import Settings
 from core.preprocess import decode
@@ -35,7 +35,7 @@ def test_default_build_reaches_98_percent_and_reads_the_examples(tmp_path: Path)
     assert accuracy["images"] == 360  # the validation split: 20% of the 1,797 scans
     assert accuracy["top1"] >= 0.98
 
-    model = OnnxModel.load(session_config(Settings(model_path=out, providers="cpu")))
+    model = OnnxModel.load(runtime_config(Settings(model_path=out, providers="cpu")))
     examples = sorted((ROOT / "examples").glob("digit-*.png"))
     crops = np.stack([decode(path.read_bytes(), model.metadata.recipe) for path in examples])
     predicted = [model.metadata.labels[i] for i in model.predict(crops).argmax(1)]

@@ -10,7 +10,7 @@ import onnx
 import pytest
 import torch
 
-from app.repository.configs import session_config
+from app.repository.configs import runtime_config
 from app.runtimes import openvino
 from app.runtimes.onnxruntime import OnnxModel
 from app.runtimes.openvino import OpenVinoModel
@@ -104,7 +104,7 @@ def test_metadata_round_trip(ckpt: checkpoint.Checkpoint, fp32_onnx: Path) -> No
 
 
 def test_server_loads_the_export(fp32_onnx: Path) -> None:
-    model = OnnxModel.load(session_config(Settings(model_path=fp32_onnx, providers="cpu")))
+    model = OnnxModel.load(runtime_config(Settings(model_path=fp32_onnx, providers="cpu")))
     assert list(model.metadata.labels) == ["blue", "green", "red"]
     probs = model.predict(np.zeros((2, 32, 32, 3), dtype=np.uint8))
     assert probs.shape == (2, 3)
@@ -120,7 +120,7 @@ def test_the_reference_is_evaluation_images_both_runtimes_meet(fp32_onnx: Path) 
     assert images.shape[1:] == (32, 32, 3)
     assert check["dataset"] == "train-val"
     assert check["bounds"] == reference.BOUNDS  # an fp32 file: nothing measured loosens them
-    onnxruntime = OnnxModel.load(session_config(Settings(model_path=fp32_onnx, providers="cpu")))
+    onnxruntime = OnnxModel.load(runtime_config(Settings(model_path=fp32_onnx, providers="cpu")))
     onnxruntime.check_reference()
     OpenVinoModel.load(fp32_onnx, "fp32", lanes=1, threads=1).check_reference()
 
@@ -143,7 +143,7 @@ def test_a_reference_the_runtime_does_not_meet_is_refused(fp32_onnx: Path, tmp_p
             expected[0][0] = (expected[0][0] + 1) % 3
 
     path = with_reference(fp32_onnx, tmp_path / "model.onnx", next_class)
-    loaded = OnnxModel.load(session_config(Settings(model_path=path)))
+    loaded = OnnxModel.load(runtime_config(Settings(model_path=path)))
     with pytest.raises(
         ModelError, match=r"on .* evaluation images .* top-1 agreement with fp32 0\.0%"
     ):
@@ -152,7 +152,7 @@ def test_a_reference_the_runtime_does_not_meet_is_refused(fp32_onnx: Path, tmp_p
 
 def test_a_reference_that_does_not_fit_is_a_clear_error(fp32_onnx: Path, tmp_path: Path) -> None:
     path = with_reference(fp32_onnx, tmp_path / "model.onnx", lambda check: check["top"].pop())
-    loaded = OnnxModel.load(session_config(Settings(model_path=path)))
+    loaded = OnnxModel.load(runtime_config(Settings(model_path=path)))
     with pytest.raises(ModelError, match=r"its metadata 'reference' cannot be read: \d+ images"):
         loaded.check_reference()
 
@@ -198,7 +198,7 @@ def test_int8_keeps_accuracy_and_records_its_own(
     assert bound["top1_agreement"] <= reference.BOUNDS["int8"]["top1_agreement"]
     assert bound["max_abs_diff"] >= reference.BOUNDS["int8"]["max_abs_diff"]
     # Both runtimes compute the quantised file within it.
-    config = session_config(Settings(model_path=out, model_precision="int8"))
+    config = runtime_config(Settings(model_path=out, model_precision="int8"))
     OnnxModel.load(config).check_reference()
     OpenVinoModel.load(out, "int8", lanes=1, threads=1).check_reference()
 

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.anyio
 
 def make(timeout_ms: float = 1000, wait_ms: float = 60_000, max_bytes: int = 100) -> Admission:
     lifecycle = Lifecycle(retry_after_s=4)
-    lifecycle.mark_warmed([1])
+    lifecycle.mark_warmed()
     config = AdmissionConfig(timeout_ms, wait_ms, max_bytes)
     admission = Admission(config, lifecycle, Metrics())
     admission.estimates.add(CostEstimate())  # one model version being served
@@ -37,7 +37,7 @@ async def test_admits_at_once_while_the_predicted_wait_fits_the_deadline() -> No
     admission = make(timeout_ms=1000)
     (await admission.enter()).release()  # nothing measured yet: nothing to predict
     cost(admission).observe_batch(images=4, seconds=1.0)  # 250 ms per image
-    with admission.work(3, await admission.enter()):
+    with await admission.enter(), admission.work(3):
         assert admission.provisional == 0
         assert admission.predicted_wait_s() == pytest.approx(1.0)
         with pytest.raises(Overloaded, match="request_timeout_ms=1000") as refused:

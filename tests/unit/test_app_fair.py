@@ -10,7 +10,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 
 from app.batching.fair import FairExecutor, FairQueue, RoundRobin, Shares
-from app.edge.callers import Caller, caller
+from app.edge.requests import Caller, caller
 
 HEAVY, LIGHT = Caller("key:h", "heavy"), Caller("key:l", "light")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from app.edge.keys import MAX_KEY_BYTES, KeyFile, KeyFileError, parse_keys
+from app.edge.access import MAX_KEY_BYTES, KeyFile, KeyFileError, parse_keys
 
 
 class Clock:
@@ -96,7 +96,7 @@ def test_matches_each_key_exactly(tmp_path: Path) -> None:
 
 
 def test_logs_the_count_never_a_key(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="app.edge.keys"):
+    with caplog.at_level(logging.INFO, logger="app.edge.access"):
         KeyFile(write(tmp_path / "keys", "secret-one\nsecret-two\n"), "metrics")
     (record,) = caplog.records
     assert record.getMessage() == "api keys loaded"
@@ -153,7 +153,7 @@ def test_an_unusable_rewrite_keeps_the_current_keys_and_warns_once(
         path.unlink()
     else:
         write(path, "" if damage == "emptied" else "# rotating\n")
-    with caplog.at_level(logging.WARNING, logger="app.edge.keys"):
+    with caplog.at_level(logging.WARNING, logger="app.edge.access"):
         for _ in range(3):
             clock.now += 1.0
             assert keys.match(b"kept-key")

@@ -13,7 +13,7 @@ async def test_ready_only_once_warmed_and_never_after_a_failure() -> None:
     with pytest.raises(NotReady, match="warming up") as warming:
         lifecycle.check_admitting()
     assert warming.value.headers == {"Retry-After": "3"}
-    lifecycle.mark_warmed([1, 2])
+    lifecycle.mark_warmed()
     assert lifecycle.ready
     lifecycle.fail(RuntimeError("batcher died"))
     assert not lifecycle.ready
@@ -23,7 +23,7 @@ async def test_ready_only_once_warmed_and_never_after_a_failure() -> None:
 
 async def test_draining_refuses_with_retry_after() -> None:
     lifecycle = Lifecycle(retry_after_s=2)
-    lifecycle.mark_warmed([1])
+    lifecycle.mark_warmed()
     lifecycle.draining = True
     with pytest.raises(ShuttingDown) as refused:
         lifecycle.check_admitting()

@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 from pydantic import ValidationError
 
-from app.repository.configs import batch_buckets, session_config
+from app.repository.configs import batch_buckets, runtime_config
 from app.runtimes.onnxruntime import OnnxModel
 from app.runtimes.providers import (
     CPU,
@@ -155,10 +155,10 @@ def test_tensorrt_profile_covers_every_bucket_and_caches_on_the_volume() -> None
     assert options["trt_engine_cache_enable"] == options["trt_timing_cache_enable"] == "1"
 
 
-def test_session_config_from_settings(model_path: Path) -> None:
-    config = session_config(Settings(model_path=model_path, max_batch_size=48))
-    assert config.gpu.trt_cache_dir == model_path.parent / "trt-cache"
-    assert config.gpu.batch_range == (1, 48)
+def test_runtime_config_from_settings(model_path: Path) -> None:
+    config = runtime_config(Settings(model_path=model_path, max_batch_size=48))
+    assert config.onnxruntime.gpu.trt_cache_dir == model_path.parent / "trt-cache"
+    assert config.onnxruntime.gpu.batch_range == (1, 48)
     assert config.precision == "auto"
     pinned = Settings(
         model_path=model_path,
@@ -167,8 +167,8 @@ def test_session_config_from_settings(model_path: Path) -> None:
         trt_cache_dir=Path("/cache"),
         providers="tensorrt",
     )
-    assert session_config(pinned).gpu.batch_range == (4, 8)
-    assert session_config(pinned).gpu.trt_cache_dir == Path("/cache")
+    assert runtime_config(pinned).onnxruntime.gpu.batch_range == (4, 8)
+    assert runtime_config(pinned).onnxruntime.gpu.trt_cache_dir == Path("/cache")
 
 
 def test_gpu_providers_get_power_of_two_buckets(model_path: Path) -> None:
@@ -202,10 +202,10 @@ def fp16_beside(tmp_path: Path) -> Path:
 def test_the_cpu_serves_fp32_even_with_fp16_beside_it(
     fp16_beside: Path, make_settings: Callable[..., Settings]
 ) -> None:
-    model = OnnxModel.load(session_config(make_settings(model_path=fp16_beside)))
+    model = OnnxModel.load(runtime_config(make_settings(model_path=fp16_beside)))
     assert model.metadata.precision == "fp32"
     pinned = make_settings(model_path=fp16_beside, model_precision="fp16")
-    assert OnnxModel.load(session_config(pinned)).metadata.precision == "fp16"
+    assert OnnxModel.load(runtime_config(pinned)).metadata.precision == "fp16"
 
 
 def test_an_fp16_model_path_on_the_cpu_is_refused_unless_pinned(
@@ -213,7 +213,7 @@ def test_an_fp16_model_path_on_the_cpu_is_refused_unless_pinned(
 ) -> None:
     path = build_model(tmp_path / "half.onnx", metadata={"precision": "fp16"})
     with pytest.raises(ModelError, match="runs slowly on the CPU"):
-        OnnxModel.load(session_config(make_settings(model_path=path)))
+        OnnxModel.load(runtime_config(make_settings(model_path=path)))
 
 
 def test_a_pinned_precision_that_is_not_there_is_an_error(
@@ -221,7 +221,7 @@ def test_a_pinned_precision_that_is_not_there_is_an_error(
 ) -> None:
     settings = make_settings(model_path=fp16_beside, model_precision="int8")
     with pytest.raises(ModelError, match="model_precision=int8 but"):
-        OnnxModel.load(session_config(settings))
+        OnnxModel.load(runtime_config(settings))
 
 
 # ORT's CPU build warns about a provider it lacks, and opens the session on the CPU: exactly what
@@ -247,7 +247,7 @@ def test_a_provider_that_fails_to_initialise_falls_back_only_where_accepted(
     error: str | None,
 ) -> None:
     monkeypatch.setattr(ort, "get_available_providers", lambda: [TENSORRT, CUDA, CPU])
-    config = session_config(make_settings(model_path=fp16_beside, providers=providers))
+    config = runtime_config(make_settings(model_path=fp16_beside, providers=providers))
     if error is not None:
         with pytest.raises(ModelError, match=error):
             OnnxModel.load(config)
@@ -267,5 +267,5 @@ def test_tensorrt_missing_is_logged_before_cuda_is_tried(
 ) -> None:
     monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU])
     with pytest.raises(ModelError, match=f"{CUDA} failed to initialise"):
-        OnnxModel.load(session_config(make_settings(providers="tensorrt")))
+        OnnxModel.load(runtime_config(make_settings(providers="tensorrt")))
     assert f"{TENSORRT} is not available: serving on {CUDA}" in caplog.text

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.repository.configs import session_config
+from app.repository.configs import runtime_config
 from app.runtimes.onnxruntime import BoundBuckets, OnnxModel
 from app.runtimes.providers import CPU
 from app.settings import Settings
@@ -18,7 +18,7 @@ from tests.helpers.models import CROP_SIZE, LABELS, build_model
 
 
 def test_loads_the_contract_and_predicts(make_settings: Callable[..., Settings]) -> None:
-    model = OnnxModel.load(session_config(make_settings()))
+    model = OnnxModel.load(runtime_config(make_settings()))
     assert model.provider == CPU
     assert model.metadata.labels == tuple(LABELS)
     assert model.metadata.recipe.crop_size == CROP_SIZE
@@ -32,7 +32,7 @@ def test_loads_the_contract_and_predicts(make_settings: Callable[..., Settings])
 
 def test_accuracy_may_be_null(tmp_path: Path, make_settings: Callable[..., Settings]) -> None:
     path = build_model(tmp_path / "m.onnx", metadata={"accuracy": "null"})
-    assert OnnxModel.load(session_config(make_settings(model_path=path))).metadata.accuracy is None
+    assert OnnxModel.load(runtime_config(make_settings(model_path=path))).metadata.accuracy is None
 
 
 M = [0.5, 0.5, 0.5]
@@ -73,27 +73,27 @@ def test_bad_metadata_fails_start_up_with_a_clear_message(
 ) -> None:
     path = build_model(tmp_path / "m.onnx", metadata=metadata, drop=drop)
     with pytest.raises(ModelError, match=re.escape(fragment)):
-        OnnxModel.load(session_config(make_settings(model_path=path)))
+        OnnxModel.load(runtime_config(make_settings(model_path=path)))
 
 
 def test_missing_file(tmp_path: Path, make_settings: Callable[..., Settings]) -> None:
     with pytest.raises(ModelError, match=r"model file not found: .*nope\.onnx"):
-        OnnxModel.load(session_config(make_settings(model_path=tmp_path / "nope.onnx")))
+        OnnxModel.load(runtime_config(make_settings(model_path=tmp_path / "nope.onnx")))
 
 
 def test_corrupt_file(tmp_path: Path, make_settings: Callable[..., Settings]) -> None:
     path = tmp_path / "bad.onnx"
     path.write_bytes(b"\x08\x07 definitely not a protobuf " * 10)
     with pytest.raises(ModelError, match="cannot load ONNX model") as raised:
-        OnnxModel.load(session_config(make_settings(model_path=path)))
+        OnnxModel.load(runtime_config(make_settings(model_path=path)))
     assert "\n" not in str(raised.value)
 
 
 def test_bound_buckets_match_a_plain_run_and_keep_earlier_results(
     make_settings: Callable[..., Settings],
 ) -> None:
-    plain = OnnxModel.load(session_config(make_settings()))
-    bound = OnnxModel.load(session_config(make_settings()))
+    plain = OnnxModel.load(runtime_config(make_settings()))
+    bound = OnnxModel.load(runtime_config(make_settings()))
     bound.bind([1, 2, 4])
     rng = np.random.default_rng(0)
     batches = [
@@ -111,7 +111,7 @@ def test_bound_buckets_match_a_plain_run_and_keep_earlier_results(
 def test_each_inference_thread_binds_its_own_buffers_and_graph_ids(
     make_settings: Callable[..., Settings],
 ) -> None:
-    plain = OnnxModel.load(session_config(make_settings()))
+    plain = OnnxModel.load(runtime_config(make_settings()))
     bound = BoundBuckets(plain._session, [1, 2], CROP_SIZE, len(LABELS), device="cpu", graphs=True)
     rng = np.random.default_rng(1)
     batches = [rng.integers(0, 256, (2, CROP_SIZE, CROP_SIZE, 3), dtype=np.uint8) for _ in range(8)]
@@ -140,7 +140,7 @@ def test_adaptive_spinning_opens_a_second_cpu_session_that_answers_the_same(
 ) -> None:
     def load(spinning: str, workers: int = 1) -> OnnxModel:
         settings = make_settings(ort_spinning=spinning, workers=workers, concurrent_batches=0)
-        return OnnxModel.load(session_config(settings))
+        return OnnxModel.load(runtime_config(settings))
 
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
     monkeypatch.setattr("app.process.cpus.CGROUP_CPU_MAX", tmp_path / "no-cgroup")

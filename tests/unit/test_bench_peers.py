@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from app.repository.configs import intra_op_threads, session_config
+from app.repository.configs import intra_op_threads, runtime_config
 from app.runtimes.onnxruntime import OnnxModel
 from app.settings import Settings
 from benchmarks.peers.common import Classifier
@@ -156,7 +156,7 @@ def test_markdown_has_one_table_per_model_and_the_agreement_line() -> None:
 
 
 def _ours(model_path: Path) -> OnnxModel:
-    return OnnxModel.load(session_config(Settings(model_path=model_path)))
+    return OnnxModel.load(runtime_config(Settings(model_path=model_path)))
 
 
 def test_peer_classifier_opens_the_session_as_the_server_does(model_path: Path) -> None:

@@ -8,6 +8,8 @@ import re
 from pathlib import Path
 from types import ModuleType
 
+import pytest
+
 from app.settings import ENV_PREFIX, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,10 +45,21 @@ def test_the_reference_lists_every_setting_with_its_default_and_description() ->
     assert all(cells[2] for cells in rows.values())
 
 
-def test_the_configuration_page_is_generated_from_settings() -> None:
+def test_the_configuration_page_holds_the_table_generated_from_settings() -> None:
+    module = hook()
     page = (ROOT / "docs" / "configuration.md").read_text()
-    assert hook().MARKER in page
-    assert not table_rows(page), "the page's table is generated; write no rows by hand"
+    assert module.committed(page) == module.reference()  # else: python docs/hooks/...
+    assert set(table_rows(page)) == set(table_rows(module.reference()))
+    assert module.on_page_markdown(page) == page
+
+
+def test_the_docs_build_refuses_a_stale_settings_table() -> None:
+    module = hook()
+    page = (ROOT / "docs" / "configuration.md").read_text()
+    stale = page.replace("| `RESNET_SERVE_PORT` | `8000` |", "| `RESNET_SERVE_PORT` | `8080` |")
+    assert stale != page
+    with pytest.raises(ValueError, match=r"settings_reference\.py"):
+        module.on_page_markdown(stale)
 
 
 def test_the_readme_table_agrees_with_settings() -> None:
