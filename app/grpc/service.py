@@ -283,7 +283,6 @@ class InferenceService:
                 )
                 request_id.reset(token)
 
-
     def _caller(
         self, access: Access, metadata: Mapping[bytes, bytes], context: grpc.aio.ServicerContext
     ) -> Caller:
