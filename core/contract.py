@@ -20,6 +20,9 @@ from core.preprocess import Recipe
 INPUT_NAME = "images"
 OUTPUT_NAME = "probabilities"
 LOGITS_NAME = "logits"
+# The named outputs a runtime computes for the server, each [N, ...] with a row per image: what the
+# heads (app.pipeline.heads) answer from. The first is the classification every file has.
+SERVED_OUTPUTS = (OUTPUT_NAME,)
 PRECISIONS = ("fp32", "fp16", "int8")
 REQUIRED_KEYS = (
     "model_name",

@@ -32,7 +32,9 @@ from core.errors import ServiceError
 
 log = logging.getLogger(__name__)
 
-ModelFn = Callable[[np.ndarray], np.ndarray]
+# A batch of images -> each named output of the model, a row per image (app.runtimes.base).
+Outputs = dict[str, np.ndarray]
+ModelFn = Callable[[np.ndarray], Outputs]
 
 
 def bucket_for(size: int, buckets: Sequence[int]) -> int:
@@ -43,7 +45,7 @@ def bucket_for(size: int, buckets: Sequence[int]) -> int:
 @dataclass(eq=False)
 class _Item:
     image: np.ndarray
-    future: asyncio.Future[np.ndarray]
+    future: asyncio.Future[Outputs]  # the image's row of each output
     enqueued_at: float
     deadline: float
     # The request's sampled span, and when the image was queued (wall clock, for its spans).
@@ -159,8 +161,9 @@ class Batcher:
 
     async def submit(
         self, images: Sequence[np.ndarray], deadline: float | None = None
-    ) -> list[np.ndarray]:
-        """Model outputs for ``images``, in order; the images may be split across batches.
+    ) -> list[Outputs]:
+        """Each image's row of every model output, in order; the images may be split across
+        batches.
 
         ``deadline`` (loop time): past it an image answers 504 instead of using the model;
         default ``request_timeout_ms`` from now.
@@ -193,7 +196,7 @@ class Batcher:
 
     def _enqueue(
         self, images: Sequence[np.ndarray], deadline: float | None = None
-    ) -> list[asyncio.Future[np.ndarray]]:
+    ) -> list[asyncio.Future[Outputs]]:
         if self._failed is not None:
             raise InferenceFailed(f"the batching task died: {self._failed!r}")
         if self._closing:
@@ -303,7 +306,7 @@ class Batcher:
 
     async def _run(
         self, lane: ThreadPoolExecutor, batch: list[_Item], alone: bool
-    ) -> np.ndarray | ServiceError:
+    ) -> Outputs | ServiceError:
         """The model's outputs for ``batch``, or the error that fails exactly this batch."""
         # Batches sharing the cores each take longer: admission needs the cost per image of the
         # whole pipeline, so a run's time is shared among the batches running beside it.
@@ -330,9 +333,10 @@ class Batcher:
                 label = self.lane_label(lane, inline)
                 self.spans.record(label, batch, size, started_ns, failed.message)
             return failed
-        if len(outputs) != size:
+        wrong = [len(rows) for rows in outputs.values() if len(rows) != size]
+        if wrong or not outputs:
             return InferenceFailed(
-                f"model returned {len(outputs)} outputs for a batch of {size} images"
+                f"model returned {wrong[0] if wrong else 0} outputs for a batch of {size} images"
             )
         lane_label = self.lane_label(lane, inline)
         if started_ns:
@@ -345,7 +349,7 @@ class Batcher:
         if lane in self.watchdog.stuck_lanes and not inline:
             # Its requests were answered 504 long ago; its time says nothing of the next run's
             # (it would refuse everyone through admission's cost estimate).
-            return outputs[: len(batch)]
+            return _first(outputs, len(batch))
         if model_fn is self.alone_fn:
             self.inline.ran_batch(size, seconds)
         self.on_batch(len(batch), seconds / sharing)
@@ -353,7 +357,7 @@ class Batcher:
         self.metrics.batch_size.observe(len(batch))
         self.metrics.padded_batch_size.observe(size)
         self.metrics.images.inc(len(batch))
-        return outputs[: len(batch)]
+        return _first(outputs, len(batch))
 
     def lane_label(self, lane: ThreadPoolExecutor, inline: bool = False) -> str:
         """The lane a batch ran on, for metrics and spans: its number, or "loop" (inline)."""
@@ -361,7 +365,7 @@ class Batcher:
             return "loop"
         return str(self._lane_numbers.setdefault(lane, len(self._lane_numbers)))
 
-    def _fan_out(self, batch: list[_Item], outputs: np.ndarray | ServiceError) -> None:
+    def _fan_out(self, batch: list[_Item], outputs: Outputs | ServiceError) -> None:
         for index, item in enumerate(batch):
             if item.future.done():  # cancelled while the batch ran
                 continue
@@ -369,4 +373,9 @@ class Batcher:
                 # One exception object per waiter: each request raises and logs its own.
                 item.future.set_exception(type(outputs)(outputs.message))
             else:
-                item.future.set_result(outputs[index])
+                item.future.set_result({name: rows[index] for name, rows in outputs.items()})
+
+
+def _first(outputs: Outputs, images: int) -> Outputs:
+    """The rows of the batch's own images: the padding's are dropped before anyone sees them."""
+    return {name: rows[:images] for name, rows in outputs.items()}

@@ -13,8 +13,6 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import numpy as np
-
 from app.oip.codec import OutputTensor
 from app.oip.protocol import (
     InferenceRequest,
@@ -23,7 +21,7 @@ from app.oip.protocol import (
     TensorMetadata,
 )
 from app.oip.tensors import encoded_images, output_tensor, the_input, uint8_crops, wanted_outputs
-from app.pipeline.heads import rows
+from app.pipeline.heads import Row, rows
 from app.pipeline.pipeline import Image
 from app.repository.link import Change, raise_refusal
 from app.repository.models import Entry
@@ -37,7 +35,7 @@ from core.errors import BadRequest
 PLATFORM = "{backend}_onnx"
 EXTENSIONS = ["binary_tensor_data", "classification"]
 # How a transport waits for the pipeline's work: until its client goes away, or its deadline.
-Wait = Callable[[Awaitable[list[np.ndarray]]], Awaitable[list[np.ndarray]]]
+Wait = Callable[[Awaitable[list[Row]]], Awaitable[list[Row]]]
 
 
 def server_metadata() -> ServerMetadataResponse:
@@ -85,11 +83,11 @@ async def infer(
     else:
         crops = uint8_crops(spec, binary, metadata.recipe.crop_size, service.limits)
         work = served.pipeline.crops(crops, rows)
-    probabilities = await wait(work)
+    answered = await wait(work)
     header: dict[str, Any] = {"model_name": served.name, "model_version": served.version}
     if inference.id is not None:
         header["id"] = inference.id
-    return header, [output_tensor(metadata, probabilities, one) for one in wanted]
+    return header, [output_tensor(metadata, answered, one) for one in wanted]
 
 
 def index(service: Service, ready_only: bool) -> list[Entry]:

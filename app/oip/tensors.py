@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,9 +16,9 @@ import numpy as np
 from app.errors import InvalidParameter
 from app.oip.codec import OutputTensor, split_bytes
 from app.oip.protocol import InferenceRequest, RequestInput
-from app.pipeline.heads import Classify
+from app.pipeline.heads import Classify, Row
 from app.pipeline.pipeline import UploadLimits
-from core.contract import INPUT_NAME, OUTPUT_NAME, ModelMetadata
+from core.contract import INPUT_NAME, OUTPUT_NAME, SERVED_OUTPUTS, ModelMetadata
 from core.errors import BadRequest, EmptyUpload, PayloadTooLarge
 
 INPUT_DATATYPES = ("BYTES", "UINT8")
@@ -25,8 +26,10 @@ INPUT_DATATYPES = ("BYTES", "UINT8")
 
 @dataclass(frozen=True)
 class Wanted:
-    """One output the request asked for: binary or JSON, and ``classification`` top-k or all."""
+    """One output the request asked for, by name: binary or JSON, and ``classification`` top-k
+    (of the probabilities) or all of it."""
 
+    name: str
     binary: bool
     classification: int
 
@@ -95,42 +98,43 @@ def wanted_outputs(request: InferenceRequest, num_classes: int) -> list[Wanted]:
     default = request.parameters.get("binary_data_output", False)
     if type(default) is not bool:
         raise InvalidParameter(f"binary_data_output={default!r} is not a boolean")
-    if not request.outputs:  # none named: every output (the one), as Triton answers
-        return [Wanted(default, 0)]
+    if not request.outputs:  # none named: every output, as Triton answers
+        return [Wanted(name, default, 0) for name in SERVED_OUTPUTS]
     wanted = []
     for output in request.outputs:
-        if output.name != OUTPUT_NAME:
-            raise BadRequest(
-                f"unknown output {output.name!r}: the model's output is {OUTPUT_NAME!r}"
-            )
+        if output.name not in SERVED_OUTPUTS:
+            served = ", ".join(map(repr, SERVED_OUTPUTS))
+            raise BadRequest(f"unknown output {output.name!r}: the model's output is {served}")
         binary = output.parameters.get("binary_data", default)
         k = output.parameters.get("classification", 0)
         if type(binary) is not bool:
             raise InvalidParameter(
                 f"output {output.name!r}: binary_data={binary!r} is not a boolean"
             )
+        if output.name != OUTPUT_NAME and k != 0:
+            raise InvalidParameter(
+                f"output {output.name!r}: classification ranks {OUTPUT_NAME!r} only"
+            )
         if type(k) is not int or not 0 <= k <= num_classes:
             raise InvalidParameter(
                 f"output {output.name!r}: classification={k!r} is out of range 0..{num_classes} "
                 "(the classes)"
             )
-        wanted.append(Wanted(binary, k))
+        wanted.append(Wanted(output.name, binary, k))
     return wanted
 
 
-def output_tensor(
-    metadata: ModelMetadata, probabilities: list[np.ndarray], wanted: Wanted
-) -> OutputTensor:
+def output_tensor(metadata: ModelMetadata, rows: Sequence[Row], wanted: Wanted) -> OutputTensor:
+    """The output ``wanted`` names, from each image's row of the model's outputs."""
     if not wanted.classification:
-        values = np.stack(probabilities).astype(np.float32, copy=False)
-        return OutputTensor(OUTPUT_NAME, "FP32", values, wanted.binary)
+        values = np.stack([row[wanted.name] for row in rows]).astype(np.float32, copy=False)
+        return OutputTensor(wanted.name, "FP32", values, wanted.binary)
     # Triton's classification format, "score:index:label", the score as C's "%f".
     classify = Classify(metadata, wanted.classification, wanted.classification)
-    rows = [
-        [f"{p.score:f}:{p.class_id}:{p.label}".encode() for p in classify(row)]
-        for row in probabilities
+    ranked = [
+        [f"{p.score:f}:{p.class_id}:{p.label}".encode() for p in classify(row)] for row in rows
     ]
-    return OutputTensor(OUTPUT_NAME, "BYTES", np.array(rows, dtype=object), wanted.binary)
+    return OutputTensor(wanted.name, "BYTES", np.array(ranked, dtype=object), wanted.binary)
 
 
 def _check_count(spec: RequestInput, limits: UploadLimits) -> None:

@@ -190,13 +190,13 @@ class Opener:
         metrics = self.metrics.for_version(name, version)
         admission = self.admission
         batcher = Batcher(
-            loaded.predict,
+            loaded.run,
             batch_config(self.settings, loaded.provider, self.cores),
             metrics,
             on_failure=self.lifecycle.fail,
             on_stuck=self.lifecycle.lane_stuck,
             on_batch=estimate.observe_batch,
-            alone_fn=loaded.predict_alone if loaded.adaptive else None,
+            alone_fn=loaded.run_alone if loaded.adaptive else None,
             admitted_images=lambda: admission.admitted_images,
             tracing=self.tracing,
             described={

@@ -4,10 +4,11 @@ app.runtimes.onnxruntime, OpenVINO in app.runtimes.openvino; app.runtimes.regist
 chooses). A runtime is a module with a ``Backend`` and its ``Runtime`` entry, and one line in the
 registry.
 
-A backend computes ``predict`` (uint8[N, S, S, 3] -> float32[N, C] probabilities) for batch sizes
-among the buckets it was bound to; everything else here (warm-up runs, timings, the self-check
-against the file's reference outputs) is the same code on every runtime, so a second runtime
-cannot skip the check that the first one passes.
+A backend computes ``run`` (uint8[N, S, S, 3] -> each named output the contract serves,
+``core.contract.SERVED_OUTPUTS``, a row per image) for batch sizes among the buckets it was bound
+to; ``predict`` is its probabilities alone. Everything else here (warm-up runs, timings, the
+self-check against the file's reference outputs) is the same code on every runtime, so a second
+runtime cannot skip the check that the first one passes.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from core.contract import ModelMetadata
+from core.contract import OUTPUT_NAME, SERVED_OUTPUTS, ModelMetadata
 from core.errors import ModelError
 from core.reference import eval_images, judge, mismatch, probe_images
 
@@ -29,6 +30,9 @@ if TYPE_CHECKING:
     from app.runtimes.config import RuntimeConfig
 
 log = logging.getLogger(__name__)
+
+# Each served output by name (core.contract.SERVED_OUTPUTS), a row per image.
+Outputs = dict[str, np.ndarray]
 
 NO_REFERENCE = (
     "the file has no reference outputs in its metadata ('reference', written by python -m model "
@@ -51,17 +55,22 @@ class Backend(ABC):
     buckets: tuple[int, ...] = ()  # the batch sizes it runs once bound
 
     @abstractmethod
-    def predict(self, images: np.ndarray) -> np.ndarray:
-        """uint8[N, S, S, 3] -> probabilities float32[N, C], N a bound bucket (once bound)."""
+    def run(self, images: np.ndarray) -> Outputs:
+        """uint8[N, S, S, 3] -> each served output by name, [N, ...]; N a bound bucket (once
+        bound)."""
 
-    def predict_alone(self, images: np.ndarray) -> np.ndarray:
-        """``predict`` for a batch that has the machine to itself (nothing else running or
-        queued); a backend with a faster way for that case (``adaptive``) overrides it."""
-        return self.predict(images)
+    def run_alone(self, images: np.ndarray) -> Outputs:
+        """``run`` for a batch that has the machine to itself (nothing else running or queued);
+        a backend with a faster way for that case (``adaptive``) overrides it."""
+        return self.run(images)
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """The probabilities alone, float32[N, C]: what warm-up, the checks and timings need."""
+        return self.run(images)[OUTPUT_NAME]
 
     @property
     def adaptive(self) -> bool:
-        """Whether ``predict_alone`` differs from ``predict``."""
+        """Whether ``run_alone`` differs from ``run``."""
         return False
 
     def bind(self, buckets: Sequence[int]) -> None:
@@ -82,20 +91,20 @@ class Backend(ABC):
     def warm_up(self, batch_sizes: Iterable[int]) -> None:
         # The first run of each shape pays for memory planning and kernel selection.
         for images in self._zeros(batch_sizes):
-            self.predict(images)
+            self.run(images)
 
     def warm_up_alone(self, batch_sizes: Iterable[int]) -> None:
         """``warm_up`` for the way of lone batches, where it differs."""
         if self.adaptive:
             for images in self._zeros(batch_sizes):
-                self.predict_alone(images)
+                self.run_alone(images)
 
     def time_runs(self, batch_sizes: Iterable[int]) -> dict[int, float]:
         """Seconds of one warm run of each size (app.batching.limit)."""
         seconds = {}
         for images in self._zeros(batch_sizes):
             started = time.perf_counter()
-            self.predict(images)
+            self.run(images)
             seconds[len(images)] = time.perf_counter() - started
         return seconds
 
@@ -106,12 +115,17 @@ class Backend(ABC):
         self.check_reference()
 
     def check_rows(self, batch: int) -> None:
-        """A batch of varied images gives one probability row each: finite, in [0, 1], summing
-        to 1, and the same row whatever else shares the batch (no row leaks into another)."""
+        """A batch of varied images gives every served output a row each, and one probability
+        row each: finite, in [0, 1], summing to 1, and the same row whatever else shares the
+        batch (no row leaks into another)."""
         size = self.metadata.recipe.crop_size
         rng = np.random.default_rng(0)
         images = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
-        rows = self.predict(images)
+        outputs = self.run(images)
+        missing = [name for name in SERVED_OUTPUTS if len(outputs.get(name, ())) != batch]
+        if missing:
+            raise ModelError(f"the model answered no row per image for {missing}")
+        rows = outputs[OUTPUT_NAME]
         expected = (batch, self.metadata.num_classes)
         if rows.shape != expected:
             raise ModelError(f"the model answered shape {list(rows.shape)} for {list(expected)}")

@@ -21,14 +21,14 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from app.runtimes.base import Backend, Runtime
+from app.runtimes.base import Backend, Outputs, Runtime
 from app.runtimes.config import RuntimeConfig
 from app.runtimes.providers import (
     CPU,
@@ -40,10 +40,12 @@ from app.runtimes.providers import (
     provider_options,
     session_providers,
 )
-from core.contract import INPUT_NAME, OUTPUT_NAME, ModelMetadata
+from core.contract import INPUT_NAME, OUTPUT_NAME, SERVED_OUTPUTS, ModelMetadata
 from core.errors import ModelError
 
 log = logging.getLogger(__name__)
+
+_SERVED = ", ".join(map(repr, SERVED_OUTPUTS))
 
 OPTIMIZATION_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -167,7 +169,7 @@ class OnnxModel(Backend):
 
     @property
     def adaptive(self) -> bool:
-        """Whether ``predict_alone`` has a session of its own (``ort_spinning=adaptive``)."""
+        """Whether ``run_alone`` has a session of its own (``ort_spinning=adaptive``)."""
         return self._alone is not None
 
     def bind(self, buckets: Sequence[int]) -> None:
@@ -182,22 +184,22 @@ class OnnxModel(Backend):
             session,
             buckets,
             self.metadata.recipe.crop_size,
-            self.metadata.num_classes,
+            _row_shapes(session, self.metadata),
             device="cuda" if self.provider in GPU else "cpu",
             # TensorRT runs its engine in one launch already; graphs are the CUDA provider's.
             graphs=self.provider == CUDA and self.cuda_graphs,
         )
 
-    def predict(self, images: np.ndarray) -> np.ndarray:
-        """uint8[N, S, S, 3] -> probabilities float32[N, C]."""
-        return _predict(self._session, self._bound, images)
+    def run(self, images: np.ndarray) -> Outputs:
+        """uint8[N, S, S, 3] -> each served output, [N, ...]."""
+        return _run(self._session, self._bound, images)
 
-    def predict_alone(self, images: np.ndarray) -> np.ndarray:
-        """``predict`` for a batch that has the machine to itself (nothing else running or
-        queued): on the session that spins, where there is one."""
+    def run_alone(self, images: np.ndarray) -> Outputs:
+        """``run`` for a batch that has the machine to itself (nothing else running or queued):
+        on the session that spins, where there is one."""
         if self._alone is None:
-            return self.predict(images)
-        return _predict(self._alone, self._alone_bound, images)
+            return self.run(images)
+        return _run(self._alone, self._alone_bound, images)
 
     @property
     def warms_per_thread(self) -> bool:
@@ -207,13 +209,11 @@ class OnnxModel(Backend):
         return self.provider in GPU
 
 
-def _predict(
-    session: ort.InferenceSession, bound: BoundBuckets | None, images: np.ndarray
-) -> np.ndarray:
+def _run(session: ort.InferenceSession, bound: BoundBuckets | None, images: np.ndarray) -> Outputs:
     if bound is not None:
         return bound.run(images)
-    outputs = session.run([OUTPUT_NAME], {INPUT_NAME: images})
-    return np.asarray(outputs[0])
+    outputs = session.run(list(SERVED_OUTPUTS), {INPUT_NAME: images})
+    return {name: np.asarray(output) for name, output in zip(SERVED_OUTPUTS, outputs, strict=True)}
 
 
 def _open_session(path: Path, providers: list[str], config: RuntimeConfig) -> ort.InferenceSession:
@@ -252,9 +252,9 @@ def _first_line(exc: Exception) -> str:
 def _check_graph(session: ort.InferenceSession, info: ModelMetadata) -> None:
     inputs = {node.name: node for node in session.get_inputs()}
     outputs = {node.name: node for node in session.get_outputs()}
-    if INPUT_NAME not in inputs or OUTPUT_NAME not in outputs:
+    if INPUT_NAME not in inputs or not set(SERVED_OUTPUTS) <= set(outputs):
         raise ModelError(
-            f"model must have input {INPUT_NAME!r} and output {OUTPUT_NAME!r}, "
+            f"model must have input {INPUT_NAME!r} and output {_SERVED}, "
             f"has inputs {list(inputs)} and outputs {list(outputs)}"
         )
     image_input, probabilities = inputs[INPUT_NAME], outputs[OUTPUT_NAME]
@@ -283,7 +283,7 @@ def _check_dim(name: str, shape: Sequence[int | str | None], axis: int, expected
 @dataclass
 class _Slot:
     images: ort.OrtValue
-    probabilities: ort.OrtValue
+    outputs: dict[str, ort.OrtValue]
     binding: ort.IOBinding
     options: ort.RunOptions | None  # only to name a CUDA graph: reading it costs every run
 
@@ -294,42 +294,47 @@ class BoundBuckets:
         session: ort.InferenceSession,
         buckets: Sequence[int],
         crop_size: int,
-        num_classes: int,
+        rows: Mapping[str, tuple[int, ...]],
         *,
         device: str,
         graphs: bool,
     ) -> None:
+        """``rows``: each output bound, with the shape of one image's row of it."""
         self._session = session
         self._device = device
         self.buckets = list(buckets)
-        self._shape = (crop_size, num_classes, device)
+        self._shape = (crop_size, dict(rows), device)
         self._graphs = graphs
         self._lanes = itertools.count()  # a CUDA graph id is unique per (thread, bucket)
         self._local = threading.local()
 
-    def run(self, images: np.ndarray) -> np.ndarray:
-        """uint8[B, S, S, 3] -> float32[B, C] for a bucket size B (the batcher pads to one)."""
+    def run(self, images: np.ndarray) -> Outputs:
+        """uint8[B, S, S, 3] -> each output, [B, ...], for a bucket size B (the batcher pads to
+        one)."""
         slot = self._slots().get(len(images))
         if slot is None:
             raise ValueError(f"a batch of {len(images)} is not one of the buckets {self.buckets}")
         slot.images.update_inplace(np.ascontiguousarray(images))
         self._session.run_with_iobinding(slot.binding, slot.options)
-        probabilities: np.ndarray = slot.probabilities.numpy()
         # From the device, numpy() is the copy to the host, a new array. On the CPU it is a view
         # of the buffer this bucket's next batch overwrites, so it is copied here.
-        return probabilities if self._device != "cpu" else probabilities.copy()
+        on_cpu = self._device == "cpu"
+        return {
+            name: value.numpy().copy() if on_cpu else value.numpy()
+            for name, value in slot.outputs.items()
+        }
 
     def _slots(self) -> dict[int, _Slot]:
         slots: dict[int, _Slot] | None = getattr(self._local, "slots", None)
         if slots is None:
             first_id = next(self._lanes) * len(self.buckets)
-            crop_size, num_classes, device = self._shape
+            crop_size, rows, device = self._shape
             slots = self._local.slots = {
                 bucket: _slot(
                     self._session,
                     bucket,
                     crop_size,
-                    num_classes,
+                    rows,
                     device,
                     first_id + index if self._graphs else None,
                 )
@@ -342,21 +347,42 @@ def _slot(
     session: ort.InferenceSession,
     bucket: int,
     crop_size: int,
-    num_classes: int,
+    rows: Mapping[str, tuple[int, ...]],
     device: str,
     graph_id: int | None,
 ) -> _Slot:
-    shape_in, shape_out = (bucket, crop_size, crop_size, 3), (bucket, num_classes)
+    shape_in = (bucket, crop_size, crop_size, 3)
     images = ort.OrtValue.ortvalue_from_shape_and_type(shape_in, np.uint8, device, 0)
-    probabilities = ort.OrtValue.ortvalue_from_shape_and_type(shape_out, np.float32, device, 0)
     binding = session.io_binding()
     binding.bind_ortvalue_input(INPUT_NAME, images)
-    binding.bind_ortvalue_output(OUTPUT_NAME, probabilities)
+    outputs = {}
+    for name, row in rows.items():
+        shape = (bucket, *row)
+        outputs[name] = ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, device, 0)
+        binding.bind_ortvalue_output(name, outputs[name])
     options = None
     if graph_id is not None:
         options = ort.RunOptions()
         options.add_run_config_entry("gpu_graph_id", str(graph_id))
-    return _Slot(images, probabilities, binding, options)
+    return _Slot(images, outputs, binding, options)
+
+
+def _row_shapes(
+    session: ort.InferenceSession, metadata: ModelMetadata
+) -> dict[str, tuple[int, ...]]:
+    """One image's row of each served output: the probabilities' [C] from the metadata, any
+    other's from the graph, whose dimensions past the batch must then be static."""
+    graph = {node.name: node.shape for node in session.get_outputs()}
+    rows: dict[str, tuple[int, ...]] = {}
+    for name in SERVED_OUTPUTS:
+        if name == OUTPUT_NAME:
+            rows[name] = (metadata.num_classes,)
+            continue
+        dims = graph[name][1:]
+        if not all(isinstance(dim, int) for dim in dims):
+            raise ModelError(f"output {name!r} has shape {graph[name]}: only its batch may vary")
+        rows[name] = tuple(int(dim) for dim in dims)
+    return rows
 
 
 def _open(precision: str, config: RuntimeConfig) -> OnnxModel:

@@ -23,13 +23,15 @@ from typing import Any
 
 import numpy as np
 
-from app.runtimes.base import Backend, Runtime
+from app.runtimes.base import Backend, Outputs, Runtime
 from app.runtimes.config import RuntimeConfig
 from app.runtimes.providers import check_precision, model_file
-from core.contract import INPUT_NAME, OUTPUT_NAME, ModelMetadata
+from core.contract import INPUT_NAME, OUTPUT_NAME, SERVED_OUTPUTS, ModelMetadata
 from core.errors import ModelError
 
 log = logging.getLogger(__name__)
+
+_SERVED = ", ".join(map(repr, SERVED_OUTPUTS))
 
 DEVICE = "CPU"
 PROVIDER = "OpenVINO CPU"
@@ -82,7 +84,7 @@ class OpenVinoModel(Backend):
 
     def __init__(self, compiled: Any, metadata: ModelMetadata, precision: str) -> None:
         self._compiled = compiled
-        self._output = compiled.output(OUTPUT_NAME)
+        self._outputs = {name: compiled.output(name) for name in SERVED_OUTPUTS}
         self.metadata = metadata
         self.precision = precision
         self._local = threading.local()
@@ -129,19 +131,22 @@ class OpenVinoModel(Backend):
         # and two threads making that first use at once deadlock each other (seen: two lanes'
         # first warm-up batches, a server never ready). One batch here, on one thread, first.
         crop = metadata.recipe.crop_size
-        model.predict(np.zeros((1, crop, crop, 3), dtype=np.uint8))
+        model.run(np.zeros((1, crop, crop, 3), dtype=np.uint8))
         model.close_requests()
         return model
 
-    def predict(self, images: np.ndarray) -> np.ndarray:
+    def run(self, images: np.ndarray) -> Outputs:
         request = getattr(self._local, "request", None)
         if request is None:
             request = self._local.request = self._compiled.create_infer_request()
             self._requests.append(request)
-        # Shared input: OpenVINO reads the batch in place; the output is copied out of the
-        # request's buffer, which this lane's next batch overwrites.
+        # Shared input: OpenVINO reads the batch in place; the outputs are copied out of the
+        # request's buffers, which this lane's next batch overwrites.
         results = request.infer({INPUT_NAME: np.ascontiguousarray(images)}, share_inputs=True)
-        return np.array(results[self._output], dtype=np.float32, copy=True)
+        return {
+            name: np.array(results[port], dtype=np.float32, copy=True)
+            for name, port in self._outputs.items()
+        }
 
     def close(self) -> None:
         self.close_requests()
@@ -186,9 +191,9 @@ def _check_io(model: Any, metadata: ModelMetadata) -> None:
     """What app.runtimes.onnxruntime checks of the graph, on OpenVINO's reading of it."""
     inputs = {name: port for port in model.inputs for name in port.get_names()}
     outputs = {name: port for port in model.outputs for name in port.get_names()}
-    if INPUT_NAME not in inputs or OUTPUT_NAME not in outputs:
+    if INPUT_NAME not in inputs or not set(SERVED_OUTPUTS) <= set(outputs):
         raise ModelError(
-            f"model must have input {INPUT_NAME!r} and output {OUTPUT_NAME!r}, "
+            f"model must have input {INPUT_NAME!r} and output {_SERVED}, "
             f"has inputs {sorted(inputs)} and outputs {sorted(outputs)}"
         )
     crop, classes = metadata.recipe.crop_size, metadata.num_classes

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from app.repository.configs import runtime_config
+from app.runtimes.base import Outputs
 from app.runtimes.onnxruntime import OnnxModel
 from app.settings import Settings
 from core import preprocess
@@ -31,18 +32,18 @@ async def test_a_lone_request_moves_onto_the_event_loop_once_its_work_is_known_f
     assert model.adaptive  # a lone batch has a session of its own
     decoded_on: list[str] = []
     ran_on: list[str] = []
-    predict_alone = model.predict_alone
+    run_alone = model.run_alone
 
     def recorded_decode(*args: Any) -> preprocess.Decoded:
         decoded_on.append(threading.current_thread().name)
         return preprocess.decode_counted(*args)
 
-    def recorded_run(images: np.ndarray) -> np.ndarray:
+    def recorded_run(images: np.ndarray) -> Outputs:
         ran_on.append(threading.current_thread().name)
-        return predict_alone(images)
+        return run_alone(images)
 
     monkeypatch.setattr("app.pipeline.pipeline.decode_counted", recorded_decode)
-    monkeypatch.setattr(model, "predict_alone", recorded_run)
+    monkeypatch.setattr(model, "run_alone", recorded_run)
     async with serve(model, inline_max_ms=inline_max_ms) as client:
         ran_on.clear()  # warm-up's runs
         for seed in range(3):

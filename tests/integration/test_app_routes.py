@@ -18,6 +18,7 @@ from app.errors import ClientClosedRequest
 from app.http.schemas import PredictResponse
 from app.main import create_app
 from app.repository.configs import runtime_config
+from app.runtimes.base import Outputs
 from app.runtimes.onnxruntime import OnnxModel
 from core.preprocess import Recipe
 from tests.conftest import Serve
@@ -341,15 +342,15 @@ class GatedModel(OnnxModel):
         finally:
             self.warming.now = False
 
-    def predict(self, images: np.ndarray) -> np.ndarray:
+    def run(self, images: np.ndarray) -> Outputs:
         if getattr(self.warming, "now", False):
-            return super().predict(images)
+            return super().run(images)
         self.entered.set()
         if self.fail_next:
             self.fail_next = False
             raise RuntimeError("device on fire")
         self.release.wait()
-        return super().predict(images)
+        return super().run(images)
 
 
 @pytest.fixture
@@ -390,9 +391,9 @@ async def test_every_inference_lane_is_warm_before_readiness(make_settings: Any)
 class FlatModel(OnnxModel):
     """The real tiny model, 60 ms an image whatever the batch: as a big model on one CPU core."""
 
-    def predict(self, images: np.ndarray) -> np.ndarray:
+    def run(self, images: np.ndarray) -> Outputs:
         time.sleep(0.06 * len(images))
-        return super().predict(images)
+        return super().run(images)
 
 
 async def test_warm_up_limits_batches_where_the_cost_per_image_is_flat(

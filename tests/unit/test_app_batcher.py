@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from app.batching.batcher import BatchConfig, Batcher, bucket_for
+from app.batching.batcher import BatchConfig, Batcher, Outputs, bucket_for
 from app.errors import DeadlineExceeded, InferenceFailed, Overloaded, ShuttingDown
 from app.telemetry.metrics import Metrics
 
@@ -19,24 +19,24 @@ def image(value: int) -> np.ndarray:
     return np.full((2, 2, 3), value, dtype=np.uint8)
 
 
-def echo(batch: np.ndarray) -> np.ndarray:
+def echo(batch: np.ndarray) -> Outputs:
     """Fake model: the output for an image is its pixel value, so results can be traced."""
-    return batch[:, 0, 0, 0].astype(np.float32).reshape(-1, 1)
+    return {"y": batch[:, 0, 0, 0].astype(np.float32).reshape(-1, 1)}
 
 
 class Recorder:
-    def __init__(self, fn: Callable[[np.ndarray], np.ndarray] = echo) -> None:
+    def __init__(self, fn: Callable[[np.ndarray], Outputs] = echo) -> None:
         self.fn = fn
         self.batches: list[list[int]] = []
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
+    def __call__(self, batch: np.ndarray) -> Outputs:
         self.batches.append([int(v) for v in batch[:, 0, 0, 0]])
         return self.fn(batch)
 
 
 def make_batcher(
-    model: Callable[[np.ndarray], np.ndarray],
-    alone_fn: Callable[[np.ndarray], np.ndarray] | None = None,
+    model: Callable[[np.ndarray], Outputs],
+    alone_fn: Callable[[np.ndarray], Outputs] | None = None,
     admitted_images: Callable[[], int] = lambda: 0,
     **config: Any,
 ) -> Batcher:
@@ -87,7 +87,7 @@ async def test_fifo_order_and_results_across_requests() -> None:
     second = asyncio.ensure_future(batcher.submit([image(3), image(4)]))
     results = await asyncio.gather(first, second)
     await batcher.drain()
-    assert [[float(r[0]) for r in result] for result in results] == [[1, 2], [3, 4]]
+    assert [[float(r["y"][0]) for r in result] for result in results] == [[1, 2], [3, 4]]
     assert [v for batch in model.batches for v in batch] == [1, 2, 3, 4]
 
 
@@ -97,7 +97,7 @@ async def test_multi_image_request_spans_batches_in_order() -> None:
     batcher.start()
     results = await batcher.submit([image(v) for v in (5, 6, 7, 8, 9)])
     await batcher.drain()
-    assert [float(r[0]) for r in results] == [5, 6, 7, 8, 9]
+    assert [float(r["y"][0]) for r in results] == [5, 6, 7, 8, 9]
     assert max(len(batch) for batch in model.batches) == 2
     assert len(model.batches) >= 3
 
@@ -110,12 +110,12 @@ async def test_batches_stop_at_the_limit_warm_up_fitted() -> None:
     batcher.start()
     results = await batcher.submit([image(v) for v in range(5, 8)])
     await batcher.drain()
-    assert [float(r[0]) for r in results] == [5, 6, 7]
+    assert [float(r["y"][0]) for r in results] == [5, 6, 7]
     assert [len(batch) for batch in model.batches] == [2, 2, 2, 2]
 
 
 async def test_failing_batch_fails_exactly_its_own_requests() -> None:
-    def fail_on_13(batch: np.ndarray) -> np.ndarray:
+    def fail_on_13(batch: np.ndarray) -> Outputs:
         if 13 in batch[:, 0, 0, 0]:
             raise RuntimeError("boom")
         return echo(batch)
@@ -129,11 +129,11 @@ async def test_failing_batch_fails_exactly_its_own_requests() -> None:
     for future in doomed:
         with pytest.raises(InferenceFailed, match="boom"):
             future.result()
-    assert float(spared[0].result()[0]) == 14
+    assert float(spared[0].result()["y"][0]) == 14
 
 
 async def test_wrong_number_of_outputs_fails_the_batch() -> None:
-    batcher = make_batcher(lambda batch: echo(batch)[:1])
+    batcher = make_batcher(lambda batch: {"y": echo(batch)["y"][:1]})
     futures = batcher._enqueue([image(1), image(2)])
     batch = await batcher._collect()
     batcher._fan_out(batch, await batcher._run(batcher.lanes.first, batch, alone=False))
@@ -145,7 +145,7 @@ async def test_wrong_number_of_outputs_fails_the_batch() -> None:
 async def test_service_goes_on_after_a_failed_batch() -> None:
     calls = 0
 
-    def fail_first(batch: np.ndarray) -> np.ndarray:
+    def fail_first(batch: np.ndarray) -> Outputs:
         nonlocal calls
         calls += 1
         if calls == 1:
@@ -156,7 +156,7 @@ async def test_service_goes_on_after_a_failed_batch() -> None:
     batcher.start()
     with pytest.raises(InferenceFailed):
         await batcher.submit([image(1)])
-    assert float((await batcher.submit([image(2)]))[0][0]) == 2
+    assert float((await batcher.submit([image(2)]))[0]["y"][0]) == 2
     await batcher.drain()
 
 
@@ -169,7 +169,7 @@ async def test_cancelled_items_are_dropped_before_inference() -> None:
     live = batcher._admit(batch)
     batcher._fan_out(live, await batcher._run(batcher.lanes.first, live, alone=False))
     assert model.batches == [[2]]
-    assert float(kept[0].result()[0]) == 2
+    assert float(kept[0].result()["y"][0]) == 2
 
 
 async def test_cancelling_submit_drops_its_queued_images() -> None:
@@ -207,7 +207,7 @@ async def test_expired_items_get_504_without_using_the_model() -> None:
 async def test_drain_finishes_queued_work_then_refuses_new_work() -> None:
     gate = threading.Event()
 
-    def gated(batch: np.ndarray) -> np.ndarray:
+    def gated(batch: np.ndarray) -> Outputs:
         gate.wait()
         return echo(batch)
 
@@ -221,7 +221,7 @@ async def test_drain_finishes_queued_work_then_refuses_new_work() -> None:
         await batcher.submit([image(3)])
     gate.set()
     await draining
-    assert [float(r[0]) for r in await pending] == [1, 2]
+    assert [float(r["y"][0]) for r in await pending] == [1, 2]
 
 
 async def test_a_dead_batching_task_fails_every_waiter_and_reports_it() -> None:
@@ -246,8 +246,8 @@ async def test_batches_are_padded_to_their_bucket_and_padding_never_comes_back()
     three = await batcher.submit([image(v) for v in (7, 8, 9)])
     six = await batcher.submit([image(v) for v in range(10, 16)])
     await batcher.drain()
-    assert [float(r[0]) for r in three] == [7, 8, 9]
-    assert [float(r[0]) for r in six] == list(range(10, 16))
+    assert [float(r["y"][0]) for r in three] == [7, 8, 9]
+    assert [float(r["y"][0]) for r in six] == list(range(10, 16))
     # Padding rows are zero images, after the real ones.
     assert model.batches == [[7, 8, 9, 0], [10, 11, 12, 13, 14, 15, 0, 0]]
     registry = batcher.registry  # type: ignore[attr-defined]
@@ -265,7 +265,7 @@ async def test_concurrent_batches_compute_at_once_on_their_own_threads() -> None
     both_inside = threading.Barrier(2, timeout=30)
     threads: set[str] = set()
 
-    def meet(batch: np.ndarray) -> np.ndarray:
+    def meet(batch: np.ndarray) -> Outputs:
         threads.add(threading.current_thread().name)
         both_inside.wait()
         return echo(batch)
@@ -277,7 +277,7 @@ async def test_concurrent_batches_compute_at_once_on_their_own_threads() -> None
     second = asyncio.ensure_future(batcher.submit([image(3), image(4)]))
     results = await asyncio.gather(first, second)
     await batcher.drain()
-    assert [[float(r[0]) for r in result] for result in results] == [[1, 2], [3, 4]]
+    assert [[float(r["y"][0]) for r in result] for result in results] == [[1, 2], [3, 4]]
     assert len(threads) == 2
 
 
@@ -285,7 +285,7 @@ async def test_a_free_lane_starts_what_waits_while_another_lane_computes() -> No
     release, started = threading.Event(), threading.Semaphore(0)
     model = Recorder()
 
-    def held(batch: np.ndarray) -> np.ndarray:
+    def held(batch: np.ndarray) -> Outputs:
         started.release()
         if 1 in batch[:, 0, 0, 0]:
             release.wait(timeout=30)
@@ -353,7 +353,7 @@ async def test_a_batch_alone_runs_on_the_alone_function_and_any_other_does_not()
 async def test_a_lone_batch_runs_on_the_event_loop_only_under_inline_max_ms() -> None:
     ran_on: list[str] = []
 
-    def alone(batch: np.ndarray) -> np.ndarray:
+    def alone(batch: np.ndarray) -> Outputs:
         ran_on.append(threading.current_thread().name)
         return echo(batch)
 
@@ -363,7 +363,7 @@ async def test_a_lone_batch_runs_on_the_event_loop_only_under_inline_max_ms() ->
     for batcher in (fast, slow):
         batcher.start()
         for value in (1, 2, 3):
-            assert float((await batcher.submit([image(value)]))[0][0]) == value
+            assert float((await batcher.submit([image(value)]))[0]["y"][0]) == value
         await batcher.drain()
     # The first run of the size is timed on a lane; then the fast one's stay on the loop.
     assert ran_on[0] != loop

@@ -13,6 +13,7 @@ from app.repository.configs import runtime_config
 from app.runtimes.onnxruntime import BoundBuckets, OnnxModel
 from app.runtimes.providers import CPU
 from app.settings import Settings
+from core.contract import OUTPUT_NAME, SERVED_OUTPUTS
 from core.errors import ModelError
 from tests.helpers.models import CROP_SIZE, LABELS, build_model
 
@@ -112,7 +113,8 @@ def test_each_inference_thread_binds_its_own_buffers_and_graph_ids(
     make_settings: Callable[..., Settings],
 ) -> None:
     plain = OnnxModel.load(runtime_config(make_settings()))
-    bound = BoundBuckets(plain._session, [1, 2], CROP_SIZE, len(LABELS), device="cpu", graphs=True)
+    rows = {OUTPUT_NAME: (len(LABELS),)}
+    bound = BoundBuckets(plain._session, [1, 2], CROP_SIZE, rows, device="cpu", graphs=True)
     rng = np.random.default_rng(1)
     batches = [rng.integers(0, 256, (2, CROP_SIZE, CROP_SIZE, 3), dtype=np.uint8) for _ in range(8)]
     ids: dict[str, list[str]] = {}
@@ -122,7 +124,7 @@ def test_each_inference_thread_binds_its_own_buffers_and_graph_ids(
         slots = bound._slots()
         options = [slot.options for slot in slots.values()]
         ids[name] = [o.get_run_config_entry("gpu_graph_id") for o in options if o is not None]
-        outputs[name] = [bound.run(batch) for batch in batches]
+        outputs[name] = [bound.run(batch)[OUTPUT_NAME] for batch in batches]
 
     threads = [threading.Thread(target=lane, args=(name,)) for name in ("a", "b")]
     for thread in threads:
@@ -152,4 +154,7 @@ def test_adaptive_spinning_opens_a_second_cpu_session_that_answers_the_same(
     model.warm_up([1, 2])
     model.warm_up_alone([1, 2])
     images = np.random.default_rng(2).integers(0, 256, (2, CROP_SIZE, CROP_SIZE, 3), np.uint8)
-    np.testing.assert_allclose(model.predict_alone(images), model.predict(images), atol=1e-6)
+    alone, shared = model.run_alone(images), model.run(images)
+    assert set(alone) == set(shared) == set(SERVED_OUTPUTS)
+    for name in SERVED_OUTPUTS:
+        np.testing.assert_allclose(alone[name], shared[name], atol=1e-6)
