@@ -333,8 +333,9 @@ class Batcher:
                 label = self.lane_label(lane, inline)
                 self.spans.record(label, batch, size, started_ns, failed.message)
             return failed
-        wrong = [len(rows) for rows in outputs.values() if len(rows) != size]
-        if wrong or not outputs:
+        counts = [len(outputs[name]) for name in outputs]
+        wrong = [count for count in counts if count != size]
+        if wrong or not counts:
             return InferenceFailed(
                 f"model returned {wrong[0] if wrong else 0} outputs for a batch of {size} images"
             )
