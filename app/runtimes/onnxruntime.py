@@ -30,6 +30,7 @@ import onnxruntime as ort
 
 from app.runtimes.base import Backend, Outputs, Runtime
 from app.runtimes.config import RuntimeConfig
+from app.runtimes.graph import check_onnx
 from app.runtimes.providers import (
     CPU,
     CUDA,
@@ -44,8 +45,6 @@ from core.contract import INPUT_NAME, OUTPUT_NAME, SERVED_OUTPUTS, ModelMetadata
 from core.errors import ModelError
 
 log = logging.getLogger(__name__)
-
-_SERVED = ", ".join(map(repr, SERVED_OUTPUTS))
 
 OPTIMIZATION_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -128,7 +127,7 @@ class OnnxModel(Backend):
             )
         metadata = ModelMetadata.from_props(session.get_modelmeta().custom_metadata_map)
         check_precision(config.precision, metadata.precision, provider, path)
-        _check_graph(session, metadata)
+        check_onnx(session, metadata)
         alone = None
         # With one core to the process there is no pool to spin: a second session buys nothing.
         options = config.onnxruntime
@@ -164,7 +163,7 @@ class OnnxModel(Backend):
         session = _open_session(path, [CPU], cpu)
         metadata = ModelMetadata.from_props(session.get_modelmeta().custom_metadata_map)
         check_precision(config.precision, metadata.precision, first, path)
-        _check_graph(session, metadata)
+        check_onnx(session, metadata)
         return metadata
 
     @property
@@ -247,37 +246,6 @@ def _crop_size(path: Path) -> int:
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _check_graph(session: ort.InferenceSession, info: ModelMetadata) -> None:
-    inputs = {node.name: node for node in session.get_inputs()}
-    outputs = {node.name: node for node in session.get_outputs()}
-    if INPUT_NAME not in inputs or not set(SERVED_OUTPUTS) <= set(outputs):
-        raise ModelError(
-            f"model must have input {INPUT_NAME!r} and output {_SERVED}, "
-            f"has inputs {list(inputs)} and outputs {list(outputs)}"
-        )
-    image_input, probabilities = inputs[INPUT_NAME], outputs[OUTPUT_NAME]
-    if image_input.type != "tensor(uint8)" or len(image_input.shape) != 4:
-        raise ModelError(
-            f"input {INPUT_NAME!r} must be uint8[N, S, S, 3], is {image_input.type}"
-            f"{image_input.shape}"
-        )
-    crop = info.recipe.crop_size
-    for axis, expected in ((1, crop), (2, crop), (3, 3)):
-        _check_dim(INPUT_NAME, image_input.shape, axis, expected)
-    if len(probabilities.shape) != 2:
-        raise ModelError(f"output {OUTPUT_NAME!r} must be [N, C], is {probabilities.shape}")
-    _check_dim(OUTPUT_NAME, probabilities.shape, 1, info.num_classes)
-
-
-def _check_dim(name: str, shape: Sequence[int | str | None], axis: int, expected: int) -> None:
-    # Symbolic (str/None) dimensions are accepted; static ones must agree with the metadata.
-    dim = shape[axis]
-    if isinstance(dim, int) and dim != expected:
-        raise ModelError(
-            f"{name} has shape {list(shape)}, but the metadata implies {expected} on axis {axis}"
-        )
 
 
 @dataclass

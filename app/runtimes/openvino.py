@@ -25,13 +25,12 @@ import numpy as np
 
 from app.runtimes.base import Backend, Outputs, Runtime
 from app.runtimes.config import RuntimeConfig
+from app.runtimes.graph import check_openvino
 from app.runtimes.providers import check_precision, model_file
-from core.contract import INPUT_NAME, OUTPUT_NAME, SERVED_OUTPUTS, ModelMetadata
+from core.contract import INPUT_NAME, SERVED_OUTPUTS, ModelMetadata
 from core.errors import ModelError
 
 log = logging.getLogger(__name__)
-
-_SERVED = ", ".join(map(repr, SERVED_OUTPUTS))
 
 DEVICE = "CPU"
 PROVIDER = "OpenVINO CPU"
@@ -105,7 +104,7 @@ class OpenVinoModel(Backend):
             raise ModelError(f"OpenVINO cannot read {source}: {_last_line(exc)}") from exc
         metadata = ModelMetadata.from_props(_metadata_props(model))
         check_precision(file_precision, metadata.precision, DEVICE, source)
-        _check_io(model, metadata)
+        check_openvino(model, metadata)
         config: dict[str, Any] = {
             "INFERENCE_PRECISION_HINT": PRECISION_HINT[precision],
             "NUM_STREAMS": lanes,
@@ -185,40 +184,6 @@ def _metadata_props(model: Any) -> dict[str, str]:
         return {}
     keys = model.get_rt_info()["framework"]
     return {key: model.get_rt_info(["framework", key]).astype(str) for key in keys}
-
-
-def _check_io(model: Any, metadata: ModelMetadata) -> None:
-    """What app.runtimes.onnxruntime checks of the graph, on OpenVINO's reading of it."""
-    inputs = {name: port for port in model.inputs for name in port.get_names()}
-    outputs = {name: port for port in model.outputs for name in port.get_names()}
-    if INPUT_NAME not in inputs or not set(SERVED_OUTPUTS) <= set(outputs):
-        raise ModelError(
-            f"model must have input {INPUT_NAME!r} and output {_SERVED}, "
-            f"has inputs {sorted(inputs)} and outputs {sorted(outputs)}"
-        )
-    crop, classes = metadata.recipe.crop_size, metadata.num_classes
-    images, probabilities = inputs[INPUT_NAME], outputs[OUTPUT_NAME]
-    shape = images.get_partial_shape()
-    expected = [None, crop, crop, 3]
-    if images.get_element_type().get_type_name() != "u8" or not _fits(shape, expected):
-        raise ModelError(
-            f"input {INPUT_NAME!r} must be uint8[N, {crop}, {crop}, 3], is "
-            f"{images.get_element_type()}{shape}"
-        )
-    if not _fits(probabilities.get_partial_shape(), [None, classes]):
-        raise ModelError(
-            f"output {OUTPUT_NAME!r} must be [N, {classes}], is {probabilities.get_partial_shape()}"
-        )
-
-
-def _fits(shape: Any, expected: list[int | None]) -> bool:
-    # Dynamic dimensions are accepted; static ones must agree with the metadata.
-    if shape.rank.is_dynamic or len(shape) != len(expected):
-        return False
-    return all(
-        want is None or dim.is_dynamic or dim.get_length() == want
-        for dim, want in zip(shape, expected, strict=True)
-    )
 
 
 def _open(precision: str, config: RuntimeConfig) -> OpenVinoModel:
