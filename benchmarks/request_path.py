@@ -30,7 +30,7 @@ PROJECT = (str(ROOT / "app") + os.sep, str(ROOT / "core") + os.sep)
 # Run in the server's process: a profiler that records only between SIGUSR1 and SIGUSR2.
 PROBE = """
 import json, os, runpy, signal, sys, threading
-root, out = sys.argv[1], sys.argv[2]
+root, out, functions = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
 project = (os.path.join(root, "app") + os.sep, os.path.join(root, "core") + os.sep)
 state = {"on": False, "order": [], "crossings": 0, "last": {}}
 def profile(frame, event, arg):
@@ -39,14 +39,14 @@ def profile(frame, event, arg):
     name = frame.f_code.co_filename
     if not name.startswith(project):
         return
-    module = os.path.relpath(name, root)
-    if os.environ.get("PATH_FUNCTIONS"): module += ":" + frame.f_code.co_name
-    if module not in state["order"]:
-        state["order"].append(module)
+    path = os.path.relpath(name, root)
+    listed = f"{path}:{frame.f_code.co_name}" if functions else path
+    if listed not in state["order"]:
+        state["order"].append(listed)
     thread = threading.get_ident()
-    if state["last"].get(thread) not in (None, module):
+    if state["last"].get(thread) not in (None, path):
         state["crossings"] += 1
-    state["last"][thread] = module
+    state["last"][thread] = path
 def start(sig, frame):
     state["on"] = True
 def stop(sig, frame):
@@ -70,7 +70,7 @@ def jpeg() -> bytes:
     return buffer.getvalue()
 
 
-def trace(model: Path, port: int, warm: int) -> dict[str, object]:
+def trace(model: Path, port: int, warm: int, functions: bool) -> dict[str, object]:
     out = Path(tempfile.mkdtemp()) / "path.json"
     env = {
         **os.environ,
@@ -120,8 +120,9 @@ def main() -> None:
     parser.add_argument("model", type=Path, help="an exported ONNX file (make build's)")
     parser.add_argument("--port", type=int, default=8093)
     parser.add_argument("--warm", type=int, default=20, help="requests before the one traced")
+    parser.add_argument("--functions", action="store_true", help="list module:function pairs")
     args = parser.parse_args()
-    result = trace(args.model.resolve(), args.port, args.warm)
+    result = trace(args.model.resolve(), args.port, args.warm, args.functions)
     modules = result["modules"]
     assert isinstance(modules, list)
     for index, module in enumerate(modules, start=1):
