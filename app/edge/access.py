@@ -29,13 +29,13 @@ import os
 import re
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from app.edge.requests import Caller
 from app.settings import Settings
+from core.errors import ServiceError
 
 # Where a route declares its access: its decorator's ``openapi_extra`` (shown in the OpenAPI
 # document as ``x-access``), read by the HTTP route table (app.http.routing).
@@ -63,6 +63,7 @@ KEY_SETS = {
     Access.METRICS: "metrics",
     Access.REPOSITORY: "repository",
 }
+_CHALLENGE = 'Bearer realm="resnet-serve"'
 _MESSAGES = {
     "missing": "an API key is required: send Authorization: Bearer <key> or X-API-Key: <key>",
     "empty": "the API key is empty",
@@ -71,19 +72,25 @@ _MESSAGES = {
 }
 
 
-@dataclass(frozen=True)
-class Refused:
-    status: int
-    code: str
-    message: str
-    reason: str  # the metrics label
+class KeyRefused(ServiceError):
+    """A call refused for its key, as every transport answers it: 401 (the key is missing, empty,
+    too long or not valid; with the Bearer challenge, which HTTP sends) or 403 (keys are in use,
+    but none may make this call). ``reason``: the metrics label."""
+
+    def __init__(self, status_code: int, code: str, message: str, reason: str) -> None:
+        headers = {}
+        if status_code == 401:
+            invalid = ', error="invalid_token"' if reason != "missing" else ""
+            headers["WWW-Authenticate"] = _CHALLENGE + invalid
+        super().__init__(message, headers=headers)
+        self.status_code, self.code, self.reason = status_code, code, reason
 
 
 def check_key(
     access: Access, headers: Mapping[bytes, bytes], keys: Mapping[str, KeyFile]
-) -> Caller | Refused | None:
-    """The caller a call of ``access`` with these headers (or gRPC metadata) is for, by its key;
-    why it is refused; or None where no key guards it."""
+) -> Caller | None:
+    """The caller a call of ``access`` with these headers (or gRPC metadata) is for, by its key,
+    or None where no key guards it; raises KeyRefused."""
     name = KEY_SETS.get(access)
     key_set = keys.get(name) if name is not None else None
     if name == "repository" and key_set is None and keys:
@@ -92,13 +99,13 @@ def check_key(
             "the repository API needs a repository key, and none is configured "
             "(RESNET_SERVE_REPOSITORY_API_KEYS_FILE)"
         )
-        return Refused(403, "forbidden", message, "no_key_set")
+        raise KeyRefused(403, "forbidden", message, "no_key_set")
     if key_set is None:
         return None
     found = identify(presented_key(headers), key_set)
     if isinstance(found, Caller):
         return found
-    return Refused(401, "unauthorized", _MESSAGES[found].format(limit=MAX_KEY_BYTES), found)
+    raise KeyRefused(401, "unauthorized", _MESSAGES[found].format(limit=MAX_KEY_BYTES), found)
 
 
 def key_files(settings: Settings) -> dict[str, KeyFile]:

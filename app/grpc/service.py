@@ -15,9 +15,9 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health_pb2
 
-from app.edge.access import Access, Refused, check_key
+from app.edge.access import Access, KeyRefused, check_key
 from app.edge.requests import Caller, RequestIds, by_address, caller
-from app.errors import ClientClosedRequest, DeadlineExceeded, GivenStatus, Overloaded
+from app.errors import ClientClosedRequest, DeadlineExceeded, Overloaded
 from app.grpc import inference_pb2 as pb
 from app.grpc.tensors import parameters, to_request, to_response
 from app.oip import serving
@@ -287,10 +287,11 @@ class InferenceService:
         self, access: Access, metadata: Mapping[bytes, bytes], context: grpc.aio.ServicerContext
     ) -> Caller:
         """Who the call is for, by its key (raises its refusal) or, with keys off, its peer."""
-        found = check_key(access, metadata, self.service.key_files)
-        if isinstance(found, Refused):
-            self.service.metrics.auth_refused.labels(reason=found.reason).inc()
-            raise GivenStatus(found.status, found.code, found.message)
+        try:
+            found = check_key(access, metadata, self.service.key_files)
+        except KeyRefused as refused:
+            self.service.metrics.auth_refused.labels(reason=refused.reason).inc()
+            raise
         # The peer is "ipv4:host:port": a client's connections share its address.
         return found or by_address(context.peer().rpartition(":")[0])
 

@@ -25,7 +25,7 @@ from opentelemetry.trace import SpanContext
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.batching.admission import BufferAccount
-from app.edge.access import Access, Refused, check_key
+from app.edge.access import Access, KeyRefused, check_key
 from app.edge.requests import Caller, RequestIds, by_address, caller
 from app.errors import ClientClosedRequest, UploadTimeout
 from app.http.handlers import error_response
@@ -38,7 +38,6 @@ from core.errors import PayloadTooLarge, ServiceError
 log = logging.getLogger("app.access")
 
 CLOSE = {"Connection": "close"}
-_CHALLENGE = 'Bearer realm="resnet-serve"'
 _NO_SPAN: contextlib.nullcontext[None] = contextlib.nullcontext()
 
 
@@ -127,16 +126,17 @@ class Door:
             started = started or message["type"] == "http.response.start"
             await send(message)
 
-        who = self._caller(scope, matched, headers)
+        who: Caller | None = None
         try:
-            if isinstance(who, Refused):
-                await self._refuse_key(who, scope, receive, tracking_send)
-                return None
+            who = self._caller(scope, matched, headers)
             caller_token = caller.set(who)  # the queues behind the door read it
             try:
                 await self._admitted(scope, receive, tracking_send, matched, headers)
             finally:
                 caller.reset(caller_token)
+        except KeyRefused as refused:
+            self.service.metrics.auth_refused.labels(reason=refused.reason).inc()
+            await _refuse(refused, scope, receive, tracking_send)
         except Exception:
             # Logged with its traceback here; the client only learns that it was our fault.
             log.exception("unhandled error")
@@ -145,36 +145,15 @@ class Door:
                     500, "internal_error", "internal server error", path=scope["path"]
                 )
                 await response(scope, receive, send)
-        return who if isinstance(who, Caller) else None
+        return who
 
-    def _caller(
-        self, scope: Scope, matched: Matched, headers: dict[bytes, bytes]
-    ) -> Caller | Refused:
+    def _caller(self, scope: Scope, matched: Matched, headers: dict[bytes, bytes]) -> Caller:
         keys = self.service.key_files
         found = check_key(matched.access, headers, keys) if keys else None
         if found is not None:
             return found
         client = scope.get("client")
         return by_address(client[0] if client else None)
-
-    async def _refuse_key(
-        self, refused: Refused, scope: Scope, receive: Receive, send: Send
-    ) -> None:
-        self.service.metrics.auth_refused.labels(reason=refused.reason).inc()
-        headers = {}
-        if refused.status == 401:
-            invalid = refused.reason != "missing"
-            headers["WWW-Authenticate"] = _CHALLENGE + (
-                ', error="invalid_token"' if invalid else ""
-            )
-        response = error_response(
-            refused.status,
-            refused.code,
-            refused.message,
-            headers,
-            path=scope["path"],  # the Open Inference Protocol's own error shape under /v2
-        )
-        await response(scope, receive, send)
 
     async def _admitted(
         self,
