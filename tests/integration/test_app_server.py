@@ -60,7 +60,10 @@ def test_live_then_ready_then_concurrent_predictions_match_offline(slow_model: P
 
 
 def test_sigterm_lets_in_flight_requests_finish_then_exits_zero(slow_model: Path) -> None:
-    with run_server(slow_model) as server:
+    # One lane, one image a batch: the 12 requests compute one after another (some 250 ms), so
+    # they are still in flight after all have arrived, whichever scrape sees that (with two lanes
+    # of batches of 8 they were all done within ~100 ms, and a scrape could miss the window).
+    with run_server(slow_model, concurrent_batches="1", max_batch_size="1") as server:
         server.wait_for_log(message_is("ready"))
         payloads = [image_bytes(i) for i in range(12)]
         with ThreadPoolExecutor(max_workers=len(payloads)) as clients:
