@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 PEERS_VENV ?= .venv-peers
 BENCH := artifacts/bench/resnet50-random
 
-.PHONY: run test test-fast lint docs build venv bench bench-models peers-venv bench-peers docker-test gpu-wheels gpu-check clean
+.PHONY: run test test-fast lint docs build venv bench bench-models peers-venv bench-peers bench-slo docker-test gpu-wheels gpu-check clean
 
 venv: $(VENV)/.installed
 
@@ -80,6 +80,10 @@ $(PEERS_VENV)/.installed: benchmarks/peers/requirements.txt
 
 bench-peers: venv peers-venv bench-models
 	PYTHONPATH=. $(BIN)/python -m benchmarks.peers
+
+# Open loop: capacity under a p99 bound, ours beside the script and LitServe (benchmarks/slo.py).
+bench-slo: build peers-venv $(BENCH)-fp32.onnx
+	PYTHONPATH=. $(BIN)/python -m benchmarks.slo --overload
 
 docker-test:
 	bash docker/test.sh
