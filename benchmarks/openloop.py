@@ -26,6 +26,7 @@ import numpy as np
 import psutil
 
 OK = 200
+Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
 @dataclass(frozen=True)
@@ -88,40 +89,57 @@ class Client:
         self.target = target
         self.schedule = schedule
         self._requests = target.requests()
-        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self._idle: list[Connection] = []
         self.open = 0
         self.most_open = 0
 
     async def send(self, index: int) -> str:
         """The status of one request (or why it has none), on an idle connection or a new one."""
-        if self._idle:
-            connection = self._idle.pop()
-        elif self.open >= self.schedule.max_connections:
-            return "client_overflow"
-        else:
-            try:
-                connection = await asyncio.open_connection(self.target.host, self.target.port)
-            except OSError as exc:
-                return type(exc).__name__
-            self.open += 1
-            self.most_open = max(self.most_open, self.open)
-        reader, writer = connection
         try:
             async with asyncio.timeout(self.schedule.timeout_s):
-                writer.write(self._requests[index % len(self._requests)])
-                status, keep, retry_after = await _response(reader)
+                reused = bool(self._idle)
+                connection = await self._connection()
+                if connection is None:
+                    return "client_overflow"
+                try:
+                    status, keep, retry_after = await self._exchange(connection, index)
+                except (OSError, asyncio.IncompleteReadError) as exc:
+                    # A kept-alive connection the server closed as it was reused: sent again
+                    # on a new one, as HTTP clients do (nothing of an answer had arrived).
+                    partial = isinstance(exc, asyncio.IncompleteReadError) and exc.partial
+                    if not reused or partial:
+                        raise
+                    connection = await self._connection(new=True)
+                    assert connection is not None
+                    status, keep, retry_after = await self._exchange(connection, index)
         except (OSError, asyncio.IncompleteReadError, ValueError, TimeoutError) as exc:
-            self._close(writer)
             return "timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
-        except asyncio.CancelledError:
-            self._close(writer)
-            raise
         if keep:
             self._idle.append(connection)
         else:
-            self._close(writer)
+            self._close(connection[1])
         # A refusal is only useful with the hint of when to come back: say when one lacks it.
         return str(status) if status < 500 or retry_after else f"{status} no Retry-After"
+
+    async def _connection(self, new: bool = False) -> Connection | None:
+        """An idle connection, else a new one; None past ``max_connections``."""
+        if self._idle and not new:
+            return self._idle.pop()
+        if self.open >= self.schedule.max_connections:
+            return None
+        connection = await asyncio.open_connection(self.target.host, self.target.port)
+        self.open += 1
+        self.most_open = max(self.most_open, self.open)
+        return connection
+
+    async def _exchange(self, connection: Connection, index: int) -> tuple[int, bool, bool]:
+        reader, writer = connection
+        try:
+            writer.write(self._requests[index % len(self._requests)])
+            return await _response(reader)
+        except BaseException:  # errors, timeouts and cancellation alike: the connection is spent
+            self._close(writer)
+            raise
 
     def _close(self, writer: asyncio.StreamWriter) -> None:
         self.open -= 1
