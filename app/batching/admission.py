@@ -8,6 +8,12 @@ and is shed (503) if no room opens; when room opens, waiting callers are let in 
 almost nothing: they are bounded by the bytes they have actually buffered and by
 ``upload_timeout_ms``, so clients trickling bytes cannot starve honest ones.
 
+With a latency target (``latency_target_ms``) the door also predicts each newcomer's time in the
+server, from the images admitted ahead of it and the rate the server finishes images at
+(``ServiceRate``, Little's law), and refuses at once (503) what would miss the target, instead of
+letting it queue: under overload the requests answered stay fast and the excess is told to come
+back, where without a target everything admitted waits its turn up to ``request_timeout_ms``.
+
 Readiness (``Lifecycle``) is the first thing the door asks: warmed up, not draining, nothing
 broken.
 """
@@ -17,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
@@ -37,6 +43,9 @@ HEADROOM = 0.8
 # Weight of the newest batch in the per-image cost estimate: follows a load change within
 # a few batches without jumping on one slow batch.
 EWMA_WEIGHT = 0.2
+# With a latency target, admit what its predicted time in the server keeps within this share of
+# the target: the prediction is a mean, the target a p99 (measured: benchmarks/results/slo.md).
+TARGET_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -44,6 +53,44 @@ class AdmissionConfig:
     request_timeout_ms: float
     admission_wait_ms: float
     max_buffered_bytes: int
+    latency_target_ms: float | None = None  # the p99 time in the server to keep to, if any
+
+
+class ServiceRate:
+    """Images finished per second of busy time (while anything is admitted), every version
+    together. With the images admitted ahead, Little's law gives a newcomer's time in the server:
+    (ahead + its own) / rate. Busy time, not wall time: at a light load the rate is one over a
+    lone request's whole time in the server (decode, hand-offs, the model, the answer), under
+    load the pipeline's throughput, so one prediction holds for both, whatever the front end or
+    the model costs.
+    """
+
+    WINDOW_S = 0.2  # busy seconds per sample: a few dozen requests at the loads that matter
+    WEIGHT = 0.3  # of the newest sample
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.per_s: float | None = None  # None until a window has been measured
+        self._last = clock()
+        self._busy_s = 0.0
+        self._finished = 0
+
+    def tick(self, busy: bool) -> None:
+        """Call just before the admitted count changes: ``busy``, whether it was above 0."""
+        now = self.clock()
+        if busy:
+            self._busy_s += now - self._last
+        self._last = now
+
+    def finished(self, images: int) -> None:
+        self._finished += images
+        if self._busy_s >= self.WINDOW_S and self._finished:
+            sample = self._finished / self._busy_s
+            previous = self.per_s
+            self.per_s = (
+                sample if previous is None else previous + self.WEIGHT * (sample - previous)
+            )
+            self._busy_s, self._finished = 0.0, 0
 
 
 class CostEstimate:
@@ -133,6 +180,7 @@ class Admission:
         self._door: dict[str, tuple[Caller, deque[asyncio.Future[Ticket]]]] = {}
         self._door_waiting = 0
         self.shares = Shares(time.monotonic)
+        self.rate = ServiceRate()
         metrics.track(metrics.pending_images, lambda: self.pending_images)
         metrics.track(metrics.buffered_bytes, lambda: self.buffered_bytes)
         metrics.track(metrics.door_waiting, lambda: self._door_waiting)
@@ -160,6 +208,14 @@ class Admission:
             + images * self._cost(estimate)
         )
 
+    def predicted_latency_s(self, images: int = 1, estimate: CostEstimate | None = None) -> float:
+        """A newcomer's time in the server, by Little's law (``ServiceRate``); until the rate
+        is measured, the model time ahead of it (``predicted_wait_s``)."""
+        rate = self.rate.per_s
+        if rate is None:
+            return self.predicted_wait_s(images, estimate)
+        return (self.admitted_images + images) / rate
+
     def _cost(self, estimate: CostEstimate | None) -> float:
         if estimate is None or estimate.seconds_per_image is None:
             return self.door_cost()
@@ -185,13 +241,19 @@ class Admission:
         if who.identity not in self._door and self._fits(1) and self._allows(who):
             self.metrics.admission_wait_seconds.observe(0.0)
             return self._let_in(who)
+        if not self._meets_target(1):  # refused now: waiting would only make it later
+            self.metrics.admission_wait_seconds.observe(0.0)
+            raise self._late(1)
         loop = asyncio.get_running_loop()
         turn: asyncio.Future[Ticket] = loop.create_future()
         arrived = loop.time()
         self._door.setdefault(who.identity, (who, deque()))[1].append(turn)
         self._door_waiting += 1
+        wait_ms = self.config.admission_wait_ms
+        if self.config.latency_target_ms is not None:  # a wait is time the target counts too
+            wait_ms = min(wait_ms, self.config.latency_target_ms)
         try:
-            async with asyncio.timeout(self.config.admission_wait_ms / 1000):
+            async with asyncio.timeout(wait_ms / 1000):
                 await turn
         except TimeoutError:
             if turn.done() and not turn.cancelled():  # let in as the clock ran out
@@ -215,6 +277,7 @@ class Admission:
         if not self._fits(images, estimate):
             raise self._late(images, estimate)
         who = caller.get()
+        self.rate.tick(self.admitted_images > 0)
         self.pending_images += images
         self._pending[estimate] += images
         self.shares.take(who, images)
@@ -222,6 +285,8 @@ class Admission:
             yield
         finally:
             self.shares.give_back(who, images)
+            self.rate.tick(True)
+            self.rate.finished(images)
             self.pending_images -= images
             self._pending[estimate] -= images
             if not self._pending[estimate]:
@@ -263,6 +328,7 @@ class Admission:
                 return
 
     def _let_in(self, who: Caller) -> Ticket:
+        self.rate.tick(self.admitted_images > 0)
         self.provisional += 1
         self.shares.take(who, 1)
         return Ticket(self, who)
@@ -274,10 +340,30 @@ class Admission:
         return (who for who, _ in self._door.values())
 
     def _fits(self, images: int, estimate: CostEstimate | None = None) -> bool:
+        return self._meets_deadline(images, estimate) and self._meets_target(images, estimate)
+
+    def _meets_deadline(self, images: int, estimate: CostEstimate | None = None) -> bool:
         budget_s = HEADROOM * self.config.request_timeout_ms / 1000
         return self.predicted_wait_s(images, estimate) <= budget_s
 
+    def _meets_target(self, images: int, estimate: CostEstimate | None = None) -> bool:
+        """Within the latency target, if there is one; a request with the server to itself
+        always is (a target below what one request costs would otherwise refuse them all)."""
+        target_ms = self.config.latency_target_ms
+        if target_ms is None or not self.admitted_images:
+            return True
+        return self.predicted_latency_s(images, estimate) <= TARGET_SHARE * target_ms / 1000
+
     def _late(self, images: int, estimate: CostEstimate | None = None) -> Overloaded:
+        if not self._meets_target(images, estimate):
+            target_ms = self.config.latency_target_ms
+            return self._shed(
+                "latency_target",
+                f"predicted time in the server "
+                f"{self.predicted_latency_s(images, estimate) * 1000:.4g} ms for "
+                f"{self.admitted_images} image(s) ahead would miss latency_target_ms="
+                f"{target_ms:g}",
+            )
         return self._shed(
             "predicted_wait",
             f"predicted wait {self.predicted_wait_s(images, estimate) * 1000:.4g} ms for "
@@ -320,6 +406,7 @@ class Ticket:
         if self._held:
             self._held = False
             self._expiry.cancel()
+            self._admission.rate.tick(True)
             self._admission.provisional -= 1
             self._admission.shares.give_back(self._who, 1)
 

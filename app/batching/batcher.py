@@ -1,8 +1,9 @@
 """Dynamic batching between the HTTP handlers and the model.
 
 Bounded; first come first served within a caller, callers in turn (app.batching.fair). A batch
-closes when it holds ``limit`` images (``max_batch_size`` until warm-up fits it:
-app.batching.limit) or when its oldest image has waited ``max_wait_ms``.
+closes when it holds ``limit`` images (``max_batch_size`` until warm-up fits it, kept short enough
+for a latency target as runs are timed: app.batching.limit) or when its oldest image has waited
+``max_wait_ms``.
 Batches compute on lanes (app.batching.lanes), so the event loop keeps accepting and decoding
 while a batch computes. A batch is collected only when a lane is free: an idle model runs what
 is queued now, and batches grow while the lanes are busy.
@@ -23,6 +24,7 @@ from prometheus_client import Counter
 
 from app.batching.fair import FairQueue
 from app.batching.lanes import Inline, Lanes
+from app.batching.limit import fit_batch_limit, target_limit
 from app.batching.spans import BatchSpans
 from app.batching.watchdog import Watchdog
 from app.errors import DeadlineExceeded, InferenceFailed, Overloaded, ShuttingDown
@@ -35,6 +37,11 @@ log = logging.getLogger(__name__)
 # A batch of images -> each named output of the model, a row per image (app.runtimes.base).
 Outputs = dict[str, np.ndarray]
 ModelFn = Callable[[np.ndarray], Outputs]
+
+
+# Weight of the newest run in a bucket's time (latency target): follows the load within a few
+# batches without jumping on one slow run.
+RUN_WEIGHT = 0.2
 
 
 def bucket_for(size: int, buckets: Sequence[int]) -> int:
@@ -73,6 +80,8 @@ class BatchConfig:
     # Where a bigger batch costs no less per image, batches stop at the first size whose run
     # takes this long (app.batching.limit); warm-up sets ``Batcher.limit``.
     flat_batch_ms: float = 0.0
+    # The p99 time in the server to keep to: batches stay short enough for it (app.batching.limit).
+    latency_target_ms: float | None = None
 
 
 class Batcher:
@@ -116,6 +125,9 @@ class Batcher:
         self.inline = Inline(config.inline_max_ms, batches=alone_fn is not None)
         self.lanes = Lanes(config.concurrent_batches)
         self.limit = config.max_batch_size  # the most images one batch takes
+        self.fitted_limit = config.max_batch_size  # by the cost per image (warm-up's ``fit``)
+        # Seconds of one run by bucket: warm-up's timings, then each lane's runs under load.
+        self.run_seconds: dict[int, float] = {}
         self._queue: FairQueue[_Item] = FairQueue(config.max_queue_images)
         self._computing = 0  # batches between collection and fan-out
         self._task: asyncio.Task[None] | None = None
@@ -133,6 +145,28 @@ class Batcher:
         """Whether ``images`` have the machine to themselves: nothing else computing or queued,
         and nothing admitted upstream beyond them (``admitted_images`` counts them too)."""
         return self._computing == 0 and self._queue.empty() and self.admitted_images() <= images
+
+    def fit(self, seconds: Mapping[int, float]) -> None:
+        """The batch limit from warm-up's timed runs (``seconds`` by batch size)."""
+        self.run_seconds = dict(seconds)
+        self.fitted_limit = fit_batch_limit(seconds, self.config.flat_batch_ms)
+        self._apply_target()
+
+    def _observed(self, bucket: int, seconds: float) -> None:
+        """A run of ``bucket`` as it happened, beside whatever else was running: the target's
+        limit follows the runs' times as the load changes them."""
+        previous = self.run_seconds.get(bucket)
+        self.run_seconds[bucket] = (
+            seconds if previous is None else previous + RUN_WEIGHT * (seconds - previous)
+        )
+        self._apply_target()
+
+    def _apply_target(self) -> None:
+        target_ms = self.config.latency_target_ms
+        self.limit = self.fitted_limit
+        if target_ms is not None and self.run_seconds:
+            buckets = [b for b in self.config.buckets if b <= self.fitted_limit]
+            self.limit = target_limit(self.run_seconds, buckets, target_ms)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
@@ -353,6 +387,8 @@ class Batcher:
             return _first(outputs, len(batch))
         if model_fn is self.alone_fn:
             self.inline.ran_batch(size, seconds)
+        elif self.config.latency_target_ms is not None:
+            self._observed(size, seconds)
         self.on_batch(len(batch), seconds / sharing)
         self.metrics.inference_seconds.observe(seconds)
         self.metrics.batch_size.observe(len(batch))

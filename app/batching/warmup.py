@@ -14,7 +14,7 @@ from functools import partial
 
 from app.batching.admission import CostEstimate
 from app.batching.batcher import Batcher
-from app.batching.limit import fit_batch_limit, timed_sizes
+from app.batching.limit import run_seconds, timed_sizes
 from app.runtimes.base import Backend
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,6 @@ async def warm_up(model: Backend, batcher: Batcher, estimate: CostEstimate) -> d
     timed = timed_sizes(sizes)
     runs = await lanes.run_on_each([partial(model.time_runs, timed)] * len(lanes), at_once=True)
     seconds = {size: statistics.median(run[size] for run in runs) for size in timed}
-    batcher.limit = fit_batch_limit(seconds, batcher.config.flat_batch_ms)
-    estimate.observe_batch(batcher.limit, seconds[batcher.limit] / len(lanes))
+    batcher.fit(seconds)
+    estimate.observe_batch(batcher.limit, run_seconds(seconds, batcher.limit) / len(lanes))
     return seconds

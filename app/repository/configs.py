@@ -100,6 +100,7 @@ def batch_config(settings: Settings, provider: str, cores: int | None = None) ->
         concurrent_batches=concurrent_batches(settings, provider, cores),
         inline_max_ms=settings.inline_max_ms,
         flat_batch_ms=settings.flat_batch_ms,
+        latency_target_ms=settings.latency_target_ms,
     )
 
 
@@ -116,4 +117,5 @@ def admission_config(settings: Settings) -> AdmissionConfig:
         request_timeout_ms=settings.request_timeout_ms,
         admission_wait_ms=settings.admission_wait_ms,
         max_buffered_bytes=settings.max_buffered_bytes,
+        latency_target_ms=settings.latency_target_ms,
     )

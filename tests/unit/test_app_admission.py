@@ -5,17 +5,28 @@ import asyncio
 import pytest
 
 from app.batching import admission as admission_module
-from app.batching.admission import Admission, AdmissionConfig, CostEstimate, Lifecycle
+from app.batching.admission import (
+    Admission,
+    AdmissionConfig,
+    CostEstimate,
+    Lifecycle,
+    ServiceRate,
+)
 from app.errors import Overloaded
 from app.telemetry.metrics import Metrics
 
 pytestmark = pytest.mark.anyio
 
 
-def make(timeout_ms: float = 1000, wait_ms: float = 60_000, max_bytes: int = 100) -> Admission:
+def make(
+    timeout_ms: float = 1000,
+    wait_ms: float = 60_000,
+    max_bytes: int = 100,
+    target_ms: float | None = None,
+) -> Admission:
     lifecycle = Lifecycle(retry_after_s=4)
     lifecycle.mark_warmed()
-    config = AdmissionConfig(timeout_ms, wait_ms, max_bytes)
+    config = AdmissionConfig(timeout_ms, wait_ms, max_bytes, latency_target_ms=target_ms)
     admission = Admission(config, lifecycle, Metrics())
     admission.estimates.add(CostEstimate())  # one model version being served
     return admission
@@ -126,3 +137,63 @@ async def test_buffered_bytes_shed_the_excess_but_never_the_first_request() -> N
     assert admission.buffered_bytes == 0
     (await admission.enter()).release()
     assert rejected(admission, "upload_buffers") == 2
+
+
+def test_service_rate_counts_busy_time_only() -> None:
+    now = [0.0]
+    rate = ServiceRate(lambda: now[0])
+    rate.tick(busy=False)  # 0 -> 1 admitted
+    now[0] = 0.25
+    rate.tick(busy=True)
+    rate.finished(5)  # 5 images in 0.25 busy s
+    assert rate.per_s == pytest.approx(20.0)
+    now[0] = 10.0  # idle for 9.75 s: not counted
+    rate.tick(busy=False)
+    now[0] = 10.1
+    rate.tick(busy=True)
+    rate.finished(2)  # 0.1 busy s: too short a window for a sample
+    assert rate.per_s == pytest.approx(20.0)
+    now[0] = 10.3
+    rate.tick(busy=True)
+    rate.finished(2)  # 4 in 0.3 s: 13.3/s, weighed in
+    assert rate.per_s == pytest.approx(20 + ServiceRate.WEIGHT * (4 / 0.3 - 20))
+
+
+async def test_a_latency_target_refuses_at_once_what_would_miss_it() -> None:
+    """At 100 images/s finished, a 100 ms target admits what it predicts within half of it:
+    the one coming in plus 4 ahead (50 ms); the next is refused at once, not after waiting."""
+    admission = make(timeout_ms=10_000, target_ms=100.0)
+    admission.rate.per_s = 100.0
+    tickets = [await admission.enter() for _ in range(5)]
+    assert admission.predicted_latency_s() == pytest.approx(0.06)
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(Overloaded, match="latency_target_ms=100") as refused:
+        await admission.enter()
+    assert asyncio.get_running_loop().time() - started < 0.05
+    assert refused.value.headers == {"Retry-After": "4"}
+    assert rejected(admission, "latency_target") == 1
+    with pytest.raises(Overloaded, match="latency_target_ms=100"):
+        admission.work(2).__enter__()  # a request without a ticket (gRPC), two images
+    tickets.pop().release()
+    (await admission.enter()).release()  # room again
+    for ticket in tickets:
+        ticket.release()
+
+
+async def test_a_target_below_one_request_still_admits_a_lone_one() -> None:
+    admission = make(target_ms=1.0)
+    admission.rate.per_s = 10.0  # 100 ms an image: over the target even alone
+    with (
+        await admission.enter(),
+        admission.work(1),
+        pytest.raises(Overloaded, match="latency_target"),
+    ):
+        await admission.enter()
+
+
+async def test_the_rate_is_learned_from_the_work_admitted() -> None:
+    admission = make()
+    for _ in range(3):
+        with await admission.enter(), admission.work(2):
+            await asyncio.sleep(0.1)  # 2 images per 0.1 busy s
+    assert admission.rate.per_s == pytest.approx(20, rel=0.3)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.batching.limit import fit_batch_limit, timed_sizes
+from app.batching.limit import fit_batch_limit, run_seconds, target_limit, timed_sizes
 
 # Seconds per run of each size, as warm-up timed them on this repo's 2-core machine, both lanes
 # at once (one ORT thread each).
@@ -61,3 +61,31 @@ def test_warm_up_times_the_ends_and_the_powers_of_two(
     buckets: tuple[int, ...], timed: list[int]
 ) -> None:
     assert timed_sizes(buckets) == timed
+
+
+BUCKETS = (1, 2, 3, 4, 5, 6, 7, 8)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "target_ms", "limit"),
+    [
+        (FP32, 1200, 3),  # a quarter: 300 ms; 4 takes 302: 3 (interpolated, 226 ms) fits, 4 not
+        (FP32, 1210, 4),
+        (FP32, 300, 1),  # 75 ms: one image, just
+        (FP32, 100, 1),  # nothing fits: one image all the same, never none
+        (DIGITS, 50, 8),  # 12.5 ms: the demo's whole batch fits
+        (DIGITS, 20, 3),  # 5 ms: 3 (4.95 ms, between 2 and 4) fits, 4 (5.8 ms) not
+        (INT8, 300, 2),  # 75 ms: 2 (53.5 ms), not 3 (81 ms)
+    ],
+)
+def test_a_latency_target_keeps_batches_to_a_quarter_of_it(
+    seconds: dict[int, float], target_ms: float, limit: int
+) -> None:
+    assert target_limit(seconds, BUCKETS, target_ms) == limit
+
+
+def test_run_seconds_between_and_beyond_the_timed_sizes() -> None:
+    assert run_seconds(DIGITS, 4) == DIGITS[4]
+    assert run_seconds(DIGITS, 3) == pytest.approx((DIGITS[2] + DIGITS[4]) / 2)
+    assert run_seconds({2: 0.01, 4: 0.02}, 1) == 0.01  # below the smallest: the smallest's
+    assert run_seconds({2: 0.01, 4: 0.02}, 16) == pytest.approx(0.08)  # the largest per image

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -112,6 +113,49 @@ async def test_batches_stop_at_the_limit_warm_up_fitted() -> None:
     await batcher.drain()
     assert [float(r["y"][0]) for r in results] == [5, 6, 7]
     assert [len(batch) for batch in model.batches] == [2, 2, 2, 2]
+
+
+async def test_a_latency_target_shortens_batches_as_runs_slow_down() -> None:
+    """A model whose run costs a known 4 ms per image: with an 80 ms target a batch may take
+    20 ms, so all 4 images; once its runs take 12 ms per image (the machine got busy), only one
+    image's run fits, and batches follow within a few runs."""
+    per_image_s = [0.004]
+    model = Recorder()
+
+    def slow(batch: np.ndarray) -> Outputs:
+        time.sleep(per_image_s[0] * len(batch))
+        return model(batch)
+
+    timed = {1: 0.004, 2: 0.008, 4: 0.016}  # as warm-up timed it
+    batcher = make_batcher(slow, max_batch_size=4, latency_target_ms=80.0, flat_batch_ms=1e9)
+    batcher.fit(timed)
+    assert (batcher.fitted_limit, batcher.limit) == (4, 4)
+    batcher.fit({**timed, 4: 0.024})  # 4 images over 20 ms: 3 (interpolated: 16 ms)
+    assert batcher.limit == 3
+    batcher.fit(timed)
+    batcher._enqueue([image(v) for v in range(8)])  # queued before the loop collects
+    batcher.start()
+    await batcher.submit([image(8)])
+    assert [len(batch) for batch in model.batches[:2]] == [4, 4]
+    per_image_s[0] = 0.012
+    for _ in range(20):
+        await batcher.submit([image(v) for v in range(4)])
+    await batcher.drain()
+    assert batcher.limit == 1
+    assert [len(batch) for batch in model.batches[-4:]] == [1, 1, 1, 1]
+
+
+async def test_without_a_target_runs_do_not_move_the_limit() -> None:
+    model = Recorder()
+    batcher = make_batcher(model, max_batch_size=8, flat_batch_ms=1e9)
+    timed = {1: 0.010, 2: 0.020, 4: 0.040, 8: 0.080}
+    batcher.fit(timed)
+    assert batcher.limit == 8
+    batcher.start()
+    await batcher.submit([image(v) for v in range(8)])
+    await batcher.drain()
+    assert batcher.limit == 8
+    assert batcher.run_seconds == timed
 
 
 async def test_failing_batch_fails_exactly_its_own_requests() -> None:
