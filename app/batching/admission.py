@@ -9,10 +9,10 @@ almost nothing: they are bounded by the bytes they have actually buffered and by
 ``upload_timeout_ms``, so clients trickling bytes cannot starve honest ones.
 
 With a latency target (``latency_target_ms``) the door also predicts each newcomer's time in the
-server, from the images admitted ahead of it and the rate the server finishes images at
-(``ServiceRate``, Little's law), and refuses at once (503) what would miss the target, instead of
-letting it queue: under overload the requests answered stay fast and the excess is told to come
-back, where without a target everything admitted waits its turn up to ``request_timeout_ms``.
+server from how long work took that came in with as many images ahead (``Sojourns``), and refuses
+at once (503) what would miss the target, instead of letting it queue: under overload the
+requests answered stay fast and the excess is told to come back, where without a target
+everything admitted waits its turn up to ``request_timeout_ms``.
 
 Readiness (``Lifecycle``) is the first thing the door asks: warmed up, not draining, nothing
 broken.
@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
@@ -56,41 +56,37 @@ class AdmissionConfig:
     latency_target_ms: float | None = None  # the p99 time in the server to keep to, if any
 
 
-class ServiceRate:
-    """Images finished per second of busy time (while anything is admitted), every version
-    together. With the images admitted ahead, Little's law gives a newcomer's time in the server:
-    (ahead + its own) / rate. Busy time, not wall time: at a light load the rate is one over a
-    lone request's whole time in the server (decode, hand-offs, the model, the answer), under
-    load the pipeline's throughput, so one prediction holds for both, whatever the front end or
-    the model costs.
+class Sojourns:
+    """How long work stays in the server (decode, queue, model, head) by the images in flight
+    when it came in, its own included (its "depth"), learned from the work admitted: a newcomer's
+    time is predicted from what work that came in at the same depth took. Measured whole, so it
+    holds whatever the front end, the decode or the model costs, and follows the machine as it
+    gets busier or quieter.
     """
 
-    WINDOW_S = 0.2  # busy seconds per sample: a few dozen requests at the loads that matter
-    WEIGHT = 0.3  # of the newest sample
+    WEIGHT = 0.1  # of the newest time at a depth
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self.clock = clock
-        self.per_s: float | None = None  # None until a window has been measured
-        self._last = clock()
-        self._busy_s = 0.0
-        self._finished = 0
+    def __init__(self) -> None:
+        self.by_depth: dict[int, float] = {}
 
-    def tick(self, busy: bool) -> None:
-        """Call just before the admitted count changes: ``busy``, whether it was above 0."""
-        now = self.clock()
-        if busy:
-            self._busy_s += now - self._last
-        self._last = now
+    def observe(self, depth: int, seconds: float) -> None:
+        previous = self.by_depth.get(depth)
+        self.by_depth[depth] = (
+            seconds if previous is None else previous + self.WEIGHT * (seconds - previous)
+        )
 
-    def finished(self, images: int) -> None:
-        self._finished += images
-        if self._busy_s >= self.WINDOW_S and self._finished:
-            sample = self._finished / self._busy_s
-            previous = self.per_s
-            self.per_s = (
-                sample if previous is None else previous + self.WEIGHT * (sample - previous)
-            )
-            self._busy_s, self._finished = 0.0, 0
+    def predict(self, depth: int) -> float | None:
+        """Seconds for work coming in at ``depth``: never less than at a smaller depth; beyond
+        the deepest seen, that one's time per image in flight times ``depth`` (no fixed cost
+        assumed, so a guess errs long). None before anything is learned."""
+        known = [(d, seconds) for d, seconds in self.by_depth.items() if d <= depth]
+        if not known:
+            return min(self.by_depth.values(), default=None)
+        deepest, at_deepest = max(known)
+        envelope = max(seconds for _, seconds in known)
+        if deepest == depth:
+            return envelope
+        return max(envelope, at_deepest / deepest * depth)
 
 
 class CostEstimate:
@@ -180,7 +176,7 @@ class Admission:
         self._door: dict[str, tuple[Caller, deque[asyncio.Future[Ticket]]]] = {}
         self._door_waiting = 0
         self.shares = Shares(time.monotonic)
-        self.rate = ServiceRate()
+        self.sojourns = Sojourns()
         metrics.track(metrics.pending_images, lambda: self.pending_images)
         metrics.track(metrics.buffered_bytes, lambda: self.buffered_bytes)
         metrics.track(metrics.door_waiting, lambda: self._door_waiting)
@@ -209,12 +205,10 @@ class Admission:
         )
 
     def predicted_latency_s(self, images: int = 1, estimate: CostEstimate | None = None) -> float:
-        """A newcomer's time in the server, by Little's law (``ServiceRate``); until the rate
-        is measured, the model time ahead of it (``predicted_wait_s``)."""
-        rate = self.rate.per_s
-        if rate is None:
-            return self.predicted_wait_s(images, estimate)
-        return (self.admitted_images + images) / rate
+        """A newcomer's time in the server, from work that came in as deep (``Sojourns``);
+        until some is learned, the model time ahead of it (``predicted_wait_s``)."""
+        predicted = self.sojourns.predict(self.admitted_images + images)
+        return self.predicted_wait_s(images, estimate) if predicted is None else predicted
 
     def _cost(self, estimate: CostEstimate | None) -> float:
         if estimate is None or estimate.seconds_per_image is None:
@@ -277,16 +271,19 @@ class Admission:
         if not self._fits(images, estimate):
             raise self._late(images, estimate)
         who = caller.get()
-        self.rate.tick(self.admitted_images > 0)
+        depth = self.admitted_images + images
+        started = time.monotonic()
         self.pending_images += images
         self._pending[estimate] += images
         self.shares.take(who, images)
         try:
             yield
+        except BaseException:  # a refusal or a failure says nothing of how long work takes
+            raise
+        else:
+            self.sojourns.observe(depth, time.monotonic() - started)
         finally:
             self.shares.give_back(who, images)
-            self.rate.tick(True)
-            self.rate.finished(images)
             self.pending_images -= images
             self._pending[estimate] -= images
             if not self._pending[estimate]:
@@ -328,7 +325,6 @@ class Admission:
                 return
 
     def _let_in(self, who: Caller) -> Ticket:
-        self.rate.tick(self.admitted_images > 0)
         self.provisional += 1
         self.shares.take(who, 1)
         return Ticket(self, who)
@@ -406,7 +402,6 @@ class Ticket:
         if self._held:
             self._held = False
             self._expiry.cancel()
-            self._admission.rate.tick(True)
             self._admission.provisional -= 1
             self._admission.shares.give_back(self._who, 1)
 

@@ -10,7 +10,7 @@ from app.batching.admission import (
     AdmissionConfig,
     CostEstimate,
     Lifecycle,
-    ServiceRate,
+    Sojourns,
 )
 from app.errors import Overloaded
 from app.telemetry.metrics import Metrics
@@ -139,31 +139,27 @@ async def test_buffered_bytes_shed_the_excess_but_never_the_first_request() -> N
     assert rejected(admission, "upload_buffers") == 2
 
 
-def test_service_rate_counts_busy_time_only() -> None:
-    now = [0.0]
-    rate = ServiceRate(lambda: now[0])
-    rate.tick(busy=False)  # 0 -> 1 admitted
-    now[0] = 0.25
-    rate.tick(busy=True)
-    rate.finished(5)  # 5 images in 0.25 busy s
-    assert rate.per_s == pytest.approx(20.0)
-    now[0] = 10.0  # idle for 9.75 s: not counted
-    rate.tick(busy=False)
-    now[0] = 10.1
-    rate.tick(busy=True)
-    rate.finished(2)  # 0.1 busy s: too short a window for a sample
-    assert rate.per_s == pytest.approx(20.0)
-    now[0] = 10.3
-    rate.tick(busy=True)
-    rate.finished(2)  # 4 in 0.3 s: 13.3/s, weighed in
-    assert rate.per_s == pytest.approx(20 + ServiceRate.WEIGHT * (4 / 0.3 - 20))
+def test_sojourns_predict_from_work_that_came_in_as_deep() -> None:
+    sojourns = Sojourns()
+    assert sojourns.predict(3) is None  # nothing learned: the caller falls back
+    sojourns.observe(1, 0.010)
+    sojourns.observe(3, 0.030)
+    sojourns.observe(3, 0.040)  # weighed in
+    at_3 = 0.030 + Sojourns.WEIGHT * (0.040 - 0.030)
+    assert sojourns.predict(3) == pytest.approx(at_3)
+    assert sojourns.predict(2) == pytest.approx(0.020)  # unseen: from 1, per image in flight
+    assert sojourns.predict(6) == pytest.approx(at_3 * 2)  # beyond: per image in flight
+    sojourns.observe(2, 0.050)  # a slow one at 2: deeper never predicts faster
+    assert sojourns.predict(3) == pytest.approx(0.050)
 
 
 async def test_a_latency_target_refuses_at_once_what_would_miss_it() -> None:
-    """At 100 images/s finished, a 100 ms target admits what it predicts within half of it:
-    the one coming in plus 4 ahead (50 ms); the next is refused at once, not after waiting."""
+    """Work took 10 ms per image in flight: a 100 ms target admits what it predicts within half
+    of it, the one coming in plus 4 ahead (50 ms); the next is refused at once, not after
+    waiting at the door."""
     admission = make(timeout_ms=10_000, target_ms=100.0)
-    admission.rate.per_s = 100.0
+    for depth in range(1, 6):
+        admission.sojourns.observe(depth, 0.010 * depth)
     tickets = [await admission.enter() for _ in range(5)]
     assert admission.predicted_latency_s() == pytest.approx(0.06)
     started = asyncio.get_running_loop().time()
@@ -182,7 +178,7 @@ async def test_a_latency_target_refuses_at_once_what_would_miss_it() -> None:
 
 async def test_a_target_below_one_request_still_admits_a_lone_one() -> None:
     admission = make(target_ms=1.0)
-    admission.rate.per_s = 10.0  # 100 ms an image: over the target even alone
+    admission.sojourns.observe(1, 0.1)  # over the target even alone
     with (
         await admission.enter(),
         admission.work(1),
@@ -191,9 +187,15 @@ async def test_a_target_below_one_request_still_admits_a_lone_one() -> None:
         await admission.enter()
 
 
-async def test_the_rate_is_learned_from_the_work_admitted() -> None:
+async def test_sojourns_are_learned_from_the_work_admitted() -> None:
     admission = make()
-    for _ in range(3):
-        with await admission.enter(), admission.work(2):
-            await asyncio.sleep(0.1)  # 2 images per 0.1 busy s
-    assert admission.rate.per_s == pytest.approx(20, rel=0.3)
+    with await admission.enter(), admission.work(1):
+        with admission.work(2):  # came in with one image ahead: depth 3
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)
+    assert set(admission.sojourns.by_depth) == {1, 3}
+    assert admission.sojourns.by_depth[3] == pytest.approx(0.05, abs=0.03)
+    assert admission.sojourns.by_depth[1] == pytest.approx(0.10, abs=0.03)
+    with pytest.raises(RuntimeError), admission.work(1):
+        raise RuntimeError("a failed decode")
+    assert admission.sojourns.by_depth[1] == pytest.approx(0.10, abs=0.03)  # not learned from
