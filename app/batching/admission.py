@@ -56,39 +56,6 @@ class AdmissionConfig:
     latency_target_ms: float | None = None  # the p99 time in the server to keep to, if any
 
 
-class Sojourns:
-    """How long work stays in the server (decode, queue, model, head) by the images in flight
-    when it came in, its own included (its "depth"), learned from the work admitted: a newcomer's
-    time is predicted from what work that came in at the same depth took. Measured whole, so it
-    holds whatever the front end, the decode or the model costs, and follows the machine as it
-    gets busier or quieter.
-    """
-
-    WEIGHT = 0.1  # of the newest time at a depth
-
-    def __init__(self) -> None:
-        self.by_depth: dict[int, float] = {}
-
-    def observe(self, depth: int, seconds: float) -> None:
-        previous = self.by_depth.get(depth)
-        self.by_depth[depth] = (
-            seconds if previous is None else previous + self.WEIGHT * (seconds - previous)
-        )
-
-    def predict(self, depth: int) -> float | None:
-        """Seconds for work coming in at ``depth``: never less than at a smaller depth; beyond
-        the deepest seen, that one's time per image in flight times ``depth`` (no fixed cost
-        assumed, so a guess errs long). None before anything is learned."""
-        known = [(d, seconds) for d, seconds in self.by_depth.items() if d <= depth]
-        if not known:
-            return min(self.by_depth.values(), default=None)
-        deepest, at_deepest = max(known)
-        envelope = max(seconds for _, seconds in known)
-        if deepest == depth:
-            return envelope
-        return max(envelope, at_deepest / deepest * depth)
-
-
 class CostEstimate:
     """Seconds of model time per image of one served model version, learned from its batches."""
 
@@ -101,6 +68,46 @@ class CostEstimate:
         self.seconds_per_image = (
             cost if previous is None else previous + EWMA_WEIGHT * (cost - previous)
         )
+
+
+class Sojourns:
+    """How long work stays in the server (decode, queue, model, head) against the images in
+    flight when it came in, its own included (its "depth"): a line through the work admitted
+    (least squares, recent work weighing most), so a newcomer's time is predicted from its depth.
+    Measured whole, it holds whatever the front end, the decode or the model costs; fitted over
+    all the work, it follows the machine as it gets busier or quieter at every depth, including
+    depths the door no longer admits.
+    """
+
+    WEIGHT = 0.05  # of the newest work: the last few dozen requests count
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._depth = self._seconds = self._depth2 = self._product = 0.0
+
+    def observe(self, depth: int, seconds: float) -> None:
+        self.count += 1
+        weight = max(self.WEIGHT, 1 / self.count)  # a plain mean until there are enough
+        self._depth += weight * (depth - self._depth)
+        self._seconds += weight * (seconds - self._seconds)
+        self._depth2 += weight * (depth * depth - self._depth2)
+        self._product += weight * (depth * seconds - self._product)
+
+    def slope(self) -> float | None:
+        """Seconds each image in flight adds, where the depths seen vary enough to say."""
+        variance = self._depth2 - self._depth**2
+        if variance < 0.25:
+            return None
+        return (self._product - self._depth * self._seconds) / variance
+
+    def predict(self, depth: int, per_image_s: float) -> float | None:
+        """Seconds for work coming in at ``depth``; each image in flight adds at least
+        ``per_image_s`` (the model's own time: a line fitted on noise cannot say less). None
+        before anything is learned."""
+        if not self.count:
+            return None
+        slope = max(self.slope() or 0.0, per_image_s)
+        return self._seconds + slope * (depth - self._depth)
 
 
 class Lifecycle:
@@ -207,7 +214,8 @@ class Admission:
     def predicted_latency_s(self, images: int = 1, estimate: CostEstimate | None = None) -> float:
         """A newcomer's time in the server, from work that came in as deep (``Sojourns``);
         until some is learned, the model time ahead of it (``predicted_wait_s``)."""
-        predicted = self.sojourns.predict(self.admitted_images + images)
+        depth = self.admitted_images + images
+        predicted = self.sojourns.predict(depth, self._cost(estimate))
         return self.predicted_wait_s(images, estimate) if predicted is None else predicted
 
     def _cost(self, estimate: CostEstimate | None) -> float:
