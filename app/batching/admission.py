@@ -71,7 +71,8 @@ class CostEstimate:
 
 
 class Sojourns:
-    """How long work stays in the server (decode, queue, model, head) against the images in
+    """How long work stays in the server (decode, queue, model, head, the answer sent: from the
+    body in to the answer out, for a request through the door) against the images in
     flight when it came in, its own included (its "depth"): a line through the work admitted
     (least squares, recent work weighing most), so a newcomer's time is predicted from its depth.
     Measured whole, it holds whatever the front end, the decode or the model costs; fitted over
@@ -289,7 +290,10 @@ class Admission:
         except BaseException:  # a refusal or a failure says nothing of how long work takes
             raise
         else:
-            self.sojourns.observe(depth, time.monotonic() - started)
+            if ticket is None:
+                self.sojourns.observe(depth, time.monotonic() - started)
+            else:  # learned once the answer is sent: its head and its bytes take time too
+                ticket.worked = (depth, started)
         finally:
             self.shares.give_back(who, images)
             self.pending_images -= images
@@ -404,6 +408,9 @@ class Ticket:
         self._held = True
         self._expiry = asyncio.get_running_loop().call_later(PROVISIONAL_S, self.release)
         self._token: Token[Ticket | None] | None = None
+        # Set by ``Admission.work`` when the request's work succeeded: its depth and when it
+        # began, learned from (``Sojourns``) as the request ends.
+        self.worked: tuple[int, float] | None = None
 
     def spend(self) -> None:
         """The request's own images take the place it held (no door opens in between)."""
@@ -426,6 +433,9 @@ class Ticket:
         if self._token is not None:
             admitted.reset(self._token)
         self.release()
+        if self.worked is not None:
+            depth, started = self.worked
+            self._admission.sojourns.observe(depth, time.monotonic() - started)
 
 
 class BufferAccount:
