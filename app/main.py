@@ -18,6 +18,7 @@ from app.http.docs import install_docs
 from app.http.handlers import install_error_handlers
 from app.http.middleware import Door
 from app.http.page import install_page
+from app.http.predict import direct as direct_predict
 from app.http.predict import router as predict_router
 from app.http.routes import router
 from app.http.routing import RouteTable
@@ -75,6 +76,7 @@ def create_app(
         routes=routes,
         max_request_bytes=settings.max_request_bytes,
         upload_timeout_ms=settings.upload_timeout_ms,
+        direct={("POST", "/predict"): direct_predict},
     )
     app.state.routes = routes
     return app

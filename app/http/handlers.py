@@ -43,13 +43,16 @@ def is_protocol_path(path: str) -> bool:
 
 async def _service_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServiceError)
+    return service_error(exc, request.url.path)
+
+
+def service_error(exc: ServiceError, path: str) -> JSONResponse:
+    """The answer to a ServiceError raised while serving ``path``."""
     # Only our own faults: 503/504 are load, counted in metrics, and at overload a line each
     # would cost the loop as much as serving.
     if exc.status_code == 500:
         log.warning("request failed", extra={"code": exc.code, "detail": exc.message})
-    return error_response(
-        exc.status_code, exc.code, exc.message, exc.headers, path=request.url.path
-    )
+    return error_response(exc.status_code, exc.code, exc.message, exc.headers, path=path)
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:

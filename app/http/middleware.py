@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable, Mapping
 
 import orjson
 from opentelemetry.trace import SpanContext
@@ -38,6 +39,7 @@ from core.errors import PayloadTooLarge, ServiceError
 log = logging.getLogger("app.access")
 
 CLOSE = {"Connection": "close"}
+Direct = Callable[[Service, Scope, Receive, Send], Awaitable[bool]]
 _NO_SPAN: contextlib.nullcontext[None] = contextlib.nullcontext()
 
 
@@ -50,8 +52,12 @@ class Door:
         routes: RouteTable,
         max_request_bytes: int,
         upload_timeout_ms: float,
+        direct: Mapping[tuple[str, str], Direct] | None = None,
     ) -> None:
+        """``direct``: handlers, by method and route, that answer admitted requests themselves
+        (True) or leave them to the app (False, nothing sent)."""
         self.app = app
+        self.direct = dict(direct or {})
         self.service = service
         self.routes = routes
         self.max_request_bytes = max_request_bytes
@@ -184,7 +190,10 @@ class Door:
             await _refuse(refused, scope, receive, send)
             return
         with ticket, admission.buffering() as account:
-            await self.app(scope, self._limited(receive, account, upload), send)
+            limited = self._limited(receive, account, upload)
+            direct = self.direct.get((scope["method"], matched.label))
+            if direct is None or not await direct(service, scope, limited, send):
+                await self.app(scope, limited, send)
 
     def _limited(self, receive: Receive, account: BufferAccount | None, upload: _Upload) -> Receive:
         received = 0

@@ -8,33 +8,37 @@ reading the uploads adds the per-image and per-request image-count limits.
 from __future__ import annotations
 
 from typing import Annotated
+from urllib.parse import parse_qsl
 
 import orjson
 from fastapi import APIRouter, Query, Request, Response
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.types import Receive, Scope, Send
 
 from app.edge.access import Access, access
 from app.edge.requests import unless_disconnected
 from app.errors import InvalidMultipart
+from app.http.handlers import service_error
 from app.http.openapi import ERRORS, PREDICT_BODY
 from app.http.schemas import PredictResponse
 from app.pipeline.heads import Classify
 from app.pipeline.pipeline import Image, UploadLimits
 from app.service import Service
-from core.errors import EmptyUpload, PayloadTooLarge, UnsupportedMediaType
+from core.errors import EmptyUpload, PayloadTooLarge, ServiceError, UnsupportedMediaType
 
 router = APIRouter()
 
 TopK = Annotated[
     int | None, Query(ge=1, description="Predictions per image; 1..num_classes (default: setting)")
 ]
+MODEL_MAX, VERSION_MAX = 128, 64
 ModelName = Annotated[
-    str | None, Query(max_length=128, description="The model (default: the default model)")
+    str | None, Query(max_length=MODEL_MAX, description="The model (default: the default model)")
 ]
 ModelVersion = Annotated[
     str | None,
-    Query(max_length=64, description="Its version (default: its newest ready version)"),
+    Query(max_length=VERSION_MAX, description="Its version (default: its newest ready version)"),
 ]
 
 
@@ -48,7 +52,52 @@ ModelVersion = Annotated[
 async def predict(
     request: Request, top_k: TopK = None, model: ModelName = None, version: ModelVersion = None
 ) -> Response:
-    service: Service = request.app.state.service
+    return await _predict(request, request.app.state.service, top_k, model, version)
+
+
+async def direct(service: Service, scope: Scope, receive: Receive, send: Send) -> bool:
+    """``POST /predict`` answered straight from the door (app.http.middleware), without FastAPI's
+    routing, dependency solving and exception middleware: measured at about a fifth of a
+    request's event-loop time (benchmarks/results/slo.md). The same handler and error answers;
+    False, with nothing sent, where the query needs FastAPI's validation to say what is wrong
+    with it, which then answers as it always has."""
+    query = _query(scope["query_string"])
+    if query is None:
+        return False
+    request = Request(scope, receive)
+    try:
+        response = await _predict(request, service, *query)
+    except ServiceError as exc:
+        response = service_error(exc, scope["path"])
+    await response(scope, receive, send)
+    return True
+
+
+def _query(raw: bytes) -> tuple[int | None, str | None, str | None] | None:
+    """top_k, model and version where the route's own validation would pass them; else None."""
+    values: dict[str, str] = {}
+    for name, value in parse_qsl(raw.decode("latin-1"), keep_blank_values=True):
+        if name in values:
+            return None  # repeated: FastAPI's rules decide
+        values[name] = value
+    top_k = values.get("top_k")
+    model, version = values.get("model"), values.get("version")
+    if top_k is not None and not (top_k.isascii() and top_k.isdigit() and int(top_k) >= 1):
+        return None
+    if (model is not None and len(model) > MODEL_MAX) or (
+        version is not None and len(version) > VERSION_MAX
+    ):
+        return None
+    return (int(top_k) if top_k is not None else None), model, version
+
+
+async def _predict(
+    request: Request,
+    service: Service,
+    top_k: int | None,
+    model: str | None,
+    version: str | None,
+) -> Response:
     with service.models.resolve(model, version).hold() as served:
         classify = Classify(served.metadata, top_k, service.default_top_k)
         images = await read_uploads(request, service.limits)
