@@ -105,9 +105,13 @@ COPY --from=deps-cpu /opt/venv /opt/venv
 RUN --mount=type=bind,from=dist,source=/dist,target=/dist \
     pip install --no-cache-dir --no-deps --no-index /dist/*.whl
 COPY docker/healthcheck.py /usr/local/bin/healthcheck.py
+# auto's timings (docs/backends.md, the tuning cache), the server's own: a volume mounted here (compose's
+# `tuning`) starts with this ownership and lets replicas share them.
+RUN install -d -o 10001 -g 10001 /var/cache/resnet-serve
 ENV RESNET_SERVE_HOST=0.0.0.0 \
     RESNET_SERVE_PORT=8000 \
-    RESNET_SERVE_MODEL_PATH=/models/model.onnx
+    RESNET_SERVE_MODEL_PATH=/models/model.onnx \
+    RESNET_SERVE_TUNING_CACHE_DIR=/var/cache/resnet-serve
 USER 10001:10001
 WORKDIR /home/resnet
 EXPOSE 8000 8001

@@ -88,4 +88,5 @@ def open_app(settings: Settings, cores: int | None = None) -> FastAPI:
     if settings.model_repository is not None:
         source(settings)  # the repository is there, or one line now
         return create_app(settings, cores=cores)
-    return create_app(settings, open_model(runtime_config(settings, cores)), cores=cores)
+    model = open_model(runtime_config(settings, cores), settings.memory_budget_mib)
+    return create_app(settings, model, cores=cores)

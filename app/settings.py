@@ -29,6 +29,11 @@ def _default_decode_threads(data: dict[str, Any]) -> int:
     return min(4, cpu_share(data.get("workers", 1)))
 
 
+def _default_tuning_cache_dir() -> Path:
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "resnet-serve" / "tuning"
+
+
 class Settings(BaseSettings):
     """Every setting, with its default and meaning: each attribute's docstring is its
     description in the configuration reference (docs/configuration.md is generated from here)."""
@@ -110,10 +115,22 @@ class Settings(BaseSettings):
     one (that variant beside model_path, or model_path itself, whose metadata must agree); bf16
     computes the fp32 file in bf16 on OpenVINO (a start-up error on a CPU without bf16)."""
     backend: BackendName = "auto"
-    """The runtime on the CPU (docs/backends.md). auto: at warm-up, each candidate (ONNX Runtime,
-    OpenVINO; fp32, bf16 where the CPU has it) is timed, and the fastest that passes the file's
-    reference check serves, ONNX Runtime unless another is 10% faster; the timings are logged
-    and in /v1/model. onnxruntime, openvino: that one or a start-up error. GPUs: ONNX Runtime."""
+    """The runtime on the CPU (docs/backends.md). auto: each candidate (ONNX Runtime, OpenVINO;
+    fp32, bf16 where the CPU has it) is timed at the smallest and the largest batch, and each
+    batch size is served by the fastest for it that passes the file's reference check, ONNX
+    Runtime unless another is 10% faster (two runtimes at most, both within memory_budget_mib);
+    the timings are logged, kept (tuning) and in /v1/model. onnxruntime, openvino: that one or a
+    start-up error. GPUs: ONNX Runtime."""
+    tuning: Literal["cache", "retime", "off"] = "cache"
+    """What auto does with its timings (docs/backends.md). cache: reuse those kept in
+    tuning_cache_dir for the same file, CPU model, runtime versions and threads, else time and
+    keep them, so replicas choose alike and start sooner; retime: time again once per start
+    (the workers of one start share it) and keep that; off: time at every load, keep nothing."""
+    tuning_cache_dir: Path = Field(default_factory=_default_tuning_cache_dir)
+    """Where auto's timings are kept, one small JSON file per file, CPU, runtimes and threads: a
+    volume shared by replicas makes them serve alike. Unwritable: logged, and auto times at
+    every load. Default: $XDG_CACHE_HOME/resnet-serve/tuning, else
+    ~/.cache/resnet-serve/tuning."""
     reference_check: bool = True
     """Check, before a version serves, that this runtime computes the file's reference outputs
     (its metadata, written by export) within its precision's bounds; a file without them is

@@ -23,6 +23,16 @@ from tests.helpers.training import (  # noqa: F401  (fixtures)
 )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def tuning_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """``auto``'s timings kept for the session, away from the user's own tuning cache (servers
+    from tests.helpers.server get the same directory)."""
+    with pytest.MonkeyPatch.context() as patch:
+        directory = tmp_path_factory.mktemp("tuning")
+        patch.setenv("RESNET_SERVE_TUNING_CACHE_DIR", str(directory))
+        yield directory
+
+
 @pytest.fixture(scope="session")
 def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_model(tmp_path_factory.mktemp("model") / "tiny.onnx")

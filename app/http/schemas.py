@@ -61,13 +61,25 @@ class InputSpec(BaseModel):
 class Candidate(BaseModel):
     backend: str
     precision: str
-    images_per_s: float | None = Field(None, description="At warm-up, on one batch")
-    skipped: str | None = Field(None, description="Why it was not tried or failed its check")
-    chosen: bool
+    images_per_s: float | None = Field(None, description="Timed, at the largest batch timed")
+    images_per_s_by_batch: dict[int, float] | None = Field(
+        None, description="Timed, at each batch size timed"
+    )
+    cached: bool | None = Field(
+        None, description="Whether the timings came from the tuning cache (docs/backends.md)"
+    )
+    skipped: str | None = Field(
+        None,
+        description="Why it was not tried, failed its check, or was not opened beside another",
+    )
+    batch_sizes: list[int] | None = Field(None, description="The batch sizes it serves")
+    chosen: bool = Field(description="Whether it serves (some batch sizes)")
 
 
 class Runtime(BaseModel):
-    name: str = Field(description="onnxruntime or openvino")
+    name: str = Field(
+        description="onnxruntime or openvino (onnxruntime+openvino: each serves some batch sizes)"
+    )
     candidates: list[Candidate] = Field(
         description="What the backend setting tried before choosing (docs/backends.md)"
     )
@@ -81,7 +93,8 @@ class ModelDescription(BaseModel):
     build: str = Field(description="model_version in the ONNX metadata: the checkpoint's hash")
     architecture: str
     precision: str = Field(
-        description="What it computes in: fp32, fp16, bf16 (an fp32 file) or int8"
+        description="What it computes in: fp32, fp16, bf16 (an fp32 file) or int8 (fp32+bf16: "
+        "each for some batch sizes, backend.candidates says which)"
     )
     file_precision: str = Field(description="The file's precision (its metadata)")
     num_classes: int

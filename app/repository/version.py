@@ -227,7 +227,8 @@ def _yield_cpu() -> None:
 
 
 def _open_within(config: RuntimeConfig, budget_mib: int) -> Backend:
-    """``open_model``, refused first where it would go over the memory budget."""
+    """``open_model``, refused first where it would go over the memory budget (and a second
+    runtime for some batch sizes opened only where it fits then)."""
     size = config.model_path.stat().st_size if config.model_path.is_file() else 0
     check_budget(budget_mib, size, peak_copies(config), str(config.model_path))
-    return open_model(config)
+    return open_model(config, budget_mib)

@@ -202,3 +202,4 @@ class Runtime:
     unavailable: Callable[[str], str | None]  # why it cannot compute a precision here, or None
     require: Callable[[str], None]  # raises ModelError, naming the settings, where it cannot
     copies: Callable[[RuntimeConfig], int]  # copies of the weights it holds, opened
+    version: Callable[[], str]  # its build, which the tuning cache keys its timings by

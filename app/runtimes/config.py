@@ -32,6 +32,8 @@ class RuntimeConfig:
     # Threads for a lone batch: all the lanes' threads together, as a lone batch has their cores
     # to itself (ONNX Runtime's spinning session, OpenVINO's compiled model).
     alone_threads: int
-    largest_batch: int  # the largest batch bucket: what auto times
+    buckets: tuple[int, ...]  # the batch sizes a version runs: what auto times and chooses for
     reference_check: bool  # false: serve without checking the file's reference outputs
+    tuning: str  # cache | retime | off: whether auto reuses its timings (app.runtimes.tuning)
+    tuning_cache_dir: Path  # where they are kept
     onnxruntime: OrtOptions

@@ -376,4 +376,5 @@ RUNTIME = Runtime(
     unavailable=lambda precision: None,
     require=_always,
     copies=_copies,
+    version=lambda: str(ort.__version__),
 )

@@ -68,11 +68,15 @@ def has_bf16() -> bool:
     return "BF16" in core().get_property(DEVICE, "OPTIMIZATION_CAPABILITIES")
 
 
-@cache
-def core() -> Any:
+def _openvino() -> Any:
     import openvino  # type: ignore[import-untyped]
 
-    ov_core = openvino.Core()
+    return openvino
+
+
+@cache
+def core() -> Any:
+    ov_core = _openvino().Core()
     ov_core.get_property(DEVICE, "FULL_DEVICE_NAME")  # raises now, not at the first model
     return ov_core
 
@@ -202,4 +206,5 @@ RUNTIME = Runtime(
     unavailable=unavailable,
     require=require,
     copies=lambda config: 1,
+    version=lambda: str(_openvino().get_version()),
 )

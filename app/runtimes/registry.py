@@ -4,16 +4,24 @@ docs/backends.md).
 
 An explicit setting is obeyed or fails at start-up in one line. ``auto`` on the CPU tries each
 candidate that computes answers of the file's grade (an fp32 file: ONNX Runtime fp32, OpenVINO
-fp32, OpenVINO bf16 where the CPU has it; the int8 file: both runtimes), times each on one warm
-batch, and serves the fastest that passes the file's reference check (app.runtimes.base),
-ONNX Runtime unless another is at least ``MARGIN`` faster: a CPU without bf16, where the two
-fp32 runtimes are within noise of each other, keeps serving exactly as before. The check runs
-in that order of preference, so a candidate that would lose anyway is never checked; the
-chosen one is checked again at warm-up, on the bound buffers it then serves from (another path
-through the runtime than these unbound runs). Every
-candidate's timing or the reason it was skipped is logged and kept (``Backend.choice``), for
-/v1/model and the page. The others are let go before the chosen one serves, so no second copy of
-the weights stays resident for nothing. On a GPU, ONNX Runtime serves (OpenVINO here is CPU only).
+fp32, OpenVINO bf16 where the CPU has it; the int8 file: both runtimes) and times each on warm
+batches of the smallest and the largest bucket (up to TIMED_BATCH). The largest batch is served by
+the fastest there that passes the file's reference check (app.runtimes.base), ONNX Runtime unless
+another is at least ``MARGIN`` faster: a CPU without bf16, where the two fp32 runtimes are within
+noise of each other, keeps serving exactly as before. The smallest bucket is served by the
+fastest there in the same way, and when that is another runtime (ONNX Runtime fp32 for a lone
+image, OpenVINO bf16 for batches, say), each bucket goes to whichever of the two is preferred at
+its size (``SplitModel``), once the second has passed its check and fits in the memory budget
+beside the first. The checks run in order of preference, so a candidate that would lose anyway
+is never checked; the chosen ones are checked again at warm-up, on the bound buffers they then
+serve from (another path through the runtime than these unbound runs).
+
+The timings are kept in the tuning cache (app.runtimes.tuning) and reused by every load of the
+same file on the same kind of CPU, runtimes and threads: replicas choose alike, and start without
+timing. Every candidate's timing or the reason it was skipped is logged and kept
+(``Backend.choice``), for /v1/model and the page. The others are let go before the chosen ones
+serve, so no copy of the weights stays resident for nothing. On a GPU, ONNX Runtime serves
+(OpenVINO here is CPU only).
 """
 
 from __future__ import annotations
@@ -22,14 +30,18 @@ import logging
 import statistics
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from app.runtimes import onnxruntime, openvino
+from app.process.memory import check_budget
+from app.runtimes import onnxruntime, openvino, tuning
 from app.runtimes.base import NO_REFERENCE, Backend, Runtime
 from app.runtimes.config import RuntimeConfig
 from app.runtimes.onnxruntime import OnnxModel
+from app.runtimes.providers import CPU, model_file
+from app.runtimes.split import SplitModel, size_ranges
 from core.contract import ModelMetadata
 from core.errors import ModelError
 
@@ -41,8 +53,8 @@ RUNTIMES: dict[str, Runtime] = {r.name: r for r in (onnxruntime.RUNTIME, openvin
 ONNXRUNTIME, OPENVINO = onnxruntime.RUNTIME.name, openvino.RUNTIME.name
 REFERENCE = ONNXRUNTIME
 MARGIN = 1.10  # how much faster than the reference another candidate must be to replace it
-TIMED_RUNS = 3  # warm runs of the timed batch per candidate; their median counts
-TIMED_BATCH = 8  # the batch timed: the largest bucket when it is smaller
+TIMED_RUNS = 3  # warm runs of each timed batch per candidate; their median counts
+TIMED_BATCH = 8  # the largest batch timed: the largest bucket when it is smaller
 
 
 @dataclass(frozen=True)
@@ -114,8 +126,11 @@ def _pinned(
     return precision
 
 
-def open_model(config: RuntimeConfig) -> Backend:
-    """The backend that serves ``config``, opened; its ``choice`` says what else was tried."""
+def open_model(config: RuntimeConfig, budget_mib: int = 0) -> Backend:
+    """The backend that serves ``config``, opened: one runtime, or two, each serving the batch
+    sizes it is fastest at (``SplitModel``); its ``choice`` says what else was tried.
+    ``budget_mib`` (0: none): a second runtime is opened only where its weights fit beside the
+    first's."""
     tried, skipped = plan(config)
     if len(tried) == 1 and not skipped:
         model = open_candidate(tried[0], config)  # checked at warm-up, as every version
@@ -123,37 +138,107 @@ def open_model(config: RuntimeConfig) -> Backend:
         model.choice = (_entry(Candidate(model.backend, model.precision), chosen=True),)
         return model
     failed: list[tuple[Candidate, str]] = []
-    speeds, kept = _time_each(tried, config, failed)
-    chosen = _first_checked(speeds, kept, config, failed)
+    speeds, opened, cached = _timings(tried, config, failed)
+    largest = _first_checked(_ranked(_at(speeds, config.buckets[-1])), opened, config, failed)
+    lone, refused = (
+        _lone(speeds, largest, opened, config, failed, budget_mib)
+        if largest is not None
+        else (None, None)
+    )
+    for candidate in [c for c in opened if c not in (largest, lone)]:
+        opened.pop(candidate).close()
     failed.sort(key=lambda item: tried.index(item[0]))
-    if chosen is None:
+    if largest is None or lone is None:
         raise ModelError("; ".join(f"{c}: {why}" for c, why in failed))
     for candidate, why in skipped:  # not for this machine or these settings
         log.info("backend candidate skipped", extra={"candidate": str(candidate), "why": why})
     for candidate, why in failed:  # it should have worked: worth a look
         log.warning("backend candidate failed", extra={"candidate": str(candidate), "why": why})
-    candidate, model = chosen
+    serves = _serves(speeds, config.buckets, largest, lone)
     why_not = dict(failed)
+    if refused is not None:
+        why_not[refused[0]] = _refused(speeds, config.buckets, largest, *refused)
+        log.warning("backend candidate refused", extra={"why": why_not[refused[0]]})
+    model = (
+        opened[largest]
+        if lone == largest
+        else SplitModel({bucket: opened[c] for bucket, c in serves.items()})
+    )
     model.choice = tuple(
-        _entry(c, images_per_s=speeds.get(c), skipped=why_not.get(c), chosen=c == candidate)
+        _entry(
+            c,
+            images_per_s=speeds.get(c),
+            skipped=why_not.get(c),
+            batch_sizes=[b for b, serving in serves.items() if serving == c],
+            cached=cached,
+        )
         for c in tried
     ) + tuple(_entry(c, skipped=why) for c, why in skipped)
     log.info(
         "backend chosen",
-        extra={"candidate": str(candidate), "images_per_s": round(speeds[candidate], 2)},
+        extra={
+            "candidate": str(largest),
+            "images_per_s": round(speeds[largest][max(speeds[largest])], 2),
+            "batch_sizes": {
+                str(c): size_ranges(b for b, s in serves.items() if s == c) for c in (lone, largest)
+            },
+            "timings": "cached" if cached else "measured",
+        },
     )
     return model
 
 
-Opened = tuple[Candidate, Backend]
+Opened = dict[Candidate, Backend]
+Speeds = dict[Candidate, dict[int, float]]  # images per second, by batch size timed
+
+
+def _timings(
+    tried: list[Candidate], config: RuntimeConfig, failed: list[tuple[Candidate, str]]
+) -> tuple[Speeds, Opened, bool]:
+    """Each candidate's timings, from the tuning cache where it holds them (then nothing is
+    opened yet), else measured (the fastest at the largest batch still open) and stored;
+    whether they came from the cache."""
+    sizes = timed_sizes(config.buckets)
+    if config.tuning == "off":
+        return *_time_each(tried, config, failed, sizes), False
+    path, entry_key = tuning_entry(config)
+    with tuning.locked(path) as held:  # the replicas timing this key wait for the first one
+        since = tuning.STARTED if config.tuning == "retime" else 0.0
+        stored = tuning.load(path, entry_key, since=since)
+        if stored is not None:
+            log.info("backend timings reused", extra={"path": str(path)})
+            return _from_stored(stored, tried, failed), {}, True
+        speeds, opened = _time_each(tried, config, failed, sizes)
+        if held:
+            timings: tuning.Timings = {str(c): why for c, why in failed}
+            tuning.store(path, entry_key, timings | {str(c): s for c, s in speeds.items()})
+    return speeds, opened, False
+
+
+def tuning_entry(config: RuntimeConfig) -> tuple[Path, dict[str, Any]]:
+    """Where ``open_model`` keeps the timings of ``config``'s candidates, and their key."""
+    tried, _ = plan(config)
+    files = [model_file(config.model_path, _file_precision(c), CPU) for c in tried]
+    entry_key = tuning.key(
+        [file for file in files if file.is_file()],  # a missing one fails as it opens
+        {c.backend: RUNTIMES[c.backend].version() for c in tried},
+        _threads(config),
+        [str(c) for c in tried],
+        timed_sizes(config.buckets),
+    )
+    return tuning.entry_path(config.tuning_cache_dir, entry_key), entry_key
 
 
 def _time_each(
-    tried: list[Candidate], config: RuntimeConfig, failed: list[tuple[Candidate, str]]
-) -> tuple[dict[Candidate, float], Opened | None]:
-    """Each candidate's images per second, and the fastest in preference, still open."""
-    speeds: dict[Candidate, float] = {}
-    kept: Opened | None = None
+    tried: list[Candidate],
+    config: RuntimeConfig,
+    failed: list[tuple[Candidate, str]],
+    sizes: list[int],
+) -> tuple[Speeds, Opened]:
+    """Each candidate's images per second at each of ``sizes``, and the fastest in preference
+    at the largest, still open."""
+    speeds: Speeds = {}
+    kept: Opened = {}
     for candidate in tried:
         try:
             model = open_candidate(candidate, config)
@@ -165,50 +250,122 @@ def _time_each(
             failed.append((candidate, str(exc)))
             continue
         try:
-            speeds[candidate] = _time(model, config)
+            speeds[candidate] = _time(model, sizes)
         except ModelError as exc:  # rows out of shape or range: no reference could pass
             model.close()
             failed.append((candidate, str(exc)))
             continue
         log.info(
             "backend candidate timed",
-            extra={"candidate": str(candidate), "images_per_s": round(speeds[candidate], 2)},
+            extra={
+                "candidate": str(candidate),
+                "images_per_s": {size: round(s, 2) for size, s in speeds[candidate].items()},
+            },
         )
         # One copy held beside the reference's at most (peak_copies): the others go now.
-        if _ranked(speeds)[0] == candidate:
-            if kept is not None:
-                kept[1].close()
-            kept = (candidate, model)
+        if _ranked(_at(speeds, sizes[-1]))[0] == candidate:
+            for other in list(kept):
+                kept.pop(other).close()
+            kept[candidate] = model
         else:
             model.close()
     return speeds, kept
 
 
+def _from_stored(
+    stored: tuning.Timings, tried: list[Candidate], failed: list[tuple[Candidate, str]]
+) -> Speeds:
+    speeds: Speeds = {}
+    for candidate in tried:
+        timed = stored.get(str(candidate))
+        if isinstance(timed, str):
+            retry = "RESNET_SERVE_TUNING=retime tries again"
+            failed.append((candidate, f"{timed} (when timed, cached; {retry})"))
+        elif timed:
+            speeds[candidate] = timed
+    return speeds
+
+
 def _first_checked(
-    speeds: dict[Candidate, float],
-    kept: Opened | None,
+    ranking: list[Candidate],
+    opened: Opened,
     config: RuntimeConfig,
     failed: list[tuple[Candidate, str]],
-) -> Opened | None:
-    """The file's reference check, in order of preference: the first to pass serves, and the
-    ones behind it are never checked (each check is some 30 single-image runs)."""
-    for candidate in _ranked(speeds):
+) -> Candidate | None:
+    """The file's reference check, in order of preference: the first to pass is returned, open
+    in ``opened``, and the ones behind it are never checked (each check is some 30 single-image
+    runs). One that failed before is not tried again."""
+    for candidate in ranking:
+        if candidate in dict(failed):
+            continue
         try:
-            model = (
-                kept[1]
-                if kept is not None and kept[0] == candidate
-                else open_candidate(candidate, config)
-            )
+            model = opened.get(candidate) or open_candidate(candidate, config)
         except ModelError as exc:
             failed.append((candidate, str(exc)))
             continue
+        opened[candidate] = model
         try:
             model.check_reference()
         except ModelError as exc:
-            model.close()
+            opened.pop(candidate).close()
             failed.append((candidate, str(exc)))
             continue
-        return candidate, model
+        return candidate
+    return None
+
+
+def _lone(
+    speeds: Speeds,
+    largest: Candidate,
+    opened: Opened,
+    config: RuntimeConfig,
+    failed: list[tuple[Candidate, str]],
+    budget_mib: int,
+) -> tuple[Candidate, tuple[Candidate, str] | None]:
+    """The candidate for the smallest bucket: the one for the largest unless another is
+    preferred there, passes its check and fits in the memory budget beside it (else the one
+    refused for memory, and why)."""
+    for candidate in _ranked(_at(speeds, config.buckets[0])):
+        if candidate == largest:
+            break
+        if candidate in dict(failed):
+            continue
+        over = _over_budget(candidate, config, budget_mib)
+        if over is not None:
+            return largest, (candidate, over)
+        if _first_checked([candidate], opened, config, failed) == candidate:
+            return candidate, None
+    return largest, None
+
+
+def _serves(
+    speeds: Speeds, buckets: tuple[int, ...], largest: Candidate, lone: Candidate
+) -> dict[int, Candidate]:
+    """Each bucket's candidate: of the two, the one preferred at its size."""
+    serves = {}
+    for bucket in buckets:
+        ranking = _ranked(_at(speeds, bucket))
+        serves[bucket] = min((lone, largest), key=ranking.index)
+    return serves
+
+
+def _refused(
+    speeds: Speeds, buckets: tuple[int, ...], largest: Candidate, candidate: Candidate, why: str
+) -> str:
+    would = _serves(speeds, buckets, largest, candidate)
+    sizes = size_ranges(bucket for bucket, c in would.items() if c == candidate)
+    return f"fastest for batches of {sizes}, not opened beside {largest}, which serves them: {why}"
+
+
+def _over_budget(candidate: Candidate, config: RuntimeConfig, budget_mib: int) -> str | None:
+    """Why ``candidate``'s weights would not fit beside what this process holds now, or None."""
+    path = model_file(config.model_path, _file_precision(candidate), CPU)
+    size = path.stat().st_size if path.is_file() else 0
+    try:
+        copies = RUNTIMES[candidate.backend].copies(config)
+        check_budget(budget_mib, size, copies, f"{path} on {candidate}")
+    except ModelError as exc:
+        return str(exc)
     return None
 
 
@@ -233,7 +390,8 @@ def plan(config: RuntimeConfig) -> tuple[list[Candidate], list[tuple[Candidate, 
 
 def peak_copies(config: RuntimeConfig) -> int:
     """The most copies of the weights ``open_model`` holds at once: the first candidate's (two
-    ONNX Runtime sessions for ``adaptive`` on the CPU), plus the one being timed beside it."""
+    ONNX Runtime sessions for ``adaptive`` on the CPU), plus the one being timed beside it, or
+    serving some batch sizes beside it (``SplitModel``)."""
     tried, _ = plan(config)
     first = RUNTIMES[tried[0].backend].copies(config)
     others = [RUNTIMES[c.backend].copies(config) for c in tried[1:]]
@@ -266,32 +424,80 @@ def _ranked(speeds: dict[Candidate, float]) -> list[Candidate]:
     return sorted(speeds, key=preference, reverse=True)
 
 
-def _time(model: Backend, config: RuntimeConfig) -> float:
-    """Images per second of one warm batch, after its rows pass ``check_rows``."""
-    batch = min(TIMED_BATCH, config.largest_batch)
-    model.check_rows(min(2, batch))
-    size = model.metadata.recipe.crop_size
-    images = np.zeros((batch, size, size, 3), dtype=np.uint8)
-    model.run(images)  # the first run of a shape plans it
-    seconds = []
-    for _ in range(TIMED_RUNS):
-        started = time.perf_counter()
-        model.run(images)
-        seconds.append(time.perf_counter() - started)
-    return batch / statistics.median(seconds)
+def timed_sizes(buckets: tuple[int, ...]) -> list[int]:
+    """The batch sizes ``auto`` times: the smallest bucket and the largest up to TIMED_BATCH."""
+    return sorted({buckets[0], min(TIMED_BATCH, buckets[-1])})
+
+
+def _at(speeds: Speeds, size: int) -> dict[Candidate, float]:
+    """Each candidate's images per second at a batch of ``size`` (``_speed``)."""
+    return {candidate: _speed(timed, size) for candidate, timed in speeds.items()}
+
+
+def _speed(timed: dict[int, float], size: int) -> float:
+    """Images per second at ``size`` from those at the sizes timed: a batch's seconds taken as
+    affine between two timed sizes (a cost per run plus a cost per image), and as many per image
+    as at the nearest timed size outside them."""
+    sizes = sorted(timed)
+    if size <= sizes[0]:
+        return timed[sizes[0]]
+    if size >= sizes[-1]:
+        return timed[sizes[-1]]
+    high = next(s for s in sizes if s >= size)
+    low = sizes[sizes.index(high) - 1]
+    low_s, high_s = low / timed[low], high / timed[high]
+    return size / (low_s + (high_s - low_s) * (size - low) / (high - low))
+
+
+def _time(model: Backend, sizes: list[int]) -> dict[int, float]:
+    """Images per second of one warm batch of each size, after its rows pass ``check_rows``."""
+    model.check_rows(min(2, sizes[-1]))
+    crop = model.metadata.recipe.crop_size
+    speeds = {}
+    for size in sizes:
+        images = np.zeros((size, crop, crop, 3), dtype=np.uint8)
+        model.run(images)  # the first run of a shape plans it
+        seconds = []
+        for _ in range(TIMED_RUNS):
+            started = time.perf_counter()
+            model.run(images)
+            seconds.append(time.perf_counter() - started)
+        speeds[size] = size / statistics.median(seconds)
+    return speeds
+
+
+def _file_precision(candidate: Candidate) -> str:
+    return "fp32" if candidate.precision == "bf16" else candidate.precision
+
+
+def _threads(config: RuntimeConfig) -> dict[str, Any]:
+    """What the timings depend on of the lanes and threads."""
+    return {
+        "lanes": config.lanes,
+        "intra_op_threads": config.intra_op_threads,
+        "alone_threads": config.alone_threads,
+        "ort_spinning": config.onnxruntime.spinning,
+        "graph_optimization": config.onnxruntime.graph_optimization,
+    }
 
 
 def _entry(
     candidate: Candidate,
     *,
-    images_per_s: float | None = None,
+    images_per_s: dict[int, float] | None = None,
     skipped: str | None = None,
+    batch_sizes: list[int] | None = None,
+    cached: bool = False,
     chosen: bool = False,
 ) -> dict[str, Any]:
     entry: dict[str, Any] = {"backend": candidate.backend, "precision": candidate.precision}
     if images_per_s is not None:
-        entry["images_per_s"] = round(images_per_s, 2)
+        entry["images_per_s"] = round(images_per_s[max(images_per_s)], 2)
+        entry["images_per_s_by_batch"] = {n: round(v, 2) for n, v in images_per_s.items()}
+        entry["cached"] = cached
     if skipped is not None:
         entry["skipped"] = skipped
-    entry["chosen"] = chosen
+    if batch_sizes:
+        entry["batch_sizes"] = batch_sizes
+    entry["chosen"] = chosen or bool(batch_sizes)
     return entry

@@ -63,6 +63,8 @@ def run_server(model_path: Path | None, **settings: str) -> Iterator[Server]:
         "PATH": os.environ.get("PATH", ""),
         # Where the GPU machine finds carried wheels and the CUDA libraries (make gpu-check).
         **{k: os.environ[k] for k in ("PYTHONPATH", "LD_LIBRARY_PATH") if k in os.environ},
+        # auto's timings where this test session keeps them (tests/conftest.py).
+        **{k: os.environ[k] for k in ("RESNET_SERVE_TUNING_CACHE_DIR",) if k in os.environ},
         "RESNET_SERVE_MODEL_PATH": str(model_path or ""),
         "RESNET_SERVE_HOST": "127.0.0.1",
         "RESNET_SERVE_PORT": str(port),

@@ -18,14 +18,17 @@ from app.runtimes.openvino import OpenVinoModel
 from app.runtimes.registry import (
     Candidate,
     _ranked,
+    _serves,
+    _speed,
     candidates,
     check_model,
     open_model,
     peak_copies,
 )
+from app.runtimes.split import SplitModel
 from core.errors import ModelError
-from core.reference import PROBE
-from tests.helpers.backends import HAS_BF16, ORT, OV, config_for, tiny_model
+from core.reference import BOUNDS, PROBE
+from tests.helpers.backends import HAS_BF16, ORT, OV, config_for, tiny_model, write_timings
 from tests.helpers.models import CROP_SIZE, LABELS, build_model
 
 NO_BF16 = "this CPU has no bf16"
@@ -162,22 +165,101 @@ def test_openvino_refuses_a_file_that_breaks_the_contract(tmp_path: Path) -> Non
         OpenVinoModel.load(tmp_path / "missing.onnx", "fp32", lanes=1, threads=1)
 
 
-def test_auto_times_every_candidate_and_keeps_one(tiny: Path) -> None:
-    model = open_model(config_for(tiny))  # type: ignore[arg-type]
+def test_auto_times_every_candidate_at_the_smallest_and_largest_batch(tiny: Path) -> None:
+    model = open_model(config_for(tiny, tuning="off"))
     entries = {(e["backend"], e["precision"]): e for e in model.choice}
-    assert entries[(ORT, "fp32")]["images_per_s"] > 0
-    assert entries[(OV, "fp32")]["images_per_s"] > 0
+    for candidate in ((ORT, "fp32"), (OV, "fp32")):
+        assert set(entries[candidate]["images_per_s_by_batch"]) == {1, 8}
+        assert entries[candidate]["cached"] is False
     bf16 = entries[(OV, "bf16")]
     assert (bf16.get("images_per_s", 0) > 0) if HAS_BF16 else (NO_BF16 in bf16["skipped"])
     chosen = [e for e in model.choice if e["chosen"]]
-    assert len(chosen) == 1
-    assert (chosen[0]["backend"], chosen[0]["precision"]) == (model.backend, model.precision)
+    # Every bucket is served, once: by one runtime, or by two (each for some sizes).
+    assert sorted(size for e in chosen for size in e["batch_sizes"]) == list(range(1, 9))
+    assert isinstance(model, SplitModel) == (len(chosen) == 2)
+    assert model.backend == "+".join(dict.fromkeys(e["backend"] for e in chosen))
+    (largest,) = [e for e in chosen if 8 in e["batch_sizes"]]
+    onnxruntime = entries[(ORT, "fp32")]["images_per_s_by_batch"][8]
     timed = [e for e in model.choice if "images_per_s" in e]
-    onnxruntime = entries[(ORT, "fp32")]["images_per_s"]
-    if model.backend == OV:  # another runtime replaces ONNX Runtime only 10% faster
-        assert chosen[0]["images_per_s"] >= onnxruntime * 1.1
+    if largest["backend"] == OV:  # another runtime replaces ONNX Runtime only 10% faster
+        assert largest["images_per_s_by_batch"][8] >= onnxruntime * 1.1
     else:
-        assert max(e["images_per_s"] for e in timed) < onnxruntime * 1.1
+        assert max(e["images_per_s_by_batch"][8] for e in timed) < onnxruntime * 1.1
+    model.close()
+
+
+# ONNX Runtime ahead for a lone image, OpenVINO for full batches (the digits demo on a CPU with
+# bf16, in fp32 here so that both compute to fp32's bound): with a batch's seconds affine between
+# the two sizes timed, ONNX Runtime keeps 1-5 (OpenVINO is not 10% faster there) and OpenVINO
+# takes 6-8.
+ORT_FP32, OV_FP32 = f"{ORT} fp32", f"{OV} fp32"
+SPLIT = {ORT_FP32: {1: 1000.0, 8: 1000.0}, OV_FP32: {1: 100.0, 8: 8000.0}}
+BUCKETS = tuple(range(1, 9))
+
+
+def test_each_bucket_goes_to_the_runtime_preferred_at_its_size() -> None:
+    ort_fp32, ov_fp32 = Candidate(ORT, "fp32"), Candidate(OV, "fp32")
+    speeds = {ort_fp32: SPLIT[ORT_FP32], ov_fp32: SPLIT[OV_FP32]}
+    serves = _serves(speeds, BUCKETS, ov_fp32, ort_fp32)
+    assert [str(serves[size]) for size in BUCKETS] == [ORT_FP32] * 5 + [OV_FP32] * 3
+    assert _speed(SPLIT[OV_FP32], 5) == pytest.approx(5 / (1 / 100 + (8 / 8000 - 1 / 100) * 4 / 7))
+    assert _speed(SPLIT[OV_FP32], 16) == 8000  # past the sizes timed: per image as at the largest
+    # Within 10% of ONNX Runtime at every size: ONNX Runtime keeps them all.
+    close = {ort_fp32: {1: 1000.0, 8: 1000.0}, ov_fp32: {1: 1050.0, 8: 1090.0}}
+    assert set(_serves(close, BUCKETS, ov_fp32, ort_fp32).values()) == {ort_fp32}
+
+
+def test_auto_serves_each_bucket_on_the_runtime_fastest_for_it(tiny: Path, tmp_path: Path) -> None:
+    config = config_for(tiny, tuning_cache_dir=tmp_path)
+    write_timings(config, SPLIT)
+    model = open_model(config)
+    assert isinstance(model, SplitModel)
+    assert (model.backend, model.precision) == (f"{ORT}+{OV}", "fp32")
+    chosen = {
+        f"{e['backend']} {e['precision']}": e["batch_sizes"] for e in model.choice if e["chosen"]
+    }
+    assert chosen == {ORT_FP32: [1, 2, 3, 4, 5], OV_FP32: [6, 7, 8]}
+    assert all(e["cached"] for e in model.choice if "images_per_s" in e)
+    model.bind(BUCKETS)
+    assert (model.part(1).backend, model.part(8).backend) == (ORT, OV)
+    model.warm_up(BUCKETS)
+    model.warm_up_alone(BUCKETS)
+    model.self_check(2)  # each part's rows and the file's reference outputs, on its own buckets
+    images = np.random.default_rng(2).integers(0, 256, (8, CROP_SIZE, CROP_SIZE, 3), np.uint8)
+    session = ort.InferenceSession(str(tiny), providers=["CPUExecutionProvider"])
+    (expected,) = session.run(["probabilities"], {"images": images})
+    bound = BOUNDS["fp32"]["max_abs_diff"]
+    alone = np.concatenate([model.predict(images[i : i + 1]) for i in range(8)])  # ONNX Runtime
+    lone = model.run_alone(images[:1])["probabilities"]  # its spinning session (adaptive)
+    batched = model.predict(images)  # OpenVINO
+    assert np.abs(alone - expected).max() <= bound
+    assert np.abs(lone - expected[:1]).max() <= bound
+    assert np.abs(batched - expected).max() <= bound
+    model.close()
+
+
+def test_one_runtime_fastest_at_every_size_serves_alone(tiny: Path, tmp_path: Path) -> None:
+    config = config_for(tiny, tuning_cache_dir=tmp_path)
+    write_timings(config, {ORT_FP32: {1: 1000.0, 8: 8000.0}, OV_FP32: {1: 500.0, 8: 7500.0}})
+    model = open_model(config)
+    assert isinstance(model, OnnxModel)  # no split: served exactly as by ONNX Runtime alone
+    (chosen,) = [e for e in model.choice if e["chosen"]]
+    assert (chosen["backend"], chosen["batch_sizes"]) == (ORT, list(BUCKETS))
+
+
+def test_a_second_runtime_over_the_memory_budget_is_not_opened_and_says_why(
+    tiny: Path, tmp_path: Path
+) -> None:
+    config = config_for(tiny, tuning_cache_dir=tmp_path)
+    write_timings(config, SPLIT)
+    model = open_model(config, budget_mib=1)  # this process holds more than 1 MiB already
+    assert isinstance(model, OpenVinoModel)  # the largest batch's runtime serves every size
+    entries = {f"{e['backend']} {e['precision']}": e for e in model.choice}
+    assert entries[OV_FP32]["batch_sizes"] == list(BUCKETS)
+    refused = entries[ORT_FP32]
+    assert not refused["chosen"]
+    assert refused["skipped"].startswith("fastest for batches of 1-5, not opened beside openvino")
+    assert "over memory_budget_mib=1" in refused["skipped"]
 
 
 def test_preference_keeps_onnx_runtime_first_unless_another_is_10_percent_faster() -> None:
@@ -192,33 +274,45 @@ def test_preference_keeps_onnx_runtime_first_unless_another_is_10_percent_faster
     assert _ranked({ov_fp32: 3, ov_bf16: 5}) == [ov_bf16, ov_fp32]  # ONNX Runtime's rows failed
 
 
+@pytest.mark.parametrize(
+    ("timings", "checked"),
+    [
+        ({ORT_FP32: {1: 1000.0, 8: 1000.0}}, [ORT, OV]),
+        (SPLIT, [OV, ORT]),
+    ],
+    ids=["onnxruntime-preferred-everywhere", "onnxruntime-preferred-for-a-lone-image"],
+)
 def test_auto_checks_references_in_order_of_preference_and_falls_back(
-    tiny: Path, monkeypatch: pytest.MonkeyPatch
+    tiny: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    timings: dict[str, dict[int, float]],
+    checked: list[str],
 ) -> None:
     # ONNX Runtime's reference check is made to fail (the real one of every other candidate
-    # runs): auto must serve the next candidate, and check none behind the one that passes.
-    checked: list[str] = []
+    # runs): auto must serve the next candidate at every size, and check none behind the one
+    # that passes (nor OpenVINO bf16, where the CPU has it: it is timed slowest here).
+    calls: list[str] = []
     real_check = Backend.check_reference
 
     def check(self: Backend) -> None:
-        checked.append(self.backend)
+        calls.append(self.backend)
         if self.backend == ORT:
             raise ModelError("onnxruntime CPUExecutionProvider fp32: it does not compute this")
         real_check(self)
 
     monkeypatch.setattr(Backend, "check_reference", check)
-    model = open_model(config_for(tiny))  # type: ignore[arg-type]
-    assert (model.backend, checked[-1]) == (OV, OV)
-    entries = {(e["backend"], e["precision"]): e for e in model.choice}
-    onnxruntime = entries[(ORT, "fp32")]
+    config = config_for(tiny, tuning_cache_dir=tmp_path)
+    write_timings(config, timings)
+    model = open_model(config)
+    assert isinstance(model, OpenVinoModel)
+    assert calls == checked
+    entries = {f"{e['backend']} {e['precision']}": e for e in model.choice}
+    onnxruntime = entries[ORT_FP32]
     assert onnxruntime["images_per_s"] > 0
     assert not onnxruntime["chosen"]
-    if checked == [ORT, OV]:  # ONNX Runtime was preferred, refused, and OpenVINO took over
-        assert "does not compute this" in onnxruntime["skipped"]
-    else:  # OpenVINO was preferred (10% faster), passed, and ONNX Runtime was never checked
-        assert checked == [OV]
-        assert "skipped" not in onnxruntime
-    assert len(checked) == len(set(checked))
+    assert "does not compute this" in onnxruntime["skipped"]
+    assert entries[OV_FP32]["batch_sizes"] == list(BUCKETS)
 
 
 def test_auto_serves_nothing_that_fails_the_reference_check(tmp_path: Path) -> None:
@@ -227,7 +321,7 @@ def test_auto_serves_nothing_that_fails_the_reference_check(tmp_path: Path) -> N
     entry = json.dumps({"probe": PROBE, "top": [[[0, 0.99]], [[0, 0.99]]]})
     path = build_model(tmp_path / "model.onnx", metadata={"reference": entry})
     with pytest.raises(ModelError, match="does not compute what was exported") as error:
-        open_model(config_for(path))  # type: ignore[arg-type]
+        open_model(config_for(path))
     message = str(error.value)
     assert message.startswith("onnxruntime fp32: onnxruntime CPUExecutionProvider fp32: it does")
     assert "; openvino fp32: openvino OpenVINO CPU fp32: it does not" in message
@@ -236,16 +330,16 @@ def test_auto_serves_nothing_that_fails_the_reference_check(tmp_path: Path) -> N
 def test_an_explicit_setting_is_one_line_before_workers_start(tiny: Path) -> None:
     config = config_for(tiny, backend="onnxruntime", model_precision="bf16")
     with pytest.raises(ModelError, match="computed by OpenVINO"):
-        check_model(config)  # type: ignore[arg-type]
+        check_model(config)
     if not HAS_BF16:
         config = config_for(tiny, backend="openvino", model_precision="bf16")
         with pytest.raises(ModelError, match="model_precision=bf16: this CPU has no bf16"):
-            check_model(config)  # type: ignore[arg-type]
-    assert check_model(config_for(tiny, backend="openvino")).name == "tiny-test"  # type: ignore[arg-type]
+            check_model(config)
+    assert check_model(config_for(tiny, backend="openvino")).name == "tiny-test"
 
 
 def test_onnx_runtime_is_unchanged_when_pinned(tiny: Path) -> None:
-    model = open_model(config_for(tiny, backend="onnxruntime"))  # type: ignore[arg-type]
+    model = open_model(config_for(tiny, backend="onnxruntime"))
     assert isinstance(model, OnnxModel)
     assert model.choice == ({"backend": ORT, "precision": "fp32", "chosen": True},)
 
@@ -263,4 +357,4 @@ def test_onnx_runtime_is_unchanged_when_pinned(tiny: Path) -> None:
 def test_the_memory_budget_counts_every_copy_auto_holds_at_once(
     tiny: Path, settings: dict[str, str], copies: int
 ) -> None:
-    assert peak_copies(config_for(tiny, **settings)) == copies  # type: ignore[arg-type]
+    assert peak_copies(config_for(tiny, **settings)) == copies

@@ -171,13 +171,28 @@ function fillPicker(listing) {
   picker.value = options.some((o) => o.value === chosen) ? chosen : "";
 }
 
-// The runtime that serves, and what the backend setting measured of the others at warm-up.
+// "1-3, 8" for [1, 2, 3, 8].
+function sizeRanges(sizes) {
+  const runs = [];
+  for (const size of sizes) {
+    const last = runs.at(-1);
+    if (last && size === last[1] + 1) last[1] = size; else runs.push([size, size]);
+  }
+  return runs.map(([first, last]) => (first === last ? `${first}` : `${first}-${last}`)).join(", ");
+}
+
+// The runtime that serves (two: each for some batch sizes), and what the backend setting
+// measured of the others.
 function runtime(model) {
   const others = model.backend.candidates.filter((c) => !c.chosen).map((c) =>
     c.skipped ? `${c.backend} ${c.precision}: skipped` : `${c.backend} ${c.precision} ${c.images_per_s} img/s`);
-  const chosen = model.backend.candidates.find((c) => c.chosen);
-  const speed = chosen && chosen.images_per_s ? `, ${chosen.images_per_s} img/s at warm-up` : "";
-  const main = `${model.backend.name} on ${model.provider}${speed}`;
+  const chosen = model.backend.candidates.filter((c) => c.chosen);
+  let main = `${model.backend.name} on ${model.provider}`;
+  if (chosen.length > 1) {
+    main += ` (${chosen.map((c) => `${c.backend} ${c.precision} for batches of ${sizeRanges(c.batch_sizes)}`).join(", ")})`;
+  } else if (chosen.length && chosen[0].images_per_s) {
+    main += `, ${chosen[0].images_per_s} img/s timed`;
+  }
   return others.length ? `${main} (also tried: ${others.join("; ")})` : main;
 }
 
