@@ -83,7 +83,7 @@ bench-peers: venv peers-venv bench-models
 
 # Open loop: capacity under a p99 bound, ours beside the script and LitServe (benchmarks/slo.py).
 bench-slo: build peers-venv $(BENCH)-fp32.onnx
-	PYTHONPATH=. $(BIN)/python -m benchmarks.slo --overload
+	PYTHONPATH=. $(BIN)/python -m benchmarks.slo --overload --with-target
 
 docker-test:
 	bash docker/test.sh

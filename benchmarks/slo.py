@@ -1,6 +1,6 @@
 """Capacity under a latency bound, open loop, ours beside the peers, in one run.
 
-    make bench-slo        # both models, ours + the hand-written script + LitServe: ~25 minutes
+    make bench-slo        # both models; ours, with and without a target, the script, LitServe
     PYTHONPATH=. .venv/bin/python -m benchmarks.slo --models digits --seconds 8   # a quick look
 
 Each server alone, in turn, on the same ONNX file and the same 500x375 photo-like JPEGs sent as
@@ -13,8 +13,9 @@ multipart (benchmarks.peers: the same start-up, the project's decode for the pee
    ResNet-50: 300 ms), starting from half the closed-loop saturation;
 3. ours only (``--overload``): twice its capacity offered, to see what the excess gets.
 
-``--ours LABEL:KEY=VALUE,...`` adds ours again with settings (``RESNET_SERVE_*``) on top, e.g. a
-latency target against none. Writes benchmarks/results/slo.{json,md,png} (``--out``).
+``--with-target`` adds ours again with ``RESNET_SERVE_LATENCY_TARGET_MS`` set to the model's bound;
+``--ours LABEL:KEY=VALUE,...`` adds ours again with any settings on top (e.g. two workers).
+Writes benchmarks/results/slo.{json,md,png} (``--out``).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from benchmarks.peers.servers import ROOT, Batching, start
 from benchmarks.slo_report import markdown, plot
 
 RESULTS = ROOT / "benchmarks" / "results"
+TARGET = "RESNET_SERVE_LATENCY_TARGET_MS"
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,12 @@ def main(argv: list[str] | None = None) -> None:
             model = MODELS[name]
             if not model.path.is_file():
                 raise SystemExit(f"{model.path} is missing (make build; make bench-models)")
-            for contender in contenders:
+            targeted = (
+                [Contender("ours+target", "ours", {TARGET: f"{model.bound_ms:g}"})]
+                if args.with_target
+                else []
+            )
+            for contender in contenders + targeted:
                 run = asyncio.run(
                     _measure(
                         contender,
@@ -190,6 +197,9 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured s per probe")
     parser.add_argument("--closed-seconds", type=float, default=8.0, help="per closed-loop point")
     parser.add_argument("--overload", action="store_true", help="ours: 2x capacity, once")
+    parser.add_argument(
+        "--with-target", action="store_true", help="ours again, its latency target the bound"
+    )
     parser.add_argument("--out", default="slo", help="results file stem")
     return parser.parse_args(argv)
 
