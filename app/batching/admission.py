@@ -8,9 +8,9 @@ and is shed (503) if no room opens; when room opens, waiting callers are let in 
 almost nothing: they are bounded by the bytes they have actually buffered and by
 ``upload_timeout_ms``, so clients trickling bytes cannot starve honest ones.
 
-With a latency target (``latency_target_ms``) the door also predicts each newcomer's time in the
-server from how long work took that came in with as many images ahead (``Sojourns``), and refuses
-at once (503) what would miss the target, instead of letting it queue: under overload the
+With a latency target (``latency_target_ms``) the door also learns how many images may be in
+flight before work misses the target more than once in a hundred (``DepthLimit``), and refuses
+at once (503) what would go past it, instead of letting it queue: under overload the
 requests answered stay fast and the excess is told to come back, where without a target
 everything admitted waits its turn up to ``request_timeout_ms``.
 
@@ -67,57 +67,32 @@ class CostEstimate:
         )
 
 
-class Sojourns:
-    """How long work stays in the server (decode, queue, model, head, the answer sent: from the
-    body in to the answer out, for a request through the door) against the images in
-    flight when it came in, its own included (its "depth"): a line through the work admitted
-    (least squares, recent work weighing most), so a newcomer's time is predicted from its depth.
-    Measured whole, it holds whatever the front end, the decode or the model costs; fitted over
-    all the work, it follows the machine as it gets busier or quieter at every depth, including
-    depths the door no longer admits.
+class DepthLimit:
+    """The most images in flight (a newcomer's own included: its "depth") at which work still
+    keeps to the latency target 99 times in 100, learned from the work that comes in near it:
+    each one that misses the target (from its body in to its answer out) lowers the limit by one
+    image, each one that keeps to it raises the limit by 1/99 of one, so the limit settles where
+    1% miss (a running quantile). Measured whole, it holds whatever the front end, the decode or
+    the model costs, and follows the machine as it gets busier or quieter.
     """
 
-    WEIGHT = 0.05  # of the newest work: the last few dozen requests count
-    # The line predicts a mean; the target is a p99. How far above its prediction the slowest
-    # 1% of work ends is learned too (a running quantile of observed / predicted), so the door
-    # keeps to the p99 on a quiet machine and a noisy one alike.
-    QUANTILE = 0.99
-    STEP = 0.2  # how far one observation moves the quantile: a slow one up, a fast one down 1%
-    TAIL = (1.0, 10.0)  # bounds of the learned ratio
+    MISS_SHARE = 0.01  # the share of work allowed past the target: a p99
+    START = 8.0  # before anything is learned: a batch's worth on a CPU
 
-    def __init__(self) -> None:
-        self.count = 0
-        self._depth = self._seconds = self._depth2 = self._product = 0.0
-        self.tail = 2.0  # the p99 of observed / predicted, learned
+    def __init__(self, target_s: float) -> None:
+        self.target_s = target_s
+        self.images = self.START
 
     def observe(self, depth: int, seconds: float) -> None:
-        predicted = self.predict(depth, 0.0)
-        if predicted:
-            over = seconds > predicted * self.tail
-            step = self.STEP * (self.QUANTILE if over else self.QUANTILE - 1)
-            self.tail = min(max(self.tail + step, self.TAIL[0]), self.TAIL[1])
-        self.count += 1
-        weight = max(self.WEIGHT, 1 / self.count)  # a plain mean until there are enough
-        self._depth += weight * (depth - self._depth)
-        self._seconds += weight * (seconds - self._seconds)
-        self._depth2 += weight * (depth * depth - self._depth2)
-        self._product += weight * (depth * seconds - self._product)
+        if depth < self.images - 1:  # well inside the limit: says nothing about it
+            return
+        if seconds > self.target_s:
+            self.images = max(1.0, self.images - 1)
+        else:
+            self.images += self.MISS_SHARE / (1 - self.MISS_SHARE)
 
-    def slope(self) -> float | None:
-        """Seconds each image in flight adds, where the depths seen vary enough to say."""
-        variance = self._depth2 - self._depth**2
-        if variance < 0.25:
-            return None
-        return (self._product - self._depth * self._seconds) / variance
-
-    def predict(self, depth: int, per_image_s: float) -> float | None:
-        """Seconds for work coming in at ``depth``; each image in flight adds at least
-        ``per_image_s`` (the model's own time: a line fitted on noise cannot say less). None
-        before anything is learned."""
-        if not self.count:
-            return None
-        slope = max(self.slope() or 0.0, per_image_s)
-        return self._seconds + slope * (depth - self._depth)
+    def allows(self, depth: int) -> bool:
+        return depth <= self.images
 
 
 class Lifecycle:
@@ -193,7 +168,8 @@ class Admission:
         self._door: dict[str, tuple[Caller, deque[asyncio.Future[Ticket]]]] = {}
         self._door_waiting = 0
         self.shares = Shares(time.monotonic)
-        self.sojourns = Sojourns()
+        target_ms = config.latency_target_ms
+        self.depth_limit = DepthLimit(target_ms / 1000) if target_ms is not None else None
         metrics.track(metrics.pending_images, lambda: self.pending_images)
         metrics.track(metrics.buffered_bytes, lambda: self.buffered_bytes)
         metrics.track(metrics.door_waiting, lambda: self._door_waiting)
@@ -220,13 +196,6 @@ class Admission:
             + self.provisional * self.door_cost()
             + images * self._cost(estimate)
         )
-
-    def predicted_latency_s(self, images: int = 1, estimate: CostEstimate | None = None) -> float:
-        """A newcomer's time in the server, from work that came in as deep (``Sojourns``);
-        until some is learned, the model time ahead of it (``predicted_wait_s``)."""
-        depth = self.admitted_images + images
-        predicted = self.sojourns.predict(depth, self._cost(estimate))
-        return self.predicted_wait_s(images, estimate) if predicted is None else predicted
 
     def _cost(self, estimate: CostEstimate | None) -> float:
         if estimate is None or estimate.seconds_per_image is None:
@@ -300,7 +269,7 @@ class Admission:
             raise
         else:
             if ticket is None:
-                self.sojourns.observe(depth, time.monotonic() - started)
+                self.learn(depth, time.monotonic() - started)
             else:  # learned once the answer is sent: its head and its bytes take time too
                 ticket.worked = (depth, started)
         finally:
@@ -364,24 +333,25 @@ class Admission:
         return self.predicted_wait_s(images, estimate) <= budget_s
 
     def _meets_target(self, images: int, estimate: CostEstimate | None = None) -> bool:
-        """Within the latency target, if there is one; a request with the server to itself
-        always is (a target below what one request costs would otherwise refuse them all)."""
-        target_ms = self.config.latency_target_ms
-        if target_ms is None or not self.admitted_images:
+        """Within the latency target's depth limit, if there is one; a request with the server
+        to itself always is (a target below what one request costs would refuse them all)."""
+        if self.depth_limit is None or not self.admitted_images:
             return True
-        tail = self.sojourns.tail if self.sojourns.count else 1.0
-        return self.predicted_latency_s(images, estimate) * tail <= target_ms / 1000
+        return self.depth_limit.allows(self.admitted_images + images)
+
+    def learn(self, depth: int, seconds: float) -> None:
+        """Work that came in at ``depth`` took ``seconds`` in the server."""
+        if self.depth_limit is not None:
+            self.depth_limit.observe(depth, seconds)
 
     def _late(self, images: int, estimate: CostEstimate | None = None) -> Overloaded:
         if not self._meets_target(images, estimate):
-            target_ms = self.config.latency_target_ms
-            tail = self.sojourns.tail if self.sojourns.count else 1.0
+            assert self.depth_limit is not None
             return self._shed(
                 "latency_target",
-                f"predicted p99 time in the server "
-                f"{self.predicted_latency_s(images, estimate) * tail * 1000:.4g} ms for "
-                f"{self.admitted_images} image(s) ahead would miss latency_target_ms="
-                f"{target_ms:g}",
+                f"{self.admitted_images} image(s) ahead: at {self.depth_limit.images:.1f} "
+                f"images in flight, 1% of work already misses latency_target_ms="
+                f"{self.config.latency_target_ms:g}",
             )
         return self._shed(
             "predicted_wait",
@@ -420,7 +390,7 @@ class Ticket:
         self._expiry = asyncio.get_running_loop().call_later(PROVISIONAL_S, self.release)
         self._token: Token[Ticket | None] | None = None
         # Set by ``Admission.work`` when the request's work succeeded: its depth and when it
-        # began, learned from (``Sojourns``) as the request ends.
+        # began, learned from (``DepthLimit``) as the request ends.
         self.worked: tuple[int, float] | None = None
 
     def spend(self) -> None:
@@ -446,7 +416,7 @@ class Ticket:
         self.release()
         if self.worked is not None:
             depth, started = self.worked
-            self._admission.sojourns.observe(depth, time.monotonic() - started)
+            self._admission.learn(depth, time.monotonic() - started)
 
 
 class BufferAccount:
