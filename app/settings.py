@@ -187,10 +187,10 @@ class Settings(BaseSettings):
     back; other connections wait that long. 0: never."""
     latency_target_ms: float | None = Field(None, gt=0)
     """The p99 the operator wants for a request's time in the server once its body is in. Set,
-    the door predicts each request's time from the work admitted ahead of it and the rate the
-    server finishes images at, and refuses at once (503 with Retry-After) what would miss it
-    instead of queueing it; and a batch may take at most a quarter of it (docs/latency.md).
-    Unset: requests queue for as long as request_timeout_ms allows."""
+    the door learns how many images may be in flight before 1% of requests miss it, and refuses
+    at once (503 with Retry-After) what would go past that instead of queueing it; and a batch
+    may take at most a quarter of it (docs/latency.md). Unset: requests queue for as long as
+    request_timeout_ms allows."""
     request_timeout_ms: float = Field(5_000.0, gt=0)
     """Deadline from the moment a request's body is in: admission lets in only what the model can
     finish inside it (else 503), and what still overstays it answers 504 without using the

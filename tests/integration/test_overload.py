@@ -46,6 +46,50 @@ def test_goodput_holds_at_16x_the_saturating_concurrency(slow_model: Path) -> No
     assert "500" not in after
 
 
+def test_a_latency_target_refuses_the_excess_at_once(slow_model: Path) -> None:
+    """With a target, 64 clients on the slow model: what is answered keeps near the target (the
+    client also sees the time before the door), the excess gets 503 with Retry-After at once
+    rather than after a wait at the door, counted as latency_target refusals."""
+    target_ms = 300
+    settings = {"max_batch_size": "8", "intra_op_threads": "1", "decode_threads": "2"}
+    with run_server(slow_model, latency_target_ms=str(target_ms), **settings) as server:
+        server.wait_for_log(message_is("ready"))
+        asyncio.run(closed_loop(server.url, PNG, concurrency=8, seconds=1))
+        overloaded = asyncio.run(closed_loop(server.url, PNG, concurrency=64, seconds=3))
+        refused = [_refusal(server.url) for _ in range(64)]
+        after = scrape(server.url)
+    assert set(overloaded.statuses) <= {"200", "503"}, overloaded.statuses
+    assert overloaded.statuses["200"], overloaded.statuses
+    assert overloaded.statuses["503"], overloaded.statuses
+    assert overloaded.p99_ms <= 3 * target_ms, overloaded.p99_ms  # without: seconds
+    reasons = {
+        s.labels["reason"]: s.value
+        for s in after["resnet_serve_rejected"].samples
+        if s.name.endswith("_total")
+    }
+    assert reasons.get("latency_target", 0) > 0, reasons
+    assert not reasons.get("predicted_wait"), reasons  # nothing waited at the door to be refused
+    headers = next((h for h in refused if h is not None), None)
+    assert headers is not None
+    assert headers["retry-after"] == "1"
+
+
+def _refusal(url: str) -> httpx.Headers | None:
+    """The headers of a 503 among a burst of requests at once, if one was refused."""
+
+    def post(_: int) -> httpx.Response:
+        files = {"files": ("a.png", PNG, "image/png")}
+        return httpx.post(f"{url}/predict", files=files, timeout=30)
+
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(post, range(16)))
+    refused = [r for r in responses if r.status_code == 503]
+    if not refused:
+        return None
+    assert refused[0].json()["error"]["code"] == "overloaded"
+    return refused[0].headers
+
+
 def trickle(url: str, length: int) -> socket.socket:
     """Announce ``length`` bytes, send one, and then nothing: a slowloris upload."""
     host, port = url.removeprefix("http://").split(":")
