@@ -19,7 +19,7 @@ import math
 import random
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -53,6 +53,10 @@ class Target:
 class Schedule:
     warmup_s: float = 3.0  # at the offered rate, not measured
     seconds: float = 15.0  # the arrivals measured
+    # At a low rate a window stretches (up to max_seconds) to hold this many arrivals: a p99 of
+    # 45 requests is their slowest one, and moves with one hiccup.
+    min_requests: int = 0
+    max_seconds: float = 120.0
     bound_ms: float = 50.0  # the latency a good answer is within
     quantile: float = 0.99  # the share of requests that must be good
     timeout_s: float = 10.0  # a request unanswered this long counts as "timeout"
@@ -190,7 +194,8 @@ async def probe(
     rng = random.Random(f"{schedule.seed}-{rate}")
     measured: list[tuple[float, float, str]] = []  # (scheduled, finished, status)
     tasks: set[asyncio.Task[None]] = set()
-    window = (schedule.warmup_s, schedule.warmup_s + schedule.seconds)
+    seconds = measured_seconds(schedule, rate)
+    window = (schedule.warmup_s, schedule.warmup_s + seconds)
     me = psutil.Process()
 
     async def one(index: int, scheduled: float, counted: bool) -> None:
@@ -223,12 +228,19 @@ async def probe(
     return judge(
         rate,
         measured,
-        schedule,
+        replace(schedule, seconds=seconds),
         client_cpu_percent=100 * (client_1 - client_0) / (t1 - t0),
         server_cpu_percent=100 * (server_1 - server_0) / (t1 - t0) if server_cpu else None,
         connections=client.most_open,
         late_ms=1000 * late,
     )
+
+
+def measured_seconds(schedule: Schedule, rate: float) -> float:
+    """The probe's measured seconds at ``rate``: ``seconds``, or long enough for
+    ``min_requests`` arrivals, within ``max_seconds``."""
+    wanted = schedule.min_requests / rate if rate > 0 else 0.0
+    return max(schedule.seconds, min(wanted, schedule.max_seconds))
 
 
 def judge(

@@ -69,7 +69,7 @@ class Contender:
 def main(argv: list[str] | None = None) -> None:
     args = _arguments(argv)
     contenders = [Contender(name, name) for name in args.servers] + args.ours
-    schedule = Schedule(warmup_s=args.warmup, seconds=args.seconds)
+    schedule = Schedule(warmup_s=args.warmup, seconds=args.seconds, min_requests=args.min_requests)
     closed = Load(warmup_s=2.0, seconds=args.closed_seconds)
     photos = [photo(500, 375, seed) for seed in range(8)]
     results: dict[str, Any] = {
@@ -195,6 +195,12 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--seconds", type=float, default=15.0, help="measured s per probe")
     parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured s per probe")
+    parser.add_argument(
+        "--min-requests",
+        type=int,
+        default=Schedule.min_requests,
+        help=f"a probe stretches (to {Schedule.max_seconds:g} s) to hold this many arrivals",
+    )
     parser.add_argument("--closed-seconds", type=float, default=8.0, help="per closed-loop point")
     parser.add_argument("--overload", action="store_true", help="ours: 2x capacity, once")
     parser.add_argument(

@@ -22,7 +22,14 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         f"CPU: {machine['cpu']}, {machine['cpus']} logical CPUs ({machine['flags']}), "
         f"{machine['platform']}. Each probe: {schedule['warmup_s']:g} s warm-up then "
-        f"{schedule['seconds']:g} s of Poisson arrivals, one 500x375 JPEG per request; "
+        f"{schedule['seconds']:g} s of Poisson arrivals"
+        + (
+            f" (stretched to hold {schedule['min_requests']} arrivals, up to "
+            f"{schedule['max_seconds']:g} s)"
+            if schedule.get("min_requests")
+            else ""
+        )
+        + ", one 500x375 JPEG per request; "
         f"capacity = the highest offered rate at which >= {100 * schedule['quantile']:g}% of "
         "requests got a 200 within the bound (bisection, 5%). Closed loop: "
         f"{results['closed_loop_s']:g} s per point. Servers alone, in turn, in one run.",

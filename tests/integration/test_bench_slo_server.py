@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from benchmarks.openloop import Probe, Schedule, Target, capacity, judge, probe
+from benchmarks.openloop import Probe, Schedule, Target, capacity, judge, measured_seconds, probe
 from benchmarks.slo_report import markdown
 
 RATE = 200.0  # the fake server's tokens per second
@@ -168,3 +168,11 @@ def test_report_names_the_ratios(tmp_path: Path) -> None:
     text = markdown(json.loads(json.dumps(results)))
     assert "| ours | - | 150.0 | 1.50 | 2.00 | 0.50 |" in text
     assert "p99 bound 50 ms" in text
+
+
+def test_a_probe_stretches_to_hold_enough_requests() -> None:
+    schedule = Schedule(seconds=15.0, min_requests=300, max_seconds=120.0)
+    assert measured_seconds(schedule, 100.0) == 15.0  # 300 arrive within 15 s anyway
+    assert measured_seconds(schedule, 5.0) == 60.0
+    assert measured_seconds(schedule, 1.0) == 120.0  # capped
+    assert measured_seconds(Schedule(seconds=15.0), 1.0) == 15.0  # off by default
