@@ -26,9 +26,12 @@ and drops what still comes for up to ``LINGER_S``, and closes when the client do
 
 from __future__ import annotations
 
+import array
 import asyncio
+import fcntl
 import signal
 import socket
+import termios
 from collections.abc import Callable
 from types import FrameType
 from typing import Any, Protocol
@@ -183,8 +186,22 @@ class DrainingHttpToolsProtocol(HttpToolsProtocol):
     def _close_if_idle(self) -> None:
         if self.transport.is_closing():
             return
-        if self._receiving:  # a request is arriving: answer it first
+        if self._receiving or self._bytes_waiting():  # a request is arriving: answer it first
             self.loop.call_later(0.05, self._close_if_idle)
         elif self.cycle is None or self.cycle.response_complete:
             self.transport.close()
         # else a request came in the window: its answer says Connection: close and closes it
+
+    def _bytes_waiting(self) -> bool:
+        """Whether a request's first bytes sit in the socket, not yet read by the loop: a keep-alive
+        client sends its next request as soon as it has an answer, and closing then would lose it
+        (the client sees the connection end with its request sent: seen once in a CI run)."""
+        sock = self.transport.get_extra_info("socket")
+        if sock is None:
+            return False
+        waiting = array.array("i", [0])
+        try:
+            fcntl.ioctl(sock.fileno(), termios.FIONREAD, waiting)
+        except OSError:
+            return False
+        return waiting[0] > 0
