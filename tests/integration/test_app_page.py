@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -53,7 +54,10 @@ def browser() -> Iterator[WebDriver]:
 
 
 def _until(browser: WebDriver, condition: object) -> object:
-    return WebDriverWait(browser, WAIT_S).until(lambda _: condition())  # type: ignore[operator]
+    # The live panel redraws its rows every second: a row read as it is replaced is stale, and
+    # the condition is simply asked again.
+    wait = WebDriverWait(browser, WAIT_S, ignored_exceptions=(StaleElementReferenceException,))
+    return wait.until(lambda _: condition())  # type: ignore[operator]
 
 
 def _cards(browser: WebDriver, state: str) -> dict[str | None, object]:
