@@ -265,9 +265,7 @@ class Admission:
         self.shares.take(who, images)
         try:
             yield
-        except BaseException:  # a refusal or a failure says nothing of how long work takes
-            raise
-        else:
+            # Only work that succeeded is learned from: a failure says nothing of its time.
             if ticket is None:
                 self.learn(depth, time.monotonic() - started)
             else:  # learned once the answer is sent: its head and its bytes take time too
@@ -326,13 +324,13 @@ class Admission:
         return (who for who, _ in self._door.values())
 
     def _fits(self, images: int, estimate: CostEstimate | None = None) -> bool:
-        return self._meets_deadline(images, estimate) and self._meets_target(images, estimate)
+        return self._meets_deadline(images, estimate) and self._meets_target(images)
 
     def _meets_deadline(self, images: int, estimate: CostEstimate | None = None) -> bool:
         budget_s = HEADROOM * self.config.request_timeout_ms / 1000
         return self.predicted_wait_s(images, estimate) <= budget_s
 
-    def _meets_target(self, images: int, estimate: CostEstimate | None = None) -> bool:
+    def _meets_target(self, images: int) -> bool:
         """Within the latency target's depth limit, if there is one; a request with the server
         to itself always is (a target below what one request costs would refuse them all)."""
         if self.depth_limit is None or not self.admitted_images:
@@ -345,7 +343,7 @@ class Admission:
             self.depth_limit.observe(depth, seconds)
 
     def _late(self, images: int, estimate: CostEstimate | None = None) -> Overloaded:
-        if not self._meets_target(images, estimate):
+        if not self._meets_target(images):
             assert self.depth_limit is not None
             return self._shed(
                 "latency_target",
