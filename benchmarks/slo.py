@@ -34,6 +34,7 @@ from typing import Any
 
 import psutil
 
+from app.runtimes import tuning
 from benchmarks.load import photo
 from benchmarks.openloop import Schedule, Target, capacity, probe
 from benchmarks.openloop import as_dict as probe_dict
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         "machine": {
             "cpu": cpu_model(),
             "cpus": psutil.cpu_count(),
-            "flags": _flags(),
+            "flags": " ".join(tuning.cpu()["flags"]) or "no AVX2/AVX-512/AMX",
             "platform": platform.platform(),
         },
         "schedule": asdict(schedule),
@@ -173,15 +174,6 @@ def _target(port: int, photos: list[bytes]) -> Target:
         bodies=tuple(form(data, "p.jpg", "image/jpeg") for data in photos),
         content_type=f"multipart/form-data; boundary={BOUNDARY}",
     )
-
-
-def _flags() -> str:
-    """The CPU features that decide what runs fast here (lscpu's flags, the ones that matter)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
-    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
-    return " ".join(flag for flag in wanted if flag in flags) or "none of avx2/avx512/amx"
 
 
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
