@@ -200,6 +200,11 @@ class Settings(BaseSettings):
     that retry at once."""
     upload_timeout_ms: float = Field(30_000.0, gt=0)
     """The whole body must arrive within this; else 408 and the connection is closed."""
+    keep_alive_timeout_s: int = Field(75, ge=1)
+    """An idle keep-alive connection is closed after this. Longer than the idle expiry of client
+    pools (httpx 5 s, aiohttp 15 s) and load balancers (AWS ALB 60 s) in front: a server that
+    closes first races the client's next request, which then fails unsent-or-not (nginx's
+    default, 75 s)."""
     max_buffered_bytes: int = Field(256 * 1024 * 1024, ge=1)
     """Request bytes held in memory by all uploads together; beyond it 503."""
     retry_after_s: int = Field(1, ge=1)

@@ -69,6 +69,7 @@ def uvicorn_config(settings: Settings, app: FastAPI) -> uvicorn.Config:
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=settings.shutdown_timeout_s,
+        timeout_keep_alive=settings.keep_alive_timeout_s,
     )
 
 
@@ -182,6 +183,14 @@ class DrainingHttpToolsProtocol(HttpToolsProtocol):
         super().on_response_complete()
         if self._draining:  # no keep-alive timer while draining: the grace timer closes it
             self._unset_keepalive_if_required()
+
+    def timeout_keep_alive_handler(self) -> None:
+        # uvicorn closes the connection as it stands, and a request whose bytes have just come in
+        # was lost: the client saw "disconnected without sending a response" (a CI run of
+        # test_robustness_load). Read, it is answered, and its answer arms the timer again.
+        if self._receiving or self._bytes_waiting():
+            return
+        super().timeout_keep_alive_handler()
 
     def _close_if_idle(self) -> None:
         if self.transport.is_closing():
