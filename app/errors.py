@@ -9,6 +9,12 @@ class InvalidMultipart(BadRequest):
     code = "invalid_multipart"
 
 
+class OutputUnavailable(BadRequest):
+    """A request for an output the model's file does not have (exported before it)."""
+
+    code = "output_unavailable"
+
+
 class UploadTimeout(ServiceError):
     status_code = 408
     code = "upload_timeout"

@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from app.edge.access import key_files
 from app.grpc import server as grpc_serving
 from app.http.docs import install_docs
+from app.http.embed import router as embed_router
 from app.http.handlers import install_error_handlers
 from app.http.middleware import Door
 from app.http.page import install_page
@@ -65,7 +66,7 @@ def create_app(
     app.state.service = service
     install_error_handlers(app)
     routes = RouteTable(app)
-    for each in (predict_router, router, oip_router, repository_router):
+    for each in (predict_router, embed_router, router, oip_router, repository_router):
         routes.include(app, each)
     install_page(app, routes)
     install_docs(app, routes)

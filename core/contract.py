@@ -16,13 +16,27 @@ from typing import Any
 from core.errors import ModelError
 from core.preprocess import Recipe
 
-# uint8[N, S, S, 3] RGB crops in; float32[N, C] softmax out (and the logits beside it).
+# uint8[N, S, S, 3] RGB crops in, and int64[N] class ids (below); float32[N, C] softmax out, and
+# beside it:
 INPUT_NAME = "images"
 OUTPUT_NAME = "probabilities"
-LOGITS_NAME = "logits"
+LOGITS_NAME = "logits"  # float32[N, C], before the softmax
+EMBEDDING_NAME = "embedding"  # float32[N, F]: the pooled features the classifier reads
+# float32[N, h, w]: each image's class activation map (Zhou et al., CVPR 2016) for the class its
+# row of CLASS_IDS_NAME names (-1: its top class): the classifier's weights for that class over
+# the last convolutional maps before pooling, sum_k w[c, k] * A_k(x, y). Its mean over (x, y),
+# plus the class's bias, is the class's logit. One class per image keeps it a thousandth of the
+# network's work, cheap enough to compute in every batch (ONNX Runtime computes every node of a
+# graph whichever outputs a run fetches).
+CLASS_MAP_NAME = "class_map"
+CLASS_IDS_NAME = "class_ids"
 # The named outputs a runtime computes for the server, each [N, ...] with a row per image: what the
-# heads (app.pipeline.heads) answer from. The first is the classification every file has.
-SERVED_OUTPUTS = (OUTPUT_NAME,)
+# heads (app.pipeline.heads) answer from. The first is the classification every file has; a file
+# exported before the others (export format 2, without the class ids input) serves without them,
+# and a request for one is refused naming what the file lacks.
+SERVED_OUTPUTS = (OUTPUT_NAME, LOGITS_NAME, EMBEDDING_NAME, CLASS_MAP_NAME)
+# What a classification reads: the outputs a batch copies out unless a request asks for more.
+CLASSIFY = frozenset({OUTPUT_NAME})
 PRECISIONS = ("fp32", "fp16", "int8")
 REQUIRED_KEYS = (
     "model_name",

@@ -170,19 +170,35 @@ class Decoded(NamedTuple):
     pixels: int  # decoded: what the decode cost
     format: str
     scale: int  # the JPEG draft's reduction (1: decoded at full size)
+    # (width, height) as displayed: the full-size image, turned by its EXIF orientation. The crop
+    # came from ``crop_box(*size, recipe)`` of it.
+    size: tuple[int, int] = (0, 0)
+
+
+# EXIF orientations that turn the image a quarter (its width and height swap).
+_QUARTER_TURNS = {5, 6, 7, 8}
+
+
+def _turned(image: Image.Image) -> bool:
+    try:
+        return image.getexif().get(0x0112) in _QUARTER_TURNS
+    except Exception:  # an unreadable EXIF block: exif_transpose leaves such an image as it is
+        return False
 
 
 def decode_counted(data: bytes, recipe: Recipe, limits: Limits = Limits()) -> Decoded:
     """``decode``, and what it decoded."""
     image = open_image(data, limits)
     try:
-        full_width = image.width
+        raw_width, raw_height = image.size
+        shown = (raw_height, raw_width) if _turned(image) else (raw_width, raw_height)
         _drafted(image, recipe)
         image.seek(0)
         image.load()
-        scale = max(1, round(full_width / max(image.width, 1)))
+        scale = max(1, round(raw_width / max(image.width, 1)))
         crop = to_model_input(image, recipe)
-        return Decoded(crop, image.width * image.height, image.format or "", scale)
+        pixels = image.width * image.height
+        return Decoded(crop, pixels, image.format or "", scale, shown)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise TooManyPixels(f"image has too many pixels: {exc}") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:

@@ -40,6 +40,13 @@ BOUNDS = {
 }
 
 
+# The outputs beside the probabilities (core.contract): each probe's embedding and its top class's
+# map, held to a cosine similarity with the file's own by the precision computed (scale-free:
+# the pooled features of different models differ in size by orders of magnitude).
+EXTRAS = ("embedding", "class_map")
+MIN_COSINE = {"fp32": 0.9999, "fp16": 0.995, "bf16": 0.99, "int8": 0.95}
+
+
 def probe_images(crop_size: int) -> np.ndarray:
     """uint8[2, S, S, 3]: a colour gradient and a coloured checkerboard."""
     rows, cols = np.indices((crop_size, crop_size))
@@ -66,6 +73,48 @@ def entry_for(probabilities: np.ndarray) -> dict[str, Any]:
             for row, classes in zip(probabilities, top, strict=True)
         ],
     }
+
+
+def extras_entry(outputs: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The ``extras`` part: each probe's embedding, and the map of its top class, as the file
+    computes them (``outputs``: its named outputs for ``probe_images``, class ids -1)."""
+    return {name: [_rounded(row.ravel()) for row in outputs[name]] for name in EXTRAS}
+
+
+def extras_mismatch(
+    entry: dict[str, Any], outputs: dict[str, np.ndarray], precision: str
+) -> str | None:
+    """Why the probes' embeddings and maps (``outputs``) differ from ``entry``; None if they do
+    not."""
+    bound = MIN_COSINE[precision]
+    try:
+        for name in EXTRAS:
+            expected = np.asarray(entry[name], dtype=np.float64)
+            computed = outputs[name].reshape(len(expected), -1)
+            worst = min(_cosine(a, b) for a, b in zip(expected, computed, strict=True))
+            if worst < bound:
+                return (
+                    f"it does not compute what was exported: a probe's {name} has cosine "
+                    f"similarity {worst:.5f} with the file's reference (bound {bound} for "
+                    f"{precision})"
+                )
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        return f"its metadata 'reference' does not fit its outputs: {exc}"
+    return None
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    if a.shape != b.shape:
+        raise ValueError(f"shape {list(b.shape)}, the reference has {list(a.shape)}")
+    norms = float(np.linalg.norm(a) * np.linalg.norm(b))
+    if norms == 0:  # both all zeros agree; one of them alone does not
+        return 1.0 if not a.any() and not b.any() else 0.0
+    return float(np.dot(a, b.astype(np.float64)) / norms)
+
+
+def _rounded(values: np.ndarray) -> list[float]:
+    # Six significant digits: exact enough for any bound above, a third of the JSON of repr.
+    return [float(f"{value:.6g}") for value in values.tolist()]
 
 
 def eval_entry(

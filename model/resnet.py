@@ -134,15 +134,18 @@ class ResNet(nn.Module):
         layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def features(self, x: Tensor) -> Tensor:
+        """layer4's maps, [N, 512 * expansion, h, w]: what pooling and the classifier read."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
 
         x = self.layer1(x)
         x = self.layer2(x)
         x = self.layer3(x)
-        x = self.layer4(x)
+        maps: Tensor = self.layer4(x)
+        return maps
 
-        x = self.avgpool(x).flatten(1)
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.avgpool(self.features(x)).flatten(1)
         logits: Tensor = self.fc(x)
         return logits
 

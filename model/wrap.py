@@ -10,6 +10,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from model.resnet import ResNet
+
 
 class Normalize(nn.Module):
     """uint8[N, H, W, 3] RGB -> float32[N, 3, H, W], (x/255 - mean) / std."""
@@ -28,13 +30,21 @@ class Normalize(nn.Module):
 
 
 class ServingModel(nn.Module):
-    """What the ONNX file computes: (probabilities, logits) from raw uint8 crops."""
+    """What the ONNX file computes from raw uint8 crops and a class id per image (-1: its top
+    class), in core.contract's order: probabilities, logits, the embedding (the pooled features)
+    and the class activation map of each image's class."""
 
-    def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(self, net: ResNet, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         self.normalize = Normalize(mean, std)
         self.net = net
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        logits = self.net(self.normalize(images))
-        return logits.softmax(dim=1), logits
+    def forward(self, images: Tensor, class_ids: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        maps = self.net.features(self.normalize(images))
+        embedding = self.net.avgpool(maps).flatten(1)
+        logits = self.net.fc(embedding)
+        chosen = torch.where(class_ids >= 0, class_ids, logits.argmax(dim=1))
+        weights = self.net.fc.weight[chosen]  # [N, F]: each image's class's row
+        n, _, h, w = maps.shape
+        class_map = torch.bmm(weights.unsqueeze(1), maps.flatten(2)).view(n, h, w)
+        return logits.softmax(dim=1), logits, embedding, class_map

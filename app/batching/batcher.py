@@ -30,13 +30,15 @@ from app.batching.watchdog import Watchdog
 from app.errors import DeadlineExceeded, InferenceFailed, Overloaded, ShuttingDown
 from app.telemetry.metrics import VersionMetrics
 from app.telemetry.tracing import NO_TRACING, Tracing, current, now_ns
+from core.contract import CLASSIFY
 from core.errors import ServiceError
 
 log = logging.getLogger(__name__)
 
-# A batch of images -> each named output of the model, a row per image (app.runtimes.base).
+# A batch of images, the outputs wanted and each image's class id for its map (or None) -> each
+# named output, a row per image (app.runtimes.base.Backend.run).
 Outputs = dict[str, np.ndarray]
-ModelFn = Callable[[np.ndarray], Outputs]
+ModelFn = Callable[[np.ndarray, frozenset[str], np.ndarray | None], Outputs]
 
 
 # Weight of the newest run in a bucket's time (latency target): follows the load within a few
@@ -58,6 +60,9 @@ class _Item:
     # The request's sampled span, and when the image was queued (wall clock, for its spans).
     trace: SpanContext | None = None
     enqueued_ns: int = 0
+    # What its request reads (a batch computes the union), and the class of its map (-1: top).
+    outputs: frozenset[str] = CLASSIFY
+    class_id: int = -1
 
 
 @dataclass(frozen=True)
@@ -194,18 +199,24 @@ class Batcher:
             self.on_failure(error)
 
     async def submit(
-        self, images: Sequence[np.ndarray], deadline: float | None = None
+        self,
+        images: Sequence[np.ndarray],
+        deadline: float | None = None,
+        outputs: frozenset[str] = CLASSIFY,
+        class_id: int = -1,
     ) -> list[Outputs]:
-        """Each image's row of every model output, in order; the images may be split across
-        batches.
+        """Each image's row of the model's ``outputs`` (and maybe others), in order; the images
+        may be split across batches, and share them with other requests' images whatever each
+        asks for.
 
         ``deadline`` (loop time): past it an image answers 504 instead of using the model;
-        default ``request_timeout_ms`` from now.
+        default ``request_timeout_ms`` from now. ``class_id``: the class of the images' maps
+        (-1: each image's top class).
         """
         loop = asyncio.get_running_loop()
         if deadline is None:
             deadline = loop.time() + self.config.request_timeout_ms / 1000
-        futures = self._enqueue(images, deadline)
+        futures = self._enqueue(images, deadline, outputs, class_id)
         # Past the deadline an image still queued gets 504 when a lane takes it, and a stuck
         # run's after the watchdog's ``after_s``: this bound only matters when every lane is stuck.
         bound_s = max(0.0, deadline - loop.time()) + 2 * self.watchdog.after_s
@@ -229,7 +240,11 @@ class Batcher:
         return [future.result() for future in futures]
 
     def _enqueue(
-        self, images: Sequence[np.ndarray], deadline: float | None = None
+        self,
+        images: Sequence[np.ndarray],
+        deadline: float | None = None,
+        outputs: frozenset[str] = CLASSIFY,
+        class_id: int = -1,
     ) -> list[asyncio.Future[Outputs]]:
         if self._failed is not None:
             raise InferenceFailed(f"the batching task died: {self._failed!r}")
@@ -247,7 +262,10 @@ class Batcher:
         now = loop.time()
         if deadline is None:
             deadline = now + self.config.request_timeout_ms / 1000
-        items = [_Item(image, loop.create_future(), now, deadline) for image in images]
+        items = [
+            _Item(image, loop.create_future(), now, deadline, outputs=outputs, class_id=class_id)
+            for image in images
+        ]
         if self.tracing.on and (traced := current()) is not None:
             enqueued_ns = now_ns()
             for item in items:
@@ -356,10 +374,15 @@ class Batcher:
             if size > len(batch):
                 padding = np.zeros((size - len(batch), *inputs.shape[1:]), inputs.dtype)
                 inputs = np.concatenate([inputs, padding])
+            wanted = frozenset().union(*(item.outputs for item in batch))
+            class_ids = None
+            if any(item.class_id >= 0 for item in batch):
+                class_ids = np.full(size, -1, dtype=np.int64)
+                class_ids[: len(batch)] = [item.class_id for item in batch]
             if inline:  # nothing else is computing, queued or on its way
-                outputs = model_fn(inputs)
+                outputs = model_fn(inputs, wanted, class_ids)
             else:
-                outputs = await self.lanes.run(lane, model_fn, inputs)
+                outputs = await self.lanes.run(lane, model_fn, inputs, wanted, class_ids)
         except Exception as exc:
             log.exception("inference failed", extra={"batch_size": len(batch)})
             failed = InferenceFailed(f"inference failed for a batch of {len(batch)}: {exc!r}")

@@ -26,6 +26,46 @@ class PredictResponse(BaseModel):
     model_config = {"protected_namespaces": ()}
 
 
+class EmbeddingResult(BaseModel):
+    filename: str | None = Field(description="The multipart filename; null for a raw body")
+    embedding: list[float] = Field(
+        description="The pooled features the classifier reads (2048 for a ResNet-50), "
+        "L2-normalised unless normalize=false"
+    )
+
+
+class EmbedResponse(BaseModel):
+    model_name: str
+    model_version: str
+    results: list[EmbeddingResult] = Field(description="One entry per image, in request order")
+
+    model_config = {"protected_namespaces": ()}
+
+
+class Heatmap(BaseModel):
+    class_id: int = Field(ge=0, description="The class drawn: the top one, or class_id")
+    label: str
+    width: int = Field(ge=1, description="The PNG's width: the image's, at most 1024")
+    height: int = Field(ge=1, description="The PNG's height: the image's shape, scaled as width")
+    png: str = Field(
+        description="Base64 RGBA PNG of the image's shape: the class activation map over the "
+        "centre crop the model saw, coloured blue (low) to red (high), transparent elsewhere; "
+        "stretch it over the image"
+    )
+
+
+class ExplainedResult(ImageResult):
+    heatmap: Heatmap
+
+
+class ExplainResponse(BaseModel):
+    model_name: str
+    model_version: str
+    results: list[ExplainedResult] = Field(description="One entry per image, in request order")
+
+    model_config = {"protected_namespaces": ()}
+
+
 class ErrorDetail(BaseModel):
     code: str = Field(examples=["invalid_image"])
     message: str

@@ -20,15 +20,22 @@ from app.oip.protocol import (
     ServerMetadataResponse,
     TensorMetadata,
 )
-from app.oip.tensors import encoded_images, output_tensor, the_input, uint8_crops, wanted_outputs
-from app.pipeline.heads import Row, rows
+from app.oip.tensors import (
+    OUTPUTS,
+    encoded_images,
+    output_tensor,
+    the_input,
+    uint8_crops,
+    wanted_outputs,
+)
+from app.pipeline.heads import Row, Rows
 from app.pipeline.pipeline import Image
 from app.repository.link import Change, raise_refusal
 from app.repository.models import Entry
 from app.repository.policy import VersionPolicy
 from app.repository.version import ServedModel
 from app.service import NAME, VERSION, Service
-from core.contract import INPUT_NAME, OUTPUT_NAME
+from core.contract import INPUT_NAME
 from core.errors import BadRequest
 
 # Triton's name for an ONNX file on ONNX Runtime; on OpenVINO the same form: "openvino_onnx".
@@ -60,7 +67,9 @@ def model_metadata(service: Service, name: str, version: str | None) -> ModelMet
         # The graph's input; BYTES [-1] of encoded images is accepted under the same name.
         inputs=[TensorMetadata(name=INPUT_NAME, datatype="UINT8", shape=[-1, crop, crop, 3])],
         outputs=[
-            TensorMetadata(name=OUTPUT_NAME, datatype="FP32", shape=[-1, metadata.num_classes])
+            TensorMetadata(name=name, datatype="FP32", shape=[-1, *served.model.shapes[source]])
+            for name, source in OUTPUTS.items()
+            if source in served.model.outputs
         ],
     )
 
@@ -77,12 +86,14 @@ async def infer(
     spec, binary = the_input(inference, parts)
     metadata = served.metadata
     wanted = wanted_outputs(inference, metadata.num_classes)
+    class_ids = [w.class_id for w in wanted if w.name == "heatmap"]
+    head = Rows(frozenset(w.source for w in wanted), class_ids[0] if class_ids else -1)
     if spec.datatype == "BYTES":
         images = [Image(None, data) for data in encoded_images(spec, binary, service.limits)]
-        work = served.pipeline.images(images, rows)
+        work = served.pipeline.images(images, head)
     else:
         crops = uint8_crops(spec, binary, metadata.recipe.crop_size, service.limits)
-        work = served.pipeline.crops(crops, rows)
+        work = served.pipeline.crops(crops, head)
     answered = await wait(work)
     header: dict[str, Any] = {"model_name": served.name, "model_version": served.version}
     if inference.id is not None:

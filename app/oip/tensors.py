@@ -18,20 +18,42 @@ from app.oip.codec import OutputTensor, split_bytes
 from app.oip.protocol import InferenceRequest, RequestInput
 from app.pipeline.heads import Classify, Row
 from app.pipeline.pipeline import UploadLimits
-from core.contract import INPUT_NAME, OUTPUT_NAME, SERVED_OUTPUTS, ModelMetadata
+from core.contract import (
+    CLASS_MAP_NAME,
+    EMBEDDING_NAME,
+    INPUT_NAME,
+    LOGITS_NAME,
+    OUTPUT_NAME,
+    ModelMetadata,
+)
 from core.errors import BadRequest, EmptyUpload, PayloadTooLarge
 
 INPUT_DATATYPES = ("BYTES", "UINT8")
+# The protocol's outputs, by the model output each is read from (core.contract): ``heatmap`` is
+# the class activation map, [N, h, w] at the map's own resolution (7x7 for a 224x224 ResNet-50),
+# of the output's ``class_id`` parameter, or of each image's top class.
+OUTPUTS = {
+    OUTPUT_NAME: OUTPUT_NAME,
+    LOGITS_NAME: LOGITS_NAME,
+    EMBEDDING_NAME: EMBEDDING_NAME,
+    "heatmap": CLASS_MAP_NAME,
+}
 
 
 @dataclass(frozen=True)
 class Wanted:
     """One output the request asked for, by name: binary or JSON, and ``classification`` top-k
-    (of the probabilities) or all of it."""
+    (of the probabilities) or all of it; ``class_id`` for a heatmap (-1: the top class)."""
 
     name: str
     binary: bool
     classification: int
+    class_id: int = -1
+
+    @property
+    def source(self) -> str:
+        """The model output it is read from."""
+        return OUTPUTS[self.name]
 
 
 def the_input(
@@ -98,15 +120,29 @@ def wanted_outputs(request: InferenceRequest, num_classes: int) -> list[Wanted]:
     default = request.parameters.get("binary_data_output", False)
     if type(default) is not bool:
         raise InvalidParameter(f"binary_data_output={default!r} is not a boolean")
-    if not request.outputs:  # none named: every output, as Triton answers
-        return [Wanted(name, default, 0) for name in SERVED_OUTPUTS]
+    if not request.outputs:
+        # None named: the probabilities, which every model has. (Triton answers every output;
+        # here that would compute every image's embedding and heatmap for clients that never
+        # asked for them.)
+        return [Wanted(OUTPUT_NAME, default, 0)]
+    # The heatmaps' class: the output's class_id, or the request's (tritonclient sets parameters
+    # per request only).
+    shared = request.parameters.get("class_id", -1)
     wanted = []
     for output in request.outputs:
-        if output.name not in SERVED_OUTPUTS:
-            served = ", ".join(map(repr, SERVED_OUTPUTS))
-            raise BadRequest(f"unknown output {output.name!r}: the model's output is {served}")
+        if output.name not in OUTPUTS:
+            served = ", ".join(map(repr, OUTPUTS))
+            raise BadRequest(f"unknown output {output.name!r}: the model's outputs are {served}")
         binary = output.parameters.get("binary_data", default)
         k = output.parameters.get("classification", 0)
+        class_id = output.parameters.get("class_id", shared if output.name == "heatmap" else -1)
+        if output.name != "heatmap" and class_id != -1:
+            raise InvalidParameter(f"output {output.name!r}: class_id applies to 'heatmap' only")
+        if type(class_id) is not int or not -1 <= class_id < num_classes:
+            raise InvalidParameter(
+                f"output {output.name!r}: class_id={class_id!r} is out of range "
+                f"0..{num_classes - 1} (the classes)"
+            )
         if type(binary) is not bool:
             raise InvalidParameter(
                 f"output {output.name!r}: binary_data={binary!r} is not a boolean"
@@ -120,14 +156,16 @@ def wanted_outputs(request: InferenceRequest, num_classes: int) -> list[Wanted]:
                 f"output {output.name!r}: classification={k!r} is out of range 0..{num_classes} "
                 "(the classes)"
             )
-        wanted.append(Wanted(output.name, binary, k))
+        wanted.append(Wanted(output.name, binary, k, class_id))
+    if len({w.class_id for w in wanted if w.name == "heatmap"}) > 1:
+        raise InvalidParameter("a request takes one class_id for its heatmaps")
     return wanted
 
 
 def output_tensor(metadata: ModelMetadata, rows: Sequence[Row], wanted: Wanted) -> OutputTensor:
     """The output ``wanted`` names, from each image's row of the model's outputs."""
     if not wanted.classification:
-        values = np.stack([row[wanted.name] for row in rows]).astype(np.float32, copy=False)
+        values = np.stack([row[wanted.source] for row in rows]).astype(np.float32, copy=False)
         return OutputTensor(wanted.name, "FP32", values, wanted.binary)
     # Triton's classification format, "score:index:label", the score as C's "%f".
     classify = Classify(metadata, wanted.classification, wanted.classification)

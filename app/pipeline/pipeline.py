@@ -20,8 +20,8 @@ from opentelemetry.trace import SpanContext
 
 from app.batching.admission import Admission, CostEstimate
 from app.batching.batcher import Batcher
-from app.errors import DeadlineExceeded
-from app.pipeline.heads import Head
+from app.errors import DeadlineExceeded, OutputUnavailable
+from app.pipeline.heads import Head, Row, Size
 from app.process.memory import TRIM_ABOVE_PIXELS, release_all
 from app.runtimes.base import Backend
 from app.telemetry.metrics import Metrics
@@ -88,27 +88,45 @@ class Pipeline:
         of many large images cannot queue ahead of everyone else's. Its pixel budget is checked
         from the headers before anything is decoded.
         """
+        self._check_outputs(head)
         with self.admission.work(len(images), self.estimate):
             deadline = self._deadline()
             if len(images) > 1:  # one image is bounded by max_image_pixels <= the budget
                 await self._run(self._check_budget, images)
-            crops = []
+            decoded: list[Decoded] = []
             # Decodes run on other threads: their spans name the request's span themselves.
             parent = current() if self._tracing.on else None
             for index, image in enumerate(images):
                 self._check_deadline(deadline, f"image {index} was not decoded")
                 if self._decodes_inline(image, len(images)):
-                    crops.append(self._decode_labelled(index, image, parent))
+                    decoded.append(self._decode_labelled(index, image, parent))
                 else:
-                    crops.append(await self._run(self._decode_labelled, index, image, parent))
-            rows = await self.batcher.submit(crops, deadline)
-        return [head(row) for row in rows]
+                    decoded.append(await self._run(self._decode_labelled, index, image, parent))
+            crops = [each.crop for each in decoded]
+            rows = await self.batcher.submit(crops, deadline, head.outputs, head.class_id)
+        return await self._answers(head, rows, [each.size for each in decoded])
 
     async def crops(self, crops: Sequence[np.ndarray], head: Head[T]) -> list[T]:
         """The head's answer for each already preprocessed uint8[S, S, 3] crop."""
+        self._check_outputs(head)
         with self.admission.work(len(crops), self.estimate):
-            rows = await self.batcher.submit(crops, self._deadline())
-        return [head(row) for row in rows]
+            deadline = self._deadline()
+            rows = await self.batcher.submit(crops, deadline, head.outputs, head.class_id)
+        return await self._answers(head, rows, [None] * len(rows))
+
+    def _check_outputs(self, head: Head[Any]) -> None:
+        missing = head.outputs - self.model.outputs
+        if missing:
+            raise OutputUnavailable(
+                f"model {self.metadata.name!r} version {self.metadata.version!r} has no output "
+                f"{', '.join(map(repr, sorted(missing)))}: its file was exported before it "
+                "(re-export it with python -m model export, or model build)"
+            )
+
+    async def _answers(self, head: Head[T], rows: Sequence[Row], sizes: list[Size]) -> list[T]:
+        if head.offload:  # a PNG per image: not on the event loop
+            return await self._run(_apply, head, rows, sizes)
+        return _apply(head, rows, sizes)
 
     def _deadline(self) -> float:
         return asyncio.get_running_loop().time() + self.config.request_timeout_ms / 1000
@@ -134,13 +152,13 @@ class Pipeline:
 
     def _decode_labelled(
         self, index: int, image: Image, parent: SpanContext | None = None
-    ) -> np.ndarray:
+    ) -> Decoded:
         started, started_ns = time.perf_counter(), now_ns() if parent is not None else 0
         decoded: Decoded | None = None
         error: str | None = None
         try:
             decoded = _labelled(index, image, self._decode, image.data)
-            return decoded.crop
+            return decoded
         except ServiceError as exc:
             error = exc.message
             raise
@@ -186,6 +204,10 @@ class Pipeline:
         except Exception:  # a bad image fails on the decode thread, as any other does
             return False
         return self._inline.decodes(pixels)
+
+
+def _apply(head: Head[T], rows: Sequence[Row], sizes: list[Size]) -> list[T]:
+    return [head(row, size) for row, size in zip(rows, sizes, strict=True)]
 
 
 def _labelled(index: int, image: Image, fn: Callable[..., T], *args: Any) -> T:

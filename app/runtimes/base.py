@@ -4,11 +4,11 @@ app.runtimes.onnxruntime, OpenVINO in app.runtimes.openvino; app.runtimes.regist
 chooses). A runtime is a module with a ``Backend`` and its ``Runtime`` entry, and one line in the
 registry.
 
-A backend computes ``run`` (uint8[N, S, S, 3] -> each named output the contract serves,
-``core.contract.SERVED_OUTPUTS``, a row per image) for batch sizes among the buckets it was bound
-to; ``predict`` is its probabilities alone. Everything else here (warm-up runs, timings, the
-self-check against the file's reference outputs) is the same code on every runtime, so a second
-runtime cannot skip the check that the first one passes.
+A backend computes ``run`` (uint8[N, S, S, 3] -> the named outputs a batch asks for, among those
+of the contract's, ``core.contract.SERVED_OUTPUTS``, that its file has; a row per image) for batch
+sizes among the buckets it was bound to; ``predict`` is its probabilities alone. Everything else
+here (warm-up runs, timings, the self-check against the file's reference outputs) is the same code
+on every runtime, so a second runtime cannot skip the check that the first one passes.
 """
 
 from __future__ import annotations
@@ -16,15 +16,16 @@ from __future__ import annotations
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from core.contract import OUTPUT_NAME, SERVED_OUTPUTS, ModelMetadata
+from core.contract import CLASSIFY, OUTPUT_NAME, ModelMetadata
 from core.errors import ModelError
-from core.reference import eval_images, judge, mismatch, probe_images
+from core.reference import eval_images, extras_mismatch, judge, mismatch, probe_images
 
 if TYPE_CHECKING:
     from app.runtimes.config import RuntimeConfig
@@ -53,16 +54,32 @@ class Backend(ABC):
     choice: tuple[dict[str, Any], ...] = ()
     reference_check: bool = True  # false: serve without the check (logged at warning)
     buckets: tuple[int, ...] = ()  # the batch sizes it runs once bound
+    # The served outputs its file has (core.contract.SERVED_OUTPUTS): the probabilities, and the
+    # others where it was exported with them (and takes the class ids input).
+    outputs: frozenset[str] = CLASSIFY
+    # One image's row of each of them: its shape past the batch axis (-1 where it varies).
+    shapes: Mapping[str, tuple[int, ...]] = MappingProxyType({})
 
     @abstractmethod
-    def run(self, images: np.ndarray) -> Outputs:
-        """uint8[N, S, S, 3] -> each served output by name, [N, ...]; N a bound bucket (once
-        bound)."""
+    def run(
+        self,
+        images: np.ndarray,
+        outputs: frozenset[str] = CLASSIFY,
+        class_ids: np.ndarray | None = None,
+    ) -> Outputs:
+        """uint8[N, S, S, 3] -> each of ``outputs`` by name, [N, ...], maybe others beside; N a
+        bound bucket (once bound). ``class_ids``: int64[N], the class whose map each image's
+        ``class_map`` row is (-1: its top class); None: every image's top class."""
 
-    def run_alone(self, images: np.ndarray) -> Outputs:
+    def run_alone(
+        self,
+        images: np.ndarray,
+        outputs: frozenset[str] = CLASSIFY,
+        class_ids: np.ndarray | None = None,
+    ) -> Outputs:
         """``run`` for a batch that has the machine to itself (nothing else running or queued);
         a backend with a faster way for that case (``adaptive``) overrides it."""
-        return self.run(images)
+        return self.run(images, outputs, class_ids)
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """The probabilities alone, float32[N, C]: what warm-up, the checks and timings need."""
@@ -121,8 +138,8 @@ class Backend(ABC):
         size = self.metadata.recipe.crop_size
         rng = np.random.default_rng(0)
         images = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
-        outputs = self.run(images)
-        missing = [name for name in SERVED_OUTPUTS if len(outputs.get(name, ())) != batch]
+        outputs = self.run(images, self.outputs)
+        missing = [name for name in self.outputs if len(outputs.get(name, ())) != batch]
         if missing:
             raise ModelError(f"the model answered no row per image for {missing}")
         rows = outputs[OUTPUT_NAME]
@@ -154,7 +171,12 @@ class Backend(ABC):
         if reference is None:
             raise ModelError(NO_REFERENCE)
         size = self.metadata.recipe.crop_size
-        reason = mismatch(reference, self._rows(probe_images(size)), self.precision)
+        probes = self._all_rows(probe_images(size))
+        reason = mismatch(reference, probes[OUTPUT_NAME], self.precision)
+        if reason is None and "extras" in reference:
+            if self.outputs != frozenset(probes):
+                reason = f"its file lacks outputs its reference has: {sorted(probes)}"
+            reason = reason or extras_mismatch(reference["extras"], probes, self.precision)
         if reason is None and "eval" in reference:
             try:
                 images = eval_images(reference["eval"])
@@ -171,13 +193,23 @@ class Backend(ABC):
 
     def _rows(self, images: np.ndarray) -> np.ndarray:
         """``predict`` of each image, in the smallest bucket (the others padded with zeros)."""
+        return self._all_rows(images, CLASSIFY)[OUTPUT_NAME]
+
+    def _all_rows(
+        self, images: np.ndarray, outputs: frozenset[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Each of ``outputs`` (default: all the file has) for each image, one at a time in the
+        smallest bucket (the others padded with zeros)."""
+        wanted = self.outputs if outputs is None else outputs
         bucket = self.buckets[0] if self.buckets else 1
-        rows = []
+        rows: dict[str, list[np.ndarray]] = {name: [] for name in wanted}
         for image in images:
             batch = np.zeros((bucket, *image.shape), dtype=np.uint8)
             batch[0] = image
-            rows.append(self.predict(batch)[0])
-        return np.stack(rows)
+            answered = self.run(batch, wanted)
+            for name in wanted:
+                rows[name].append(answered[name][0])
+        return {name: np.stack(each) for name, each in rows.items()}
 
     def _zeros(self, batch_sizes: Iterable[int]) -> Iterator[np.ndarray]:
         size = self.metadata.recipe.crop_size

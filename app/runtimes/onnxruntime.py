@@ -41,7 +41,15 @@ from app.runtimes.providers import (
     provider_options,
     session_providers,
 )
-from core.contract import INPUT_NAME, OUTPUT_NAME, SERVED_OUTPUTS, ModelMetadata
+from core.contract import (
+    CLASS_IDS_NAME,
+    CLASS_MAP_NAME,
+    CLASSIFY,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    SERVED_OUTPUTS,
+    ModelMetadata,
+)
 from core.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -91,6 +99,8 @@ class OnnxModel(Backend):
         # TensorRT builds an fp16 engine from the fp32 file (trt_fp16_enable).
         self.precision = "fp16" if self.provider == TENSORRT else metadata.precision
         self.cuda_graphs = cuda_graphs
+        self.outputs = served_outputs(session)
+        self.shapes = _row_shapes(session, metadata, self.outputs)
         self._bound: BoundBuckets | None = None
         self._alone_bound: BoundBuckets | None = None
 
@@ -183,22 +193,33 @@ class OnnxModel(Backend):
             session,
             buckets,
             self.metadata.recipe.crop_size,
-            _row_shapes(session, self.metadata),
+            self.shapes,
             device="cuda" if self.provider in GPU else "cpu",
+            class_ids=_takes_class_ids(session),
             # TensorRT runs its engine in one launch already; graphs are the CUDA provider's.
             graphs=self.provider == CUDA and self.cuda_graphs,
         )
 
-    def run(self, images: np.ndarray) -> Outputs:
-        """uint8[N, S, S, 3] -> each served output, [N, ...]."""
-        return _run(self._session, self._bound, images)
+    def run(
+        self,
+        images: np.ndarray,
+        outputs: frozenset[str] = CLASSIFY,
+        class_ids: np.ndarray | None = None,
+    ) -> Outputs:
+        """uint8[N, S, S, 3] -> each of ``outputs``, [N, ...]."""
+        return _run(self._session, self._bound, images, outputs, class_ids)
 
-    def run_alone(self, images: np.ndarray) -> Outputs:
+    def run_alone(
+        self,
+        images: np.ndarray,
+        outputs: frozenset[str] = CLASSIFY,
+        class_ids: np.ndarray | None = None,
+    ) -> Outputs:
         """``run`` for a batch that has the machine to itself (nothing else running or queued):
         on the session that spins, where there is one."""
         if self._alone is None:
-            return self.run(images)
-        return _run(self._alone, self._alone_bound, images)
+            return self.run(images, outputs, class_ids)
+        return _run(self._alone, self._alone_bound, images, outputs, class_ids)
 
     @property
     def warms_per_thread(self) -> bool:
@@ -208,11 +229,42 @@ class OnnxModel(Backend):
         return self.provider in GPU
 
 
-def _run(session: ort.InferenceSession, bound: BoundBuckets | None, images: np.ndarray) -> Outputs:
+def served_outputs(session: ort.InferenceSession) -> frozenset[str]:
+    """The contract's outputs the file has: the class map only with the class ids input."""
+    names = {node.name for node in session.get_outputs()}
+    if not _takes_class_ids(session):
+        names.discard(CLASS_MAP_NAME)
+    return frozenset(name for name in SERVED_OUTPUTS if name in names)
+
+
+def _takes_class_ids(session: ort.InferenceSession) -> bool:
+    # Optional (export gives it a default, core.contract): ORT lists it with the initializers a
+    # run may override, not with the inputs.
+    nodes = [*session.get_inputs(), *session.get_overridable_initializers()]
+    return CLASS_IDS_NAME in {node.name for node in nodes}
+
+
+def _run(
+    session: ort.InferenceSession,
+    bound: BoundBuckets | None,
+    images: np.ndarray,
+    outputs: frozenset[str],
+    class_ids: np.ndarray | None,
+) -> Outputs:
     if bound is not None:
-        return bound.run(images)
-    outputs = session.run(list(SERVED_OUTPUTS), {INPUT_NAME: images})
-    return {name: np.asarray(output) for name, output in zip(SERVED_OUTPUTS, outputs, strict=True)}
+        return bound.run(images, outputs, class_ids)
+    feeds = {INPUT_NAME: images}
+    if class_ids is not None:
+        feeds[CLASS_IDS_NAME] = _ids(class_ids, len(images))
+    names = sorted(outputs)
+    answered = session.run(names, feeds)
+    return {name: np.asarray(output) for name, output in zip(names, answered, strict=True)}
+
+
+def _ids(class_ids: np.ndarray | None, images: int) -> np.ndarray:
+    if class_ids is None:
+        return np.full(images, -1, dtype=np.int64)
+    return np.ascontiguousarray(class_ids, dtype=np.int64)
 
 
 def _open_session(path: Path, providers: list[str], config: RuntimeConfig) -> ort.InferenceSession:
@@ -221,6 +273,10 @@ def _open_session(path: Path, providers: list[str], config: RuntimeConfig) -> or
     options.intra_op_num_threads = config.intra_op_threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = OPTIMIZATION_LEVELS[own.graph_optimization]
+    # The session's own warnings: only "Initializer class_ids appears in graph inputs", about the
+    # class ids' default (core.contract), which is there on purpose. A provider that fails to
+    # load still says so, through ORT's default logger.
+    options.log_severity_level = 3
     for key, value in SPINNING[own.spinning].items():
         options.add_session_config_entry(key, value)
     # TensorRT's profile needs the crop size before the session exists: a CPU session with
@@ -249,11 +305,21 @@ def _first_line(exc: Exception) -> str:
 
 
 @dataclass
+class _Binding:
+    """A bucket's buffers bound for one set of outputs."""
+
+    binding: ort.IOBinding
+    outputs: dict[str, ort.OrtValue]
+    options: ort.RunOptions | None  # only to name a CUDA graph: reading it costs every run
+
+
+@dataclass
 class _Slot:
     images: ort.OrtValue
-    outputs: dict[str, ort.OrtValue]
-    binding: ort.IOBinding
-    options: ort.RunOptions | None  # only to name a CUDA graph: reading it costs every run
+    class_ids: ort.OrtValue | None  # where the file takes them
+    bindings: dict[frozenset[str], _Binding]
+    graph_id: int | None
+    chosen: bool = False  # class_ids hold a batch's choices, not all -1
 
 
 class BoundBuckets:
@@ -266,83 +332,100 @@ class BoundBuckets:
         *,
         device: str,
         graphs: bool,
+        class_ids: bool = False,
     ) -> None:
-        """``rows``: each output bound, with the shape of one image's row of it."""
+        """``rows``: each output that may be bound, with the shape of one image's row of it;
+        ``class_ids``: whether the graph takes them."""
         self._session = session
         self._device = device
         self.buckets = list(buckets)
-        self._shape = (crop_size, dict(rows), device)
+        self._rows = dict(rows)
+        self._class_ids = class_ids
+        self._shape = (crop_size, device)
         self._graphs = graphs
         self._lanes = itertools.count()  # a CUDA graph id is unique per (thread, bucket)
         self._local = threading.local()
 
-    def run(self, images: np.ndarray) -> Outputs:
-        """uint8[B, S, S, 3] -> each output, [B, ...], for a bucket size B (the batcher pads to
-        one)."""
+    def run(
+        self,
+        images: np.ndarray,
+        outputs: frozenset[str] = CLASSIFY,
+        class_ids: np.ndarray | None = None,
+    ) -> Outputs:
+        """uint8[B, S, S, 3] -> each of ``outputs``, [B, ...], for a bucket size B (the batcher
+        pads to one). Only the outputs asked for are bound and copied back."""
         slot = self._slots().get(len(images))
         if slot is None:
             raise ValueError(f"a batch of {len(images)} is not one of the buckets {self.buckets}")
         slot.images.update_inplace(np.ascontiguousarray(images))
-        self._session.run_with_iobinding(slot.binding, slot.options)
+        if slot.class_ids is not None and (class_ids is not None or slot.chosen):
+            slot.class_ids.update_inplace(_ids(class_ids, len(images)))
+            slot.chosen = class_ids is not None
+        bound = slot.bindings.get(outputs)
+        if bound is None:
+            bound = slot.bindings[outputs] = self._bind(slot, outputs)
+        self._session.run_with_iobinding(bound.binding, bound.options)
         # From the device, numpy() is the copy to the host, a new array. On the CPU it is a view
         # of the buffer this bucket's next batch overwrites, so it is copied here.
         on_cpu = self._device == "cpu"
         return {
             name: value.numpy().copy() if on_cpu else value.numpy()
-            for name, value in slot.outputs.items()
+            for name, value in bound.outputs.items()
         }
+
+    def _bind(self, slot: _Slot, outputs: frozenset[str]) -> _Binding:
+        unknown = outputs - set(self._rows)
+        if unknown:
+            raise ValueError(f"the model has no output {sorted(unknown)}")
+        bucket = slot.images.shape()[0]
+        binding = self._session.io_binding()
+        binding.bind_ortvalue_input(INPUT_NAME, slot.images)
+        if slot.class_ids is not None:
+            binding.bind_ortvalue_input(CLASS_IDS_NAME, slot.class_ids)
+        values = {}
+        for name in sorted(outputs):
+            shape = (bucket, *self._rows[name])
+            values[name] = ort.OrtValue.ortvalue_from_shape_and_type(
+                shape, np.float32, self._device, 0
+            )
+            binding.bind_ortvalue_output(name, values[name])
+        options = None
+        if slot.graph_id is not None:
+            # One CUDA graph per bucket, for the classification: a graph replays the buffers it
+            # was captured with, so another set of outputs runs without one (-1).
+            options = ort.RunOptions()
+            graph = slot.graph_id if outputs == CLASSIFY else -1
+            options.add_run_config_entry("gpu_graph_id", str(graph))
+        return _Binding(binding, values, options)
 
     def _slots(self) -> dict[int, _Slot]:
         slots: dict[int, _Slot] | None = getattr(self._local, "slots", None)
         if slots is None:
             first_id = next(self._lanes) * len(self.buckets)
-            crop_size, rows, device = self._shape
+            crop_size, device = self._shape
             slots = self._local.slots = {
-                bucket: _slot(
-                    self._session,
-                    bucket,
-                    crop_size,
-                    rows,
-                    device,
-                    first_id + index if self._graphs else None,
-                )
+                bucket: self._slot(bucket, crop_size, device, first_id + index)
                 for index, bucket in enumerate(self.buckets)
             }
         return slots
 
-
-def _slot(
-    session: ort.InferenceSession,
-    bucket: int,
-    crop_size: int,
-    rows: Mapping[str, tuple[int, ...]],
-    device: str,
-    graph_id: int | None,
-) -> _Slot:
-    shape_in = (bucket, crop_size, crop_size, 3)
-    images = ort.OrtValue.ortvalue_from_shape_and_type(shape_in, np.uint8, device, 0)
-    binding = session.io_binding()
-    binding.bind_ortvalue_input(INPUT_NAME, images)
-    outputs = {}
-    for name, row in rows.items():
-        shape = (bucket, *row)
-        outputs[name] = ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, device, 0)
-        binding.bind_ortvalue_output(name, outputs[name])
-    options = None
-    if graph_id is not None:
-        options = ort.RunOptions()
-        options.add_run_config_entry("gpu_graph_id", str(graph_id))
-    return _Slot(images, outputs, binding, options)
+    def _slot(self, bucket: int, crop_size: int, device: str, graph_id: int) -> _Slot:
+        shape_in = (bucket, crop_size, crop_size, 3)
+        images = ort.OrtValue.ortvalue_from_shape_and_type(shape_in, np.uint8, device, 0)
+        class_ids = None
+        if self._class_ids:
+            class_ids = ort.OrtValue.ortvalue_from_numpy(_ids(None, bucket), device, 0)
+        return _Slot(images, class_ids, {}, graph_id if self._graphs else None)
 
 
 def _row_shapes(
-    session: ort.InferenceSession, metadata: ModelMetadata
+    session: ort.InferenceSession, metadata: ModelMetadata, served: frozenset[str]
 ) -> dict[str, tuple[int, ...]]:
     """One image's row of each served output: the probabilities' [C] from the metadata, any
     other's from the graph, whose dimensions past the batch must then be static."""
     graph = {node.name: node.shape for node in session.get_outputs()}
     rows: dict[str, tuple[int, ...]] = {}
-    for name in SERVED_OUTPUTS:
+    for name in served:
         if name == OUTPUT_NAME:
             rows[name] = (metadata.num_classes,)
             continue

@@ -27,7 +27,14 @@ from app.runtimes.base import Backend, Outputs, Runtime
 from app.runtimes.config import RuntimeConfig
 from app.runtimes.graph import check_openvino
 from app.runtimes.providers import check_precision, model_file
-from core.contract import INPUT_NAME, SERVED_OUTPUTS, ModelMetadata
+from core.contract import (
+    CLASS_IDS_NAME,
+    CLASS_MAP_NAME,
+    CLASSIFY,
+    INPUT_NAME,
+    SERVED_OUTPUTS,
+    ModelMetadata,
+)
 from core.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -87,7 +94,21 @@ class OpenVinoModel(Backend):
 
     def __init__(self, compiled: Any, metadata: ModelMetadata, precision: str) -> None:
         self._compiled = compiled
-        self._outputs = {name: compiled.output(name) for name in SERVED_OUTPUTS}
+        names = {name for port in compiled.outputs for name in port.get_names()}
+        self._class_ids = CLASS_IDS_NAME in {
+            name for port in compiled.inputs for name in port.get_names()
+        }
+        if not self._class_ids:
+            names.discard(CLASS_MAP_NAME)
+        self.outputs = frozenset(name for name in SERVED_OUTPUTS if name in names)
+        self._outputs = {name: compiled.output(name) for name in self.outputs}
+        self.shapes = {
+            name: tuple(
+                dim.get_length() if dim.is_static else -1
+                for dim in list(port.get_partial_shape())[1:]
+            )
+            for name, port in self._outputs.items()
+        }
         self.metadata = metadata
         self.precision = precision
         self._local = threading.local()
@@ -138,17 +159,29 @@ class OpenVinoModel(Backend):
         model.close_requests()
         return model
 
-    def run(self, images: np.ndarray) -> Outputs:
+    def run(
+        self,
+        images: np.ndarray,
+        outputs: frozenset[str] = CLASSIFY,
+        class_ids: np.ndarray | None = None,
+    ) -> Outputs:
         request = getattr(self._local, "request", None)
         if request is None:
             request = self._local.request = self._compiled.create_infer_request()
             self._requests.append(request)
-        # Shared input: OpenVINO reads the batch in place; the outputs are copied out of the
-        # request's buffers, which this lane's next batch overwrites.
-        results = request.infer({INPUT_NAME: np.ascontiguousarray(images)}, share_inputs=True)
+        # Shared input: OpenVINO reads the batch in place; the outputs asked for are copied out
+        # of the request's buffers, which this lane's next batch overwrites.
+        feeds = {INPUT_NAME: np.ascontiguousarray(images)}
+        if self._class_ids:
+            feeds[CLASS_IDS_NAME] = (
+                np.full(len(images), -1, dtype=np.int64)
+                if class_ids is None
+                else np.ascontiguousarray(class_ids, dtype=np.int64)
+            )
+        results = request.infer(feeds, share_inputs=True)
         return {
-            name: np.array(results[port], dtype=np.float32, copy=True)
-            for name, port in self._outputs.items()
+            name: np.array(results[self._outputs[name]], dtype=np.float32, copy=True)
+            for name in outputs
         }
 
     def close(self) -> None:
@@ -174,7 +207,28 @@ def _read_onnx(path: Path) -> Any:
     from openvino.frontend import FrontEndManager  # type: ignore[import-untyped]
 
     frontend = FrontEndManager().load_by_framework("onnx")
-    return frontend.convert(frontend.load(str(path)))
+    return _class_ids_fed(frontend.convert(frontend.load(str(path))))
+
+
+def _class_ids_fed(model: Any) -> Any:
+    """The model, its optional class ids input made one that is fed: OpenVINO reads an input with
+    a default (an initializer of its name, core.contract) as a constant, and would then draw
+    every map for the top class whatever a request asks."""
+    constants = [
+        op
+        for op in model.get_ordered_ops()
+        if op.get_type_name() == "Constant" and CLASS_IDS_NAME in op.output(0).get_names()
+    ]
+    if not constants:
+        return model
+    ov = _openvino()
+    fed = ov.opset13.parameter(ov.PartialShape([-1]), ov.Type.i64, name=CLASS_IDS_NAME)
+    fed.output(0).get_tensor().set_names({CLASS_IDS_NAME})
+    for target in list(constants[0].output(0).get_target_inputs()):
+        target.replace_source_output(fed.output(0))
+    model.add_parameters([fed])
+    model.validate_nodes_and_infer_types()
+    return model
 
 
 def _last_line(exc: Exception) -> str:

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 
 from app.runtimes.base import Backend, Outputs
+from core.contract import CLASSIFY
 
 
 class SplitModel(Backend):
@@ -26,6 +27,8 @@ class SplitModel(Backend):
         self.backend = _joined(part.backend for part in self.parts)
         self.provider = _joined(part.provider for part in self.parts)
         self.precision = _joined(part.precision for part in self.parts)
+        self.outputs = frozenset.intersection(*(part.outputs for part in self.parts))
+        self.shapes = self.parts[0].shapes
 
     def part(self, size: int) -> Backend:
         """The backend that computes a batch of ``size``."""
@@ -38,11 +41,21 @@ class SplitModel(Backend):
     def sizes(self, part: Backend) -> list[int]:
         return [size for size, serving in self._by_size.items() if serving is part]
 
-    def run(self, images: np.ndarray) -> Outputs:
-        return self.part(len(images)).run(images)
+    def run(
+        self,
+        images: np.ndarray,
+        outputs: frozenset[str] = CLASSIFY,
+        class_ids: np.ndarray | None = None,
+    ) -> Outputs:
+        return self.part(len(images)).run(images, outputs, class_ids)
 
-    def run_alone(self, images: np.ndarray) -> Outputs:
-        return self.part(len(images)).run_alone(images)
+    def run_alone(
+        self,
+        images: np.ndarray,
+        outputs: frozenset[str] = CLASSIFY,
+        class_ids: np.ndarray | None = None,
+    ) -> Outputs:
+        return self.part(len(images)).run_alone(images, outputs, class_ids)
 
     @property
     def adaptive(self) -> bool:

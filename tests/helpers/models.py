@@ -12,9 +12,9 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from core.contract import INPUT_NAME, OUTPUT_NAME
+from core.contract import CLASS_IDS_NAME, CLASS_MAP_NAME, EMBEDDING_NAME, INPUT_NAME, OUTPUT_NAME
 from core.preprocess import Recipe, decode
-from core.reference import entry_for, probe_images
+from core.reference import EXTRAS, entry_for, extras_entry, probe_images
 
 LABELS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 CROP_SIZE = 16
@@ -30,8 +30,14 @@ def build_model(
     metadata: dict[str, str] | None = None,
     drop: tuple[str, ...] = (),
     stuck_iterations: int = 0,
+    extras: bool = True,
 ) -> Path:
     """uint8 NHWC -> /255 -> NCHW -> 4x4 average pool -> Gemm -> softmax.
+
+    ``extras``: the contract's other outputs too, as an export since format 3 writes them
+    (core.contract): the pooled features as the embedding, and a class map of 4x4 over the colour
+    grid for each image's class id (-1: its top class), with the class ids input. Without, the
+    file is one exported before them.
 
     Weights are seeded, so predictions are deterministic, and the pooled 4x4 colour grid feeds
     the classifier, so different images get different classes. ``conv_layers`` adds a branch
@@ -83,26 +89,39 @@ def build_model(
         nodes += faults
         initializers += fault_weights
     nodes.append(helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1))
-    graph = helper.make_graph(
-        nodes,
-        "tiny",
-        [
-            helper.make_tensor_value_info(
-                "images", TensorProto.UINT8, ["N", crop_size, crop_size, 3]
-            )
-        ],
-        [
-            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", len(labels)]),
-            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", len(labels)]),
-        ],
-        initializers,
-    )
+    inputs = [
+        helper.make_tensor_value_info("images", TensorProto.UINT8, ["N", crop_size, crop_size, 3])
+    ]
+    outputs = [
+        helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", len(labels)]),
+        helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", len(labels)]),
+    ]
+    if extras:
+        more_nodes, more_weights = _extras(fc_w[:48], len(labels))
+        nodes += more_nodes
+        initializers += more_weights
+        # Optional, as export makes it (model.export.optional_class_ids): -1 unless fed.
+        inputs.append(helper.make_tensor_value_info(CLASS_IDS_NAME, TensorProto.INT64, ["M"]))
+        initializers.append(numpy_helper.from_array(np.array([-1], np.int64), CLASS_IDS_NAME))
+        outputs += [
+            helper.make_tensor_value_info(EMBEDDING_NAME, TensorProto.FLOAT, ["N", 48]),
+            helper.make_tensor_value_info(CLASS_MAP_NAME, TensorProto.FLOAT, ["N", 4, 4]),
+        ]
+    graph = helper.make_graph(nodes, "tiny", inputs, outputs, initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9
     # Its outputs for the probes, as export writes them (the server checks them at load).
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    (answers,) = session.run([OUTPUT_NAME], {INPUT_NAME: probe_images(crop_size)})
-    props = _metadata(crop_size, labels) | {"reference": json.dumps(entry_for(answers))}
+    probes = probe_images(crop_size)
+    feeds = {INPUT_NAME: probes}
+    if extras:
+        feeds[CLASS_IDS_NAME] = np.full(len(probes), -1, dtype=np.int64)
+    names = [OUTPUT_NAME, *EXTRAS] if extras else [OUTPUT_NAME]
+    answered = dict(zip(names, session.run(names, feeds), strict=True))
+    reference = entry_for(answered[OUTPUT_NAME])
+    if extras:
+        reference["extras"] = extras_entry(answered)
+    props = _metadata(crop_size, labels) | {"reference": json.dumps(reference)}
     props |= metadata or {}
     helper.set_model_props(model, {k: v for k, v in props.items() if k not in drop})
     onnx.checker.check_model(model)
@@ -167,6 +186,33 @@ def _faults(
         helper.make_node("Loop", ["trips", "", "f0"], ["stalled"], body=body),
         helper.make_node("Add", [source, "zero_column"], [f"{source}_checked"]),
         helper.make_node("Add", [f"{source}_checked", "stalled"], [target]),
+    ]
+    return nodes, weights
+
+
+def _extras(
+    colour_weights: np.ndarray, classes: int
+) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """The embedding (the colour grid's 48 features) and each image's class map: its class's
+    weight per colour channel (the classifier's, averaged over the grid) over the 4x4 grid."""
+    per_channel = colour_weights.reshape(3, 16, classes).mean(axis=1).T  # [classes, 3]
+    weights = [
+        numpy_helper.from_array(per_channel.astype(np.float32), "channel_w"),
+        numpy_helper.from_array(np.array(0, np.int64), "zero_id"),
+        numpy_helper.from_array(np.array([0, 3, 16], np.int64), "grid_shape"),
+        numpy_helper.from_array(np.array([-1, 4, 4], np.int64), "map_shape"),
+        numpy_helper.from_array(np.array([1], np.int64), "axis_1"),
+    ]
+    nodes = [
+        helper.make_node("Identity", ["features"], [EMBEDDING_NAME]),
+        helper.make_node("ArgMax", ["logits"], ["top_class"], axis=1, keepdims=0),
+        helper.make_node("GreaterOrEqual", [CLASS_IDS_NAME, "zero_id"], ["given"]),
+        helper.make_node("Where", ["given", CLASS_IDS_NAME, "top_class"], ["chosen"]),
+        helper.make_node("Gather", ["channel_w", "chosen"], ["chosen_w"], axis=0),
+        helper.make_node("Unsqueeze", ["chosen_w", "axis_1"], ["chosen_row"]),
+        helper.make_node("Reshape", ["features_grid", "grid_shape"], ["grid"]),
+        helper.make_node("MatMul", ["chosen_row", "grid"], ["map_flat"]),
+        helper.make_node("Reshape", ["map_flat", "map_shape"], [CLASS_MAP_NAME]),
     ]
     return nodes, weights
 

@@ -38,9 +38,9 @@ async def test_a_lone_request_moves_onto_the_event_loop_once_its_work_is_known_f
         decoded_on.append(threading.current_thread().name)
         return preprocess.decode_counted(*args)
 
-    def recorded_run(images: np.ndarray) -> Outputs:
+    def recorded_run(images: np.ndarray, *args: Any) -> Outputs:
         ran_on.append(threading.current_thread().name)
-        return run_alone(images)
+        return run_alone(images, *args)
 
     monkeypatch.setattr("app.pipeline.pipeline.decode_counted", recorded_decode)
     monkeypatch.setattr(model, "run_alone", recorded_run)

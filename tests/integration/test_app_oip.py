@@ -156,9 +156,9 @@ BAD_REQUESTS: dict[str, tuple[tuple[bytes, dict[str, str]], int, str]] = {
     ),
     "bad-prefix": (with_binary(PREFIXED, struct.pack("<I", 9) + b"ab"), 400, "declares 9 bytes"),
     "unknown-output": (
-        bytes_request(image_bytes(0), outputs=[{"name": "logits"}]),
+        bytes_request(image_bytes(0), outputs=[{"name": "features"}]),
         400,
-        "unknown output 'logits'",
+        "unknown output 'features'",
     ),
     "classification-range": (
         bytes_request(image_bytes(0), outputs=classify(11)),

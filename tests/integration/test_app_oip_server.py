@@ -11,11 +11,12 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import onnxruntime as ort
 import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from core.contract import INPUT_NAME, OUTPUT_NAME
+from core.contract import CLASS_IDS_NAME, CLASS_MAP_NAME, INPUT_NAME, OUTPUT_NAME
 from core.preprocess import decode
 from tests.helpers.models import CROP_SIZE, LABELS, image_bytes, recipe_for
 from tests.helpers.server import Server, message_is, post_image, run_server
@@ -72,8 +73,10 @@ def test_health_and_metadata(client: triton.InferenceServerClient) -> None:
         assert metadata["inputs"] == [
             {"name": INPUT_NAME, "datatype": "UINT8", "shape": [-1, CROP_SIZE, CROP_SIZE, 3]}
         ]
-        (output,) = metadata["outputs"]
-        assert (output["name"], output["datatype"], output["shape"][0]) == (OUTPUT_NAME, "FP32", -1)
+        outputs = {output["name"]: output for output in metadata["outputs"]}
+        assert list(outputs) == [OUTPUT_NAME, "logits", "embedding", "heatmap"]
+        assert all(output["datatype"] == "FP32" for output in outputs.values())
+        assert outputs["heatmap"]["shape"] == [-1, 4, 4]
 
 
 @pytest.mark.parametrize(
@@ -128,6 +131,34 @@ def test_classification_extension_equals_predict(
     assert classes.shape == (len(payloads), K)
     for row, data in zip(classes, payloads, strict=True):
         assert_same(parse_classes(row), predicted(server, data))
+
+
+@pytest.mark.parametrize("binary_out", [True, False], ids=["binary-out", "json-out"])
+def test_embedding_and_heatmap_equal_embed_and_the_file(
+    server: Server, client: triton.InferenceServerClient, model_path: Path, binary_out: bool
+) -> None:
+    payloads = [image_bytes(seed) for seed in SEEDS]
+    outputs = [
+        triton.InferRequestedOutput("embedding", binary_data=binary_out),
+        triton.InferRequestedOutput("heatmap", binary_data=binary_out),
+    ]
+    # tritonclient sets parameters per request: the class of every image's heatmap.
+    result = client.infer(
+        MODEL, [bytes_input(payloads, True)], outputs=outputs, parameters={"class_id": 3}
+    )
+
+    embeddings, maps = result.as_numpy("embedding"), result.as_numpy("heatmap")
+    assert (embeddings.shape, maps.shape) == ((3, 48), (3, 4, 4))
+    files = [("files", (f"{i}.png", data, "image/png")) for i, data in enumerate(payloads)]
+    raw = httpx.post(f"{server.url}/embed", files=files, params={"normalize": "false"})
+    np.testing.assert_allclose(
+        embeddings, [r["embedding"] for r in raw.json()["results"]], atol=1e-6
+    )
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    crops = np.stack([decode(data, recipe_for(CROP_SIZE)) for data in payloads])
+    feeds = {INPUT_NAME: crops, CLASS_IDS_NAME: np.full(len(crops), 3, dtype=np.int64)}
+    (expected,) = session.run([CLASS_MAP_NAME], feeds)
+    np.testing.assert_allclose(maps, expected, atol=1e-6)
 
 
 def test_infer_uint8_crops_equals_predict(

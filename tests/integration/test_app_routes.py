@@ -20,6 +20,7 @@ from app.main import create_app
 from app.repository.configs import runtime_config
 from app.runtimes.base import Outputs
 from app.runtimes.onnxruntime import OnnxModel
+from core.contract import CLASSIFY
 from core.preprocess import Recipe
 from tests.conftest import Serve
 from tests.helpers.metrics import families
@@ -342,15 +343,20 @@ class GatedModel(OnnxModel):
         finally:
             self.warming.now = False
 
-    def run(self, images: np.ndarray) -> Outputs:
+    def run(
+        self,
+        images: np.ndarray,
+        outputs: frozenset[str] = CLASSIFY,
+        class_ids: np.ndarray | None = None,
+    ) -> Outputs:
         if getattr(self.warming, "now", False):
-            return super().run(images)
+            return super().run(images, outputs, class_ids)
         self.entered.set()
         if self.fail_next:
             self.fail_next = False
             raise RuntimeError("device on fire")
         self.release.wait()
-        return super().run(images)
+        return super().run(images, outputs, class_ids)
 
 
 @pytest.fixture
@@ -391,9 +397,14 @@ async def test_every_inference_lane_is_warm_before_readiness(make_settings: Any)
 class FlatModel(OnnxModel):
     """The real tiny model, 60 ms an image whatever the batch: as a big model on one CPU core."""
 
-    def run(self, images: np.ndarray) -> Outputs:
+    def run(
+        self,
+        images: np.ndarray,
+        outputs: frozenset[str] = CLASSIFY,
+        class_ids: np.ndarray | None = None,
+    ) -> Outputs:
         time.sleep(0.06 * len(images))
-        return super().run(images)
+        return super().run(images, outputs, class_ids)
 
 
 async def test_warm_up_limits_batches_where_the_cost_per_image_is_flat(

@@ -5,6 +5,7 @@ malformed messages), by this project's generated stub."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import signal
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -85,6 +86,33 @@ def test_bytes_and_classification_answer_as_predict_does(served: tuple[Server, s
         assert [c for c, _ in got] == [c for c, _ in expected]
         assert np.allclose([s for _, s in got], [s for _, s in expected], atol=1e-6)
         assert np.allclose(probabilities[[c for c, _ in expected]], [s for _, s in expected])
+
+
+def test_embedding_and_heatmap_answer_as_rest_does(served: tuple[Server, str]) -> None:
+    server, address = served
+    client = triton.InferenceServerClient(address)
+    outputs = [triton.InferRequestedOutput(name) for name in ("embedding", "heatmap")]
+    result = client.infer(
+        MODEL, [images_input(IMAGES)], outputs=outputs, parameters={"class_id": 2}
+    )
+    over_rest = httpx.post(
+        f"{server.url}/v2/models/{MODEL}/infer",
+        json={
+            "inputs": [
+                {
+                    "name": "images",
+                    "datatype": "BYTES",
+                    "shape": [len(IMAGES)],
+                    "data": [base64.b64encode(data).decode() for data in IMAGES],
+                }
+            ],
+            "outputs": [{"name": "embedding"}, {"name": "heatmap", "parameters": {"class_id": 2}}],
+        },
+    ).json()["outputs"]
+    for name, rest in zip(("embedding", "heatmap"), over_rest, strict=True):
+        got = result.as_numpy(name)
+        assert list(got.shape) == rest["shape"]
+        np.testing.assert_allclose(got.ravel(), rest["data"], atol=1e-6)
 
 
 def test_uint8_crops_raw_and_typed_contents_agree(served: tuple[Server, str]) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from app.batching.batcher import BatchConfig, Batcher, Outputs, bucket_for
+from app.batching.batcher import BatchConfig, Batcher, ModelFn, Outputs, bucket_for
 from app.errors import DeadlineExceeded, InferenceFailed, Overloaded, ShuttingDown
 from app.telemetry.metrics import Metrics
 
@@ -51,11 +51,52 @@ def make_batcher(
     values.setdefault("buckets", tuple(range(1, values["max_batch_size"] + 1)))
     metrics = Metrics()
     batcher = Batcher(
-        model, BatchConfig(**values), metrics.for_version("m", "1"), alone_fn=alone_fn
+        _images_only(model),
+        BatchConfig(**values),
+        metrics.for_version("m", "1"),
+        alone_fn=None if alone_fn is None else _images_only(alone_fn),
     )
     batcher.registry = metrics.registry  # type: ignore[attr-defined]
     batcher.admitted_images = admitted_images
     return batcher
+
+
+def _images_only(model: Callable[[np.ndarray], Outputs]) -> ModelFn:
+    """A fake model of the images alone, as a batcher's model (which also gets the outputs a
+    batch wants and the class ids of its maps)."""
+
+    def run(batch: np.ndarray, outputs: frozenset[str], class_ids: np.ndarray | None) -> Outputs:
+        return model(batch)
+
+    return run
+
+
+async def test_a_batch_computes_the_outputs_its_requests_want_and_their_class_ids() -> None:
+    calls: list[tuple[frozenset[str], list[int] | None]] = []
+
+    def model(batch: np.ndarray, outputs: frozenset[str], class_ids: np.ndarray | None) -> Outputs:
+        calls.append((outputs, None if class_ids is None else class_ids.tolist()))
+        return {name: echo(batch)["y"] for name in outputs | {"probabilities"}}
+
+    config = BatchConfig(
+        max_batch_size=4,
+        buckets=(4,),
+        max_wait_ms=3_600_000,
+        max_queue_images=16,
+        request_timeout_ms=10_000,
+        retry_after_s=1,
+    )
+    batcher = Batcher(model, config, Metrics().for_version("m", "1"))
+    batcher.start()
+    plain = batcher.submit([image(1)])
+    embedded = batcher.submit([image(2)], outputs=frozenset({"embedding"}))
+    mapped = batcher.submit([image(3)], outputs=frozenset({"class_map"}), class_id=7)
+    alone = batcher.submit([image(4)])
+    answers = await asyncio.gather(plain, embedded, mapped, alone)
+    # One batch of the four, padded to none: the union of what they want, each image's class.
+    assert calls == [(frozenset({"probabilities", "embedding", "class_map"}), [-1, -1, 7, -1])]
+    assert [float(rows[0]["embedding"][0]) for rows in answers] == [1.0, 2.0, 3.0, 4.0]
+    await batcher.drain()
 
 
 async def test_full_batch_closes_without_waiting_for_the_deadline() -> None:

@@ -13,7 +13,7 @@ from app.repository.configs import runtime_config
 from app.runtimes.onnxruntime import BoundBuckets, OnnxModel
 from app.runtimes.providers import CPU
 from app.settings import Settings
-from core.contract import OUTPUT_NAME, SERVED_OUTPUTS
+from core.contract import CLASSIFY, OUTPUT_NAME, SERVED_OUTPUTS
 from core.errors import ModelError
 from tests.helpers.models import CROP_SIZE, LABELS, build_model
 
@@ -113,8 +113,10 @@ def test_each_inference_thread_binds_its_own_buffers_and_graph_ids(
     make_settings: Callable[..., Settings],
 ) -> None:
     plain = OnnxModel.load(runtime_config(make_settings()))
-    rows = {OUTPUT_NAME: (len(LABELS),)}
-    bound = BoundBuckets(plain._session, [1, 2], CROP_SIZE, rows, device="cpu", graphs=True)
+    rows = {OUTPUT_NAME: (len(LABELS),), "embedding": (48,)}
+    bound = BoundBuckets(
+        plain._session, [1, 2], CROP_SIZE, rows, device="cpu", graphs=True, class_ids=True
+    )
     rng = np.random.default_rng(1)
     batches = [rng.integers(0, 256, (2, CROP_SIZE, CROP_SIZE, 3), dtype=np.uint8) for _ in range(8)]
     ids: dict[str, list[str]] = {}
@@ -122,16 +124,24 @@ def test_each_inference_thread_binds_its_own_buffers_and_graph_ids(
 
     def lane(name: str) -> None:
         slots = bound._slots()
-        options = [slot.options for slot in slots.values()]
-        ids[name] = [o.get_run_config_entry("gpu_graph_id") for o in options if o is not None]
         outputs[name] = [bound.run(batch)[OUTPUT_NAME] for batch in batches]
+        options = [slot.bindings[CLASSIFY].options for slot in slots.values() if slot.bindings]
+        ids[name] = [o.get_run_config_entry("gpu_graph_id") for o in options if o is not None]
 
     threads = [threading.Thread(target=lane, args=(name,)) for name in ("a", "b")]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert sorted(ids["a"] + ids["b"]) == ["0", "1", "2", "3"]
+    # Only bucket 2 ran: one graph per lane of the two, out of 0..3.
+    assert len(ids["a"]) == len(ids["b"]) == 1
+    assert set(ids["a"] + ids["b"]) <= {"0", "1", "2", "3"}
+    assert ids["a"] != ids["b"]
+    # Other outputs replay no graph: a graph replays the buffers it was captured with.
+    bound.run(batches[0], frozenset({OUTPUT_NAME, "embedding"}))
+    embedded = bound._slots()[2].bindings[frozenset({OUTPUT_NAME, "embedding"})].options
+    assert embedded is not None
+    assert embedded.get_run_config_entry("gpu_graph_id") == "-1"
     for name in ("a", "b"):
         for batch, output in zip(batches, outputs[name], strict=True):
             np.testing.assert_allclose(output, plain.predict(batch), atol=1e-6)
@@ -154,7 +164,10 @@ def test_adaptive_spinning_opens_a_second_cpu_session_that_answers_the_same(
     model.warm_up([1, 2])
     model.warm_up_alone([1, 2])
     images = np.random.default_rng(2).integers(0, 256, (2, CROP_SIZE, CROP_SIZE, 3), np.uint8)
-    alone, shared = model.run_alone(images), model.run(images)
-    assert set(alone) == set(shared) == set(SERVED_OUTPUTS)
+    every = frozenset(SERVED_OUTPUTS)
+    assert model.outputs == every  # the test model has them all, as export writes them
+    alone, shared = model.run_alone(images, every), model.run(images, every)
+    assert set(alone) == set(shared) == every
+    assert set(model.run(images)) == {OUTPUT_NAME}  # what a classification copies back
     for name in SERVED_OUTPUTS:
         np.testing.assert_allclose(alone[name], shared[name], atol=1e-6)

@@ -1,0 +1,107 @@
+"""``POST /embed`` and ``POST /explain``: what ``/predict`` takes, through the same pipeline with
+another head (app.pipeline.heads): each image's embedding, or its top-k with a heatmap of where
+the model saw its class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
+
+import orjson
+from fastapi import APIRouter, Query, Request, Response
+
+from app.edge.access import Access, access
+from app.edge.requests import unless_disconnected
+from app.http.openapi import ERRORS, PREDICT_BODY
+from app.http.predict import ModelName, ModelVersion, TopK, read_uploads
+from app.http.schemas import EmbedResponse, ExplainResponse
+from app.pipeline.heads import Embed, Explain, Head
+from app.pipeline.pipeline import Image
+from app.service import Service
+from core.contract import ModelMetadata
+
+router = APIRouter()
+T = TypeVar("T")
+
+Normalize = Annotated[
+    bool,
+    Query(description="L2-normalise each embedding (cosine similarity is then a dot product)"),
+]
+ClassId = Annotated[
+    int | None,
+    Query(ge=0, description="The class whose heatmap to draw, 0..num_classes-1 (default: the top)"),
+]
+
+
+@router.post(
+    "/embed",
+    response_model=EmbedResponse,
+    responses=ERRORS,
+    openapi_extra=access(Access.INFERENCE, **PREDICT_BODY),
+    summary="Each image's embedding: the pooled features the classifier reads",
+)
+async def embed(
+    request: Request,
+    normalize: Normalize = True,
+    model: ModelName = None,
+    version: ModelVersion = None,
+) -> Response:
+    header, images, vectors = await _answers(
+        request, model, version, lambda metadata: Embed(normalize)
+    )
+    results = [
+        {"filename": image.name, "embedding": vector}
+        for image, vector in zip(images, vectors, strict=True)
+    ]
+    # orjson writes the float32 arrays itself: a 2048-d vector as a list costs far more.
+    body = orjson.dumps(header | {"results": results}, option=orjson.OPT_SERIALIZE_NUMPY)
+    return Response(body, media_type="application/json")
+
+
+@router.post(
+    "/explain",
+    response_model=ExplainResponse,
+    responses=ERRORS,
+    openapi_extra=access(Access.INFERENCE, **PREDICT_BODY),
+    summary="Top-k per image, and a heatmap (class activation map) of where the model saw a class",
+)
+async def explain(
+    request: Request,
+    top_k: TopK = None,
+    class_id: ClassId = None,
+    model: ModelName = None,
+    version: ModelVersion = None,
+) -> Response:
+    default_top_k = request.app.state.service.default_top_k
+    header, images, explained = await _answers(
+        request,
+        model,
+        version,
+        lambda metadata: Explain(metadata, top_k, default_top_k, class_id),
+    )
+    results = [
+        {
+            "filename": image.name,
+            "predictions": [p._asdict() for p in answer.predictions],
+            "heatmap": answer.heatmap._asdict(),
+        }
+        for image, answer in zip(images, explained, strict=True)
+    ]
+    return Response(orjson.dumps(header | {"results": results}), media_type="application/json")
+
+
+async def _answers(
+    request: Request,
+    model: str | None,
+    version: str | None,
+    head_for: Callable[[ModelMetadata], Head[T]],
+) -> tuple[dict[str, Any], list[Image], list[T]]:
+    """The answering model's name and version, the request's images, and the head's answer for
+    each, as ``/predict`` computes its own (app.http.predict)."""
+    service: Service = request.app.state.service
+    with service.models.resolve(model, version).hold() as served:
+        head = head_for(served.metadata)  # a bad parameter is refused before the body is read
+        images = await read_uploads(request, service.limits)
+        answers = await unless_disconnected(request.receive, served.pipeline.images(images, head))
+    return {"model_name": served.name, "model_version": served.version}, images, answers
