@@ -39,11 +39,14 @@ class ServingModel(nn.Module):
         self.normalize = Normalize(mean, std)
         self.net = net
 
-    def forward(self, images: Tensor, class_ids: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def forward(
+        self, images: Tensor, class_ids: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         maps = self.net.features(self.normalize(images))
         embedding = self.net.avgpool(maps).flatten(1)
         logits = self.net.fc(embedding)
-        chosen = torch.where(class_ids >= 0, class_ids, logits.argmax(dim=1))
+        top = logits.argmax(dim=1)
+        chosen = top if class_ids is None else torch.where(class_ids >= 0, class_ids, top)
         weights = self.net.fc.weight[chosen]  # [N, F]: each image's class's row
         n, _, h, w = maps.shape
         class_map = torch.bmm(weights.unsqueeze(1), maps.flatten(2)).view(n, h, w)

@@ -2,11 +2,13 @@ import importlib.util
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 
@@ -17,7 +19,7 @@ from app.runtimes.openvino import OpenVinoModel
 from app.settings import Settings
 from core import reference
 from core.errors import ModelError
-from core.preprocess import decode
+from core.preprocess import Recipe, decode
 from model import checkpoint, evalsets, export
 from model.resnet import build
 from model.wrap import ServingModel
@@ -234,3 +236,76 @@ def test_int8_without_calibration_source_is_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(ModelError, match="--calib-data"):
         evalsets.calibration_for(layout, None)
+
+
+@pytest.fixture(scope="module")
+def mapped_onnx(
+    ckpt: checkpoint.Checkpoint, tmp_path_factory: pytest.TempPathFactory, color_eval_folder: Path
+) -> tuple[checkpoint.Checkpoint, Path]:
+    """The tiny checkpoint exported at 96x96, so its layer4 maps are 3x3 (at 32x32 they are 1x1):
+    the network is convolutional, its weights fit any size."""
+    wide = replace(ckpt, recipe=Recipe(resize_size=108, crop_size=96))
+    out = tmp_path_factory.mktemp("mapped") / "model.onnx"
+    export.export(wide, out, eval_set=evalsets.eval_set_for(wide, color_eval_folder))
+    return wide, out
+
+
+def pytorch_cam(
+    ckpt: checkpoint.Checkpoint, images: np.ndarray, class_ids: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """PyTorch's pooled features and class activation maps, read with a forward hook on layer4
+    (Zhou et al.: the classifier's weights of the class over layer4's maps)."""
+    serving = ServingModel(ckpt.build_model(), ckpt.mean, ckpt.std).eval()
+    seen: list[torch.Tensor] = []
+    hook = serving.net.layer4.register_forward_hook(lambda module, i, out: seen.append(out))
+    with torch.no_grad():
+        probabilities = serving(torch.from_numpy(images), torch.full((len(images),), -1))[0]
+    hook.remove()
+    maps = seen[0].numpy()
+    chosen = np.where(class_ids >= 0, class_ids, probabilities.numpy().argmax(1))
+    weights = serving.net.fc.weight.detach().numpy()[chosen]
+    return maps.mean(axis=(2, 3)), np.einsum("nk,nkhw->nhw", weights, maps)
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_embeddings_and_maps_equal_pytorchs_on_every_cpu_runtime(
+    mapped_onnx: tuple[checkpoint.Checkpoint, Path], runtime: str
+) -> None:
+    wide, path = mapped_onnx
+    images = np.random.default_rng(3).integers(0, 256, (4, 96, 96, 3), dtype=np.uint8)
+    class_ids = np.array([-1, 0, 2, -1], dtype=np.int64)
+    embedding, cam = pytorch_cam(wide, images, class_ids)
+    model = (
+        OnnxModel.load(runtime_config(Settings(model_path=path, providers="cpu")))
+        if runtime == "onnxruntime"
+        else OpenVinoModel.load(path, "fp32", lanes=1, threads=1)
+    )
+    model.check_reference()  # the probes' embeddings and maps, as export wrote them
+    wanted = frozenset({"embedding", "class_map"})
+    outputs = model.run(images, wanted, class_ids)
+    assert outputs["class_map"].shape == (4, 3, 3)
+    for got, expected in ((outputs["embedding"], embedding), (outputs["class_map"], cam)):
+        assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+    # Unfed, the class ids default to each image's top class (the file stays runnable by
+    # anything that feeds the images alone).
+    (top_maps,) = ort.InferenceSession(str(path)).run(["class_map"], {"images": images})
+    np.testing.assert_allclose(top_maps[[0, 3]], outputs["class_map"][[0, 3]], atol=1e-5)
+    parity = export.read_metadata(path).parity
+    assert parity is not None
+    assert parity["embedding_min_cosine"] == parity["class_map_min_cosine"] == 1.0
+
+
+def test_a_file_whose_maps_differ_from_its_reference_is_refused(
+    mapped_onnx: tuple[checkpoint.Checkpoint, Path], tmp_path: Path
+) -> None:
+    _, path = mapped_onnx
+    model = onnx.load(str(path))
+    props = {p.key: p.value for p in model.metadata_props}
+    entry = json.loads(props["reference"])
+    entry["extras"]["class_map"][0] = [-v for v in entry["extras"]["class_map"][0]]
+    props["reference"] = json.dumps(entry)
+    onnx.helper.set_model_props(model, props)
+    onnx.save(model, str(tmp_path / "flipped.onnx"))
+    loaded = OnnxModel.load(runtime_config(Settings(model_path=tmp_path / "flipped.onnx")))
+    with pytest.raises(ModelError, match="class_map has cosine similarity"):
+        loaded.check_reference()
