@@ -16,11 +16,15 @@ from selenium import webdriver
 from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
+from tests.helpers.metrics import scrape, status_counts
+from tests.helpers.models import build_model
 from tests.helpers.repository import NAME, add_version
-from tests.helpers.server import ROOT, Server, run_server
+from tests.helpers.server import ROOT, Server, message_is, run_server
 
 EXAMPLES = sorted((ROOT / "examples").glob("digit-*.png"))
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -46,6 +50,7 @@ def browser() -> Iterator[WebDriver]:
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage"):
         options.add_argument(argument)
     options.add_argument("--window-size=1280,1100")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # _script_errors reads it
     driver = webdriver.Chrome(options=options, service=Service(driver_path))
     try:
         yield driver
@@ -63,6 +68,53 @@ def _until(browser: WebDriver, condition: object) -> object:
 def _cards(browser: WebDriver, state: str) -> dict[str | None, object]:
     cards = browser.find_elements(By.CSS_SELECTOR, f"#results .card.{state}")
     return {card.get_attribute("data-filename"): card for card in cards}
+
+
+def _drop(browser: WebDriver, *paths: Path) -> None:
+    browser.find_element(By.ID, "files").send_keys("\n".join(str(p) for p in paths))
+
+
+def _script_errors(browser: WebDriver) -> list[dict[str, object]]:
+    """The console's errors since the last call, but for refused requests (logged under
+    "network"): an uncaught exception or promise rejection is one."""
+    entries = browser.get_log("browser")  # type: ignore[attr-defined]  # Chrome's own
+    return [e for e in entries if e["level"] == "SEVERE" and e["source"] != "network"]
+
+
+def _similar(card: WebElement) -> list[tuple[str | None, str]]:
+    items = card.find_elements(By.CSS_SELECTOR, ".similar li")
+    return [
+        (item.get_attribute("data-filename"), item.find_element(By.CLASS_NAME, "value").text)
+        for item in items
+    ]
+
+
+def _nearest(url: str, paths: list[Path]) -> dict[str, list[tuple[str, str]]]:
+    """Each file's other files by cosine similarity, best first, from /embed."""
+    files = [("files", (p.name, p.read_bytes(), "image/png")) for p in paths]
+    results = httpx.post(f"{url}/embed", files=files, timeout=30).json()["results"]
+    vectors = {r["filename"]: r["embedding"] for r in results}
+    nearest = {}
+    for name, mine in vectors.items():
+        others = [
+            (other, sum(a * b for a, b in zip(mine, theirs, strict=True)))
+            for other, theirs in vectors.items()
+            if other != name
+        ]
+        others.sort(key=lambda pair: -pair[1])
+        nearest[name] = [(other, f"{similarity:.2f}") for other, similarity in others[:3]]
+    return nearest
+
+
+def _all_list(browser: WebDriver, cards: int, similar: int) -> bool:
+    shown = _cards(browser, "ok").values()
+    return len(shown) == cards and all(len(_similar(c)) == similar for c in shown)  # type: ignore[arg-type]
+
+
+def _requests(url: str) -> dict[str, float]:
+    return {
+        path: sum(status_counts(scrape(url), path).values()) for path in ("/predict", "/explain")
+    }
 
 
 def test_uploads_show_the_servers_top1_and_errors_in_plain_words(
@@ -132,3 +184,106 @@ def test_the_picked_model_version_classifies(browser: WebDriver, tmp_path: Path)
         assert str(card.get_attribute("data-top1")).endswith("@v1")  # type: ignore[attr-defined]
         ARTIFACTS.mkdir(exist_ok=True)
         browser.save_screenshot(str(ARTIFACTS / "page-versions.png"))
+
+
+def test_heatmaps_lie_over_each_image_and_each_lists_its_most_similar(
+    browser: WebDriver, server: Server
+) -> None:
+    browser.get(f"{server.url}/")
+    _until(browser, lambda: "tiny-test" in browser.find_element(By.ID, "model-card").text)
+    _script_errors(browser)
+    first, second, third, fourth = EXAMPLES[:4]
+
+    _drop(browser, first, second)
+    _until(browser, lambda: _all_list(browser, 2, 1))
+    cards = _cards(browser, "ok")
+    assert _similar(cards[first.name])[0][0] == second.name  # type: ignore[arg-type]
+    assert _similar(cards[second.name])[0][0] == first.name  # type: ignore[arg-type]
+
+    # Recomputed as images come: each lists the other two, nearest first, as /embed ranks them.
+    _drop(browser, third)
+    _until(browser, lambda: _all_list(browser, 3, 2))
+    nearest = _nearest(server.url, [first, second, third])
+    for name, card in _cards(browser, "ok").items():
+        assert _similar(card) == nearest[str(name)], name  # type: ignore[arg-type]
+
+    toggle = browser.find_element(By.ID, "heatmap")
+    toggle.click()
+
+    def overlays() -> dict[str | None, WebElement]:
+        return {
+            name: card.find_element(By.CSS_SELECTOR, ".thumb .heatmap")  # type: ignore[attr-defined]
+            for name, card in _cards(browser, "ok").items()
+            if card.find_elements(By.CSS_SELECTOR, ".thumb .heatmap")  # type: ignore[attr-defined]
+        }
+
+    _until(browser, lambda: len(overlays()) == 3)
+    for name, overlay in overlays().items():
+        path = ROOT / "examples" / str(name)
+        files = {"files": (path.name, path.read_bytes(), "image/png")}
+        heatmap = httpx.post(f"{server.url}/explain", files=files, timeout=30).json()["results"][0]
+        assert overlay.get_attribute("src") == f"data:image/png;base64,{heatmap['heatmap']['png']}"
+        card = _cards(browser, "ok")[name]
+        image = card.find_element(By.CSS_SELECTOR, ".thumb img:not(.heatmap)")  # type: ignore[attr-defined]
+        assert overlay.rect == image.rect
+        caption = card.find_element(By.CLASS_NAME, "heatmap-of")  # type: ignore[attr-defined]
+        assert caption.is_displayed()
+        assert caption.text == f"heatmap of {heatmap['heatmap']['label']}"
+        assert card.get_attribute("data-top1") in card.find_element(By.CLASS_NAME, "meta").text  # type: ignore[attr-defined]
+
+    slider = browser.find_element(By.ID, "heatmap-opacity")
+    slider.send_keys(Keys.HOME)
+    assert {o.value_of_css_property("opacity") for o in overlays().values()} == {"0"}
+    assert browser.find_element(By.ID, "heatmap-opacity-value").text == "0%"
+    slider.send_keys(Keys.END)
+    assert {o.value_of_css_property("opacity") for o in overlays().values()} == {"1"}
+
+    # With heatmaps on, /explain answers in place of /predict.
+    before = _requests(server.url)
+    _drop(browser, fourth)
+    _until(browser, lambda: len(overlays()) == 4)
+    _until(browser, lambda: _all_list(browser, 4, 3))
+    after = _requests(server.url)
+    assert {path: after[path] - before[path] for path in after} == {"/predict": 0, "/explain": 1}
+    ARTIFACTS.mkdir(exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "page-heatmaps.png"))
+
+    toggle.click()
+    assert not any(o.is_displayed() for o in overlays().values())
+    assert _script_errors(browser) == []
+
+
+def test_a_model_without_heatmaps_or_embeddings_still_classifies(
+    browser: WebDriver, tmp_path: Path
+) -> None:
+    old = build_model(tmp_path / "old.onnx", extras=False)
+    with run_server(old) as served:
+        served.wait_for_log(message_is("ready"))
+        browser.get(f"{served.url}/")
+        _until(browser, lambda: "tiny-test" in browser.find_element(By.ID, "model-card").text)
+        _script_errors(browser)
+        notes = browser.find_element(By.ID, "model-notes")
+
+        _drop(browser, EXAMPLES[0])  # heatmaps off: /predict, then /embed refused
+        _until(browser, lambda: "no embeddings" in notes.text)
+        browser.find_element(By.ID, "heatmap").click()  # the card's /explain refused
+        _until(browser, lambda: "no heatmaps" in notes.text)
+        _drop(browser, EXAMPLES[1])  # heatmaps on: known missing, so /predict
+        _until(browser, lambda: len(_cards(browser, "ok")) == 2)
+
+        for name, card in _cards(browser, "ok").items():
+            files = {"files": (str(name), (ROOT / "examples" / str(name)).read_bytes())}
+            answer = httpx.post(f"{served.url}/predict", files=files, timeout=30).json()
+            top1 = answer["results"][0]["predictions"][0]["label"]
+            assert card.get_attribute("data-top1") == top1  # type: ignore[attr-defined]
+            assert not card.find_elements(By.CSS_SELECTOR, ".heatmap, .similar, .detail")  # type: ignore[attr-defined]
+        assert notes.text == (
+            "This model has no heatmaps: its file was exported before them. "
+            "This model has no embeddings, so similar images are not shown."
+        )
+        assert not _cards(browser, "error")
+        # Asked once, for the first card: the second, dropped with heatmaps on, went to /predict.
+        assert status_counts(scrape(served.url), "/explain") == {"400": 1}
+        assert _script_errors(browser) == []
+        ARTIFACTS.mkdir(exist_ok=True)
+        browser.save_screenshot(str(ARTIFACTS / "page-no-extras.png"))

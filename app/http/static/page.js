@@ -1,6 +1,7 @@
 "use strict";
-// The page's only script: classify uploads through /predict with the model version picked from
-// /v1/models, show it from /v1/model, and turn the Prometheus text at /metrics into a live panel.
+// The page's only script: classify uploads through /predict (/explain with heatmaps on) with the
+// model version picked from /v1/models, show it from /v1/model, list each upload's most similar
+// others from /embed, and turn the Prometheus text at /metrics into a live panel.
 // No framework, no build step.
 
 const LIVE_REFRESH_MS = 1500;
@@ -57,16 +58,24 @@ function barList(rows) {
   }));
 }
 
-// ---- classify ------------------------------------------------------------------------------
+// ---- classify, explain, embed ---------------------------------------------------------------
+
+const MAX_SIMILAR = 3;
+const uploads = new WeakMap(); // card -> its File, for /explain when heatmaps are turned on later
+const embeddings = new Map(); // card -> {model, vector}, for the similar images
+// Picker values whose model file was exported before heatmaps or embeddings (400 output_unavailable).
+const lacking = { heatmaps: new Set(), embeddings: new Set() };
 
 function resultCard(file) {
   const card = el("li", { className: "card pending" });
   card.dataset.filename = file.name;
+  card.dataset.choice = $("model-choice").value; // the model that answers for it, whatever is picked later
   const thumb = el("img", { alt: "" });
   if (file.type.startsWith("image/")) thumb.src = URL.createObjectURL(file);
   const body = el("div", {}, el("h3", { textContent: file.name }),
     el("p", { className: "meta", textContent: "classifying…" }));
-  card.append(thumb, body);
+  card.append(el("div", { className: "thumb" }, thumb), body);
+  uploads.set(card, file);
   return card;
 }
 
@@ -82,6 +91,15 @@ function showPredictions(card, result, seconds) {
   }))));
 }
 
+// The heatmap's PNG has the image's shape: laid over the thumbnail in the same box, it lines up.
+function showHeatmap(card, heatmap) {
+  card.querySelector(".thumb").append(
+    el("img", { className: "heatmap", alt: "", src: `data:image/png;base64,${heatmap.png}` }));
+  card.lastChild.querySelector(".meta").after(
+    el("p", { className: "heatmap-of", textContent: `heatmap of ${heatmap.label}` }));
+  card.dataset.heatmap = heatmap.label;
+}
+
 function showError(card, status, code, message, seconds) {
   const body = card.lastChild;
   card.className = "card error";
@@ -93,46 +111,172 @@ function showError(card, status, code, message, seconds) {
   );
 }
 
-async function classify(file, card) {
-  const form = new FormData();
-  form.append("file", file, file.name);
-  const params = new URLSearchParams(chosenModel());
+function addNote(card, text) {
+  card.lastChild.append(el("p", { className: "detail", textContent: text }));
+}
+
+function labelsPerImage() {
   const topK = $("top-k").value.trim();
-  if (topK) params.set("top_k", topK);
-  const url = params.size ? `/predict?${params}` : "/predict";
+  return topK ? { top_k: topK } : {};
+}
+
+// One file to an inference endpoint, for the model picked when its card was made. Throws when
+// the service cannot be reached.
+async function post(path, card, params = {}) {
+  const form = new FormData();
+  const file = uploads.get(card);
+  form.append("files", file, file.name);
+  const query = new URLSearchParams({ ...chosenModel(card.dataset.choice), ...params });
   const started = performance.now();
-  let response;
-  try {
-    response = await fetch(url, { method: "POST", body: form, headers: authHeaders() });
-  } catch (error) {
-    showError(card, "–", "network", `could not reach the service (${error.message})`, null);
-    return;
-  }
+  const response = await fetch(query.size ? `${path}?${query}` : path,
+    { method: "POST", body: form, headers: authHeaders() });
   const seconds = (performance.now() - started) / 1000;
   let payload = null;
   try {
     payload = await response.json();
   } catch {
-    // Not JSON: reported below with the status line.
+    // Not JSON: reported with the status line.
   }
-  if (response.ok && payload) {
-    showPredictions(card, payload.results[0], seconds);
-  } else {
-    const error = (payload && payload.error) || { code: "http_error", message: response.statusText };
-    showError(card, response.status, error.code, error.message, seconds);
+  const error = (payload && payload.error) || { code: "http_error", message: response.statusText };
+  return { ok: response.ok && payload !== null, status: response.status, payload, error, seconds };
+}
+
+// A file exported before heatmaps and embeddings still classifies: say so once, for that model.
+function lacks(answer, kind, card) {
+  if (answer.status !== 400 || answer.error.code !== "output_unavailable") return false;
+  lacking[kind].add(card.dataset.choice);
+  showModelNotes();
+  return true;
+}
+
+function showModelNotes() {
+  const chosen = $("model-choice").value;
+  const notes = [];
+  if (lacking.heatmaps.has(chosen)) {
+    notes.push("This model has no heatmaps: its file was exported before them.");
+  }
+  if (lacking.embeddings.has(chosen)) {
+    notes.push("This model has no embeddings, so similar images are not shown.");
+  }
+  $("model-notes").textContent = notes.join(" ");
+}
+
+const wantsHeatmap = (card) => $("heatmap").checked && !lacking.heatmaps.has(card.dataset.choice);
+
+// /explain answers the top-k too: with heatmaps on it replaces /predict, off it costs nothing.
+async function classify(card) {
+  let answer = null;
+  try {
+    if (wantsHeatmap(card)) answer = await post("/explain", card, labelsPerImage());
+    if (!answer || lacks(answer, "heatmaps", card)) answer = await post("/predict", card, labelsPerImage());
+  } catch (error) {
+    showError(card, "–", "network", `could not reach the service (${error.message})`, null);
+    return;
+  }
+  if (!answer.ok) {
+    showError(card, answer.status, answer.error.code, answer.error.message, answer.seconds);
+    return;
+  }
+  const result = answer.payload.results[0];
+  showPredictions(card, result, answer.seconds);
+  if (result.heatmap) showHeatmap(card, result.heatmap);
+  else if (wantsHeatmap(card)) await explain(card); // turned on while this one was classified
+  await embed(card);
+}
+
+// The heatmap of a card already classified.
+async function explain(card) {
+  if (card.dataset.heatmap !== undefined || !wantsHeatmap(card)) return;
+  card.dataset.heatmap = ""; // asked for
+  let answer;
+  try {
+    answer = await post("/explain", card, labelsPerImage());
+  } catch (error) {
+    answer = { ok: false, status: "–", error: { code: "network", message: error.message } };
+  }
+  if (answer.ok) {
+    showHeatmap(card, answer.payload.results[0].heatmap);
+    return;
+  }
+  delete card.dataset.heatmap; // asked again the next time heatmaps are turned on
+  if (!lacks(answer, "heatmaps", card)) {
+    addNote(card, `No heatmap (HTTP ${answer.status}): ${answer.error.code}: ${answer.error.message}`);
   }
 }
 
-async function classifyAll(files) {
-  const queue = [...files].map((file) => {
-    const card = resultCard(file);
-    $("results").prepend(card);
-    return [file, card];
-  });
+async function embed(card) {
+  if (lacking.embeddings.has(card.dataset.choice)) return;
+  let answer;
+  try {
+    answer = await post("/embed", card, { normalize: "true" });
+  } catch (error) {
+    answer = { ok: false, status: "–", error: { code: "network", message: error.message } };
+  }
+  if (answer.ok) {
+    const { model_name: name, model_version: version, results } = answer.payload;
+    embeddings.set(card, { model: `${name}@${version}`, vector: results[0].embedding });
+    showSimilar();
+  } else if (!lacks(answer, "embeddings", card)) {
+    addNote(card, `Not compared with the others (HTTP ${answer.status}): ${answer.error.code}`);
+  }
+}
+
+function dot(a, b) {
+  let sum = 0;
+  for (let i = 0; i < a.length; i += 1) sum += a[i] * b[i];
+  return sum;
+}
+
+// Each image's nearest others by cosine similarity (the dot product of normalised embeddings),
+// among the images embedded by the same model version.
+function showSimilar() {
+  for (const [card, mine] of embeddings) {
+    const nearest = [...embeddings]
+      .filter(([other, theirs]) => other !== card && theirs.model === mine.model)
+      .map(([other, theirs]) => ({ name: other.dataset.filename, similarity: dot(mine.vector, theirs.vector) }))
+      .sort((a, b) => b.similarity - a.similarity)
+      .slice(0, MAX_SIMILAR);
+    if (!nearest.length) continue;
+    const list = el("ol", {}, ...nearest.map(({ name, similarity }) => {
+      const item = el("li", {}, el("span", { className: "name", textContent: name }),
+        el("span", { className: "value", textContent: similarity.toFixed(2) }));
+      item.dataset.filename = name;
+      return item;
+    }));
+    const section = el("div", { className: "similar" }, el("p", { textContent: "Most similar" }), list);
+    const shown = card.querySelector(".similar");
+    if (shown) shown.replaceWith(section); else card.lastChild.append(section);
+  }
+}
+
+async function inParallel(items, job) {
+  const queue = [...items];
   const worker = async () => {
-    for (let item = queue.shift(); item; item = queue.shift()) await classify(...item);
+    for (let item = queue.shift(); item; item = queue.shift()) await job(item);
   };
   await Promise.all(Array.from({ length: MAX_PARALLEL_UPLOADS }, worker));
+}
+
+async function classifyAll(files) {
+  const cards = [...files].map((file) => {
+    const card = resultCard(file);
+    $("results").prepend(card);
+    return card;
+  });
+  await inParallel(cards, classify);
+}
+
+function setUpHeatmaps() {
+  const toggle = $("heatmap");
+  const slider = $("heatmap-opacity");
+  toggle.addEventListener("change", () => {
+    $("results").classList.toggle("heatmaps", toggle.checked);
+    if (toggle.checked) inParallel(document.querySelectorAll("#results .card.ok"), explain);
+  });
+  slider.addEventListener("input", () => {
+    $("results").style.setProperty("--heatmap-opacity", String(slider.value / 100));
+    $("heatmap-opacity-value").textContent = `${slider.value}%`;
+  });
 }
 
 function setUpUploads() {
@@ -157,8 +301,8 @@ function setUpUploads() {
 // ---- model card ----------------------------------------------------------------------------
 
 // The model versions being served (/v1/models) fill the picker; "" is the server's default.
-function chosenModel() {
-  const [model, version] = $("model-choice").value.split("@");
+function chosenModel(choice = $("model-choice").value) {
+  const [model, version] = choice.split("@");
   return model ? { model, version } : {};
 }
 
@@ -347,6 +491,10 @@ async function refreshLive() {
 }
 
 setUpUploads();
-$("model-choice").addEventListener("change", loadModelCard);
+setUpHeatmaps();
+$("model-choice").addEventListener("change", () => {
+  showModelNotes();
+  loadModelCard();
+});
 loadModelCard();
 refreshLive();
