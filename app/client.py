@@ -4,10 +4,19 @@ python -m app.client examples/ --url http://127.0.0.1:8000
 python -m app.client photos/ a.jpg --url URL --top-k 3 --concurrency 8 --format jsonl -o out.jsonl
 python -m app.client photos/ --url URL --model resnet50 --model-version 2
 python -m app.client photos/ --url URL --trace      # one trace for the run (docs/tracing.md)
+python -m app.client photos/ --url URL --embed photos.npz    # POST /embed (docs/embeddings.md)
+python -m app.client photos/ --url URL --explain heatmaps/   # POST /explain
 
 Folders are walked recursively for image files (by suffix); files named on the command line are
 always sent, so the server says what is wrong with them. 503 answers are retried after the
-server's Retry-After. Exit status: 0 if every image was classified, 1 if any failed, 2 on bad usage.
+server's Retry-After. Exit status: 0 if every image was answered, 1 if any failed (or the model
+cannot answer --embed or --explain at all), 2 on bad usage.
+
+--embed OUT.npz: one .npz, ``np.load(OUT)["embeddings"]`` float32 [N, F] and ``["paths"]`` str [N],
+row i the embedding of paths[i], in the order the images were found; an image that failed is left
+out of both (its row in the report says why). --explain DIR: each image's heatmap as
+DIR/<its path under the folder named>/<stem>.heatmap.png (an RGBA PNG to lay over the image).
+The report (CSV or JSON lines, one row per image) is the same in every mode.
 
 Tracing: every request carries a W3C ``traceparent`` in the run's trace, a span of its own, when
 ``--trace`` is given (a new sampled trace, its id printed at the end) or ``TRACEPARENT`` is set (the
@@ -18,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import csv
 import json
 import mimetypes
@@ -34,11 +44,13 @@ from pathlib import Path
 from typing import IO, Any
 
 import httpx
+import numpy as np
 from tqdm import tqdm
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 MAX_RETRY_WAIT_S = 60.0  # a Retry-After beyond this is capped, not obeyed blindly
 CSV_FIELDS = ["path", "status", "top1", "score", "predictions", "latency_ms", "attempts", "error"]
+HEATMAP_SUFFIX = ".heatmap.png"
 _TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-[0-9a-f]{16}-([0-9a-f]{2})")
 
 
@@ -51,6 +63,9 @@ class Outcome:
     attempts: int = 0
     error: dict[str, str] | None = None
     traceparent: str | None = None  # what the last attempt sent (jsonl only)
+    heatmap: str | None = None  # where its heatmap PNG was written (--explain)
+    embedding: np.ndarray | None = field(default=None, repr=False)  # goes to --embed's file
+    png: bytes | None = field(default=None, repr=False)  # the heatmap, until written
 
     def row(self) -> dict[str, Any]:
         return {
@@ -61,6 +76,7 @@ class Outcome:
             "attempts": self.attempts,
             "error": self.error,
             **({"traceparent": self.traceparent} if self.traceparent else {}),
+            **({"heatmap": self.heatmap} if self.heatmap else {}),
         }
 
     def csv_row(self) -> dict[str, Any]:
@@ -75,21 +91,53 @@ class Outcome:
             "latency_ms": self.latency_ms if self.latency_ms is not None else "",
             "attempts": self.attempts,
             "error": error,
+            "heatmap": self.heatmap or "",
         }
 
 
-def find_images(paths: list[Path]) -> Iterator[Path]:
+@dataclass(frozen=True)
+class Mode:
+    """What the run asks of the server, and where the answers that are not rows go."""
+
+    endpoint: str = "/predict"
+    verb: str = "classifying"
+    embeddings: Path | None = None  # --embed: the .npz
+    heatmaps: Path | None = None  # --explain: the folder
+
+    @classmethod
+    def chosen(cls, args: argparse.Namespace) -> Mode:
+        if args.embed:
+            return cls("/embed", "embedding", embeddings=args.embed)
+        if args.explain:
+            return cls("/explain", "explaining", heatmaps=args.explain)
+        return cls()
+
+
+def find_images(paths: list[Path]) -> Iterator[tuple[Path, Path]]:
+    """Each image, and its path under the folder named that holds it (a file named: its name)."""
     for path in paths:
         if path.is_dir():
             yield from sorted(
-                p
+                (p, p.relative_to(path))
                 for p in path.rglob("*")
                 if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
             )
         elif path.is_file():
-            yield path
+            yield path, Path(path.name)
         else:
             raise FileNotFoundError(f"{path}: no such file or directory")
+
+
+def heatmap_paths(found: list[tuple[Path, Path]], folder: Path) -> dict[Path, Path]:
+    """Where each image's heatmap goes; raises ValueError where two images would share one."""
+    chosen: dict[Path, Path] = {}
+    sources: dict[Path, Path] = {}
+    for path, relative in found:
+        target = folder / relative.parent / (relative.stem + HEATMAP_SUFFIX)
+        if sources.setdefault(target, path) != path:
+            raise ValueError(f"{sources[target]} and {path} would both write {target}")
+        chosen[path] = target
+    return chosen
 
 
 def retry_after_s(value: str | None, default: float = 1.0) -> float:
@@ -131,6 +179,7 @@ async def classify(
     top_k: int | None,
     retries: int,
     trace: RunTrace | None = None,
+    endpoint: str = "/predict",
 ) -> Outcome:
     outcome = Outcome(str(path))
     try:
@@ -148,7 +197,7 @@ async def classify(
             headers["traceparent"] = outcome.traceparent = trace.header()
         try:
             files = {"file": (path.name, data, media_type)}
-            response = await client.post("/predict", files=files, params=params, headers=headers)
+            response = await client.post(endpoint, files=files, params=params, headers=headers)
         except httpx.TransportError as exc:
             outcome.error = {"code": "connection_failed", "message": repr(exc)}
             if outcome.attempts > retries:
@@ -169,7 +218,12 @@ def _read_answer(outcome: Outcome, response: httpx.Response) -> Outcome:
     except ValueError:
         body = None
     if response.is_success and isinstance(body, dict):
-        outcome.predictions = body["results"][0]["predictions"]
+        result = body["results"][0]
+        outcome.predictions = result.get("predictions", [])
+        if "embedding" in result:
+            outcome.embedding = np.asarray(result["embedding"], dtype=np.float32)
+        if "heatmap" in result:
+            outcome.png = base64.b64decode(result["heatmap"]["png"])
         outcome.error = None
     elif isinstance(body, dict) and isinstance(body.get("error"), dict):
         outcome.error = {"code": body["error"]["code"], "message": body["error"]["message"]}
@@ -178,10 +232,45 @@ def _read_answer(outcome: Outcome, response: httpx.Response) -> Outcome:
     return outcome
 
 
+async def write_heatmap(outcome: Outcome, target: Path) -> None:
+    """The answer's heatmap PNG to ``target``; a file that cannot be written fails the image."""
+    assert outcome.png is not None
+    try:
+        await asyncio.to_thread(_write_bytes, target, outcome.png)
+    except OSError as exc:
+        outcome.error = {"code": "unwritable_heatmap", "message": str(exc)}
+    else:
+        outcome.heatmap = str(target)
+    outcome.png = None
+
+
+def _write_bytes(target: Path, data: bytes) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(data)
+
+
+def save_embeddings(out: Path, paths: list[Path], vectors: dict[int, np.ndarray]) -> None:
+    """``vectors`` (by index into ``paths``) as --embed's .npz, in ``paths``' order: plain arrays,
+    so ``np.load`` reads them without ``allow_pickle``. No vector at all: embeddings is [0, 0]."""
+    order = sorted(vectors)
+    names = np.array([str(paths[i]) for i in order], dtype=str)
+    matrix = np.stack([vectors[i] for i in order]) if order else np.zeros((0, 0), np.float32)
+    with open(out, "wb") as stream:  # a file object: savez appends no suffix of its own
+        np.savez(stream, embeddings=matrix, paths=names)
+
+
+@dataclass
+class Tally:
+    failed: int = 0
+    embeddings: dict[int, np.ndarray] = field(default_factory=dict)  # by index into the paths
+    refused: dict[str, str] | None = None  # the model cannot answer this mode at all
+
+
 class Writer:
-    def __init__(self, stream: IO[str], fmt: str) -> None:
+    def __init__(self, stream: IO[str], fmt: str, heatmaps: bool = False) -> None:
         self.stream, self.fmt = stream, fmt
-        self.csv = csv.DictWriter(stream, CSV_FIELDS) if fmt == "csv" else None
+        fields = [*CSV_FIELDS, "heatmap"] if heatmaps else CSV_FIELDS
+        self.csv = csv.DictWriter(stream, fields, extrasaction="ignore") if fmt == "csv" else None
         if self.csv:
             self.csv.writeheader()
 
@@ -194,14 +283,20 @@ class Writer:
 
 
 async def run(
-    args: argparse.Namespace, paths: list[Path], writer: Writer, trace: RunTrace | None = None
-) -> int:
-    """Classify every path with at most ``args.concurrency`` requests in flight; return failures."""
+    args: argparse.Namespace,
+    paths: list[Path],
+    writer: Writer,
+    trace: RunTrace | None = None,
+    mode: Mode = Mode(),
+    heatmaps: dict[Path, Path] | None = None,
+) -> Tally:
+    """Send every path with at most ``args.concurrency`` requests in flight. A model that cannot
+    answer the mode at all (output_unavailable) stops the run: no image could succeed."""
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=args.concurrency)
-    pending = iter(paths)
-    failed = 0
-    bar = tqdm(total=len(paths), unit="img", desc="classifying", file=sys.stderr, smoothing=0.1)
+    pending = iter(enumerate(paths))
+    tally = Tally()
+    bar = tqdm(total=len(paths), unit="img", desc=mode.verb, file=sys.stderr, smoothing=0.1)
     # Sent with every request: which model, and which of its versions, answers.
     chosen = {"model": args.model, "version": args.model_version}
     params = {name: value for name, value in chosen.items() if value is not None}
@@ -210,17 +305,26 @@ async def run(
     ) as client:
 
         async def worker() -> None:
-            nonlocal failed
-            for path in pending:
-                outcome = await classify(client, path, args.top_k, args.retries, trace)
-                failed += outcome.error is not None
+            for index, path in pending:
+                outcome = await classify(
+                    client, path, args.top_k, args.retries, trace, mode.endpoint
+                )
+                if outcome.png is not None and heatmaps is not None:
+                    await write_heatmap(outcome, heatmaps[path])
+                if outcome.error is None and outcome.embedding is not None:
+                    tally.embeddings[index] = outcome.embedding
+                tally.failed += outcome.error is not None
                 writer.write(outcome)
                 bar.update()
-                bar.set_postfix(failed=failed, refresh=False)
+                bar.set_postfix(failed=tally.failed, refresh=False)
+                if outcome.error is not None and outcome.error["code"] == "output_unavailable":
+                    tally.refused = outcome.error
+                if tally.refused:
+                    return
 
         await asyncio.gather(*(worker() for _ in range(args.concurrency)))
     bar.close()
-    return failed
+    return tally
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -246,9 +350,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--trace", action="store_true", help="send every request in one new sampled trace"
     )
+    instead = parser.add_mutually_exclusive_group()
+    instead.add_argument(
+        "--embed",
+        type=Path,
+        metavar="OUT.npz",
+        help="ask /embed, and write the embeddings and their paths to OUT.npz",
+    )
+    instead.add_argument(
+        "--explain",
+        type=Path,
+        metavar="DIR",
+        help="ask /explain, and write each image's heatmap to DIR/<path>/<stem>.heatmap.png",
+    )
     args = parser.parse_args(argv)
     if args.concurrency < 1 or args.retries < 0 or (args.top_k is not None and args.top_k < 1):
         parser.error("need --concurrency >= 1, --retries >= 0 and --top-k >= 1")
+    if args.embed:
+        if args.embed.suffix != ".npz":
+            parser.error(f"--embed writes an .npz (embeddings and paths), not {args.embed}")
+        if not args.embed.parent.is_dir():
+            parser.error(f"--embed: no folder {args.embed.parent} to write {args.embed.name} in")
+        if args.top_k is not None:
+            parser.error("--top-k: /embed answers no labels")
     args.api_key = None
     if args.api_key_file:
         try:
@@ -260,11 +384,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    mode = Mode.chosen(args)
     try:
-        paths = list(find_images(args.paths))
-    except FileNotFoundError as exc:
+        found = list(find_images(args.paths))
+        heatmaps = heatmap_paths(found, mode.heatmaps) if mode.heatmaps else None
+    except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    paths = [path for path, _ in found]
     if not paths:
         print(f"error: no image files in {' '.join(map(str, args.paths))}", file=sys.stderr)
         return 2
@@ -274,15 +401,22 @@ def main(argv: list[str] | None = None) -> int:
         stream = sys.stdout
         if args.output:
             stream = stack.enter_context(open(args.output, "w", newline=""))
-        failed = asyncio.run(run(args, paths, Writer(stream, args.format), trace))
+        writer = Writer(stream, args.format, heatmaps=heatmaps is not None)
+        tally = asyncio.run(run(args, paths, writer, trace, mode, heatmaps))
+    if tally.refused:
+        print(f"error: {tally.refused['code']}: {tally.refused['message']}", file=sys.stderr)
+        return 1
+    if mode.embeddings:
+        save_embeddings(mode.embeddings, paths, tally.embeddings)
     seconds = time.perf_counter() - started
     print(
-        f"{len(paths)} images, {failed} failed, {seconds:.1f} s "
+        f"{len(paths)} images, {tally.failed} failed, {seconds:.1f} s "
         f"({len(paths) / seconds if seconds else 0:.1f} img/s)"
-        + (f", trace {trace.trace_id}" if trace is not None else ""),
+        + (f", trace {trace.trace_id}" if trace is not None else "")
+        + (f", {len(tally.embeddings)} embeddings in {mode.embeddings}" if mode.embeddings else ""),
         file=sys.stderr,
     )
-    return 1 if failed else 0
+    return 1 if tally.failed else 0
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import json
@@ -15,12 +16,16 @@ from email.utils import formatdate
 from itertools import pairwise
 from pathlib import Path
 from time import time
+from typing import Any
 
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
 
 from app.client import MAX_RETRY_WAIT_S, retry_after_s
-from tests.helpers.server import ROOT, Server, free_port
+from tests.helpers.models import build_model, image_bytes
+from tests.helpers.server import ROOT, Server, free_port, message_is, run_server
 
 EXAMPLES = sorted((ROOT / "examples").glob("digit-*.png"))
 
@@ -37,14 +42,30 @@ def server_top1(url: str, path: Path) -> str:
     return label
 
 
+def server_result(url: str, endpoint: str, path: Path) -> dict[str, Any]:
+    """``endpoint``'s answer for the one image at ``path``, asked directly."""
+    files = {"file": (path.name, path.read_bytes(), "image/png")}
+    response = httpx.post(f"{url}{endpoint}", files=files, timeout=30)
+    assert response.status_code == 200, response.text
+    result: dict[str, Any] = response.json()["results"][0]
+    return result
+
+
+def scans(folder: Path) -> Path:
+    """The examples, half in a subfolder, and a broken PNG (a header, no pixels)."""
+    (folder / "nested").mkdir(parents=True)
+    for index, path in enumerate(EXAMPLES):
+        shutil.copy(path, folder / ("nested" if index % 2 else ".") / path.name)
+    broken = folder / "broken.png"
+    broken.write_bytes(EXAMPLES[0].read_bytes()[:60])
+    return broken
+
+
 def test_folder_with_a_broken_file_writes_one_json_line_per_image(
     server: Server, tmp_path: Path
 ) -> None:
     folder = tmp_path / "scans"
-    (folder / "nested").mkdir(parents=True)
-    for index, path in enumerate(EXAMPLES):
-        shutil.copy(path, folder / ("nested" if index % 2 else ".") / path.name)
-    (folder / "broken.png").write_bytes(EXAMPLES[0].read_bytes()[:60])  # header, no pixels
+    scans(folder)
     (folder / "notes.txt").write_text("not an image: skipped in folders")
     out = tmp_path / "out.jsonl"
 
@@ -100,13 +121,118 @@ def test_model_and_version_go_with_every_request(server: Server) -> None:
     assert "unknown version '9' of model 'tiny-test'" in row["error"]
 
 
+def test_embed_writes_each_answered_images_vector_beside_its_path(
+    server: Server, tmp_path: Path
+) -> None:
+    folder = tmp_path / "scans"
+    broken = scans(folder)
+    out, report = tmp_path / "vectors.npz", tmp_path / "out.jsonl"
+
+    done = run_client(
+        folder, "--url", server.url, "--embed", out, "--format", "jsonl", "-o", report
+    )
+
+    assert done.returncode == 1, done.stderr
+    assert "11 images, 1 failed" in done.stderr
+    assert f"10 embeddings in {out}" in done.stderr
+    rows = {row["path"]: row for row in map(json.loads, report.read_text().splitlines())}
+    assert rows.pop(str(broken))["error"]["code"] == "invalid_image"
+    assert all(row["status"] == 200 and row["error"] is None for row in rows.values())
+    saved = np.load(out)  # no allow_pickle: plain arrays
+    embeddings, paths = saved["embeddings"], saved["paths"]
+    assert embeddings.dtype == np.float32
+    assert embeddings.shape == (10, 48)  # the tiny model's embedding: 48 features
+    # The order the folder was walked in (sorted), the broken file left out.
+    assert paths.tolist() == [str(p) for p in sorted(folder.rglob("*.png")) if p != broken]
+    assert set(paths.tolist()) == set(rows)
+    for path, vector in zip(paths, embeddings, strict=True):
+        expected = server_result(server.url, "/embed", Path(path))["embedding"]
+        np.testing.assert_allclose(vector, expected, rtol=1e-6, atol=1e-7)
+        assert abs(np.linalg.norm(vector) - 1) < 1e-5  # normalised, as /embed's default
+
+
+def test_explain_writes_a_heatmap_per_image_where_its_path_says(
+    server: Server, tmp_path: Path
+) -> None:
+    folder = tmp_path / "scans"
+    (folder / "nested").mkdir(parents=True)
+    wide = folder / "nested" / "wide.png"
+    wide.write_bytes(image_bytes(3, size=(80, 40)))
+    shutil.copy(EXAMPLES[2], folder / EXAMPLES[2].name)
+    heatmaps = tmp_path / "heatmaps"
+
+    done = run_client(
+        folder, EXAMPLES[5], "--url", server.url, "--explain", heatmaps, "--top-k", "10"
+    )
+
+    assert done.returncode == 0, done.stderr
+    rows = {row["path"]: row for row in csv.DictReader(io.StringIO(done.stdout))}
+    expected = {
+        wide: heatmaps / "nested" / "wide.heatmap.png",
+        folder / EXAMPLES[2].name: heatmaps / "digit-2.heatmap.png",
+        EXAMPLES[5]: heatmaps / "digit-5.heatmap.png",  # a file named: by its name
+    }
+    assert sorted(p.relative_to(heatmaps) for p in heatmaps.rglob("*")) == sorted(
+        [Path("nested"), *(p.relative_to(heatmaps) for p in expected.values())]
+    )
+    for path, written in expected.items():
+        row = rows[str(path)]
+        assert row["heatmap"] == str(written)
+        answer = server_result(server.url, "/explain?top_k=10", path)
+        assert row["predictions"] == ";".join(
+            f"{p['label']}:{p['score']:.6g}" for p in answer["predictions"]
+        )
+        declared = answer["heatmap"]
+        with Image.open(written) as png, Image.open(path) as image:
+            assert png.format == "PNG"
+            assert (png.mode, png.size) == ("RGBA", (declared["width"], declared["height"]))
+            assert png.size == image.size
+            pixels = np.asarray(png)
+        with Image.open(io.BytesIO(base64.b64decode(declared["png"]))) as served:
+            np.testing.assert_array_equal(pixels, np.asarray(served))
+
+
+def test_a_model_without_the_outputs_is_one_clear_error(tmp_path: Path) -> None:
+    old = build_model(tmp_path / "old.onnx", extras=False)
+    out, heatmaps = tmp_path / "vectors.npz", tmp_path / "heatmaps"
+    with run_server(old) as server:
+        server.wait_for_log(message_is("ready"))
+        embedded = run_client(*EXAMPLES, "--url", server.url, "--embed", out)
+        explained = run_client(*EXAMPLES, "--url", server.url, "--explain", heatmaps)
+
+    for done, output in ((embedded, "'embedding'"), (explained, "'class_map'")):
+        assert done.returncode == 1
+        last = done.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: output_unavailable: "), done.stderr
+        assert output in last
+        assert "re-export" in last
+        assert "Traceback" not in done.stderr
+    # Stopped at the first refusal: at most one request per connection went out.
+    assert len(list(csv.DictReader(io.StringIO(embedded.stdout)))) <= 4
+    assert not out.exists()
+    assert not heatmaps.exists()
+
+
+def test_two_images_that_would_share_a_heatmap_are_a_usage_error(tmp_path: Path) -> None:
+    for name in ("a.png", "a.jpg"):
+        shutil.copy(EXAMPLES[0], tmp_path / name)
+    done = run_client(tmp_path, "--url", "http://127.0.0.1:9", "--explain", tmp_path / "maps")
+    assert done.returncode == 2
+    assert "would both write" in done.stderr
+    assert "a.heatmap.png" in done.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["missing-folder"], "no such file or directory"),
         ([str(ROOT / "app" / "http" / "static")], "no image files"),
+        (["examples", "--embed", "out.npy"], "--embed writes an .npz"),
+        (["examples", "--embed", "missing-folder/out.npz"], "no folder missing-folder"),
+        (["examples", "--embed", "out.npz", "--top-k", "3"], "/embed answers no labels"),
+        (["examples", "--embed", "out.npz", "--explain", "maps"], "not allowed with"),
     ],
-    ids=["missing", "no-images"],
+    ids=["missing", "no-images", "embed-suffix", "embed-folder", "embed-top-k", "both"],
 )
 def test_nothing_to_send_is_a_usage_error(args: list[str], message: str) -> None:
     done = run_client(*args, "--url", "http://127.0.0.1:9")
