@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from app.edge.access import key_files
 from app.grpc import server as grpc_serving
 from app.http.docs import install_docs
+from app.http.embed import direct_embed, direct_explain
 from app.http.embed import router as embed_router
 from app.http.handlers import install_error_handlers
 from app.http.middleware import Door
@@ -77,7 +78,11 @@ def create_app(
         routes=routes,
         max_request_bytes=settings.max_request_bytes,
         upload_timeout_ms=settings.upload_timeout_ms,
-        direct={("POST", "/predict"): direct_predict},
+        direct={
+            ("POST", "/predict"): direct_predict,
+            ("POST", "/embed"): direct_embed,
+            ("POST", "/explain"): direct_explain,
+        },
     )
     app.state.routes = routes
     return app

@@ -25,11 +25,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import io
 import json
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +42,8 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from benchmarks.load import photo, run_server
+from benchmarks.load import Server, free_port, photo, run_server
+from benchmarks.load import _wait_ready as wait_ready
 from benchmarks.peers.run import cpu_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -184,18 +190,31 @@ async def _closed_loop(url: str, path: str, data: bytes, seconds: float) -> floa
         return done / (time.monotonic() - started)
 
 
-def speed(model: Path, seconds: float, rounds: int) -> dict[str, Any]:
+def speed(
+    model: Path, seconds: float, rounds: int, baseline: tuple[Path, Path] | None = None
+) -> dict[str, Any]:
+    """``baseline``: (a checkout, its model file), whose ``/predict`` is measured in the same
+    rounds, on its own server: what ``/predict`` cost before."""
     data = photo(500, 375, 0)
     paths = ("/predict", "/embed", "/explain")
     rates: dict[str, list[float]] = {path: [] for path in paths}
-    with run_server(model) as server:
+    if baseline is not None:
+        rates["baseline /predict"] = []
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(run_server(model))
+        before = None
+        if baseline is not None:
+            before = stack.enter_context(_checkout_server(*baseline))
         for path in paths:  # warm each path's batches and threads
             asyncio.run(_closed_loop(server.url, path, data, 2))
         for _ in range(rounds):
             for path in paths:
                 rates[path].append(asyncio.run(_closed_loop(server.url, path, data, seconds)))
+            if before is not None:
+                rate = asyncio.run(_closed_loop(before.url, "/predict", data, seconds))
+                rates["baseline /predict"].append(rate)
     medians = {path: statistics.median(values) for path, values in rates.items()}
-    return {
+    figures = {
         "clients": 16,
         "seconds_each": seconds,
         "rounds": rounds,
@@ -204,6 +223,35 @@ def speed(model: Path, seconds: float, rounds: int) -> dict[str, Any]:
         "embed_over_predict": round(medians["/embed"] / medians["/predict"], 3),
         "explain_over_predict": round(medians["/explain"] / medians["/predict"], 3),
     }
+    if baseline is not None:
+        figures["baseline"] = f"{baseline[0]} serving {baseline[1]}"
+        figures["predict_over_baseline"] = round(
+            medians["/predict"] / medians["baseline /predict"], 3
+        )
+    return figures
+
+
+@contextlib.contextmanager
+def _checkout_server(root: Path, model: Path) -> Iterator[Any]:
+    """``python -m app`` of another checkout (its own code, on this venv), on ``model``."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(root),
+        "RESNET_SERVE_MODEL_PATH": str(model),
+        "RESNET_SERVE_HOST": "127.0.0.1",
+        "RESNET_SERVE_PORT": str(port),
+        "RESNET_SERVE_LOG_LEVEL": "warning",
+        "RESNET_SERVE_GRPC_PORT": "0",
+    }
+    process = subprocess.Popen([sys.executable, "-m", "app"], cwd=root, env=env)
+    server = Server(process, f"http://127.0.0.1:{port}")
+    try:
+        asyncio.run(wait_ready(server))
+        yield server
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
 
 
 def _record(name: str, model: Path | None, figures: dict[str, Any], results: Path) -> None:
@@ -227,6 +275,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="where canvas writes its folders")
     parser.add_argument("--seconds", type=float, default=8.0, help="each speed probe")
     parser.add_argument("--rounds", type=int, default=3, help="speed rounds, interleaved")
+    parser.add_argument(
+        "--baseline",
+        help="CHECKOUT:MODEL, another checkout's /predict on its model file, in the same rounds",
+    )
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.what == "canvas":
@@ -237,7 +289,11 @@ def main() -> None:
     elif args.what == "localisation":
         figures = localisation(args.model, args.data)
     else:
-        figures = speed(args.model, args.seconds, args.rounds)
+        baseline = None
+        if args.baseline:
+            root, _, path = args.baseline.partition(":")
+            baseline = (Path(root).resolve(), Path(path).resolve())
+        figures = speed(args.model, args.seconds, args.rounds, baseline)
     _record(args.what, args.model, figures, args.results)
 
 

@@ -5,21 +5,24 @@ the model saw its class.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
 import orjson
 from fastapi import APIRouter, Query, Request, Response
+from starlette.types import Receive, Scope, Send
 
 from app.edge.access import Access, access
 from app.edge.requests import unless_disconnected
+from app.http.handlers import service_error
 from app.http.openapi import ERRORS, PREDICT_BODY
-from app.http.predict import ModelName, ModelVersion, TopK, read_uploads
+from app.http.predict import ModelName, ModelVersion, TopK, plain_query, read_uploads
 from app.http.schemas import EmbedResponse, ExplainResponse
 from app.pipeline.heads import Embed, Explain, Head
 from app.pipeline.pipeline import Image
 from app.service import Service
 from core.contract import ModelMetadata
+from core.errors import ServiceError
 
 router = APIRouter()
 T = TypeVar("T")
@@ -47,8 +50,14 @@ async def embed(
     model: ModelName = None,
     version: ModelVersion = None,
 ) -> Response:
+    return await _embed(request, request.app.state.service, normalize, model, version)
+
+
+async def _embed(
+    request: Request, service: Service, normalize: bool, model: str | None, version: str | None
+) -> Response:
     header, images, vectors = await _answers(
-        request, model, version, lambda metadata: Embed(normalize)
+        request, service, model, version, lambda metadata: Embed(normalize)
     )
     results = [
         {"filename": image.name, "embedding": vector}
@@ -73,12 +82,23 @@ async def explain(
     model: ModelName = None,
     version: ModelVersion = None,
 ) -> Response:
-    default_top_k = request.app.state.service.default_top_k
+    return await _explain(request, request.app.state.service, top_k, class_id, model, version)
+
+
+async def _explain(
+    request: Request,
+    service: Service,
+    top_k: int | None,
+    class_id: int | None,
+    model: str | None,
+    version: str | None,
+) -> Response:
     header, images, explained = await _answers(
         request,
+        service,
         model,
         version,
-        lambda metadata: Explain(metadata, top_k, default_top_k, class_id),
+        lambda metadata: Explain(metadata, top_k, service.default_top_k, class_id),
     )
     results = [
         {
@@ -93,15 +113,70 @@ async def explain(
 
 async def _answers(
     request: Request,
+    service: Service,
     model: str | None,
     version: str | None,
     head_for: Callable[[ModelMetadata], Head[T]],
 ) -> tuple[dict[str, Any], list[Image], list[T]]:
     """The answering model's name and version, the request's images, and the head's answer for
     each, as ``/predict`` computes its own (app.http.predict)."""
-    service: Service = request.app.state.service
     with service.models.resolve(model, version).hold() as served:
         head = head_for(served.metadata)  # a bad parameter is refused before the body is read
         images = await read_uploads(request, service.limits)
         answers = await unless_disconnected(request.receive, served.pipeline.images(images, head))
     return {"model_name": served.name, "model_version": served.version}, images, answers
+
+
+async def direct_embed(service: Service, scope: Scope, receive: Receive, send: Send) -> bool:
+    """``POST /embed`` from the door, as ``/predict``'s (app.http.predict.direct): False, with
+    nothing sent, where the query needs FastAPI's validation to say what is wrong with it."""
+    query = plain_query(scope["query_string"], ("normalize", "model", "version"))
+    normalize = BOOLEANS.get((query or {}).get("normalize", "true").lower())
+    if query is None or normalize is None:
+        return False
+    request = Request(scope, receive)
+    await _answered(
+        _embed(request, service, normalize, query.get("model"), query.get("version")),
+        scope,
+        receive,
+        send,
+    )
+    return True
+
+
+async def direct_explain(service: Service, scope: Scope, receive: Receive, send: Send) -> bool:
+    """``POST /explain`` from the door, as ``direct_embed``."""
+    query = plain_query(scope["query_string"], ("top_k", "class_id", "model", "version"))
+    if query is None:
+        return False
+    top_k, class_id = query.get("top_k"), query.get("class_id")
+    if not all(v is None or (v.isascii() and v.isdigit()) for v in (top_k, class_id)):
+        return False
+    if top_k is not None and int(top_k) < 1:
+        return False
+    request = Request(scope, receive)
+    work = _explain(
+        request,
+        service,
+        None if top_k is None else int(top_k),
+        None if class_id is None else int(class_id),
+        query.get("model"),
+        query.get("version"),
+    )
+    await _answered(work, scope, receive, send)
+    return True
+
+
+# What FastAPI's bool query accepts, each way.
+BOOLEANS = {
+    **dict.fromkeys(("true", "1", "yes", "on"), True),
+    **dict.fromkeys(("false", "0", "no", "off"), False),
+}
+
+
+async def _answered(work: Awaitable[Response], scope: Scope, receive: Receive, send: Send) -> None:
+    try:
+        response = await work
+    except ServiceError as exc:
+        response = service_error(exc, scope["path"])
+    await response(scope, receive, send)

@@ -75,20 +75,30 @@ async def direct(service: Service, scope: Scope, receive: Receive, send: Send) -
 
 def _query(raw: bytes) -> tuple[int | None, str | None, str | None] | None:
     """top_k, model and version where the route's own validation would pass them; else None."""
+    values = plain_query(raw, ("top_k", "model", "version"))
+    if values is None:
+        return None
+    top_k = values.get("top_k")
+    if top_k is not None and not (top_k.isascii() and top_k.isdigit() and int(top_k) >= 1):
+        return None
+    return (int(top_k) if top_k is not None else None), values.get("model"), values.get("version")
+
+
+def plain_query(raw: bytes, names: tuple[str, ...]) -> dict[str, str] | None:
+    """The query's values by name, where each is given once and ``model`` and ``version`` are
+    within their lengths; else None (FastAPI's rules decide, and say what is wrong). Unknown
+    names are ignored, as FastAPI ignores them."""
     values: dict[str, str] = {}
     for name, value in parse_qsl(raw.decode("latin-1"), keep_blank_values=True):
         if name in values:
             return None  # repeated: FastAPI's rules decide
         values[name] = value
-    top_k = values.get("top_k")
     model, version = values.get("model"), values.get("version")
-    if top_k is not None and not (top_k.isascii() and top_k.isdigit() and int(top_k) >= 1):
-        return None
     if (model is not None and len(model) > MODEL_MAX) or (
         version is not None and len(version) > VERSION_MAX
     ):
         return None
-    return (int(top_k) if top_k is not None else None), model, version
+    return {name: values[name] for name in names if name in values}
 
 
 async def _predict(

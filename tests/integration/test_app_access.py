@@ -50,6 +50,8 @@ def test_a_route_that_declares_no_access_stops_the_app_from_being_built() -> Non
 def test_the_declarations_are_what_the_service_promises(make_settings: Any) -> None:
     app = create_app(make_settings())
     assert declared(app, Access.INFERENCE) == [
+        ("POST", "/embed"),
+        ("POST", "/explain"),
         ("POST", "/predict"),
         ("POST", "/v2/models/x/infer"),
         ("POST", "/v2/models/x/versions/x/infer"),

@@ -89,8 +89,8 @@ async def test_explain_answers_top_k_and_a_heatmap_over_the_image(
     assert (heatmap["class_id"], heatmap["label"]) == (top, LABELS[top])
     assert (heatmap["width"], heatmap["height"]) == (80, 40)
     png = Image.open(io.BytesIO(base64.b64decode(heatmap["png"])))
-    assert (png.size, png.mode) == ((80, 40), "RGBA")
-    alpha = np.asarray(png)[..., 3]
+    assert (png.size, png.format) == ((80, 40), "PNG")
+    alpha = np.asarray(png.convert("RGBA"))[..., 3]
     left, top, right, bottom = (round(v) for v in crop_box(80, 40, recipe_for(CROP_SIZE)))
     # Drawn over the crop the model saw, transparent around it.
     inside = alpha[top:bottom, left:right]
