@@ -14,8 +14,10 @@ from fastapi import FastAPI
 
 from app.repository.models import Models
 
-# The operations whose `model` and `version` query parameters name a served version.
-NAMED = (("/predict", "post"), ("/v1/model", "get"))
+# The operations that take images as /predict does, and those whose `model` and `version` query
+# parameters name a served version.
+UPLOADS = ("/predict", "/embed", "/explain")
+NAMED = (*((path, "post") for path in UPLOADS), ("/v1/model", "get"))
 
 
 def install_schema_bounds(app: FastAPI, max_images_per_request: int, default_top_k: int) -> None:
@@ -31,9 +33,10 @@ def install_schema_bounds(app: FastAPI, max_images_per_request: int, default_top
 def _bounded(
     schema: dict[str, Any], app: FastAPI, max_images_per_request: int, default_top_k: int
 ) -> dict[str, Any]:
-    predict = schema["paths"]["/predict"]["post"]
-    multipart = predict["requestBody"]["content"]["multipart/form-data"]["schema"]
-    multipart["properties"]["files"]["maxItems"] = max_images_per_request
+    for path in UPLOADS:
+        body = schema["paths"][path]["post"]["requestBody"]
+        multipart = body["content"]["multipart/form-data"]["schema"]
+        multipart["properties"]["files"]["maxItems"] = max_images_per_request
     models: Models | None = getattr(app.state.service, "models", None)
     ready = models.ready() if models is not None else []
     if not ready:
@@ -45,15 +48,17 @@ def _bounded(
             elif parameter["name"] == "version":
                 versions = sorted({s.version for s in ready})
                 parameter["schema"] = {"type": "string", "enum": versions}
-    for parameter in predict["parameters"]:
-        # One model: its classes bound top_k; with several, each model's own do.
-        if parameter["name"] == "top_k" and len({s.name for s in ready}) == 1:
-            classes = ready[0].metadata.num_classes
-            parameter["schema"] = {
-                "type": "integer",
-                "minimum": 1,
-                "maximum": classes,
-                "default": min(default_top_k, classes),
-                "title": "Top K",
-            }
+    if len({s.name for s in ready}) != 1:
+        return schema  # with several models, each model's own classes bound top_k and class_id
+    classes = ready[0].metadata.num_classes
+    bounds = {
+        "top_k": {"minimum": 1, "maximum": classes, "default": min(default_top_k, classes)},
+        "class_id": {"minimum": 0, "maximum": classes - 1},
+    }
+    for path in ("/predict", "/explain"):
+        for parameter in schema["paths"][path]["post"]["parameters"]:
+            if parameter["name"] in bounds:
+                title = parameter["name"].replace("_", " ").title()
+                parameter["schema"] = {"type": "integer", **bounds[parameter["name"]]}
+                parameter["schema"]["title"] = title
     return schema

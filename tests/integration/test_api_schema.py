@@ -64,6 +64,12 @@ async def test_bounds_come_from_settings_and_model(serve: Serve) -> None:
         "default": 10,  # default_top_k capped at the classes
         "title": "",
     }
+    explain = {p["name"]: p["schema"] for p in schema["paths"]["/explain"]["post"]["parameters"]}
+    assert (explain["class_id"]["minimum"], explain["class_id"]["maximum"]) == (0, 9)
+    assert explain["top_k"]["maximum"] == 10
+    for path in ("/embed", "/explain"):
+        content = schema["paths"][path]["post"]["requestBody"]["content"]
+        assert content["multipart/form-data"]["schema"]["properties"]["files"]["maxItems"] == 3
     documented = predict["responses"]
     assert set(documented) == {
         *("200", "400", "401", "404", "413", "415", "422", "500", "503", "504"),
