@@ -5,7 +5,7 @@ the model saw its class.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
 import orjson
@@ -14,15 +14,13 @@ from starlette.types import Receive, Scope, Send
 
 from app.edge.access import Access, access
 from app.edge.requests import unless_disconnected
-from app.http.handlers import service_error
 from app.http.openapi import ERRORS, PREDICT_BODY
-from app.http.predict import ModelName, ModelVersion, TopK, plain_query, read_uploads
+from app.http.predict import ModelName, ModelVersion, TopK, answer, plain_query, read_uploads
 from app.http.schemas import EmbedResponse, ExplainResponse
 from app.pipeline.heads import Embed, Explain, Head
 from app.pipeline.pipeline import Image
 from app.service import Service
 from core.contract import ModelMetadata
-from core.errors import ServiceError
 
 router = APIRouter()
 T = TypeVar("T")
@@ -135,7 +133,7 @@ async def direct_embed(service: Service, scope: Scope, receive: Receive, send: S
     if query is None or normalize is None:
         return False
     request = Request(scope, receive)
-    await _answered(
+    await answer(
         _embed(request, service, normalize, query.get("model"), query.get("version")),
         scope,
         receive,
@@ -163,7 +161,7 @@ async def direct_explain(service: Service, scope: Scope, receive: Receive, send:
         query.get("model"),
         query.get("version"),
     )
-    await _answered(work, scope, receive, send)
+    await answer(work, scope, receive, send)
     return True
 
 
@@ -172,11 +170,3 @@ BOOLEANS = {
     **dict.fromkeys(("true", "1", "yes", "on"), True),
     **dict.fromkeys(("false", "0", "no", "off"), False),
 }
-
-
-async def _answered(work: Awaitable[Response], scope: Scope, receive: Receive, send: Send) -> None:
-    try:
-        response = await work
-    except ServiceError as exc:
-        response = service_error(exc, scope["path"])
-    await response(scope, receive, send)

@@ -7,6 +7,7 @@ reading the uploads adds the per-image and per-request image-count limits.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Annotated
 from urllib.parse import parse_qsl
 
@@ -64,13 +65,17 @@ async def direct(service: Service, scope: Scope, receive: Receive, send: Send) -
     query = _query(scope["query_string"])
     if query is None:
         return False
-    request = Request(scope, receive)
+    await answer(_predict(Request(scope, receive), service, *query), scope, receive, send)
+    return True
+
+
+async def answer(work: Awaitable[Response], scope: Scope, receive: Receive, send: Send) -> None:
+    """Send ``work``'s response, or its ServiceError's, as the app's handlers would."""
     try:
-        response = await _predict(request, service, *query)
+        response = await work
     except ServiceError as exc:
         response = service_error(exc, scope["path"])
     await response(scope, receive, send)
-    return True
 
 
 def _query(raw: bytes) -> tuple[int | None, str | None, str | None] | None:

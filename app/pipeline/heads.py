@@ -161,8 +161,8 @@ class Explain:
 def heatmap_png(class_map: np.ndarray, size: Size, recipe: Recipe) -> tuple[str, tuple[int, int]]:
     """The map as a base64 PNG over an image of ``size`` (None: over the crop itself), and the
     PNG's (width, height). A palette PNG whose colours carry their alpha (tRNS): decoded, it is
-    RGBA; encoded, one byte a pixel: under 3 ms for a 500x375 photo, against 46 for the RGBA
-    array first written here, which cost more than the batch."""
+    RGBA; encoded, one byte a pixel, several times cheaper than colouring and encoding RGBA
+    arrays, which cost more than the batch (benchmarks/results/embeddings.md)."""
     values = scaled(class_map)
     crop = recipe.crop_size
     width, height = size if size is not None else (crop, crop)

@@ -341,7 +341,7 @@ class BoundBuckets:
         self.buckets = list(buckets)
         self._rows = dict(rows)
         self._class_ids = class_ids
-        self._shape = (crop_size, device)
+        self._crop_size = crop_size
         self._graphs = graphs
         self._lanes = itertools.count()  # a CUDA graph id is unique per (thread, bucket)
         self._local = threading.local()
@@ -402,19 +402,18 @@ class BoundBuckets:
         slots: dict[int, _Slot] | None = getattr(self._local, "slots", None)
         if slots is None:
             first_id = next(self._lanes) * len(self.buckets)
-            crop_size, device = self._shape
             slots = self._local.slots = {
-                bucket: self._slot(bucket, crop_size, device, first_id + index)
+                bucket: self._slot(bucket, first_id + index)
                 for index, bucket in enumerate(self.buckets)
             }
         return slots
 
-    def _slot(self, bucket: int, crop_size: int, device: str, graph_id: int) -> _Slot:
-        shape_in = (bucket, crop_size, crop_size, 3)
-        images = ort.OrtValue.ortvalue_from_shape_and_type(shape_in, np.uint8, device, 0)
+    def _slot(self, bucket: int, graph_id: int) -> _Slot:
+        shape_in = (bucket, self._crop_size, self._crop_size, 3)
+        images = ort.OrtValue.ortvalue_from_shape_and_type(shape_in, np.uint8, self._device, 0)
         class_ids = None
         if self._class_ids:
-            class_ids = ort.OrtValue.ortvalue_from_numpy(_ids(None, bucket), device, 0)
+            class_ids = ort.OrtValue.ortvalue_from_numpy(_ids(None, bucket), self._device, 0)
         return _Slot(images, class_ids, {}, graph_id if self._graphs else None)
 
 
