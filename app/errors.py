@@ -64,6 +64,19 @@ class UnknownModel(ServiceError):
     code = "model_not_found"
 
 
+class RolloutConflict(ServiceError):
+    """A rollout change the model's state refuses: one already runs, none runs, or the
+    candidate cannot be compared with the baseline."""
+
+    status_code = 409
+    code = "rollout_conflict"
+
+
+class RolloutNotFound(ServiceError):
+    status_code = 404
+    code = "rollout_not_found"
+
+
 class GivenStatus(ServiceError):
     """An error whose status and code were decided elsewhere: a key check's refusal, another
     worker's answer to a repository change."""

@@ -27,6 +27,7 @@ from app.http.routing import RouteTable
 from app.http.schema_bounds import install_schema_bounds
 from app.oip.rest import repository as repository_router
 from app.oip.rest import router as oip_router
+from app.oip.rollouts import router as rollouts_router
 from app.repository.configs import runtime_config
 from app.repository.sources import source
 from app.runtimes.base import Backend
@@ -67,7 +68,14 @@ def create_app(
     app.state.service = service
     install_error_handlers(app)
     routes = RouteTable(app)
-    for each in (predict_router, embed_router, router, oip_router, repository_router):
+    for each in (
+        predict_router,
+        embed_router,
+        router,
+        oip_router,
+        repository_router,
+        rollouts_router,
+    ):
         routes.include(app, each)
     install_page(app, routes)
     install_docs(app, routes)

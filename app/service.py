@@ -11,25 +11,31 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 from app.batching.admission import Admission, Lifecycle
 from app.batching.fair import FairExecutor
 from app.edge.access import KeyFile
 from app.edge.requests import RequestLog
-from app.errors import NotReady, UnknownModel
+from app.errors import NotReady, RolloutNotFound, UnknownModel
 from app.pipeline.pipeline import UploadLimits
 from app.repository.configs import admission_config
-from app.repository.link import Change, Outcome, WorkerLink
+from app.repository.link import TALLY_INTERVAL_S, Change, Outcome, WorkerLink, raise_refusal
 from app.repository.models import Models
+from app.repository.policy import check_version
+from app.repository.requests import RolloutRequest
+from app.repository.rollout import Status
+from app.repository.route import Rollout
 from app.repository.sources import source
 from app.repository.version import Opener
 from app.runtimes.base import Backend
 from app.settings import Settings
 from app.telemetry.metrics import Metrics
 from app.telemetry.tracing import Tracing
+from core.errors import BadRequest
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +96,9 @@ class Service:
         warming = asyncio.create_task(self._first_load())
         watching = self._start(self._watch()) if settings.repository_poll_s else None
         sampler = self._start(metrics.sample_forever()) if metrics.multiprocess else None
+        if self.link is not None:
+            self.models.judged = False  # the supervisor judges every worker's figures
+            self._start(self._report_forever())
         try:
             if settings.workers > 1:
                 # uvicorn listens only once the lifespan has started: until this worker is
@@ -119,6 +128,35 @@ class Service:
             self.models.resolve()
         except UnknownModel as exc:
             raise NotReady(exc.message, headers=self.lifecycle.retry_after) from None
+
+    async def start_rollout(self, name: str, asked: RolloutRequest) -> dict[str, object]:
+        """A rollout of ``name``'s ``asked.candidate`` against the version serving, on every
+        worker; its state."""
+        served = self.models.resolve(name)
+        candidate = str(check_version(asked.candidate))
+        if candidate == served.version:
+            raise BadRequest(f"version {candidate} of {name!r} already serves: pick another")
+        share = self.settings.rollout_compare_share
+        plan = asked.plan(os.urandom(8).hex(), served.name, served.version, candidate, share)
+        raise_refusal(await self.change_repository(Change("rollout", name, plan=plan)))
+        return await self.rollout_state(name)
+
+    async def end_rollout(self, name: str, status: Status) -> dict[str, object]:
+        """The running rollout of ``name`` promoted or stopped, on every worker; its state."""
+        plan = self.models.rollout(name)
+        raise_refusal(await self.change_repository(Change(status.value, name, plan=plan)))
+        self.metrics.rollout_ends.labels(name, status.value).inc()
+        return await self.rollout_state(name)
+
+    async def rollout_state(self, name: str) -> dict[str, object]:
+        """The state of ``name``'s last rollout, the whole server's figures."""
+        if self.link is None:
+            return self.models.rollout_state(name)
+        self._report_rollouts()
+        state = await self.link.ask("rollout", name)
+        if state is None:
+            raise RolloutNotFound(f"model {name!r} has had no rollout since the server started")
+        return cast(dict[str, object], state)
 
     async def change_repository(self, change: Change) -> list[Outcome]:
         """A repository change applied here, or by every worker (app.repository.link): each
@@ -157,6 +195,18 @@ class Service:
             self.lifecycle.mark_warmed()
         else:
             log.error("no model version is ready; the server stays unready")
+
+    def _report_rollouts(self) -> None:
+        """What this worker saw of each running rollout, sent to the supervisor that judges."""
+        assert self.link is not None
+        for name, rollout in list(self.models.rollouts.items()):
+            if isinstance(rollout, Rollout) and rollout.pending:
+                self.link.send(("tally", None, (name, rollout.plan.ident, rollout.take())))
+
+    async def _report_forever(self) -> None:
+        while True:
+            await asyncio.sleep(TALLY_INTERVAL_S)
+            self._report_rollouts()
 
     async def _watch(self) -> None:
         while True:

@@ -63,6 +63,10 @@ class Settings(BaseSettings):
     """Look at model_repository (or model_path) this often and load what changed: a new version
     once its files have settled, a model folder that appeared or went. 0: only at start-up, on
     SIGHUP and through the repository API."""
+    rollout_compare_share: float = Field(0.05, gt=0, le=1)
+    """The most of the compute a rollout's comparisons take (a canary's answers run again on the
+    baseline, a shadow's copies on the candidate), unless its request says otherwise; beyond it
+    comparisons are dropped, never the clients' work (docs/rollouts.md)."""
     memory_budget_mib: int = Field(0, ge=0)
     """Resident memory a model load may take this process to (each version's sessions estimated
     from its file's size); a load over it fails with a clear error and the serving versions go

@@ -35,6 +35,9 @@ SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # line per second, per status, stands for them.
 REFUSAL_LOG_INTERVAL_S = 1.0
 SAMPLED_STATUSES = (401, 503)
+# The model version that answered an inference request, on its response: the access log and the
+# request's span read it there, whichever transport and whichever version (a rollout's) answered.
+MODEL_VERSION_HEADER = "x-model-version"
 
 
 @dataclass(frozen=True)
@@ -143,9 +146,11 @@ class RequestLog:
         traced: str | None,
         probe: bool = False,
         caller: Caller | None = None,
+        model_version: str | None = None,
     ) -> None:
         """``endpoint``: the metric label (a route template); ``probe``: logged at debug;
-        ``caller``: an inference request's, counted by its class too."""
+        ``caller``: an inference request's, counted by its class too; ``model_version``: the
+        version that answered it."""
         metrics = self.metrics
         counter, histogram = self._children(
             self._series, (metrics.requests, metrics.request_seconds), "endpoint", endpoint, status
@@ -168,6 +173,8 @@ class RequestLog:
         }
         if traced:
             extra["trace_id"] = traced
+        if model_version is not None:
+            extra["model_version"] = model_version
         if status in self._refusals:
             held_back = self._refusals[status].take(time.monotonic())
             if held_back is None:

@@ -16,7 +16,7 @@ from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health_pb2
 
 from app.edge.access import Access, KeyRefused, check_key
-from app.edge.requests import Caller, RequestIds, by_address, caller
+from app.edge.requests import MODEL_VERSION_HEADER, Caller, RequestIds, by_address, caller
 from app.errors import ClientClosedRequest, DeadlineExceeded, Overloaded
 from app.grpc import inference_pb2 as pb
 from app.grpc.tensors import parameters, to_request, to_response
@@ -118,10 +118,10 @@ class InferenceService:
         self, message: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
         service = self.service
-        served = service.models.resolve(message.model_name, message.model_version or None)
+        route = service.models.route(message.model_name, message.model_version or None)
         with service.tracing.timed("admission"):
             ticket = await service.admission.enter()
-        with ticket, served.hold():
+        with ticket, route.hold():
             request, parts = to_request(message)
 
             async def within_deadline(work: Awaitable[T]) -> T:
@@ -133,8 +133,8 @@ class InferenceService:
                         "the call's deadline passed before it was answered"
                     ) from None
 
-            _, outputs = await serving.infer(service, served, request, parts, within_deadline)
-        return to_response(served.name, served.version, request, outputs)
+            header, outputs = await serving.infer(service, route, request, parts, within_deadline)
+        return to_response(header["model_name"], header["model_version"], request, outputs)
 
     async def _index(
         self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
@@ -242,6 +242,7 @@ class InferenceService:
         token = request_id.set(rid)
         status, started = 200, time.perf_counter()
         who: Caller | None = None  # once its key is accepted
+        answered_by: str | None = None  # the model version that answered an inference
 
         def describe() -> tuple[str, dict[str, str]]:
             service, method = path[1:].rsplit("/", 1)
@@ -257,7 +258,13 @@ class InferenceService:
                 except DecodeError as exc:
                     raise BadRequest(f"malformed {kind.__name__} message: {exc}") from None
                 response = await handler(request, context)
-                context.set_trailing_metadata((("x-request-id", rid),))
+                answered_by = getattr(response, "model_version", None) or None
+                trailers = [("x-request-id", rid)]
+                if answered_by is not None:  # an inference's, in the metadata as over HTTP
+                    trailers.append((MODEL_VERSION_HEADER, answered_by))
+                    if span is not None:
+                        span.set_attribute("resnet_serve.model_version", answered_by)
+                context.set_trailing_metadata(tuple(trailers))
                 return response
             except ServiceError as error:
                 status = error.status_code
@@ -279,7 +286,15 @@ class InferenceService:
                 seconds, traced = time.perf_counter() - started, trace_id(span)
                 counted = who if access is Access.INFERENCE else None
                 service.request_log.record(
-                    path, "gRPC", path, status, seconds, traced, path.endswith(PROBES), counted
+                    path,
+                    "gRPC",
+                    path,
+                    status,
+                    seconds,
+                    traced,
+                    path.endswith(PROBES),
+                    counted,
+                    answered_by,
                 )
                 request_id.reset(token)
 

@@ -13,9 +13,16 @@ from fastapi import APIRouter, Query, Request, Response
 from starlette.types import Receive, Scope, Send
 
 from app.edge.access import Access, access
-from app.edge.requests import unless_disconnected
+from app.edge.requests import MODEL_VERSION_HEADER, unless_disconnected
 from app.http.openapi import ERRORS, PREDICT_BODY
-from app.http.predict import ModelName, ModelVersion, TopK, answer, plain_query, read_uploads
+from app.http.predict import (
+    ModelName,
+    ModelVersion,
+    TopK,
+    answer,
+    plain_query,
+    read_uploads,
+)
 from app.http.schemas import EmbedResponse, ExplainResponse
 from app.pipeline.heads import Embed, Explain, Head
 from app.pipeline.pipeline import Image
@@ -63,7 +70,7 @@ async def _embed(
     ]
     # orjson writes the float32 arrays itself: a 2048-d vector as a list costs far more.
     body = orjson.dumps(header | {"results": results}, option=orjson.OPT_SERIALIZE_NUMPY)
-    return Response(body, media_type="application/json")
+    return _json(body, header)
 
 
 @router.post(
@@ -106,7 +113,7 @@ async def _explain(
         }
         for image, answer in zip(images, explained, strict=True)
     ]
-    return Response(orjson.dumps(header | {"results": results}), media_type="application/json")
+    return _json(orjson.dumps(header | {"results": results}), header)
 
 
 async def _answers(
@@ -118,11 +125,19 @@ async def _answers(
 ) -> tuple[dict[str, Any], list[Image], list[T]]:
     """The answering model's name and version, the request's images, and the head's answer for
     each, as ``/predict`` computes its own (app.http.predict)."""
-    with service.models.resolve(model, version).hold() as served:
-        head = head_for(served.metadata)  # a bad parameter is refused before the body is read
+    with service.models.route(model, version).hold() as route:
+        head = head_for(route.served.metadata)  # a bad parameter is refused before the body
         images = await read_uploads(request, service.limits)
-        answers = await unless_disconnected(request.receive, served.pipeline.images(images, head))
+        work = route.images(images, head, head_for)
+        answers = await unless_disconnected(request.receive, work)
+    served = route.served  # the version that answered
     return {"model_name": served.name, "model_version": served.version}, images, answers
+
+
+def _json(body: bytes, header: dict[str, Any]) -> Response:
+    return Response(
+        body, media_type="application/json", headers={MODEL_VERSION_HEADER: header["model_version"]}
+    )
 
 
 async def direct_embed(service: Service, scope: Scope, receive: Receive, send: Send) -> bool:

@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.batching.admission import BufferAccount
 from app.edge.access import Access, KeyRefused, check_key
-from app.edge.requests import Caller, RequestIds, by_address, caller
+from app.edge.requests import MODEL_VERSION_HEADER, Caller, RequestIds, by_address, caller
 from app.errors import ClientClosedRequest, UploadTimeout
 from app.http.handlers import error_response
 from app.http.routing import Matched, RouteTable
@@ -88,11 +88,15 @@ class Door:
             if span is not None and (traced := trace_response(span)) is not None:
                 extra.append((b"traceresponse", traced))
 
+            answered_by: str | None = None
+
             async def send_with_id(message: Message) -> None:
-                nonlocal status
+                nonlocal status, answered_by
                 if message["type"] == "http.response.start":
                     status = message["status"]
-                    message["headers"] = [*message.get("headers", []), *extra]
+                    headers = message.get("headers", [])
+                    answered_by = _answered_by(headers)
+                    message["headers"] = [*headers, *extra]
                 elif status >= 400 and span is not None and span.is_recording():
                     refusal.read(message)
                 await send(message)
@@ -108,11 +112,21 @@ class Door:
                 traced_id = None
                 if span is not None:
                     end_status(span, status, refusal.code, refusal.message)
+                    if answered_by is not None:
+                        span.set_attribute("resnet_serve.model_version", answered_by)
                     traced_id = trace_id(span)
                 counted = who if matched.access is Access.INFERENCE else None
                 probe = matched.access is Access.PROBE
                 self.service.request_log.record(
-                    matched.label, method, path, status, seconds, traced_id, probe, counted
+                    matched.label,
+                    method,
+                    path,
+                    status,
+                    seconds,
+                    traced_id,
+                    probe,
+                    counted,
+                    answered_by,
                 )
                 request_id.reset(token)
 
@@ -289,3 +303,12 @@ class _Refusal:
             self.code, self.message = error.get("code"), error.get("message")
         elif isinstance(error, str):
             self.message = error
+
+
+def _answered_by(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The model version an inference response says answered it (app.edge.requests)."""
+    wanted = MODEL_VERSION_HEADER.encode()
+    for name, value in headers:
+        if name == wanted:
+            return value.decode("latin-1")
+    return None

@@ -18,14 +18,16 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.types import Receive, Scope, Send
 
 from app.edge.access import Access, access
-from app.edge.requests import unless_disconnected
+from app.edge.requests import MODEL_VERSION_HEADER, unless_disconnected
 from app.errors import InvalidMultipart
 from app.http.handlers import service_error
 from app.http.openapi import ERRORS, PREDICT_BODY
 from app.http.schemas import PredictResponse
 from app.pipeline.heads import Classify
 from app.pipeline.pipeline import Image, UploadLimits
+from app.repository.version import ServedModel
 from app.service import Service
+from core.contract import ModelMetadata
 from core.errors import EmptyUpload, PayloadTooLarge, ServiceError, UnsupportedMediaType
 
 router = APIRouter()
@@ -113,11 +115,15 @@ async def _predict(
     model: str | None,
     version: str | None,
 ) -> Response:
-    with service.models.resolve(model, version).hold() as served:
-        classify = Classify(served.metadata, top_k, service.default_top_k)
+    def classify(metadata: ModelMetadata) -> Classify:
+        return Classify(metadata, top_k, service.default_top_k)
+
+    with service.models.route(model, version).hold() as route:
+        head = classify(route.served.metadata)  # a bad top_k is refused before the body is read
         images = await read_uploads(request, service.limits)
-        work = served.pipeline.images(images, classify)
+        work = route.images(images, head, classify)
         ranked = await unless_disconnected(request.receive, work)
+    served = route.served  # the version that answered
     # A PredictResponse, dumped by orjson: validating pydantic models per prediction cost a
     # measurable share of a request's event-loop time (tests hold the body to the model).
     results = [
@@ -125,7 +131,12 @@ async def _predict(
         for image, best in zip(images, ranked, strict=True)
     ]
     body = {"model_name": served.name, "model_version": served.version, "results": results}
-    return Response(orjson.dumps(body), media_type="application/json")
+    return Response(orjson.dumps(body), media_type="application/json", headers=answered_by(served))
+
+
+def answered_by(served: ServedModel) -> dict[str, str]:
+    """The answering version in a header too: the access log and the trace read it there."""
+    return {MODEL_VERSION_HEADER: served.version}
 
 
 async def read_uploads(request: Request, limits: UploadLimits) -> list[Image]:

@@ -22,7 +22,7 @@ from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field, ValidationError
 
 from app.edge.access import Access, access
-from app.edge.requests import unless_disconnected
+from app.edge.requests import MODEL_VERSION_HEADER, unless_disconnected
 from app.oip import serving
 from app.oip.codec import HEADER_LENGTH, encode_response, parse_request
 from app.oip.protocol import (
@@ -173,25 +173,26 @@ async def infer_version(request: Request, model_name: str, model_version: str) -
 
 async def _infer(request: Request, name: str, version: str | None) -> Response:
     service = _service(request)
-    with service.models.resolve(name, version).hold() as served:
+    with service.models.route(name, version).hold() as route:
         body = await request.body()
         if not body:
             raise EmptyUpload("the request body is empty (0 bytes): send an inference request")
         inference, parts = parse_request(body, request.headers.get(HEADER_LENGTH))
         header, outputs = await serving.infer(
             service,
-            served,
+            route,
             inference,
             parts,
             lambda work: unless_disconnected(request.receive, work),
         )
     content, header_length = encode_response(header, outputs)
+    answered = {MODEL_VERSION_HEADER: header["model_version"]}
     if header_length is None:
-        return Response(content, media_type="application/json")
+        return Response(content, media_type="application/json", headers=answered)
     return Response(
         content,
         media_type="application/octet-stream",
-        headers={HEADER_LENGTH: str(header_length)},
+        headers={HEADER_LENGTH: str(header_length)} | answered,
     )
 
 

@@ -33,7 +33,7 @@ from app.pipeline.pipeline import Image
 from app.repository.link import Change, raise_refusal
 from app.repository.models import Entry
 from app.repository.policy import VersionPolicy
-from app.repository.version import ServedModel
+from app.repository.route import Route
 from app.service import NAME, VERSION, Service
 from core.contract import INPUT_NAME
 from core.errors import BadRequest
@@ -76,7 +76,7 @@ def model_metadata(service: Service, name: str, version: str | None) -> ModelMet
 
 async def infer(
     service: Service,
-    served: ServedModel,
+    route: Route,
     inference: InferenceRequest,
     parts: list[bytes | None],
     wait: Wait,
@@ -84,17 +84,19 @@ async def infer(
     """The answer's header and the outputs the request asked for. ``parts``: each input's binary
     data (None where it came as JSON); ``wait``: the transport's way of awaiting the work."""
     spec, binary = the_input(inference, parts)
-    metadata = served.metadata
+    metadata = route.served.metadata
     wanted = wanted_outputs(inference, metadata.num_classes)
     class_ids = [w.class_id for w in wanted if w.name == "heatmap"]
     head = Rows(frozenset(w.source for w in wanted), class_ids[0] if class_ids else -1)
     if spec.datatype == "BYTES":
         images = [Image(None, data) for data in encoded_images(spec, binary, service.limits)]
-        work = served.pipeline.images(images, head)
+        work = route.images(images, head, lambda _: head)
     else:
         crops = uint8_crops(spec, binary, metadata.recipe.crop_size, service.limits)
-        work = served.pipeline.crops(crops, head)
+        work = route.crops(crops, head, lambda _: head)
     answered = await wait(work)
+    served = route.served  # the version that answered: its labels name the classes
+    metadata = served.metadata
     header: dict[str, Any] = {"model_name": served.name, "model_version": served.version}
     if inference.id is not None:
         header["id"] = inference.id

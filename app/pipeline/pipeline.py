@@ -26,11 +26,15 @@ from app.process.memory import TRIM_ABOVE_PIXELS, release_all
 from app.runtimes.base import Backend
 from app.telemetry.metrics import Metrics
 from app.telemetry.tracing import NO_TRACING, Tracing, current, now_ns
-from core.contract import ModelMetadata
+from core.contract import CLASSIFY, OUTPUT_NAME, ModelMetadata
 from core.errors import InvalidImage, ServiceError, TooManyPixels
 from core.preprocess import Decoded, Limits, decode_cost, decode_counted
 
 T = TypeVar("T")
+# Called with a request's crops and rows once the model answered, before its head reads them: a
+# rollout compares them with another version's (app.repository.route). The rows carry the
+# probabilities whatever the head reads.
+Tap = Callable[[Sequence[np.ndarray], Sequence[Row]], None]
 
 
 @dataclass(frozen=True)
@@ -81,7 +85,9 @@ class Pipeline:
         self._inline = batcher.inline
         self._tracing = tracing
 
-    async def images(self, images: Sequence[Image], head: Head[T]) -> list[T]:
+    async def images(
+        self, images: Sequence[Image], head: Head[T], tap: Tap | None = None
+    ) -> list[T]:
         """The head's answer for each encoded image, in order.
 
         A request decodes one image at a time, so it holds at most one decode thread: a request
@@ -103,16 +109,39 @@ class Pipeline:
                 else:
                     decoded.append(await self._run(self._decode_labelled, index, image, parent))
             crops = [each.crop for each in decoded]
-            rows = await self.batcher.submit(crops, deadline, head.outputs, head.class_id)
+            rows = await self._submit(crops, deadline, head, tap)
         return await self._answers(head, rows, [each.size for each in decoded])
 
-    async def crops(self, crops: Sequence[np.ndarray], head: Head[T]) -> list[T]:
+    async def crops(
+        self, crops: Sequence[np.ndarray], head: Head[T], tap: Tap | None = None
+    ) -> list[T]:
         """The head's answer for each already preprocessed uint8[S, S, 3] crop."""
         self._check_outputs(head)
         with self.admission.work(len(crops), self.estimate):
             deadline = self._deadline()
-            rows = await self.batcher.submit(crops, deadline, head.outputs, head.class_id)
+            rows = await self._submit(crops, deadline, head, tap)
         return await self._answers(head, rows, [None] * len(rows))
+
+    async def probabilities(
+        self, crops: Sequence[np.ndarray] | None, images: Sequence[Image]
+    ) -> np.ndarray:
+        """Each image's class probabilities [N, C], from its crop when ``crops`` are given (made
+        by the same recipe), else decoded here: a rollout's comparison (app.repository.route),
+        which no client waits for, so it is not admitted and counts in no client's budget."""
+        if crops is None:
+            decoded = [await self._run(self._decode_labelled, i, im) for i, im in enumerate(images)]
+            crops = [each.crop for each in decoded]
+        rows = await self.batcher.submit(crops, self._deadline(), CLASSIFY)
+        return np.stack([row[OUTPUT_NAME] for row in rows])
+
+    async def _submit(
+        self, crops: Sequence[np.ndarray], deadline: float, head: Head[Any], tap: Tap | None
+    ) -> Sequence[Row]:
+        outputs = head.outputs | CLASSIFY if tap is not None else head.outputs
+        rows = await self.batcher.submit(crops, deadline, outputs, head.class_id)
+        if tap is not None:
+            tap(crops, rows)
+        return rows
 
     def _check_outputs(self, head: Head[Any]) -> None:
         missing = head.outputs - self.model.outputs

@@ -13,6 +13,7 @@ The supervisor (this process) binds the port, starts the workers, and then only 
 - SIGHUP: with key files or a model repository, passed on (each worker re-reads its keys and
   loads what changed in the repository); without, a stop like SIGTERM;
 - a repository load or unload asked of one worker is relayed to every worker (app.repository.link);
+  a rollout's start and end too, and the supervisor judges its figures (every worker's);
 - a worker whose supervisor has gone (SIGKILL) drains and exits by itself.
 """
 
@@ -28,7 +29,7 @@ import socket
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from types import FrameType
@@ -40,6 +41,7 @@ from app.edge.access import KeyFileError
 from app.process.cpus import pin_worker
 from app.process.server import Server, uvicorn_config
 from app.repository.link import STARTED, Change, Outcome, WorkerLink
+from app.repository.rollout import Judge, Status, Tally
 from app.settings import Settings
 from app.telemetry.logs import configure_logging
 from core.errors import ModelError
@@ -66,8 +68,9 @@ class _Worker:
 class _Relay:
     """A repository change on its way through every worker, for the one that was asked."""
 
-    asked: _Worker
-    ident: int
+    asked: _Worker | None  # None: the supervisor's own change (a rollback)
+    ident: int | None
+    change: Change
     waiting: set[int]  # the workers whose outcome is still to come
     outcomes: list[Outcome] = field(default_factory=list)
 
@@ -148,8 +151,10 @@ class _Supervisor:
         self.workers: list[_Worker] = []
         self.relays: dict[int, _Relay] = {}
         self.relay_ids = itertools.count()
-        # Each model's last change, for the workers started after it.
+        # Each model's last change, and its rollout's, for the workers started after them.
         self.changes: dict[str, Change] = {}
+        # Each model's last rollout, judged on every worker's tallies (app.repository.link).
+        self.judges: dict[str, Judge] = {}
 
     def run(self) -> int:
         log.info(
@@ -185,7 +190,7 @@ class _Supervisor:
         process.start()
         theirs.close()
         for change in self.changes.values():  # applied before the worker accepts
-            ours.send(("apply", None, change))
+            ours.send(("apply", None, replace(change, counted=False)))
         return _Worker(index, process, ours)
 
     def _owner(self, ready: object) -> _Worker | None:
@@ -222,19 +227,44 @@ class _Supervisor:
             self._relay(worker, ident, body)
         elif kind == "applied":
             self._applied(worker.index, ident, body)
+        elif kind == "tally":
+            self._tally(*body)
+        elif kind == "rollout":
+            judge = self.judges.get(body)
+            worker.conn.send(("done", ident, judge.state() if judge is not None else None))
         return True
 
-    def _relay(self, asked: _Worker, ident: int, change: Change) -> None:
-        self.changes.pop(change.name, None)
-        self.changes[change.name] = change
+    def _keep(self, change: Change) -> None:
+        key = f"{change.name}/rollout" if change.plan is not None else change.name
+        if change.action == "unload":
+            self.changes.pop(f"{change.name}/rollout", None)
+        self.changes.pop(key, None)
+        self.changes[key] = change
+
+    def _relay(self, asked: _Worker | None, ident: int | None, change: Change) -> None:
+        """``asked``: the worker to answer, None for the supervisor's own change."""
+        self._keep(change)
         number = next(self.relay_ids)
         live = [w for w in self.workers if w.process.exitcode is None]
         # A starting worker applies it too, but answers only for the started ones.
-        relay = _Relay(asked, ident, {w.index for w in live if w.started})
+        relay = _Relay(asked, ident, change, {w.index for w in live if w.started})
         self.relays[number] = relay
+        counting = next((w for w in live if w.started), None) if asked is None else None
         for worker in live:
-            worker.conn.send(("apply", number, change))
+            worker.conn.send(("apply", number, replace(change, counted=worker is counting)))
         self._answer_if_complete(number)
+
+    def _tally(self, name: str, ident: str, tally: Tally) -> None:
+        judge = self.judges.get(name)
+        if judge is None or judge.plan.ident != ident:
+            return  # an earlier rollout's
+        verdict = judge.add(tally)
+        if verdict is None:
+            return
+        judge.end(Status.ROLLED_BACK, verdict)
+        log.warning("rollout rolled back", extra=judge.plan.describe() | {"reason": verdict})
+        change = Change(Status.ROLLED_BACK.value, name, plan=judge.plan, reason=verdict)
+        self._relay(None, None, change)
 
     def _applied(self, index: int, number: int, outcome: Outcome) -> None:
         relay = self.relays.get(number)
@@ -248,8 +278,16 @@ class _Supervisor:
         if relay.waiting:
             return
         del self.relays[number]
-        if any(w is relay.asked for w in self.workers) and relay.asked.process.exitcode is None:
-            relay.asked.conn.send(("done", relay.ident, relay.outcomes))
+        change = relay.change
+        if change.plan is not None and not any(o.error for o in relay.outcomes):
+            if change.action == "rollout":
+                self.judges[change.name] = Judge(change.plan)
+            elif (judge := self.judges.get(change.name)) and judge.plan.ident == change.plan.ident:
+                judge.end(Status(change.action), change.reason)
+        asked = relay.asked
+        live = asked is not None and any(w is asked for w in self.workers)
+        if asked is not None and live and asked.process.exitcode is None:
+            asked.conn.send(("done", relay.ident, relay.outcomes))
 
     def _on_exit(self, worker: _Worker) -> bool:
         """Replaces a worker that died while serving; False when it never started."""

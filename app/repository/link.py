@@ -7,6 +7,10 @@ with every started worker's outcome. Each worker applies the changes in the orde
 supervisor sent them, so all end in the same state. The supervisor keeps the last change of each
 model and sends them to a worker it starts later (a replacement), which applies them before it
 accepts a connection.
+
+Rollouts (app.repository.rollout) go the same way: their start and end are changes. Each worker
+sends what it saw of a rollout (a ``tally``) every ``TALLY_INTERVAL_S``; the supervisor judges
+the sum, sends every worker the rollback a failing candidate gets, and answers the state.
 """
 
 from __future__ import annotations
@@ -23,21 +27,28 @@ from multiprocessing.connection import Connection
 from typing import cast
 
 from app.errors import GivenStatus
+from app.repository.rollout import Plan
 from core.errors import ServiceError
 
 log = logging.getLogger(__name__)
 
 STARTED = "started"
+TALLY_INTERVAL_S = 0.1
 
 
 @dataclass(frozen=True)
 class Change:
     """A repository change: ``load`` (to ``policy``, a VersionPolicy's text; None: the
-    server's) or ``unload``."""
+    server's) or ``unload``; or, with its ``plan``, a rollout's start (``rollout``) or end (a
+    rollout Status: ``promoted``, ``stopped``, ``rolled_back`` with its ``reason``).
+    ``counted``: this worker counts the end in the metrics (one of them does)."""
 
     action: str
     name: str
     policy: str | None = None
+    plan: Plan | None = None
+    reason: str = ""
+    counted: bool = False
 
 
 @dataclass(frozen=True)
@@ -72,7 +83,7 @@ class WorkerLink:
         self._early: list[tuple[int | None, Change]] = []
         self._apply: Apply | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._asked: dict[int, asyncio.Future[list[Outcome]]] = {}
+        self._asked: dict[int, asyncio.Future[object]] = {}
         self._ids = itertools.count()
 
     def start(self) -> None:
@@ -95,13 +106,17 @@ class WorkerLink:
 
     async def relay(self, change: Change) -> list[Outcome]:
         """Every started worker's outcome of ``change``, this one's included."""
-        future = asyncio.get_running_loop().create_future()
+        return cast(list[Outcome], await self.ask("relay", change))
+
+    async def ask(self, kind: str, body: object) -> object:
+        """The supervisor's answer: to a ``relay``, or a ``rollout`` state (its judge's, or
+        None where the model has had none)."""
+        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
         ident = next(self._ids)
         with self._lock:
             self._asked[ident] = future
-        self.send(("relay", ident, change))
-        outcomes: list[Outcome] = await future
-        return outcomes
+        self.send((kind, ident, body))
+        return await future
 
     def _read(self) -> None:
         while True:
@@ -123,7 +138,7 @@ class WorkerLink:
             with self._lock:
                 future = self._asked.pop(ident, None) if ident is not None else None
             if future is not None and self._loop is not None:
-                self._loop.call_soon_threadsafe(future.set_result, cast(list[Outcome], body))
+                self._loop.call_soon_threadsafe(future.set_result, body)
 
     def _schedule(self, ident: int | None, change: Change) -> None:
         with self._lock:

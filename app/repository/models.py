@@ -14,6 +14,11 @@ at a time (a lock per name), so a request sees either the old set or the new one
 
 Where versions come from is a ``Source``: the repository folder (app.repository.sources), or the
 one file of ``model_path``.
+
+A rollout (app.repository.rollout, app.repository.route) pins the served version: requests that
+name none go to its baseline (or a share to its candidate) whatever is newer, and both versions
+stay loaded (the version policy ``specific:`` them) until it ends; then the model is pinned to
+the version that won, until a load through the repository API or another rollout.
 """
 
 from __future__ import annotations
@@ -26,14 +31,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from app.errors import RepositoryUnavailable, UnknownModel
+from app.errors import (
+    RepositoryUnavailable,
+    RolloutConflict,
+    RolloutNotFound,
+    UnknownModel,
+)
 from app.process.memory import release_all
 from app.repository.link import Change
 from app.repository.policy import VersionPolicy
+from app.repository.rollout import Judge, Plan, Status
+from app.repository.route import Rollout, Route
 from app.repository.sources import Signature, signature
 from app.repository.version import ServedModel, State
 from app.telemetry.metrics import Metrics
-from core.errors import ModelError, ServiceError
+from core.errors import BadRequest, ModelError, ServiceError
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +53,8 @@ OpenVersion = Callable[[str, str, Path], Awaitable[ServedModel]]
 
 
 class Source(Protocol):
+    versioned: bool  # whether it holds numbered versions (a repository), not one file
+
     def names(self) -> list[str]:
         """The models there are."""
 
@@ -75,16 +89,26 @@ class Models:
         # override); a load that brings none goes back to the source's.
         self._policies: dict[str, VersionPolicy] = {}
         self.default_name: str | None = None
+        # The version requests naming none go to, where a rollout decided it (see above).
+        self._pinned: dict[str, str] = {}
+        self.rollouts: dict[str, Rollout | _Starting] = {}  # running, by model
+        # Each model's last rollout, judged here (one worker) or by the supervisor (several:
+        # ``judged`` False, and what this worker sees is sent there).
+        self.judges: dict[str, Judge] = {}
+        self.judged = True
+        self._ending: set[asyncio.Task[None]] = set()
 
     def resolve(self, name: str | None = None, version: str | None = None) -> ServedModel:
-        """The version a request goes to; UnknownModel (404) when there is none ready."""
+        """The version a request goes to (a rollout's baseline, for one naming none);
+        UnknownModel (404) when there is none ready."""
         name = name or self.default_name
         versions = self._ready.get(name or "")
         if not versions:
             serving = sorted(n for n, v in self._ready.items() if v)
             raise UnknownModel(f"unknown model {name!r}: this server serves {serving}")
         if version is None:
-            return versions[newest(list(versions))]
+            pinned = versions.get(self._pinned.get(name or "", ""))
+            return pinned if pinned is not None else versions[newest(list(versions))]
         served = versions.get(version)
         if served is None:
             raise UnknownModel(
@@ -92,6 +116,16 @@ class Models:
                 f"{sorted(versions, key=_order)}"
             )
         return served
+
+    def route(self, name: str | None = None, version: str | None = None) -> Route:
+        """Where a request goes: ``resolve``'s version, or, in a rollout and naming no version,
+        the one its canary picks."""
+        served = self.resolve(name, version)
+        rollout = self.rollouts.get(served.name) if version is None else None
+        if not isinstance(rollout, Rollout) or not rollout.routing:
+            return Route(served)
+        role = rollout.pick()
+        return Route(rollout.served(role), rollout, role)
 
     def ready(self) -> list[ServedModel]:
         return [served for versions in self._ready.values() for served in versions.values()]
@@ -158,11 +192,131 @@ class Models:
 
     async def apply(self, change: Change) -> list[tuple[str, str]]:
         """A repository change (app.repository.link): the versions that failed, with why."""
+        if change.plan is not None:
+            if change.action == "rollout":
+                await self.start_rollout(change.plan)
+            else:
+                await self.end_rollout(change.plan, Status(change.action), change.reason)
+                if change.counted:
+                    self._metrics.rollout_ends.labels(change.name, change.action).inc()
+            return []
+        self._check_no_rollout(change.name)
+        self._pinned.pop(change.name, None)  # the operator's own load decides from here on
         if change.action == "unload":
             await self.unload(change.name)
             return []
         policy = VersionPolicy.parse(change.policy) if change.policy is not None else None
         return [(e.version, e.reason) for e in await self.load(change.name, policy)]
+
+    async def start_rollout(self, plan: Plan) -> None:
+        """The candidate loaded beside the baseline (both then kept), compared, and routed to.
+        Raises, with nothing changed, where it cannot start."""
+        name = plan.model
+        self._check_no_rollout(name)
+        if not self.source.versioned:
+            raise RolloutConflict("a rollout needs a model repository (model_repository)")
+        served = self.resolve(name)
+        if served.version != plan.baseline:
+            raise RolloutConflict(
+                f"version {served.version} of {name!r} serves, not {plan.baseline} (the "
+                "rollout's baseline): the repository changed meanwhile; start it again"
+            )
+        only = VersionPolicy("specific", versions=(int(plan.candidate),))
+        if plan.candidate not in self.source.wanted(name, only, settled=False):
+            raise UnknownModel(f"version {plan.candidate} of {name!r} is not in the repository")
+        kept = self._policies.get(name)
+        self._pinned[name] = plan.baseline  # the baseline goes on answering, however new the rest
+        loaded = {int(v) for v in self.versions(name)}
+        policy = VersionPolicy("specific", versions=tuple(sorted(loaded | {int(plan.candidate)})))
+        self.rollouts[name] = placeholder = _Starting(plan)
+        try:
+            failed = await self.load(name, policy)
+            candidate = self._ready[name].get(plan.candidate)
+            if failed or candidate is None:
+                reason = failed[0].reason if failed else "not in the repository"
+                raise BadRequest(
+                    f"candidate version {plan.candidate} of {name!r} failed to load: {reason}"
+                )
+            baseline = self._ready[name][plan.baseline]
+            if set(candidate.metadata.labels) != set(baseline.metadata.labels):
+                raise RolloutConflict(
+                    f"version {plan.candidate} of {name!r} has other classes than version "
+                    f"{plan.baseline}: a rollout compares answers class by class"
+                )
+        except BaseException:
+            if self.rollouts.get(name) is placeholder:
+                del self.rollouts[name]
+            if self._pinned.get(name) == plan.baseline:
+                del self._pinned[name]
+            # The candidate out again: back to the versions loaded before, under the same policy.
+            await self.load(name, VersionPolicy("specific", versions=tuple(sorted(loaded))))
+            if kept is None:
+                self._policies.pop(name, None)
+            else:
+                self._policies[name] = kept
+            raise
+        rollout = Rollout(plan, baseline, candidate, self._metrics, lambda: self._judge(name))
+        self.rollouts[name] = rollout
+        self.judges[name] = Judge(plan)
+        log.info("rollout started", extra=plan.describe())
+
+    async def end_rollout(self, plan: Plan, status: Status, reason: str = "") -> None:
+        """The rollout over: every request naming no version to the winner at once, the model
+        pinned to it, and the loser unloaded. Applied where the rollout never ran here (a worker
+        started later), it leaves the model as the others have it."""
+        name = plan.model
+        rollout = self.rollouts.get(name)
+        if rollout is not None and rollout.plan.ident == plan.ident:
+            rollout.routing = False
+            del self.rollouts[name]
+        judge = self.judges.get(name)
+        if judge is not None and judge.plan.ident == plan.ident:
+            judge.end(status, reason)
+        winner = plan.candidate if status is Status.PROMOTED else plan.baseline
+        self._pinned[name] = winner
+        policy: VersionPolicy | None = VersionPolicy("specific", versions=(int(winner),))
+        if status is Status.PROMOTED and winner in self.source.wanted(name, None, settled=False):
+            policy = None  # the server's own policy serves it: no pin needed after a restart
+        await self.load(name, policy)
+
+    def rollout_state(self, name: str) -> dict[str, object]:
+        judge = self.judges.get(name)
+        if judge is None:
+            raise RolloutNotFound(f"model {name!r} has had no rollout since the server started")
+        return judge.state()
+
+    def rollout(self, name: str) -> Plan:
+        """The running rollout's plan; 409 where none runs."""
+        rollout = self.rollouts.get(name)
+        if rollout is None or isinstance(rollout, _Starting):
+            raise RolloutConflict(f"no rollout of {name!r} is running")
+        return rollout.plan
+
+    def _check_no_rollout(self, name: str) -> None:
+        running = self.rollouts.get(name)
+        if running is not None:
+            raise RolloutConflict(
+                f"a rollout of {name!r} is running (candidate {running.plan.candidate}): "
+                "promote it (POST .../rollout/promote) or stop it (DELETE .../rollout) first"
+            )
+
+    def _judge(self, name: str) -> None:
+        """One worker: its figures judged as they come, and a failing candidate rolled back at
+        once (several: the supervisor judges; app.repository.link)."""
+        rollout, judge = self.rollouts.get(name), self.judges.get(name)
+        if not self.judged or not isinstance(rollout, Rollout) or judge is None:
+            return
+        verdict = judge.add(rollout.take())
+        if verdict is None:
+            return
+        rollout.routing = False  # from this request on: nothing changes for a client
+        log.warning("rollout rolled back", extra=rollout.plan.describe() | {"reason": verdict})
+        self._metrics.rollout_ends.labels(name, Status.ROLLED_BACK.value).inc()
+        task = asyncio.get_running_loop().create_task(
+            self.end_rollout(rollout.plan, Status.ROLLED_BACK, verdict)
+        )
+        self._ending.add(task)
+        task.add_done_callback(self._ending.discard)
 
     async def load_all(self, *, polled: bool = False) -> None:
         """Every model of the source, each to its policy (start-up, SIGHUP, a poll); a poll also
@@ -222,6 +376,15 @@ class Models:
 
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
+
+
+class _Starting:
+    """A rollout being started: another is refused meanwhile; nothing is routed by it."""
+
+    routing = False
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
 
 
 def newest(versions: list[str]) -> str:

@@ -91,6 +91,7 @@ def source(settings: Settings) -> RepositorySource | FileSource:
 
 
 class RepositorySource:
+    versioned = True
     """Models from a repository folder, each served by ``policy`` unless a load brings its own."""
 
     def __init__(self, root: Path, policy: VersionPolicy) -> None:
@@ -125,6 +126,8 @@ class RepositorySource:
 class FileSource:
     """``model_path`` as a one-model repository: the model named and versioned by its metadata;
     a changed file (renamed into place) is a new version."""
+
+    versioned = False
 
     def __init__(self, path: Path, peek: Callable[[Path], ModelMetadata]) -> None:
         self.path = path

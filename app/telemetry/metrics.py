@@ -36,6 +36,7 @@ class Metrics:
         self._batches(self.registry)
         self._lanes(self.registry)
         self._models(self.registry)
+        self._rollouts(self.registry)
 
     def _requests(self, registry: CollectorRegistry) -> None:
         """Requests, HTTP's and gRPC's alike: counted, timed, by caller class, refused keys."""
@@ -195,6 +196,47 @@ class Metrics:
         self.trace_spans_dropped = Counter(
             "resnet_serve_trace_spans_dropped",
             "Finished spans not exported: the export queue was full or the exporter failed",
+            registry=registry,
+        )
+
+    def _rollouts(self, registry: CollectorRegistry) -> None:
+        """Rollouts (app.repository.route): each version's requests by its role, and what the
+        comparisons found. Agreement over time: rate(agreeing) / rate(compared_images)."""
+        roles = [*VERSION_LABELS, "role"]
+        self.rollout_requests = Counter(
+            "resnet_serve_rollout_requests",
+            "Requests a version answered in a rollout (a shadow's candidate: copies it ran)",
+            roles,
+            registry=registry,
+        )
+        self.rollout_errors = Counter(
+            "resnet_serve_rollout_errors",
+            "Of those, the ones the version failed (a server error, not a bad image)",
+            roles,
+            registry=registry,
+        )
+        self.rollout_compared = Counter(
+            "resnet_serve_rollout_compared_images",
+            "Images both versions of a rollout computed",
+            ["model"],
+            registry=registry,
+        )
+        self.rollout_agreeing = Counter(
+            "resnet_serve_rollout_agreeing_images",
+            "Of those, the images whose top class both versions agree on",
+            ["model"],
+            registry=registry,
+        )
+        self.rollout_dropped = Counter(
+            "resnet_serve_rollout_dropped",
+            "Comparisons not run, to keep them within their share of the compute",
+            ["model"],
+            registry=registry,
+        )
+        self.rollout_ends = Counter(
+            "resnet_serve_rollout_ends",
+            "Rollouts ended, by how: promoted, stopped, rolled_back (automatically)",
+            ["model", "status"],
             registry=registry,
         )
 

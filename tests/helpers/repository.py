@@ -10,10 +10,13 @@ NAME = "digits"
 PNG = image_bytes(5)
 
 
-def add_version(repository: Path, version: int, *, name: str = NAME) -> Path:
-    """A version whose labels carry its number, so an answer shows which version computed it."""
+def add_version(
+    repository: Path, version: int, *, name: str = NAME, labels: list[str] | None = None
+) -> Path:
+    """A version whose labels carry its number, so an answer shows which version computed it;
+    ``labels``: its own instead (versions a rollout compares share their classes)."""
     folder = repository / NAME / str(version)
     folder.mkdir(parents=True)
-    labels = [f"{label}@v{version}" for label in LABELS]
+    labels = labels or [f"{label}@v{version}" for label in LABELS]
     metadata = {"model_name": name, "model_version": f"build-{version}"}
     return build_model(folder / "model.onnx", labels=labels, metadata=metadata)
