@@ -19,7 +19,7 @@ from typing import Any, cast
 from app.batching.admission import Admission, Lifecycle
 from app.batching.fair import FairExecutor
 from app.edge.access import KeyFile
-from app.edge.requests import RequestLog
+from app.edge.requests import RequestLog, caller
 from app.errors import NotReady, RolloutNotFound, UnknownModel
 from app.pipeline.pipeline import UploadLimits
 from app.repository.configs import admission_config
@@ -28,7 +28,7 @@ from app.repository.models import Models
 from app.repository.policy import check_version
 from app.repository.requests import RolloutRequest
 from app.repository.rollout import Status
-from app.repository.route import Rollout
+from app.repository.route import Rollout, Route
 from app.repository.sources import source
 from app.repository.version import Opener
 from app.runtimes.base import Backend
@@ -120,6 +120,10 @@ class Service:
                 metrics.sample()
             self.tracing.shutdown()  # what was traced is sent before the process goes
             log.info("drained")
+
+    def route(self, name: str | None = None, version: str | None = None) -> Route:
+        """Where the current request goes (app.repository.route): its caller is known here."""
+        return self.models.route(name, version, caller.get().identity)
 
     def check_ready(self) -> None:
         """Warm, not draining, no lane stuck, and a version of the default model ready."""

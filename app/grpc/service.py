@@ -118,7 +118,7 @@ class InferenceService:
         self, message: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
         service = self.service
-        route = service.models.route(message.model_name, message.model_version or None)
+        route = service.route(message.model_name, message.model_version or None)
         with service.tracing.timed("admission"):
             ticket = await service.admission.enter()
         with ticket, route.hold():

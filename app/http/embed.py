@@ -125,7 +125,7 @@ async def _answers(
 ) -> tuple[dict[str, Any], list[Image], list[T]]:
     """The answering model's name and version, the request's images, and the head's answer for
     each, as ``/predict`` computes its own (app.http.predict)."""
-    with service.models.route(model, version).hold() as route:
+    with service.route(model, version).hold() as route:
         head = head_for(route.served.metadata)  # a bad parameter is refused before the body
         images = await read_uploads(request, service.limits)
         work = route.images(images, head, head_for)

@@ -118,7 +118,7 @@ async def _predict(
     def classify(metadata: ModelMetadata) -> Classify:
         return Classify(metadata, top_k, service.default_top_k)
 
-    with service.models.route(model, version).hold() as route:
+    with service.route(model, version).hold() as route:
         head = classify(route.served.metadata)  # a bad top_k is refused before the body is read
         images = await read_uploads(request, service.limits)
         work = route.images(images, head, classify)

@@ -3,10 +3,13 @@ being served."""
 
 from __future__ import annotations
 
+from contextlib import suppress
+
 from fastapi import APIRouter, Request, Response
 from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS
 
 from app.edge.access import Access, access
+from app.errors import RolloutNotFound
 from app.http.openapi import ERRORS
 from app.http.predict import ModelName, ModelVersion
 from app.http.schemas import (
@@ -75,7 +78,10 @@ async def describe_model(
     request: Request, model: ModelName = None, version: ModelVersion = None
 ) -> ModelDescription:
     service: Service = request.app.state.service
-    return describe(service.models.resolve(model, version))
+    described = describe(service.models.resolve(model, version))
+    with suppress(RolloutNotFound):  # the page's model card shows it
+        described.rollout = await service.rollout_state(described.name)
+    return described
 
 
 @router.get(

@@ -146,6 +146,11 @@ class ModelDescription(BaseModel):
     provider: str
     backend: Runtime
     batching: Batching
+    rollout: dict[str, Any] | None = Field(
+        None,
+        description="The model's last rollout, as GET /v2/repository/models/{name}/rollout "
+        "gives it (docs/rollouts.md); null where it has had none since the server started",
+    )
 
 
 class ModelList(BaseModel):

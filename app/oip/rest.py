@@ -173,7 +173,7 @@ async def infer_version(request: Request, model_name: str, model_version: str) -
 
 async def _infer(request: Request, name: str, version: str | None) -> Response:
     service = _service(request)
-    with service.models.route(name, version).hold() as route:
+    with service.route(name, version).hold() as route:
         body = await request.body()
         if not body:
             raise EmptyUpload("the request body is empty (0 bytes): send an inference request")

@@ -117,14 +117,14 @@ class Models:
             )
         return served
 
-    def route(self, name: str | None = None, version: str | None = None) -> Route:
+    def route(self, name: str | None, version: str | None, who: str) -> Route:
         """Where a request goes: ``resolve``'s version, or, in a rollout and naming no version,
-        the one its canary picks."""
+        the one its canary picks (``who``: the caller, for a sticky one)."""
         served = self.resolve(name, version)
         rollout = self.rollouts.get(served.name) if version is None else None
         if not isinstance(rollout, Rollout) or not rollout.routing:
             return Route(served)
-        role = rollout.pick()
+        role = rollout.pick(who)
         return Route(rollout.served(role), rollout, role)
 
     def ready(self) -> list[ServedModel]:
@@ -215,29 +215,29 @@ class Models:
         self._check_no_rollout(name)
         if not self.source.versioned:
             raise RolloutConflict("a rollout needs a model repository (model_repository)")
-        served = self.resolve(name)
-        if served.version != plan.baseline:
-            raise RolloutConflict(
-                f"version {served.version} of {name!r} serves, not {plan.baseline} (the "
-                "rollout's baseline): the repository changed meanwhile; start it again"
-            )
-        only = VersionPolicy("specific", versions=(int(plan.candidate),))
-        if plan.candidate not in self.source.wanted(name, only, settled=False):
+        self.resolve(name)  # 404 unless it serves
+        both = (int(plan.baseline), int(plan.candidate))
+        found = self.source.wanted(name, VersionPolicy("specific", versions=both), settled=False)
+        if plan.candidate not in found:
             raise UnknownModel(f"version {plan.candidate} of {name!r} is not in the repository")
         kept = self._policies.get(name)
-        self._pinned[name] = plan.baseline  # the baseline goes on answering, however new the rest
+        # The baseline goes on answering, however new the rest. It is the version that served
+        # where the rollout was asked for; a worker that serves another (started later, on the
+        # newest) loads it, so every worker routes alike.
+        self._pinned[name] = plan.baseline
         loaded = {int(v) for v in self.versions(name)}
-        policy = VersionPolicy("specific", versions=tuple(sorted(loaded | {int(plan.candidate)})))
+        policy = VersionPolicy("specific", versions=tuple(sorted(set(both))))
         self.rollouts[name] = placeholder = _Starting(plan)
         try:
             failed = await self.load(name, policy)
             candidate = self._ready[name].get(plan.candidate)
-            if failed or candidate is None:
-                reason = failed[0].reason if failed else "not in the repository"
+            baseline = self._ready[name].get(plan.baseline)
+            if failed or candidate is None or baseline is None:
+                reasons = "; ".join(f"version {e.version}: {e.reason}" for e in failed)
                 raise BadRequest(
-                    f"candidate version {plan.candidate} of {name!r} failed to load: {reason}"
+                    f"the rollout of {name!r} could not load its versions "
+                    f"({reasons or 'not in the repository'}); serving {self.versions(name)}"
                 )
-            baseline = self._ready[name][plan.baseline]
             if set(candidate.metadata.labels) != set(baseline.metadata.labels):
                 raise RolloutConflict(
                     f"version {plan.candidate} of {name!r} has other classes than version "

@@ -26,7 +26,6 @@ from typing import TypeVar
 
 import numpy as np
 
-from app.edge.requests import caller
 from app.pipeline.heads import Head, Row
 from app.pipeline.pipeline import Image, Tap
 from app.repository.rollout import Mode, Plan, Role, Tally
@@ -87,14 +86,15 @@ class Rollout:
     def served(self, role: Role) -> ServedModel:
         return self.baseline if role is Role.BASELINE else self.candidate
 
-    def pick(self) -> Role:
-        """The role that answers the next request naming no version."""
+    def pick(self, who: str) -> Role:
+        """The role that answers the next request naming no version; ``who``: its caller's
+        identity (a key's digest, or a client address), for a sticky canary."""
         plan = self.plan
         if not self.routing or plan.mode is Mode.SHADOW:
             return Role.BASELINE
         if plan.sticky:
-            who = f"{plan.ident}\0{caller.get().identity}".encode()
-            bucket = int.from_bytes(hashlib.blake2b(who, digest_size=8).digest()) % STICKY_BUCKETS
+            key = f"{plan.ident}\0{who}".encode()
+            bucket = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest()) % STICKY_BUCKETS
             return Role.CANDIDATE if bucket < plan.percent * STICKY_BUCKETS / 100 else Role.BASELINE
         # Evenly spread, exactly percent in every hundred: a request is the candidate's when it
         # takes the running count of candidate answers to the next whole number.

@@ -4,6 +4,8 @@ sees, automatic rollbacks with no failed request, promotion under load, and bad 
 from __future__ import annotations
 
 import io
+import os
+import signal
 import threading
 import time
 from collections import Counter
@@ -320,3 +322,20 @@ def _red_png() -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def test_a_replacement_worker_applies_the_running_rollout(tmp_path: Path) -> None:
+    root = repository(tmp_path)
+    with served(root, 2) as server:
+        pids = start_workers(server)
+        add_candidates(root)  # on a plain start, the newest (3) would serve
+        start(server, candidate="2", mode="shadow", compare_share=1.0)
+        os.kill(pids[0], signal.SIGKILL)
+        server.wait_for_log(message_is("worker exited; starting a new one"))
+        server.wait_for_log(message_is("worker started"))
+        answers = load(server.url, 4, 3)
+        assert statuses(answers) == {200: len(answers)}
+        assert versions(answers) == {"1": len(answers)}  # every worker's baseline
+        time.sleep(0.3)
+        assert state(server)["status"] == "running"
+        assert index(server) == ["1", "2"]

@@ -340,6 +340,16 @@ function runtime(model) {
   return others.length ? `${main} (also tried: ${others.join("; ")})` : main;
 }
 
+// "canary of version 2 (20%) against 1: running, 412 compared, 99.8% agree".
+function rolloutLine(r) {
+  const share = r.mode === "canary" ? ` (${r.percent}%${r.sticky ? ", sticky" : ""})` : "";
+  const agree = r.agreement === null ? "" : `, ${(r.agreement * 100).toFixed(1)}% agree`;
+  const status = r.status.replace("_", " ");
+  const why = r.reason ? `: ${r.reason}` : "";
+  return `${r.mode} of version ${r.candidate}${share} against ${r.baseline}: ${status}${why}; ` +
+    `${r.compared} compared${agree}`;
+}
+
 async function loadModelCard() {
   const card = $("model-card");
   let model;
@@ -372,6 +382,7 @@ async function loadModelCard() {
       ? `up to ${model.batching.max_batch_size}`
       : `up to ${model.batching.batch_limit} (fitted; max ${model.batching.max_batch_size})`],
   ];
+  if (model.rollout) rows.push(["Rollout", rolloutLine(model.rollout)]);
   card.replaceChildren(...rows.flatMap(([term, value]) =>
     [el("dt", { textContent: term }), el("dd", { textContent: value })]));
   $("top-k").max = String(model.num_classes);
