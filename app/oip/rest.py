@@ -40,7 +40,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _inlined(schema: dict[str, Any]) -> dict[str, Any]:
+def inlined(schema: dict[str, Any]) -> dict[str, Any]:
     """Pydantic's schema with its local ``$defs`` references resolved in place (OpenAPI would
     resolve ``#/$defs/...`` against the whole document, where they do not exist)."""
     definitions = schema.pop("$defs", {})
@@ -65,7 +65,7 @@ INFER_BODY = {
     "requestBody": {
         "required": True,
         "content": {
-            "application/json": {"schema": _inlined(InferenceRequest.model_json_schema())},
+            "application/json": {"schema": inlined(InferenceRequest.model_json_schema())},
             "application/octet-stream": {
                 "schema": {"type": "string", "format": "binary", "minLength": 1}
             },

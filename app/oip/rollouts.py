@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 from pydantic import ValidationError
 
 from app.oip.protocol import ProtocolError
-from app.oip.rest import REPOSITORY
+from app.oip.rest import REPOSITORY, inlined
 from app.repository.requests import RolloutRequest
 from app.repository.rollout import Status
 from app.repository.sources import check_name
@@ -37,7 +37,9 @@ def _service(request: Request) -> Service:
     | {
         "requestBody": {
             "required": True,
-            "content": {"application/json": {"schema": RolloutRequest.model_json_schema()}},
+            "content": {
+                "application/json": {"schema": inlined(RolloutRequest.model_json_schema())}
+            },
         }
     },
     summary="Start a rollout of a candidate version beside the one serving (canary or shadow)",

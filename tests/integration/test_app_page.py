@@ -22,7 +22,7 @@ from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from tests.helpers.metrics import scrape, status_counts
-from tests.helpers.models import build_model
+from tests.helpers.models import LABELS, build_model
 from tests.helpers.repository import NAME, add_version
 from tests.helpers.server import ROOT, Server, message_is, run_server
 
@@ -184,6 +184,20 @@ def test_the_picked_model_version_classifies(browser: WebDriver, tmp_path: Path)
         assert str(card.get_attribute("data-top1")).endswith("@v1")  # type: ignore[attr-defined]
         ARTIFACTS.mkdir(exist_ok=True)
         browser.save_screenshot(str(ARTIFACTS / "page-versions.png"))
+
+
+def test_the_model_card_shows_the_rollout(browser: WebDriver, tmp_path: Path) -> None:
+    repository = tmp_path / "repository"
+    add_version(repository, 1, labels=LABELS)
+    with run_server(None, model_repository=str(repository)) as served:
+        served.wait_for_log(message_is("serving"))
+        add_version(repository, 2, labels=LABELS)
+        plan = {"candidate": "2", "mode": "canary", "percent": 50}
+        url = f"{served.url}/v2/repository/models/{NAME}/rollout"
+        assert httpx.put(url, json=plan, timeout=60).status_code == 200
+        browser.get(f"{served.url}/")
+        card = browser.find_element(By.ID, "model-card")
+        _until(browser, lambda: "canary of version 2 (50%) against 1: running" in card.text)
 
 
 def test_heatmaps_lie_over_each_image_and_each_lists_its_most_similar(
