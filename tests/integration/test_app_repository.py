@@ -322,6 +322,26 @@ async def test_a_loads_own_policy_holds_across_reloads_until_a_load_without_one(
     assert back == ["2"]
 
 
+async def test_with_latest_2_going_back_is_a_swap_to_the_warm_version_opening_nothing(
+    make_settings: Any, repository: Path
+) -> None:
+    add_version(repository, 2)
+    async with running(make_settings, model_repository=repository, version_policy="latest:2") as (
+        app,
+        client,
+    ):
+        models = app.state.service.models
+        previous = models.resolve(NAME, "1")
+        newest = await predict(client)
+        back = await control(client, "load", version_policy={"specific": {"versions": [1]}})
+        after = await predict(client)
+        kept = models.resolve(NAME, "1")
+    assert newest.json()["model_version"] == "2"
+    assert back.status_code == 200
+    assert after.json()["model_version"] == "1"
+    assert kept is previous  # the version loaded at start-up: nothing was opened
+
+
 async def test_with_several_models_and_no_default_a_request_must_name_one(
     make_settings: Any, repository: Path
 ) -> None:
