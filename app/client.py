@@ -16,7 +16,8 @@ cannot answer --embed or --explain at all), 2 on bad usage.
 row i the embedding of paths[i], in the order the images were found; an image that failed is left
 out of both (its row in the report says why). --explain DIR: each image's heatmap as
 DIR/<its path under the folder named>/<stem>.heatmap.png (an RGBA PNG to lay over the image).
-The report (CSV or JSON lines, one row per image) is the same in every mode.
+The report (CSV or JSON lines, one row per image, with the model version that answered it) is the
+same in every mode.
 
 Tracing: every request carries a W3C ``traceparent`` in the run's trace, a span of its own, when
 ``--trace`` is given (a new sampled trace, its id printed at the end) or ``TRACEPARENT`` is set (the
@@ -49,7 +50,17 @@ from tqdm import tqdm
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 MAX_RETRY_WAIT_S = 60.0  # a Retry-After beyond this is capped, not obeyed blindly
-CSV_FIELDS = ["path", "status", "top1", "score", "predictions", "latency_ms", "attempts", "error"]
+CSV_FIELDS = [
+    "path",
+    "status",
+    "model_version",
+    "top1",
+    "score",
+    "predictions",
+    "latency_ms",
+    "attempts",
+    "error",
+]
 HEATMAP_SUFFIX = ".heatmap.png"
 _TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-[0-9a-f]{16}-([0-9a-f]{2})")
 
@@ -58,6 +69,7 @@ _TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-[0-9a-f]{16}-([0-9a-f]{2})")
 class Outcome:
     path: str
     status: int | None = None  # None: no HTTP answer (connection failed)
+    model_version: str | None = None  # the version that answered (None: no answer)
     predictions: list[dict[str, Any]] = field(default_factory=list)
     latency_ms: float | None = None
     attempts: int = 0
@@ -71,6 +83,7 @@ class Outcome:
         return {
             "path": self.path,
             "status": self.status,
+            "model_version": self.model_version,
             "predictions": self.predictions,
             "latency_ms": self.latency_ms,
             "attempts": self.attempts,
@@ -85,6 +98,7 @@ class Outcome:
         return {
             "path": self.path,
             "status": self.status if self.status is not None else "",
+            "model_version": self.model_version or "",
             "top1": top.get("label", ""),
             "score": top.get("score", ""),
             "predictions": ";".join(f"{p['label']}:{p['score']:.6g}" for p in self.predictions),
@@ -219,6 +233,7 @@ def _read_answer(outcome: Outcome, response: httpx.Response) -> Outcome:
         body = None
     if response.is_success and isinstance(body, dict):
         result = body["results"][0]
+        outcome.model_version = body.get("model_version")
         outcome.predictions = result.get("predictions", [])
         if "embedding" in result:
             outcome.embedding = np.asarray(result["embedding"], dtype=np.float32)

@@ -77,6 +77,12 @@ class RolloutNotFound(ServiceError):
     code = "rollout_not_found"
 
 
+class ModelRequired(BadRequest):
+    """A request that names no model where several are served and none is the default."""
+
+    code = "model_required"
+
+
 class GivenStatus(ServiceError):
     """An error whose status and code were decided elsewhere: a key check's refusal, another
     worker's answer to a repository change."""

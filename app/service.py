@@ -91,8 +91,7 @@ class Service:
         opener = Opener(
             settings, self._cores, self.admission, decoder, metrics, lifecycle, self.tracing, opened
         )
-        self.models = Models(source(settings), opener.open, metrics)
-        self.models.default_name = settings.default_model
+        self.models = Models(source(settings), opener.open, metrics, settings.default_model)
         warming = asyncio.create_task(self._first_load())
         watching = self._start(self._watch()) if settings.repository_poll_s else None
         sampler = self._start(metrics.sample_forever()) if metrics.multiprocess else None
@@ -126,10 +125,15 @@ class Service:
         return self.models.route(name, version, caller.get().identity)
 
     def check_ready(self) -> None:
-        """Warm, not draining, no lane stuck, and a version of the default model ready."""
+        """Warm, not draining, no lane stuck, and a version ready: of the default model, or of
+        any model when there is none (several served, and each request names one)."""
         self.lifecycle.check_ready()
+        default = self.models.default_name
         try:
-            self.models.resolve()
+            if default is not None:
+                self.models.resolve(default)
+            elif not self.models.ready():
+                raise UnknownModel("no model version is ready")
         except UnknownModel as exc:
             raise NotReady(exc.message, headers=self.lifecycle.retry_after) from None
 

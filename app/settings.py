@@ -58,7 +58,8 @@ class Settings(BaseSettings):
     specific:V[,V...]. A load request may bring its own (Triton's version_policy in its
     config)."""
     default_model: str | None = None
-    """The model that requests naming none go to. Default: the first model loaded (by name)."""
+    """The model that requests naming none go to (readiness waits for it). Unset: the only model
+    served; with several, a request that names none is refused (400 model_required)."""
     repository_poll_s: float = Field(0.0, ge=0)
     """Look at model_repository (or model_path) this often and load what changed: a new version
     once its files have settled, a model folder that appeared or went. 0: only at start-up, on

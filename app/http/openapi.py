@@ -6,11 +6,15 @@ from typing import Any
 
 from app.http.schemas import ErrorResponse
 
+MODEL_REQUIRED = (
+    "`model_required`: no model named, and several are served with no default_model to answer"
+)
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description}
     for status, description in {
         400: "`empty_upload`: no file, or an empty one. `invalid_multipart`: malformed multipart"
-        " body, a form field that is not a file, or more files than max_images_per_request",
+        " body, a form field that is not a file, or more files than max_images_per_request. "
+        f"{MODEL_REQUIRED}",
         401: "`unauthorized`: no API key, or not one of the keys (only when api_keys_file is set)",
         413: "`payload_too_large`: over max_request_bytes or max_image_bytes."
         " `too_many_pixels`: over max_image_pixels (read from the image header)",

@@ -10,7 +10,7 @@ from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPEN
 
 from app.edge.access import Access, access
 from app.errors import RolloutNotFound
-from app.http.openapi import ERRORS
+from app.http.openapi import ERRORS, MODEL_REQUIRED
 from app.http.predict import ModelName, ModelVersion
 from app.http.schemas import (
     Batching,
@@ -70,7 +70,7 @@ async def metrics_endpoint(request: Request) -> Response:
 @router.get(
     "/v1/model",
     response_model=ModelDescription,
-    responses={404: ERRORS[404]},
+    responses={400: {"model": ErrorResponse, "description": MODEL_REQUIRED}, 404: ERRORS[404]},
     openapi_extra=access(Access.API),
     summary="A model being served: the default one, or the one named",
 )
@@ -93,10 +93,8 @@ async def describe_model(
 async def list_models(request: Request) -> ModelList:
     models = request.app.state.service.models
     ready = sorted(models.ready(), key=lambda s: (s.name, models.versions(s.name).index(s.version)))
-    default = models.resolve() if ready else None
     return ModelList(
-        default_model=default.name if default else None,
-        models=[describe(served) for served in ready],
+        default_model=models.default_name, models=[describe(served) for served in ready]
     )
 
 

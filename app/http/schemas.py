@@ -154,5 +154,8 @@ class ModelDescription(BaseModel):
 
 
 class ModelList(BaseModel):
-    default_model: str | None = Field(description="Where requests naming no model go")
+    default_model: str | None = Field(
+        description="Where requests naming no model go; null when several models are served and"
+        " none is the default (each request names one)"
+    )
     models: list[ModelDescription] = Field(description="Every ready version, by name then version")

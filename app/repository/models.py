@@ -1,8 +1,9 @@
 """The model versions being served, and how they change without a failed request.
 
 Requests resolve a version here (``resolve``): the one asked for, or the newest ready version of
-the model, of the default model when none is named. Changes happen on the event loop, one model
-at a time (a lock per name), so a request sees either the old set or the new one:
+the model, of the default model when none is named (``default_model``, or the only model; with
+several and none set, a request must name one). Changes happen on the event loop, one model at a
+time (a lock per name), so a request sees either the old set or the new one:
 
 - a new version is opened, warmed and checked beside those serving (``open_version``); only then
   is it added, and from that moment it takes the unversioned requests;
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Protocol
 
 from app.errors import (
+    ModelRequired,
     RepositoryUnavailable,
     RolloutConflict,
     RolloutNotFound,
@@ -75,10 +77,20 @@ class Entry:
 
 
 class Models:
-    def __init__(self, source: Source, open_version: OpenVersion, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        source: Source,
+        open_version: OpenVersion,
+        metrics: Metrics,
+        default: str | None = None,
+    ) -> None:
+        """``default``: the model requests naming none go to (the default_model setting)."""
         self.source = source
         self._open = open_version
         self._metrics = metrics
+        self._default = default
+        # Every model loaded and not unloaded, with its ready versions: none while its first
+        # load runs, or when every version failed (it is still one of the models served).
         self._ready: dict[str, dict[str, ServedModel]] = {}
         self._loading: set[tuple[str, str]] = set()
         # What failed to load, with why, and the files it failed on: not retried by a poll
@@ -88,7 +100,6 @@ class Models:
         # A load's own version policy, kept for the polls and reloads after it (Triton's config
         # override); a load that brings none goes back to the source's.
         self._policies: dict[str, VersionPolicy] = {}
-        self.default_name: str | None = None
         # The version requests naming none go to, where a rollout decided it (see above).
         self._pinned: dict[str, str] = {}
         self.rollouts: dict[str, Rollout | _Starting] = {}  # running, by model
@@ -98,10 +109,29 @@ class Models:
         self.judged = True
         self._ending: set[asyncio.Task[None]] = set()
 
+    @property
+    def default_name(self) -> str | None:
+        """The model requests naming none go to: the default_model setting, else the only model
+        served. None with several served and no setting: never the first one loaded, which
+        would change with the models beside it."""
+        if self._default is not None:
+            return self._default
+        return next(iter(self._ready)) if len(self._ready) == 1 else None
+
+    def default(self) -> str | None:
+        """``default_name``; ModelRequired (400) when several models are served and none is
+        the default."""
+        if self.default_name is None and len(self._ready) > 1:
+            raise ModelRequired(
+                f"no model named, and this server has several ({sorted(self._ready)}) with no "
+                "default: name one (model=NAME) or set RESNET_SERVE_DEFAULT_MODEL"
+            )
+        return self.default_name
+
     def resolve(self, name: str | None = None, version: str | None = None) -> ServedModel:
         """The version a request goes to (a rollout's baseline, for one naming none);
         UnknownModel (404) when there is none ready."""
-        name = name or self.default_name
+        name = name or self.default()
         versions = self._ready.get(name or "")
         if not versions:
             serving = sorted(n for n, v in self._ready.items() if v)
@@ -166,8 +196,6 @@ class Models:
             for version, path in wanted.items():
                 if version not in current:
                     await self._add(name, version, path, retry=not polled)
-            if self.default_name is None and current:
-                self.default_name = name
             # Only once a wanted version is ready: a load whose new versions all failed leaves
             # the serving ones serving.
             if set(wanted) & set(current):
@@ -182,7 +210,7 @@ class Models:
     async def unload(self, name: str) -> None:
         """Take every version of ``name`` out; each finishes what it admitted first."""
         async with self._lock(name):
-            if not self._ready.get(name):
+            if name not in self._ready:
                 raise UnknownModel(f"model {name!r} is not loaded")
             for version in list(self._ready[name]):
                 await self._take_out(name, version)
@@ -333,7 +361,7 @@ class Models:
             except ServiceError as exc:
                 log.warning("model not loaded", extra={"model": name, "reason": exc.message})
         if polled:
-            for name in [n for n, versions in self._ready.items() if versions and n not in names]:
+            for name in [n for n in self._ready if n not in names]:
                 await self.unload(name)
 
     async def close(self) -> None:

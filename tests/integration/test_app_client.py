@@ -80,10 +80,12 @@ def test_folder_with_a_broken_file_writes_one_json_line_per_image(
     assert broken["status"] == 422
     assert broken["error"]["code"] == "invalid_image"
     assert broken["predictions"] == []
+    assert broken["model_version"] is None
     for path in EXAMPLES:
         row = rows[path.name]
         assert row["error"] is None
         assert row["status"] == 200
+        assert row["model_version"] == "7"  # the version that answered: the tiny model's
         assert len(row["predictions"]) == 3
         assert row["predictions"][0]["label"] == server_top1(server.url, path)
         assert row["latency_ms"] > 0
@@ -101,9 +103,11 @@ def test_csv_on_stdout_names_a_file_that_is_not_an_image(server: Server, tmp_pat
     assert [Path(row["path"]).name for row in rows] == [EXAMPLES[3].name, "notes.txt"]
     good, bad = rows
     assert good["top1"] == server_top1(server.url, EXAMPLES[3])
+    assert good["model_version"] == "7"
     assert good["error"] == ""
     assert len(good["predictions"].split(";")) == 5  # the server's default top_k
     assert bad["status"] == "415"
+    assert bad["model_version"] == ""
     assert bad["error"].startswith("unsupported_media_type: ")
 
 
@@ -277,6 +281,7 @@ def test_503_is_retried_after_the_servers_retry_after() -> None:
     rows = [json.loads(line) for line in done.stdout.splitlines()]
     assert [row["attempts"] for row in rows] == [3, 3]
     assert all(row["status"] == 200 and row["error"] is None for row in rows)
+    assert all(row["model_version"] == "1" for row in rows)  # the answer's, not the 503s'
     for path in EXAMPLES[:2]:
         times = [at for name, at in log if name == path.name]
         assert len(times) == 3

@@ -200,6 +200,27 @@ def test_the_model_card_shows_the_rollout(browser: WebDriver, tmp_path: Path) ->
         _until(browser, lambda: "canary of version 2 (50%) against 1: running" in card.text)
 
 
+def test_with_several_models_and_no_default_the_page_picks_one(
+    browser: WebDriver, tmp_path: Path
+) -> None:
+    repository = tmp_path / "repository"
+    for model in (NAME, "letters"):
+        add_version(repository, 1, model=model)
+    with run_server(None, model_repository=str(repository)) as served:
+        served.wait_for_log(message_is("ready"))
+        browser.get(f"{served.url}/")
+        picker = Select(browser.find_element(By.ID, "model-choice"))
+        _until(browser, lambda: len(picker.options) == 3)
+        _until(browser, lambda: "build-1" in browser.find_element(By.ID, "model-card").text)
+        chosen = picker.first_selected_option.get_attribute("value")
+        unnamed = picker.options[0]
+        browser.find_element(By.ID, "files").send_keys(str(EXAMPLES[0]))
+        _until(browser, lambda: _cards(browser, "ok"))
+    assert chosen == f"{NAME}@1"  # the first listed: a request that names none would be refused
+    assert unnamed.get_attribute("disabled") is not None
+    assert not _script_errors(browser)
+
+
 def test_heatmaps_lie_over_each_image_and_each_lists_its_most_similar(
     browser: WebDriver, server: Server
 ) -> None:

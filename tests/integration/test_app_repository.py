@@ -21,6 +21,7 @@ from tests.helpers.models import build_model
 from tests.helpers.repository import NAME, PNG, add_version
 
 pytestmark = pytest.mark.anyio
+OTHER = "letters"  # a second model, after NAME in name order (the order models load in)
 
 
 @pytest.fixture
@@ -319,3 +320,85 @@ async def test_a_loads_own_policy_holds_across_reloads_until_a_load_without_one(
         back = models.versions(NAME)
     assert kept == ["1"]
     assert back == ["2"]
+
+
+async def test_with_latest_2_going_back_is_a_swap_to_the_warm_version_opening_nothing(
+    make_settings: Any, repository: Path
+) -> None:
+    add_version(repository, 2)
+    async with running(make_settings, model_repository=repository, version_policy="latest:2") as (
+        app,
+        client,
+    ):
+        models = app.state.service.models
+        previous = models.resolve(NAME, "1")
+        newest = await predict(client)
+        back = await control(client, "load", version_policy={"specific": {"versions": [1]}})
+        after = await predict(client)
+        kept = models.resolve(NAME, "1")
+    assert newest.json()["model_version"] == "2"
+    assert back.status_code == 200
+    assert after.json()["model_version"] == "1"
+    assert kept is previous  # the version loaded at start-up: nothing was opened
+
+
+async def test_with_several_models_and_no_default_a_request_must_name_one(
+    make_settings: Any, repository: Path
+) -> None:
+    add_version(repository, 1, model=OTHER)
+    async with running(make_settings, model_repository=repository) as (_, client):
+        unnamed = await predict(client)
+        named = await predict(client, model=OTHER)
+        described = await client.get("/v1/model")
+        listed = (await client.get("/v1/models")).json()
+        ready = [(await client.get(path)).status_code for path in ("/readyz", "/v2/health/ready")]
+    assert unnamed.status_code == 400
+    error = unnamed.json()["error"]
+    assert error["code"] == "model_required"
+    assert f"['{NAME}', '{OTHER}']" in error["message"]
+    assert "RESNET_SERVE_DEFAULT_MODEL" in error["message"]
+    assert named.json()["model_name"] == OTHER
+    assert described.json()["error"]["code"] == "model_required"
+    assert listed["default_model"] is None
+    assert [m["name"] for m in listed["models"]] == [NAME, OTHER]
+    assert ready == [200, 200]
+
+
+async def test_the_default_model_setting_takes_the_requests_naming_none_and_readiness(
+    make_settings: Any, repository: Path
+) -> None:
+    add_version(repository, 1, model=OTHER)
+    async with running(make_settings, model_repository=repository, default_model=OTHER) as (
+        _,
+        client,
+    ):
+        unnamed = await predict(client)
+        described = (await client.get("/v1/model")).json()
+        listed = (await client.get("/v1/models")).json()
+        ready = await client.get("/readyz")
+        await client.post(f"/v2/repository/models/{OTHER}/unload")
+        without_it = await client.get("/readyz")  # NAME still serves, but not the default
+        refused = await predict(client)
+    assert unnamed.json()["model_name"] == OTHER
+    assert described["name"] == OTHER
+    assert listed["default_model"] == OTHER
+    assert ready.status_code == 200
+    assert without_it.status_code == 503
+    assert f"unknown model '{OTHER}'" in without_it.json()["error"]["message"]
+    assert refused.status_code == 404
+
+
+async def test_a_model_whose_every_version_failed_still_counts_until_it_is_unloaded(
+    make_settings: Any, repository: Path
+) -> None:
+    (repository / OTHER / "1").mkdir(parents=True)
+    (repository / OTHER / "1" / "model.onnx").write_bytes(b"not an onnx file")
+    async with running(make_settings, model_repository=repository) as (_, client):
+        ambiguous = await predict(client)
+        unloaded = await client.post(f"/v2/repository/models/{OTHER}/unload")
+        unnamed = await predict(client)
+        listed = (await client.get("/v1/models")).json()
+    assert ambiguous.json()["error"]["code"] == "model_required"
+    assert unloaded.status_code == 200
+    assert unnamed.json()["model_name"] == NAME  # the only model now: the default
+    assert listed["default_model"] == NAME

@@ -300,7 +300,8 @@ function setUpUploads() {
 
 // ---- model card ----------------------------------------------------------------------------
 
-// The model versions being served (/v1/models) fill the picker; "" is the server's default.
+// The model versions being served (/v1/models) fill the picker; "" is the server's default, not
+// offered when there is none (several models served, each request names one).
 function chosenModel(choice = $("model-choice").value) {
   const [model, version] = choice.split("@");
   return model ? { model, version } : {};
@@ -311,8 +312,11 @@ function fillPicker(listing) {
   const chosen = picker.value;
   const options = listing.models.map((m) =>
     el("option", { value: `${m.name}@${m.version}`, textContent: `${m.name}, version ${m.version}` }));
-  picker.replaceChildren(picker.options[0], ...options);
-  picker.value = options.some((o) => o.value === chosen) ? chosen : "";
+  const unnamed = picker.options[0];
+  unnamed.disabled = unnamed.hidden = listing.default_model === null;
+  picker.replaceChildren(unnamed, ...options);
+  const fallback = unnamed.disabled && options.length ? options[0].value : "";
+  picker.value = options.some((o) => o.value === chosen) ? chosen : fallback;
 }
 
 // "1-3, 8" for [1, 2, 3, 8].
