@@ -316,7 +316,7 @@ class Models:
     def rollout(self, name: str) -> Plan:
         """The running rollout's plan; 409 where none runs."""
         rollout = self.rollouts.get(name)
-        if rollout is None or isinstance(rollout, _Starting):
+        if not isinstance(rollout, Rollout) or not rollout.routing:  # starting, or ending
             raise RolloutConflict(f"no rollout of {name!r} is running")
         return rollout.plan
 
@@ -338,6 +338,7 @@ class Models:
         if verdict is None:
             return
         rollout.routing = False  # from this request on: nothing changes for a client
+        judge.end(Status.ROLLED_BACK, verdict)
         log.warning("rollout rolled back", extra=rollout.plan.describe() | {"reason": verdict})
         self._metrics.rollout_ends.labels(name, Status.ROLLED_BACK.value).inc()
         task = asyncio.get_running_loop().create_task(

@@ -3,6 +3,7 @@ sees, automatic rollbacks with no failed request, promotion under load, and bad 
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import signal
@@ -16,11 +17,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import tritonclient.grpc as triton
 from PIL import Image
 
 from tests.helpers.models import LABELS, POISON, build_model, image_bytes
 from tests.helpers.repository import NAME, add_version
-from tests.helpers.server import Server, message_is, run_server
+from tests.helpers.server import Server, free_port, message_is, run_server
 from tests.helpers.workers import start_workers
 
 ROLLOUT = f"/v2/repository/models/{NAME}/rollout"
@@ -339,3 +341,28 @@ def test_a_replacement_worker_applies_the_running_rollout(tmp_path: Path) -> Non
         time.sleep(0.3)
         assert state(server)["status"] == "running"
         assert index(server) == ["1", "2"]
+
+
+def test_grpc_and_the_protocol_follow_the_canary_and_say_who_answered(tmp_path: Path) -> None:
+    root = repository(tmp_path)
+    port = free_port()
+    with served(root, grpc_port=str(port)) as server:
+        ready(server, 1)
+        add_candidates(root)
+        start(server, candidate="2", mode="canary", percent=100)
+        client = triton.InferenceServerClient(f"127.0.0.1:{port}")
+        images = triton.InferInput("images", [1], "BYTES")
+        images.set_data_from_numpy(np.array([IMAGES[0]], dtype=object))
+        result = client.infer(NAME, [images])
+        assert result.get_response().model_version == "2"
+        pinned = client.infer(NAME, [images], model_version="1")  # a named version is kept
+        assert pinned.get_response().model_version == "1"
+
+        body = {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1], "data": ["x"]}]}
+        body["inputs"][0]["data"] = [base64.b64encode(IMAGES[0]).decode()]
+        response = httpx.post(f"{server.url}/v2/models/{NAME}/infer", json=body, timeout=30)
+        assert response.status_code == 200, response.text
+        assert response.json()["model_version"] == response.headers["x-model-version"] == "2"
+        path = f"/v2/models/{NAME}/infer"
+        logged = server.wait_for_log(lambda entry: entry.get("path") == path)  # the access log
+        assert logged["model_version"] == "2"
