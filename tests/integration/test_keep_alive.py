@@ -106,6 +106,20 @@ async def test_a_request_waiting_unread_when_the_timeout_fires_is_answered() -> 
         assert (await answer(client)).startswith(b"HTTP/1.1 200")
 
 
+# uvloop, as the server runs: its closed transport's socket has no descriptor left (-1).
+@pytest.mark.parametrize("anyio_backend", [("asyncio", {"use_uvloop": True})])
+async def test_the_timer_firing_on_a_connection_already_closed_is_harmless() -> None:
+    async with serving(keep_alive_s=60) as server, connected(server) as client:
+        client.send(REQUEST)
+        assert (await answer(client)).startswith(b"HTTP/1.1 200")
+        (connection,) = server.server_state.connections
+        assert isinstance(connection, DrainingHttpToolsProtocol)
+        client.close()  # the client goes: the server's socket has no descriptor from here on
+        await asyncio.sleep(0.1)
+        assert not connection._bytes_waiting()  # was: ValueError from ioctl on -1
+        connection.timeout_keep_alive_handler()
+
+
 async def test_an_idle_connection_is_closed_after_the_timeout() -> None:
     async with serving(keep_alive_s=1) as server, connected(server) as client:
         client.send(REQUEST)
