@@ -1,7 +1,7 @@
 """Rollouts under load, as an operator runs them: a shadow's cost, a canary's share, a wrong
 candidate rolled back with no failed request, and a promotion under load.
 
-    PYTHONPATH=. .venv/bin/python -m benchmarks.rollout [--seconds 30] [--workers 1]
+    PYTHONPATH=. .venv/bin/python -m benchmarks.rollout [--seconds 30] [--pairs 3] [--workers 1]
 
 A repository is made from the digits demo (artifacts/model.onnx, version 1); a real server
 (``python -m app``, default settings) serves it while 16 closed-loop clients post digit PNGs to
@@ -143,15 +143,15 @@ def build_candidates() -> None:
         subprocess.run([python, *command], cwd=ROOT, check=True)
 
 
-async def scenarios(url: str, name: str, seconds: float) -> dict[str, Any]:
+async def scenarios(url: str, name: str, seconds: float, pairs: int) -> dict[str, Any]:
     images = digits(200)
     api = Operator(url, name)
     out: dict[str, Any] = {}
     await closed_loop(url, images, 5)  # warm
 
-    # A shadow's cost: without and with, interleaved, twice.
+    # A shadow's cost: without and with, interleaved: the machine's speed drifts between runs.
     plain, shadowed, states = [], [], []
-    for _ in range(2):
+    for _ in range(pairs):
         plain.append((await closed_loop(url, images, seconds)).summary())
         await api.call("PUT", body={"candidate": "2", "mode": "shadow"})
         shadowed.append((await closed_loop(url, images, seconds)).summary())
@@ -161,7 +161,13 @@ async def scenarios(url: str, name: str, seconds: float) -> dict[str, Any]:
     ratio = [
         s["requests_per_s"] / p["requests_per_s"] for p, s in zip(plain, shadowed, strict=True)
     ]
-    out["shadow"] = {"without": plain, "with": shadowed, "ratios": ratio, "states": states}
+    out["shadow"] = {
+        "without": plain,
+        "with": shadowed,
+        "ratios": ratio,
+        "median_ratio": float(np.median(ratio)),
+        "states": states,
+    }
 
     await api.call("PUT", body={"candidate": "2", "mode": "canary", "percent": 20})
     canary = (await closed_loop(url, images, seconds)).summary()
@@ -235,7 +241,8 @@ def report(result: dict[str, Any]) -> str:
     share = canary["run"]["versions"].get("2", 0) / sum(canary["run"]["versions"].values())
     lines += [
         "",
-        f"- Shadow throughput / no rollout: {ratios}. Agreement on the copies: "
+        f"- Shadow throughput / no rollout, pair by pair: {ratios} (median "
+        f"{shadow['median_ratio']:.3f}). Agreement on the copies: "
         + ", ".join(
             f"{s['agreement']} over {s['compared']} compared ({s['dropped']} dropped)"
             for s in shadow["states"]
@@ -261,6 +268,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--pairs", type=int, default=3, help="runs without and with a shadow")
     parser.add_argument("--out", default="rollout", help="results/OUT.{json,md}")
     args = parser.parse_args()
     build_candidates()
@@ -275,7 +283,7 @@ def main() -> None:
             for version, source in ((2, REEXPORTED), (3, ONE_EPOCH)):  # added as an operator would
                 (root / name / str(version)).mkdir(parents=True)
                 shutil.copy(source, root / name / str(version) / "model.onnx")
-            result = asyncio.run(scenarios(server.url, name, args.seconds))
+            result = asyncio.run(scenarios(server.url, name, args.seconds, args.pairs))
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     model_name = next(
         (line.split(":", 1)[1].strip() for line in cpu.splitlines() if "Model name" in line), "?"

@@ -11,7 +11,8 @@ version, or, while a rollout runs (docs/rollouts.md):
 
 Comparisons (a canary's answers run again on the baseline, a shadow's copies) are work no client
 waits for: they start after the client's answer is computed, are not admitted, and run only
-within ``compare_share`` of the compute and two at a time; the rest are dropped and counted.
+within ``compare_share`` of the compute (each costed at the version's warm-up timings) and two
+at a time; the rest are dropped and counted.
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ class Rollout:
         other = Role.BASELINE if role is Role.CANDIDATE else Role.CANDIDATE
         served = self.served(other)
         same = self.same_recipe
-        cost = (served.estimate.seconds_per_image or 0.0) * len(crops)
+        cost = compute_seconds(served, len(crops))
         if (
             (not same and images is None)  # crops of another size, and no image to decode
             or self._comparing >= COMPARING_AT_ONCE
@@ -197,6 +198,20 @@ class Rollout:
         """What was seen since the last take."""
         taken, self.pending = self.pending, Tally()
         return taken
+
+
+def compute_seconds(served: ServedModel, images: int) -> float:
+    """What ``images`` cost ``served``, from its warm-up's timed runs (the machine to itself):
+    the smallest timed batch that holds them. Its batches' times under load would count the
+    wait for the cores that the serving version keeps busy, several times the work itself."""
+    timed = served.batch_seconds
+    fitting = [size for size in timed if size >= images]
+    if fitting:
+        return timed[min(fitting)]
+    if timed:
+        largest = max(timed)
+        return timed[largest] * images / largest
+    return (served.estimate.seconds_per_image or 0.0) * images
 
 
 class Budget:

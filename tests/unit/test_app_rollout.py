@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import pickle
+from types import SimpleNamespace
 
 import pytest
 
 from app.repository.requests import RolloutRequest
 from app.repository.rollout import Judge, Mode, Plan, Role, Status, Tally
-from app.repository.route import Budget
+from app.repository.route import Budget, compute_seconds
 
 
 def plan(**changes: object) -> Plan:
@@ -113,3 +114,10 @@ def test_the_budget_allows_its_share_of_each_second(monkeypatch: pytest.MonkeyPa
     assert budget.take(0.05)
     assert budget.take(0.05)
     assert not budget.take(0.05)
+
+
+def test_a_comparison_costs_the_versions_timed_batch_that_holds_it() -> None:
+    timed = SimpleNamespace(batch_seconds={1: 0.004, 2: 0.006, 8: 0.016}, estimate=None)
+    assert compute_seconds(timed, 1) == 0.004  # type: ignore[arg-type]
+    assert compute_seconds(timed, 3) == 0.016  # type: ignore[arg-type]
+    assert compute_seconds(timed, 16) == 0.032  # type: ignore[arg-type]
