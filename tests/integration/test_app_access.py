@@ -57,14 +57,20 @@ def test_the_declarations_are_what_the_service_promises(make_settings: Any) -> N
         ("POST", "/v2/models/x/versions/x/infer"),
     ]
     assert declared(app, Access.METRICS) == [("GET", "/metrics")]
-    # Every POST is inference or the repository's control: nothing else takes a body.
-    assert {path for method, path in declared(app, *Access) if method == "POST"} == {
-        path for _, path in declared(app, Access.INFERENCE, Access.REPOSITORY)
+    # Every POST or PUT is inference or the repository's control: nothing else takes a body.
+    assert {path for method, path in declared(app, *Access) if method in ("POST", "PUT")} == {
+        path
+        for method, path in declared(app, Access.INFERENCE, Access.REPOSITORY)
+        if method in ("POST", "PUT")
     }
     assert declared(app, Access.REPOSITORY) == [
+        ("DELETE", "/v2/repository/models/x/rollout"),
+        ("GET", "/v2/repository/models/x/rollout"),
         ("POST", "/v2/repository/index"),
         ("POST", "/v2/repository/models/x/load"),
+        ("POST", "/v2/repository/models/x/rollout/promote"),
         ("POST", "/v2/repository/models/x/unload"),
+        ("PUT", "/v2/repository/models/x/rollout"),
     ]
     operations = app.openapi()["paths"]["/predict"]["post"]
     assert operations["x-access"] == "inference"
