@@ -234,8 +234,8 @@ class Settings(BaseSettings):
     """Pixels all images of one request decode to (after JPEG draft scaling), checked from the
     headers before decoding anything: bounds one request's decode CPU."""
     allowed_formats: tuple[str, ...] = DEFAULT_FORMATS
-    """Image formats accepted, as a JSON list: a subset of JPEG, PNG, WEBP, BMP, GIF, TIFF
-    (detected from the bytes, not the name)."""
+    """Image formats accepted, as a JSON list: a subset of JPEG, PNG, WEBP, BMP, GIF, TIFF, AVIF,
+    HEIF (HEIC photos; detected from the bytes, not the name)."""
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
