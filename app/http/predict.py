@@ -39,6 +39,16 @@ MODEL_MAX, VERSION_MAX = 128, 64
 ModelName = Annotated[
     str | None, Query(max_length=MODEL_MAX, description="The model (default: the default model)")
 ]
+# Read and checked at the door (app.http.middleware), before the body: here for the docs.
+TimeoutMs = Annotated[
+    float | None,
+    Query(
+        gt=0,
+        description="This request's own deadline in ms, below request_timeout_ms: work that "
+        "cannot be answered in time is dropped before decode or compute (504). Or the "
+        "X-Request-Timeout-Ms header",
+    ),
+]
 ModelVersion = Annotated[
     str | None,
     Query(max_length=VERSION_MAX, description="Its version (default: its newest ready version)"),
@@ -53,7 +63,11 @@ ModelVersion = Annotated[
     summary="Classify one or many images (multipart files, or one image as the raw body)",
 )
 async def predict(
-    request: Request, top_k: TopK = None, model: ModelName = None, version: ModelVersion = None
+    request: Request,
+    top_k: TopK = None,
+    model: ModelName = None,
+    version: ModelVersion = None,
+    timeout_ms: TimeoutMs = None,
 ) -> Response:
     return await _predict(request, request.app.state.service, top_k, model, version)
 
