@@ -130,7 +130,7 @@ async def _answers(
     each, as ``/predict`` computes its own (app.http.predict)."""
     with service.route(model, version).hold() as route:
         head = head_for(route.served.metadata)  # a bad parameter is refused before the body
-        images = await read_uploads(request, service.limits)
+        images = await read_uploads(request, service)
         work = route.images(images, head, head_for)
         answers = await unless_disconnected(request.receive, work)
     served = route.served  # the version that answered

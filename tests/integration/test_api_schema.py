@@ -73,7 +73,7 @@ async def test_bounds_come_from_settings_and_model(serve: Serve) -> None:
         assert content["multipart/form-data"]["schema"]["properties"]["files"]["maxItems"] == 3
     documented = predict["responses"]
     assert set(documented) == {
-        *("200", "400", "401", "404", "413", "415", "422", "500", "503", "504"),
+        *("200", "400", "401", "403", "404", "413", "415", "422", "500", "503", "504"),
     }
     assert "Retry-After" in documented["503"]["headers"]
     error = {"$ref": "#/components/schemas/ErrorResponse"}
