@@ -37,6 +37,7 @@ import re
 import secrets
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -48,7 +49,8 @@ import httpx
 import numpy as np
 from tqdm import tqdm
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+from core.preprocess import IMAGE_SUFFIXES
+
 MAX_RETRY_WAIT_S = 60.0  # a Retry-After beyond this is capped, not obeyed blindly
 CSV_FIELDS = [
     "path",
@@ -127,14 +129,19 @@ class Mode:
         return cls()
 
 
-def find_images(paths: list[Path]) -> Iterator[tuple[Path, Path]]:
-    """Each image, and its path under the folder named that holds it (a file named: its name)."""
+def find_images(
+    paths: list[Path], skipped: Counter[str] | None = None
+) -> Iterator[tuple[Path, Path]]:
+    """Each image, and its path under the folder named that holds it (a file named: its name).
+    ``skipped``: counts, by suffix, the files of the folders left out for not being images."""
     for path in paths:
         if path.is_dir():
+            files = [p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")]
+            for other in (p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES):
+                if skipped is not None:
+                    skipped[other.suffix.lower() or "(none)"] += 1
             yield from sorted(
-                (p, p.relative_to(path))
-                for p in path.rglob("*")
-                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+                (p, p.relative_to(path)) for p in files if p.suffix.lower() in IMAGE_SUFFIXES
             )
         elif path.is_file():
             yield path, Path(path.name)
@@ -212,8 +219,13 @@ async def classify(
         try:
             files = {"file": (path.name, data, media_type)}
             response = await client.post(endpoint, files=files, params=params, headers=headers)
+        except httpx.LocalProtocolError as exc:
+            # The request itself cannot be sent (a header httpx refuses): sending it again
+            # cannot help. Its message may hold a header's value, a key's: never shown.
+            outcome.error = {"code": "request_not_sent", "message": type(exc).__name__}
+            return outcome
         except httpx.TransportError as exc:
-            outcome.error = {"code": "connection_failed", "message": repr(exc)}
+            outcome.error = {"code": "connection_failed", "message": _without_secrets(exc)}
             if outcome.attempts > retries:
                 return outcome
             await asyncio.sleep(min(2.0 ** (outcome.attempts - 1), MAX_RETRY_WAIT_S))
@@ -224,6 +236,30 @@ async def classify(
             await asyncio.sleep(retry_after_s(response.headers.get("retry-after")))
             continue
         return _read_answer(outcome, response)
+
+
+def _without_secrets(exc: Exception) -> str:
+    """What a connection failure says, with no request header in it (a key travels in one)."""
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
+
+
+def read_key(path: Path) -> str:
+    """The key in ``path``: a file holding the key alone, or a line of the server's own key
+    file (``<key> name=<class> weight=<n>``, comments and blank lines allowed), of which the
+    first key is used. Raises ValueError, never showing a key."""
+    keys = []
+    for line in path.read_text().splitlines():
+        words = line.split()
+        if words and not words[0].startswith("#"):
+            keys.append(words[0])
+    if not keys:
+        raise ValueError(f"{path} holds no key")
+    if len(keys) > 1:
+        print(f"{path} holds {len(keys)} keys: using the first", file=sys.stderr)
+    key = keys[0]
+    if not key.isascii() or not key.isprintable():
+        raise ValueError(f"{path}: the key is not printable ASCII, which a header cannot carry")
+    return key
 
 
 def _read_answer(outcome: Outcome, response: httpx.Response) -> Outcome:
@@ -359,7 +395,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight (4)")
     parser.add_argument("--format", choices=["csv", "jsonl"], default="csv")
     parser.add_argument("-o", "--output", type=Path, help="write here instead of stdout")
-    parser.add_argument("--api-key-file", type=Path, help="file holding a bearer token")
+    parser.add_argument(
+        "--api-key-file",
+        type=Path,
+        help="file holding the key: alone, or in the server's key-file format (the first key)",
+    )
     parser.add_argument("--retries", type=int, default=5, help="retries on 503 / no connection")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
     parser.add_argument(
@@ -391,8 +431,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.api_key = None
     if args.api_key_file:
         try:
-            args.api_key = args.api_key_file.read_text().strip()
-        except OSError as exc:
+            args.api_key = read_key(args.api_key_file)
+        except (OSError, ValueError) as exc:
             parser.error(f"--api-key-file: {exc}")
     return args
 
@@ -401,11 +441,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     mode = Mode.chosen(args)
     try:
-        found = list(find_images(args.paths))
+        skipped: Counter[str] = Counter()
+        found = list(find_images(args.paths, skipped))
         heatmaps = heatmap_paths(found, mode.heatmaps) if mode.heatmaps else None
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if skipped:
+        each = ", ".join(f"{suffix}: {count}" for suffix, count in sorted(skipped.items()))
+        print(
+            f"skipped {sum(skipped.values())} files that are not images by their suffix ({each}); "
+            f"images are {' '.join(sorted(IMAGE_SUFFIXES))}",
+            file=sys.stderr,
+        )
     paths = [path for path, _ in found]
     if not paths:
         print(f"error: no image files in {' '.join(map(str, args.paths))}", file=sys.stderr)

@@ -19,6 +19,7 @@ from typing import Any, cast
 from app.batching.admission import Admission, Lifecycle
 from app.batching.fair import FairExecutor
 from app.edge.access import KeyFile
+from app.edge.fetch import Fetcher, UrlPolicy
 from app.edge.requests import RequestLog, caller
 from app.errors import NotReady, RolloutNotFound, UnknownModel
 from app.pipeline.pipeline import UploadLimits
@@ -67,6 +68,14 @@ class Service:
             max_images_per_request=settings.max_images_per_request,
         )
         self.default_top_k = settings.default_top_k
+        self.url_policy = UrlPolicy.parse(
+            settings.url_allow,
+            max_bytes=settings.max_image_bytes,
+            timeout_ms=settings.url_timeout_ms,
+            max_redirects=settings.url_max_redirects,
+            concurrency=settings.url_fetch_concurrency,
+        )
+        self.fetcher: Fetcher
         self.link: WorkerLink | None = None
         self.lifecycle: Lifecycle
         self.admission: Admission
@@ -87,6 +96,7 @@ class Service:
         self.lifecycle = lifecycle = Lifecycle(settings.retry_after_s)
         self.admission = Admission(admission_config(settings), lifecycle, metrics)
         decoder = FairExecutor(settings.decode_threads, "decode")
+        self.fetcher = Fetcher(self.url_policy)
         opened, self._opened = self._opened, None
         opener = Opener(
             settings, self._cores, self.admission, decoder, metrics, lifecycle, self.tracing, opened
@@ -113,6 +123,7 @@ class Service:
                     task.cancel()
             await asyncio.gather(warming, return_exceptions=True)
             await self.models.close()
+            await self.fetcher.close()
             decoder.shutdown(wait=True)
             opener.close()
             if sampler is not None:

@@ -234,8 +234,20 @@ class Settings(BaseSettings):
     """Pixels all images of one request decode to (after JPEG draft scaling), checked from the
     headers before decoding anything: bounds one request's decode CPU."""
     allowed_formats: tuple[str, ...] = DEFAULT_FORMATS
-    """Image formats accepted, as a JSON list: a subset of JPEG, PNG, WEBP, BMP, GIF, TIFF
-    (detected from the bytes, not the name)."""
+    """Image formats accepted, as a JSON list: a subset of JPEG, PNG, WEBP, BMP, GIF, TIFF, AVIF,
+    HEIF (HEIC photos; detected from the bytes, not the name)."""
+
+    url_allow: tuple[str, ...] = ()
+    """Where /predict, /embed and /explain may fetch images given as {"urls": [...]}, as a JSON
+    list: host names, *.patterns of them, IP addresses or networks (CIDR). Empty: off. An address
+    in a loopback, private, link-local (169.254.169.254) or multicast range is refused unless an
+    IP or network entry holds it (docs/security.md)."""
+    url_timeout_ms: float = Field(5000.0, gt=0)
+    """The most one image's fetch may take, redirects and body included."""
+    url_max_redirects: int = Field(3, ge=0, le=20)
+    """Redirects a fetch follows, each hop checked against url_allow again."""
+    url_fetch_concurrency: int = Field(8, ge=1, le=256)
+    """Fetches in flight at once, per worker."""
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -20,8 +20,9 @@ from typing import Any
 
 from core.contract import PRECISIONS, variant_path
 from core.errors import ModelError
+from core.preprocess import IMAGE_SUFFIXES
 from model import checkpoint
-from model.data import DIGITS, IMAGE_SUFFIXES
+from model.data import DIGITS
 from model.evalsets import calibration_for, eval_set_for
 from model.export import EXPORT_FORMAT, export
 from model.files import atomic_path

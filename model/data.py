@@ -13,9 +13,8 @@ import numpy as np
 from PIL import Image
 
 from core.errors import ModelError, ServiceError
-from core.preprocess import Recipe, decode, to_model_input
+from core.preprocess import IMAGE_SUFFIXES, Recipe, decode, to_model_input
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 DIGITS = "digits"
 DIGITS_LABELS = [str(d) for d in range(10)]
 # The sklearn scans are 8x8, so 16x16 loses nothing; a training step costs ~0.55x of one at

@@ -28,9 +28,10 @@ from contextlib import contextmanager
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
 
+from app.batching.deadline import remaining_s
 from app.batching.fair import Shares
 from app.edge.requests import Caller, caller
-from app.errors import NotReady, Overloaded, ShuttingDown
+from app.errors import DeadlineExceeded, NotReady, Overloaded, ShuttingDown
 from app.telemetry.metrics import Metrics
 
 # The request's admission at the door, where it came through one (set by ``with ticket:``).
@@ -217,6 +218,10 @@ class Admission:
                 f"max_buffered_bytes={self.config.max_buffered_bytes}",
             )
         who = caller.get()
+        left_s = remaining_s()
+        if left_s is not None and self.predicted_wait_s(1) > left_s:  # the client's own
+            self.metrics.admission_wait_seconds.observe(0.0)
+            raise self._past_deadline(left_s)
         if self._door:
             self.open_door()  # whoever may go in now goes first
         if who.identity not in self._door and self._fits(1) and self._allows(who):
@@ -233,12 +238,17 @@ class Admission:
         wait_ms = self.config.admission_wait_ms
         if self.config.latency_target_ms is not None:  # a wait is time the target counts too
             wait_ms = min(wait_ms, self.config.latency_target_ms)
+        own = left_s is not None and left_s * 1000 < wait_ms
+        if left_s is not None and own:
+            wait_ms = left_s * 1000
         try:
             async with asyncio.timeout(wait_ms / 1000):
                 await turn
         except TimeoutError:
             if turn.done() and not turn.cancelled():  # let in as the clock ran out
                 return turn.result()
+            if own:
+                raise self._past_deadline(0.0) from None
             if self._fits(1):  # there was room: its caller's share was not
                 raise self._unfair(who) from None
             raise self._late(1) from None
@@ -357,6 +367,16 @@ class Admission:
             f"{self.admitted_images} image(s) ahead does not fit "
             f"request_timeout_ms={self.config.request_timeout_ms:g} "
             f"(waited admission_wait_ms={self.config.admission_wait_ms:g} for room)",
+        )
+
+    def _past_deadline(self, left_s: float) -> DeadlineExceeded:
+        """504 at the door: the request's own deadline cannot be met, so its body is never read
+        (a 503 would invite a retry that the client has no time left for)."""
+        self.metrics.deadline_dropped.labels("door").inc()
+        predicted = self.predicted_wait_s(1) * 1000
+        return DeadlineExceeded(
+            f"the request's own deadline leaves {max(left_s, 0) * 1000:.4g} ms and the predicted "
+            f"wait is {predicted:.4g} ms for {self.admitted_images} image(s) ahead: not admitted"
         )
 
     def _unfair(self, who: Caller) -> Overloaded:

@@ -344,10 +344,12 @@ class Batcher:
                 continue
             if now >= item.deadline:
                 waited_ms = (now - item.enqueued_at) * 1000
+                self.metrics.queue_deadline_dropped.inc()
                 item.future.set_exception(
                     DeadlineExceeded(
                         f"image waited {waited_ms:.0f} ms in the queue and is past its "
-                        f"deadline (request_timeout_ms={self.config.request_timeout_ms:g})"
+                        f"deadline (request_timeout_ms={self.config.request_timeout_ms:g}, or the "
+                        "request's own timeout if sooner)"
                     )
                 )
                 continue

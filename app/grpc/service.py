@@ -15,6 +15,7 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health_pb2
 
+from app.batching.deadline import set_timeout
 from app.edge.access import Access, KeyRefused, check_key
 from app.edge.requests import MODEL_VERSION_HEADER, Caller, RequestIds, by_address, caller
 from app.errors import ClientClosedRequest, DeadlineExceeded, Overloaded
@@ -119,6 +120,8 @@ class InferenceService:
     ) -> pb.ModelInferResponse:
         service = self.service
         route = service.route(message.model_name, message.model_version or None)
+        left = context.time_remaining()  # the client's deadline, None without one
+        set_timeout(left * 1000 if left is not None else None)
         with service.tracing.timed("admission"):
             ticket = await service.admission.enter()
         with ticket, route.hold():

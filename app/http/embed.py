@@ -18,6 +18,7 @@ from app.http.openapi import ERRORS, PREDICT_BODY
 from app.http.predict import (
     ModelName,
     ModelVersion,
+    TimeoutMs,
     TopK,
     answer,
     plain_query,
@@ -54,6 +55,7 @@ async def embed(
     normalize: Normalize = True,
     model: ModelName = None,
     version: ModelVersion = None,
+    timeout_ms: TimeoutMs = None,
 ) -> Response:
     return await _embed(request, request.app.state.service, normalize, model, version)
 
@@ -86,6 +88,7 @@ async def explain(
     class_id: ClassId = None,
     model: ModelName = None,
     version: ModelVersion = None,
+    timeout_ms: TimeoutMs = None,
 ) -> Response:
     return await _explain(request, request.app.state.service, top_k, class_id, model, version)
 
@@ -127,7 +130,7 @@ async def _answers(
     each, as ``/predict`` computes its own (app.http.predict)."""
     with service.route(model, version).hold() as route:
         head = head_for(route.served.metadata)  # a bad parameter is refused before the body
-        images = await read_uploads(request, service.limits)
+        images = await read_uploads(request, service)
         work = route.images(images, head, head_for)
         answers = await unless_disconnected(request.receive, work)
     served = route.served  # the version that answered

@@ -20,12 +20,15 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from urllib.parse import parse_qsl
 
 import orjson
 from opentelemetry.trace import SpanContext
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.batching.admission import BufferAccount
+from app.batching.deadline import HEADER as DEADLINE_HEADER
+from app.batching.deadline import parse_timeout_ms, set_timeout
 from app.edge.access import Access, KeyRefused, check_key
 from app.edge.requests import MODEL_VERSION_HEADER, Caller, RequestIds, by_address, caller
 from app.errors import ClientClosedRequest, UploadTimeout
@@ -195,6 +198,7 @@ class Door:
             await self.app(scope, self._limited(receive, None, upload), send)
             return
         try:
+            set_timeout(_asked_timeout_ms(scope["query_string"], headers))
             if service.tracing.on:
                 with service.tracing.timed("admission"):
                     ticket = await admission.enter()
@@ -311,4 +315,17 @@ def _answered_by(headers: list[tuple[bytes, bytes]]) -> str | None:
     for name, value in headers:
         if name == wanted:
             return value.decode("latin-1")
+    return None
+
+
+def _asked_timeout_ms(query: bytes, headers: dict[bytes, bytes]) -> float | None:
+    """The client's own timeout: the ``timeout_ms`` query parameter, else the
+    ``X-Request-Timeout-Ms`` header; None where it gives neither (app.batching.deadline)."""
+    if b"timeout_ms" in query:
+        for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
+            if name == "timeout_ms":
+                return parse_timeout_ms(value, "timeout_ms")
+    header = headers.get(DEADLINE_HEADER)
+    if header is not None:
+        return parse_timeout_ms(header.decode("latin-1"), "X-Request-Timeout-Ms")
     return None

@@ -7,6 +7,7 @@ reading the uploads adds the per-image and per-request image-count limits.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable
 from typing import Annotated
 from urllib.parse import parse_qsl
@@ -28,7 +29,13 @@ from app.pipeline.pipeline import Image, UploadLimits
 from app.repository.version import ServedModel
 from app.service import Service
 from core.contract import ModelMetadata
-from core.errors import EmptyUpload, PayloadTooLarge, ServiceError, UnsupportedMediaType
+from core.errors import (
+    BadRequest,
+    EmptyUpload,
+    PayloadTooLarge,
+    ServiceError,
+    UnsupportedMediaType,
+)
 
 router = APIRouter()
 
@@ -38,6 +45,16 @@ TopK = Annotated[
 MODEL_MAX, VERSION_MAX = 128, 64
 ModelName = Annotated[
     str | None, Query(max_length=MODEL_MAX, description="The model (default: the default model)")
+]
+# Read and checked at the door (app.http.middleware), before the body: here for the docs.
+TimeoutMs = Annotated[
+    float | None,
+    Query(
+        gt=0,
+        description="This request's own deadline in ms, below request_timeout_ms: work that "
+        "cannot be answered in time is dropped before decode or compute (504). Or the "
+        "X-Request-Timeout-Ms header",
+    ),
 ]
 ModelVersion = Annotated[
     str | None,
@@ -53,7 +70,11 @@ ModelVersion = Annotated[
     summary="Classify one or many images (multipart files, or one image as the raw body)",
 )
 async def predict(
-    request: Request, top_k: TopK = None, model: ModelName = None, version: ModelVersion = None
+    request: Request,
+    top_k: TopK = None,
+    model: ModelName = None,
+    version: ModelVersion = None,
+    timeout_ms: TimeoutMs = None,
 ) -> Response:
     return await _predict(request, request.app.state.service, top_k, model, version)
 
@@ -120,7 +141,7 @@ async def _predict(
 
     with service.route(model, version).hold() as route:
         head = classify(route.served.metadata)  # a bad top_k is refused before the body is read
-        images = await read_uploads(request, service.limits)
+        images = await read_uploads(request, service)
         work = route.images(images, head, classify)
         ranked = await unless_disconnected(request.receive, work)
     served = route.served  # the version that answered
@@ -139,21 +160,54 @@ def answered_by(served: ServedModel) -> dict[str, str]:
     return {MODEL_VERSION_HEADER: served.version}
 
 
-async def read_uploads(request: Request, limits: UploadLimits) -> list[Image]:
+async def read_uploads(request: Request, service: Service) -> list[Image]:
+    """The request's images: multipart files, one image as the body, or ``{"urls": [...]}``
+    fetched by the server (app.edge.fetch)."""
+    limits = service.limits
     content_type = request.headers.get("content-type", "")
     media_type = content_type.split(";", 1)[0].strip().lower()
     if media_type == "multipart/form-data":
         uploads = await _read_multipart(request, limits)
     elif media_type.startswith("image/"):
         uploads = [Image(None, await _read_raw(request, limits))]
+    elif media_type == "application/json":
+        uploads = await _fetch_urls(await _read_raw(request, limits), service)
     elif not media_type and request.headers.get("content-length", "0") == "0":
         raise EmptyUpload("no image: send multipart/form-data files or an image/* body")
     else:
         raise UnsupportedMediaType(
-            f"Content-Type {content_type or '(none)'!r} is not accepted; "
-            "send multipart/form-data files or a single image with an image/* type"
+            f"Content-Type {content_type or '(none)'!r} is not accepted; send multipart/form-data "
+            'files, a single image with an image/* type, or JSON {"urls": [...]}'
         )
     return uploads
+
+
+async def _fetch_urls(body: bytes, service: Service) -> list[Image]:
+    try:
+        asked = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"the JSON body does not parse: {exc}") from None
+    urls = asked.get("urls") if isinstance(asked, dict) and set(asked) == {"urls"} else None
+    limit = service.limits.max_images_per_request
+    if not isinstance(urls, list) or not all(isinstance(u, str) and u for u in urls):
+        raise BadRequest('a JSON body is {"urls": ["https://...", ...]}: a list of URLs, only')
+    if not urls:
+        raise EmptyUpload("the list of URLs is empty")
+    if len(urls) > limit:
+        raise BadRequest(f"{len(urls)} URLs, over max_images_per_request={limit}")
+    fetches = [asyncio.ensure_future(service.fetcher.fetch(url)) for url in urls]
+    try:
+        await asyncio.wait(fetches, return_when=asyncio.FIRST_EXCEPTION)
+    finally:  # one failed (or the request went): the others stop, and are waited for
+        for fetch in fetches:
+            fetch.cancel()
+        outcomes = await asyncio.gather(*fetches, return_exceptions=True)
+    for index, outcome in enumerate(outcomes):
+        if isinstance(outcome, ServiceError):
+            raise type(outcome)(f"url {index}: {outcome.message}", headers=outcome.headers)
+        if isinstance(outcome, BaseException) and not isinstance(outcome, asyncio.CancelledError):
+            raise outcome
+    return [Image(url, data) for url, data in zip(urls, outcomes, strict=True)]  # type: ignore[arg-type]
 
 
 async def _read_raw(request: Request, limits: UploadLimits) -> bytes:

@@ -37,6 +37,9 @@ def _bounded(
         body = schema["paths"][path]["post"]["requestBody"]
         multipart = body["content"]["multipart/form-data"]["schema"]
         multipart["properties"]["files"]["maxItems"] = max_images_per_request
+        body["content"]["application/json"]["schema"]["properties"]["urls"]["maxItems"] = (
+            max_images_per_request
+        )
     models: Models | None = getattr(app.state.service, "models", None)
     ready = models.ready() if models is not None else []
     if not ready:

@@ -13,6 +13,8 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from app.batching.deadline import parse_timeout_ms, remaining_s, set_timeout
+from app.errors import InvalidParameter
 from app.oip.codec import OutputTensor
 from app.oip.protocol import (
     InferenceRequest,
@@ -84,6 +86,7 @@ async def infer(
     """The answer's header and the outputs the request asked for. ``parts``: each input's binary
     data (None where it came as JSON); ``wait``: the transport's way of awaiting the work."""
     spec, binary = the_input(inference, parts)
+    set_timeout(protocol_timeout_ms(inference))
     metadata = route.served.metadata
     wanted = wanted_outputs(inference, metadata.num_classes)
     class_ids = [w.class_id for w in wanted if w.name == "heatmap"]
@@ -101,6 +104,20 @@ async def infer(
     if inference.id is not None:
         header["id"] = inference.id
     return header, [output_tensor(metadata, answered, one) for one in wanted]
+
+
+def protocol_timeout_ms(inference: InferenceRequest) -> float | None:
+    """The request's ``timeout`` parameter, in microseconds as Triton's (tritonclient's
+    ``timeout=``), in ms; None where it has none. A deadline of its own sooner than a
+    transport's (gRPC's) is kept: the sooner one wins in the pipeline."""
+    given = inference.parameters.get("timeout")
+    if given is None:
+        return None
+    if isinstance(given, bool) or not isinstance(given, int | float):
+        raise InvalidParameter(f"parameters.timeout={given!r} is not a number of microseconds")
+    milliseconds = parse_timeout_ms(str(given / 1000), "parameters.timeout (in microseconds)")
+    left = remaining_s()
+    return milliseconds if left is None or milliseconds < left * 1000 else None
 
 
 def index(service: Service, ready_only: bool) -> list[Entry]:

@@ -20,6 +20,7 @@ from opentelemetry.trace import SpanContext
 
 from app.batching.admission import Admission, CostEstimate
 from app.batching.batcher import Batcher
+from app.batching.deadline import deadline
 from app.errors import DeadlineExceeded, OutputUnavailable
 from app.pipeline.heads import Head, Row, Size
 from app.process.memory import TRIM_ABOVE_PIXELS, release_all
@@ -96,20 +97,21 @@ class Pipeline:
         """
         self._check_outputs(head)
         with self.admission.work(len(images), self.estimate):
-            deadline = self._deadline()
+            until = self._deadline()
+            self._check_deadline(until, "no image was decoded")
             if len(images) > 1:  # one image is bounded by max_image_pixels <= the budget
                 await self._run(self._check_budget, images)
             decoded: list[Decoded] = []
             # Decodes run on other threads: their spans name the request's span themselves.
             parent = current() if self._tracing.on else None
             for index, image in enumerate(images):
-                self._check_deadline(deadline, f"image {index} was not decoded")
+                self._check_deadline(until, f"image {index} was not decoded")
                 if self._decodes_inline(image, len(images)):
                     decoded.append(self._decode_labelled(index, image, parent))
                 else:
                     decoded.append(await self._run(self._decode_labelled, index, image, parent))
             crops = [each.crop for each in decoded]
-            rows = await self._submit(crops, deadline, head, tap)
+            rows = await self._submit(crops, until, head, tap)
         return await self._answers(head, rows, [each.size for each in decoded])
 
     async def crops(
@@ -118,8 +120,7 @@ class Pipeline:
         """The head's answer for each already preprocessed uint8[S, S, 3] crop."""
         self._check_outputs(head)
         with self.admission.work(len(crops), self.estimate):
-            deadline = self._deadline()
-            rows = await self._submit(crops, deadline, head, tap)
+            rows = await self._submit(crops, self._deadline(), head, tap)
         return await self._answers(head, rows, [None] * len(rows))
 
     async def probabilities(
@@ -131,14 +132,15 @@ class Pipeline:
         if crops is None:
             decoded = [await self._run(self._decode_labelled, i, im) for i, im in enumerate(images)]
             crops = [each.crop for each in decoded]
-        rows = await self.batcher.submit(crops, self._deadline(), CLASSIFY)
+        server_only = asyncio.get_running_loop().time() + self.config.request_timeout_ms / 1000
+        rows = await self.batcher.submit(crops, server_only, CLASSIFY)
         return np.stack([row[OUTPUT_NAME] for row in rows])
 
     async def _submit(
-        self, crops: Sequence[np.ndarray], deadline: float, head: Head[Any], tap: Tap | None
+        self, crops: Sequence[np.ndarray], until: float, head: Head[Any], tap: Tap | None
     ) -> Sequence[Row]:
         outputs = head.outputs | CLASSIFY if tap is not None else head.outputs
-        rows = await self.batcher.submit(crops, deadline, outputs, head.class_id)
+        rows = await self.batcher.submit(crops, until, outputs, head.class_id)
         if tap is not None:
             tap(crops, rows)
         return rows
@@ -158,12 +160,19 @@ class Pipeline:
         return _apply(head, rows, sizes)
 
     def _deadline(self) -> float:
-        return asyncio.get_running_loop().time() + self.config.request_timeout_ms / 1000
+        """The server's request_timeout_ms from now, or the client's own deadline if sooner."""
+        server = asyncio.get_running_loop().time() + self.config.request_timeout_ms / 1000
+        own = deadline.get()
+        return server if own is None else min(server, own)
 
-    def _check_deadline(self, deadline: float, what: str) -> None:
-        if asyncio.get_running_loop().time() >= deadline:
+    def _check_deadline(self, until: float, what: str) -> None:
+        if asyncio.get_running_loop().time() >= until:
+            self._metrics.deadline_dropped.labels("decode").inc()
             timeout = self.config.request_timeout_ms
-            raise DeadlineExceeded(f"{what} before the deadline (request_timeout_ms={timeout:g})")
+            raise DeadlineExceeded(
+                f"{what} before the deadline (request_timeout_ms={timeout:g}, or the request's "
+                "own timeout if sooner)"
+            )
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._decoder, fn, *args)

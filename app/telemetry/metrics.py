@@ -88,6 +88,13 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
+        self.deadline_dropped = Counter(
+            "resnet_serve_deadline_dropped",
+            "Requests (door, decode) and images (queue) dropped before the model because their "
+            "deadline (request_timeout_ms, or the client's own) could no longer be met",
+            ["stage"],
+            registry=registry,
+        )
         self.pending_images = Gauge(
             "resnet_serve_pending_images",
             "Images admitted (body read) and not finished: decoding, queued or computing",
@@ -290,6 +297,7 @@ class VersionMetrics:
         self.batch_size = metrics.batch_size.labels(name, version)
         self.padded_batch_size = metrics.padded_batch_size.labels(name, version)
         self.images = metrics.images.labels(name, version)
+        self.queue_deadline_dropped = metrics.deadline_dropped.labels("queue")
 
     def lane_busy(self, lane: str) -> Counter:
         """The lane's busy-seconds child (the batcher keeps it: a lookup takes a lock)."""

@@ -53,7 +53,8 @@ async def test_bounds_come_from_settings_and_model(serve: Serve) -> None:
     assert (files["minItems"], files["maxItems"], files["items"]["minLength"]) == (1, 3, 1)
     assert body["image/*"]["schema"]["minLength"] == 1
     parameters = {parameter["name"]: parameter for parameter in predict["parameters"]}
-    assert set(parameters) == {"top_k", "model", "version"}
+    assert set(parameters) == {"top_k", "model", "version", "timeout_ms"}
+    assert parameters["timeout_ms"]["schema"]["anyOf"][0]["exclusiveMinimum"] == 0
     # The models and versions being served, so a fuzzer asks for those.
     assert parameters["model"]["schema"] == {"type": "string", "enum": ["tiny-test"]}
     assert parameters["version"]["schema"] == {"type": "string", "enum": ["7"]}
@@ -72,7 +73,7 @@ async def test_bounds_come_from_settings_and_model(serve: Serve) -> None:
         assert content["multipart/form-data"]["schema"]["properties"]["files"]["maxItems"] == 3
     documented = predict["responses"]
     assert set(documented) == {
-        *("200", "400", "401", "404", "413", "415", "422", "500", "503", "504"),
+        *("200", "400", "401", "403", "404", "413", "415", "422", "500", "503", "504"),
     }
     assert "Retry-After" in documented["503"]["headers"]
     error = {"$ref": "#/components/schemas/ErrorResponse"}

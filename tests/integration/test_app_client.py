@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.client import MAX_RETRY_WAIT_S, retry_after_s
+from app.client import MAX_RETRY_WAIT_S, classify, retry_after_s
 from tests.helpers.models import build_model, image_bytes
 from tests.helpers.server import ROOT, Server, free_port, message_is, run_server
 
@@ -73,6 +73,7 @@ def test_folder_with_a_broken_file_writes_one_json_line_per_image(
 
     assert done.returncode == 1, done.stderr
     assert "11 images, 1 failed" in done.stderr
+    assert "skipped 1 files that are not images by their suffix (.txt: 1)" in done.stderr
     assert "img/s" in done.stderr  # the progress bar's throughput
     rows = {Path(row["path"]).name: row for row in map(json.loads, out.read_text().splitlines())}
     assert set(rows) == {p.name for p in EXAMPLES} | {"broken.png"}
@@ -90,6 +91,52 @@ def test_folder_with_a_broken_file_writes_one_json_line_per_image(
         assert row["predictions"][0]["label"] == server_top1(server.url, path)
         assert row["latency_ms"] > 0
         assert row["attempts"] == 1
+
+
+KEYS = ("client-key-one-8d1f2a", "client-key-two-c07b55")
+
+
+def test_the_servers_own_key_file_works_and_no_key_is_ever_shown(
+    model_path: Path, tmp_path: Path
+) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text(f"# team keys\n{KEYS[0]} name=web\n{KEYS[1]} name=batch weight=2\n")
+    with run_server(model_path, api_keys_file=str(keys)) as server:
+        server.wait_for_log(message_is("ready"))
+        done = run_client(*EXAMPLES[:3], "--url", server.url, "--api-key-file", keys)
+        refused = run_client(EXAMPLES[0], "--url", server.url, "--retries", "3")
+
+    assert done.returncode == 0, done.stderr
+    assert "holds 2 keys: using the first" in done.stderr
+    assert [row["status"] for row in csv.DictReader(io.StringIO(done.stdout))] == ["200"] * 3
+    (row,) = csv.DictReader(io.StringIO(refused.stdout))
+    assert (row["status"], row["attempts"]) == ("401", "1")  # a refusal is not retried
+    for output in (done.stdout, done.stderr, refused.stdout, refused.stderr):
+        assert not any(key in output for key in KEYS)
+
+
+def test_a_key_no_header_can_carry_is_a_usage_error_that_does_not_show_it(
+    tmp_path: Path,
+) -> None:
+    keys = tmp_path / "key"
+    keys.write_text("secret\x7fvalue-3e9a\n")
+    done = run_client(EXAMPLES[0], "--url", "http://127.0.0.1:9", "--api-key-file", keys)
+    assert done.returncode == 2
+    assert "not printable ASCII" in done.stderr
+    assert "secret" not in done.stderr + done.stdout
+
+
+@pytest.mark.anyio
+async def test_a_request_that_cannot_be_sent_is_not_retried(server: Server) -> None:
+    # A header value with a line break: httpx refuses to send it, and the client must not
+    # report a connection failure, retry it, or echo the header.
+    header = {"Authorization": f"Bearer {KEYS[0]}\n{KEYS[1]}"}
+    async with httpx.AsyncClient(base_url=server.url, headers=header) as client:
+        outcome = await classify(client, EXAMPLES[0], None, retries=5)
+    assert outcome.attempts == 1
+    assert outcome.error is not None
+    assert outcome.error["code"] == "request_not_sent"
+    assert not any(key in str(outcome.error) for key in KEYS)
 
 
 def test_csv_on_stdout_names_a_file_that_is_not_an_image(server: Server, tmp_path: Path) -> None:
@@ -138,6 +185,7 @@ def test_embed_writes_each_answered_images_vector_beside_its_path(
 
     assert done.returncode == 1, done.stderr
     assert "11 images, 1 failed" in done.stderr
+    assert "skipped" not in done.stderr  # every file in the folder is an image
     assert f"10 embeddings in {out}" in done.stderr
     rows = {row["path"]: row for row in map(json.loads, report.read_text().splitlines())}
     assert rows.pop(str(broken))["error"]["code"] == "invalid_image"

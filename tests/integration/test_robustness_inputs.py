@@ -129,6 +129,9 @@ GOOD: dict[str, tuple[bytes, str, bytes | None]] = {
         encode(blocks(10), "PNG"),
     ),
     "tiff": (encode(blocks(16), "TIFF"), "a.tif", encode(blocks(16), "PNG")),
+    # Lossy, like a phone's photo: the same top-1 as the PNG, scores within JPEG-like noise.
+    "avif": (encode(blocks(18), "AVIF", quality=90), "a.avif", encode(blocks(18), "PNG")),
+    "heic": (encode(blocks(19), "HEIF", quality=90), "a.heic", encode(blocks(19), "PNG")),
     **{
         f"exif-orientation-{o}": (
             exif_rotated_jpeg(UPRIGHT, o),
@@ -192,6 +195,17 @@ async def test_invalid_upload_gets_its_4xx_error(serve: Serve, case: Bad) -> Non
     async with serve() as client:
         response = await post_bad(client, case)
     assert_error_shape(response, case.status, case.code)
+
+
+async def test_an_image_pillow_refuses_itself_is_refused_with_the_configured_limit(
+    serve: Serve,
+) -> None:
+    async with serve() as client:  # 10^10 pixels: over Pillow's own 178,956,970 too
+        response = await post_bad(client, BAD["png-bomb-100000x100000"])
+    assert_error_shape(response, 413, "too_many_pixels")
+    message = response.json()["error"]["message"]
+    assert "10000000000 pixels, over the limit of 40000000 (max_image_pixels)" in message
+    assert "178956970" not in message
 
 
 @pytest.mark.parametrize(("data", "filename", "same_as"), GOOD.values(), ids=GOOD.keys())

@@ -20,7 +20,7 @@ def test_defaults() -> None:
     settings = Settings()
     assert settings.model_path == Path("artifacts/model.onnx")
     assert (settings.host, settings.port) == ("0.0.0.0", 8000)
-    assert settings.limits.formats == ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+    assert settings.limits.formats == ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "AVIF", "HEIF")
 
 
 def test_environment_with_prefix(monkeypatch: pytest.MonkeyPatch) -> None:

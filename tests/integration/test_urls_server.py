@@ -1,0 +1,178 @@
+"""Images by URL on a real server, fetched from a local image server on 127.0.0.1 that the tests
+allow explicitly; every refused address is refused before any connection (never contacted)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers.models import image_bytes
+from tests.helpers.server import Server, message_is, run_server
+
+PNG = image_bytes(3)
+
+
+class Images(BaseHTTPRequestHandler):
+    """What the tests fetch: an image, redirects, a slow, a huge and a wrong answer."""
+
+    def do_GET(self) -> None:
+        if self.path == "/digit.png":
+            self._answer(200, PNG, "image/png")
+        elif self.path.startswith("/to/"):  # /to/<where>: a redirect
+            self.send_response(302)
+            self.send_header("Location", self.path.removeprefix("/to/"))
+            self.end_headers()
+        elif self.path == "/slow.png":
+            time.sleep(3)
+            self._answer(200, PNG, "image/png")
+        elif self.path == "/huge.png":  # no Content-Length: cut while it streams
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.end_headers()
+            for _ in range(40):
+                self.wfile.write(b"\0" * 64_000)
+        elif self.path == "/notes.txt":
+            self._answer(200, b"not an image", "text/plain")
+        else:
+            self._answer(404, b"no", "text/plain")
+
+    def _answer(self, status: int, body: bytes, kind: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+class _Quiet(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass  # a fetch the server cut (too large, too slow) breaks the pipe: that is the point
+
+
+@pytest.fixture(scope="module")
+def images() -> Iterator[str]:
+    httpd = _Quiet(("127.0.0.1", 0), Images)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@contextmanager
+def serving(model_path: Path, allow: str) -> Iterator[Server]:
+    settings = {"url_allow": allow, "url_timeout_ms": "1000", "max_image_bytes": "200000"}
+    with run_server(model_path, **settings) as server:
+        server.wait_for_log(message_is("ready"))
+        yield server
+
+
+@pytest.fixture(scope="module")
+def allowed(model_path: Path) -> Iterator[Server]:
+    with serving(model_path, '["127.0.0.1"]') as server:
+        yield server
+
+
+def urls(server: Server, *asked: str, path: str = "/predict") -> httpx.Response:
+    return httpx.post(f"{server.url}{path}", json={"urls": list(asked)}, timeout=30)
+
+
+def error(response: httpx.Response, status: int, code: str) -> str:
+    assert response.status_code == status, response.text
+    body = response.json()["error"]
+    assert body["code"] == code
+    message: str = body["message"]
+    return message
+
+
+def test_an_allowed_url_classifies_like_the_upload(allowed: Server, images: str) -> None:
+    upload = httpx.post(f"{allowed.url}/predict", files={"f": ("d.png", PNG, "image/png")})
+    asked = (f"{images}/digit.png", f"{images}/to//digit.png")  # directly, and by a redirect
+    response = urls(allowed, *asked)
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert [r["filename"] for r in results] == list(asked)
+    expected = upload.json()["results"][0]["predictions"]
+    assert all(r["predictions"] == expected for r in results)
+    embedded = urls(allowed, f"{images}/digit.png", path="/embed")
+    assert embedded.status_code == 200, embedded.text
+
+
+def test_private_addresses_are_refused_unless_named(
+    allowed: Server, model_path: Path, images: str
+) -> None:
+    port = images.rsplit(":", 1)[1]
+    # Allowed by name, refused by address: localhost resolves to loopback, which no entry names.
+    with serving(model_path, '["localhost", "*.example.com", "*"]') as server:
+        message = error(urls(server, f"http://localhost:{port}/digit.png"), 403, "url_not_allowed")
+        assert "resolves to 127.0.0.1" in message
+        for address in ("127.0.0.1", "169.254.169.254", "10.1.2.3", "[::1]"):
+            refused = urls(server, f"http://{address}:{port}/digit.png")
+            assert "not in url_allow" in error(refused, 403, "url_not_allowed")
+    redirects = (
+        f"{images}/to/http://169.254.169.254/latest/meta-data/",  # the cloud metadata address
+        f"{images}/to/http://10.1.2.3/x.png",
+        f"{images}/to/http://localhost:{port}/digit.png",
+    )
+    for redirect in redirects:  # each hop is checked again
+        error(urls(allowed, redirect), 403, "url_not_allowed")
+    for other in (f"ftp://127.0.0.1:{port}/digit.png", f"http://example.com:{port}/digit.png"):
+        error(urls(allowed, other), 403, "url_not_allowed")
+
+
+def test_a_slow_url_is_cut_and_the_server_serves_meanwhile(allowed: Server, images: str) -> None:
+    answers: list[httpx.Response] = []
+    slow = threading.Thread(target=lambda: answers.append(urls(allowed, f"{images}/slow.png")))
+    slow.start()
+    time.sleep(0.2)
+    assert httpx.get(f"{allowed.url}/healthz").status_code == 200
+    assert not answers  # answered while the fetch was still waiting: the loop is not blocked
+    slow.join()
+    assert "url_timeout_ms=1000" in error(answers[0], 422, "url_fetch_failed")
+
+
+def test_what_is_too_large_not_an_image_or_missing_gets_its_4xx(
+    allowed: Server, images: str
+) -> None:
+    assert "max_image_bytes=200000" in error(
+        urls(allowed, f"{images}/huge.png"), 413, "payload_too_large"
+    )
+    error(urls(allowed, f"{images}/notes.txt"), 415, "unsupported_media_type")
+    assert "HTTP 404" in error(urls(allowed, f"{images}/gone.png"), 422, "url_fetch_failed")
+    message = error(
+        urls(allowed, f"{images}/digit.png", f"{images}/gone.png"), 422, "url_fetch_failed"
+    )
+    assert message.startswith("url 1: ")  # which of the request's URLs
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        ({"urls": []}, 400, "empty_upload"),
+        ({"urls": "http://127.0.0.1/x.png"}, 400, "bad_request"),
+        ({"urls": [1]}, 400, "bad_request"),
+        ({"urls": ["http://127.0.0.1/x.png"], "more": 1}, 400, "bad_request"),
+        ({"urls": ["http://127.0.0.1/x.png"] * 17}, 400, "bad_request"),
+    ],
+)
+def test_a_json_body_must_be_a_list_of_urls(
+    allowed: Server, body: object, status: int, code: str
+) -> None:
+    response = httpx.post(f"{allowed.url}/predict", json=body, timeout=30)
+    error(response, status, code)
+
+
+def test_urls_are_off_without_url_allow(server: Server, images: str) -> None:
+    message = error(urls(server, f"{images}/digit.png"), 403, "url_not_allowed")
+    assert "off" in message
