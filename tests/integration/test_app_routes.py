@@ -549,7 +549,11 @@ async def test_openapi_describes_the_response_and_error_models(serve: Serve) -> 
     predict = schema["paths"]["/predict"]["post"]
     ok = predict["responses"]["200"]["content"]["application/json"]["schema"]
     assert ok == {"$ref": "#/components/schemas/PredictResponse"}
-    assert set(predict["requestBody"]["content"]) == {"multipart/form-data", "image/*"}
+    assert set(predict["requestBody"]["content"]) == {
+        "multipart/form-data",
+        "image/*",
+        "application/json",  # {"urls": [...]}
+    }
     for status in ("400", "413", "415", "422", "503", "504"):
         error = predict["responses"][status]["content"]["application/json"]["schema"]
         assert error == {"$ref": "#/components/schemas/ErrorResponse"}
