@@ -22,6 +22,7 @@ from app.edge.access import KeyFile
 from app.edge.fetch import Fetcher, UrlPolicy
 from app.edge.requests import RequestLog, caller
 from app.errors import NotReady, RolloutNotFound, UnknownModel
+from app.pipeline.cache import AnswerCache
 from app.pipeline.pipeline import UploadLimits
 from app.repository.configs import admission_config
 from app.repository.link import TALLY_INTERVAL_S, Change, Outcome, WorkerLink, raise_refusal
@@ -98,8 +99,17 @@ class Service:
         decoder = FairExecutor(settings.decode_threads, "decode")
         self.fetcher = Fetcher(self.url_policy)
         opened, self._opened = self._opened, None
+        cache = AnswerCache(settings.cache_bytes, metrics) if settings.cache_bytes else None
         opener = Opener(
-            settings, self._cores, self.admission, decoder, metrics, lifecycle, self.tracing, opened
+            settings,
+            self._cores,
+            self.admission,
+            decoder,
+            metrics,
+            lifecycle,
+            self.tracing,
+            opened,
+            cache,
         )
         self.models = Models(source(settings), opener.open, metrics, settings.default_model)
         warming = asyncio.create_task(self._first_load())

@@ -34,6 +34,7 @@ from app.edge.requests import MODEL_VERSION_HEADER, Caller, RequestIds, by_addre
 from app.errors import ClientClosedRequest, UploadTimeout
 from app.http.handlers import error_response
 from app.http.routing import Matched, RouteTable
+from app.pipeline.cache import Seen, seen
 from app.service import Service
 from app.telemetry.logs import request_id
 from app.telemetry.tracing import current, end_status, now_ns, trace_id, trace_response
@@ -92,6 +93,8 @@ class Door:
                 extra.append((b"traceresponse", traced))
 
             answered_by: str | None = None
+            cached = Seen()
+            seen.set(cached)  # what the cache answered (app.pipeline.cache)
 
             async def send_with_id(message: Message) -> None:
                 nonlocal status, answered_by
@@ -100,6 +103,8 @@ class Door:
                     headers = message.get("headers", [])
                     answered_by = _answered_by(headers)
                     message["headers"] = [*headers, *extra]
+                    if status == 200 and (hit := cached.header) is not None:
+                        message["headers"].append((b"x-cache", hit.encode()))
                 elif status >= 400 and span is not None and span.is_recording():
                     refusal.read(message)
                 await send(message)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from typing import NamedTuple, Protocol, TypeVar
 
 import numpy as np
@@ -37,6 +37,11 @@ class Head(Protocol[T_co]):
     class_id: int  # the class of the images' maps, -1: each image's top class
     offload: bool  # whether its work belongs on a decode thread, not the event loop
 
+    @property
+    def cache_key(self) -> Hashable:
+        """What it is, parameters and all: an answer cached for one head serves another only
+        if they are equal (app.pipeline.cache)."""
+
     def __call__(self, row: Row, size: Size) -> T_co:
         """One image's answer from its row of the model's outputs."""
 
@@ -58,6 +63,7 @@ class Rows:
     def __init__(self, outputs: frozenset[str] = CLASSIFY, class_id: int = -1) -> None:
         self.outputs = outputs
         self.class_id = class_id
+        self.cache_key = ("rows", tuple(sorted(outputs)), class_id)
 
     def __call__(self, row: Row, size: Size) -> Row:
         return row
@@ -80,6 +86,7 @@ class Classify:
             raise InvalidParameter(f"top_k={top_k} is out of range 1..{classes} (the classes)")
         self.k = top_k
         self.labels = metadata.labels
+        self.cache_key = ("classify", top_k)
 
     def __call__(self, row: Row, size: Size = None) -> list[Ranked]:
         return self.ranked(row[OUTPUT_NAME])
@@ -101,6 +108,7 @@ class Embed:
 
     def __init__(self, normalize: bool = True) -> None:
         self.normalize = normalize
+        self.cache_key = ("embed", normalize)
 
     def __call__(self, row: Row, size: Size = None) -> np.ndarray:
         vector: np.ndarray = row[EMBEDDING_NAME]
@@ -149,6 +157,7 @@ class Explain:
         self.class_id = -1 if class_id is None else class_id
         self.labels = metadata.labels
         self.recipe = metadata.recipe
+        self.cache_key = ("explain", self.classify.k, self.class_id)
 
     def __call__(self, row: Row, size: Size) -> Explained:
         predictions = self.classify(row)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -22,6 +22,7 @@ from app.batching.admission import Admission, CostEstimate
 from app.batching.batcher import Batcher
 from app.batching.deadline import deadline
 from app.errors import DeadlineExceeded, OutputUnavailable
+from app.pipeline.cache import AnswerCache, seen
 from app.pipeline.heads import Head, Row, Size
 from app.process.memory import TRIM_ABOVE_PIXELS, release_all
 from app.runtimes.base import Backend
@@ -32,6 +33,9 @@ from core.errors import InvalidImage, ServiceError, TooManyPixels
 from core.preprocess import Decoded, Limits, decode_cost, decode_counted
 
 T = TypeVar("T")
+# Images up to this size are hashed for the cache on the event loop (BLAKE2b: about 0.1 ms a MB
+# here); larger ones on a decode thread.
+HASH_INLINE_BYTES = 256 * 1024
 # Called with a request's crops and rows once the model answered, before its head reads them: a
 # rollout compares them with another version's (app.repository.route). The rows carry the
 # probabilities whatever the head reads.
@@ -72,9 +76,15 @@ class Pipeline:
         config: PipelineConfig,
         estimate: CostEstimate | None = None,
         tracing: Tracing = NO_TRACING,
+        cache: AnswerCache | None = None,
+        identity: Hashable = None,
     ) -> None:
-        """``estimate``: this model version's cost per image, learned from its batches."""
+        """``estimate``: this model version's cost per image, learned from its batches;
+        ``cache``: answers for repeated images, kept under ``identity`` (the version's: its
+        name, version, precision and file) with the head's."""
         self.model = model
+        self.cache = cache
+        self.identity = identity
         self.batcher = batcher
         self.admission = admission
         self.estimate = estimate or CostEstimate()
@@ -89,13 +99,42 @@ class Pipeline:
     async def images(
         self, images: Sequence[Image], head: Head[T], tap: Tap | None = None
     ) -> list[T]:
-        """The head's answer for each encoded image, in order.
+        """The head's answer for each encoded image, in order: from the cache for an image seen
+        before (app.pipeline.cache), computed for the rest.
 
         A request decodes one image at a time, so it holds at most one decode thread: a request
         of many large images cannot queue ahead of everyone else's. Its pixel budget is checked
         from the headers before anything is decoded.
         """
         self._check_outputs(head)
+        cache = self.cache
+        if cache is None:
+            return await self._computed(images, range(len(images)), head, tap)
+        keys = [await self._key(cache, image, head) for image in images]
+        answers: list[T | None] = [cache.get(key) for key in keys]
+        missing = [index for index, answer in enumerate(answers) if answer is None]
+        counted = seen.get()
+        if counted is not None:
+            counted.hits += len(images) - len(missing)
+            counted.misses += len(missing)
+        if missing:
+            chosen = [images[index] for index in missing]
+            computed = await self._computed(chosen, missing, head, tap)
+            for index, answer in zip(missing, computed, strict=True):
+                cache.put(keys[index], answer)
+                answers[index] = answer
+        return answers  # type: ignore[return-value]  # every None was computed
+
+    async def _key(self, cache: AnswerCache, image: Image, head: Head[Any]) -> Hashable:
+        if len(image.data) <= HASH_INLINE_BYTES:
+            return cache.key(image.data, self.identity, head.cache_key)
+        return await self._run(cache.key, image.data, self.identity, head.cache_key)
+
+    async def _computed(
+        self, images: Sequence[Image], numbers: Sequence[int], head: Head[T], tap: Tap | None
+    ) -> list[T]:
+        """``images`` decoded and computed; ``numbers``: their places in the request, which
+        their errors name."""
         with self.admission.work(len(images), self.estimate):
             until = self._deadline()
             self._check_deadline(until, "no image was decoded")
@@ -104,7 +143,7 @@ class Pipeline:
             decoded: list[Decoded] = []
             # Decodes run on other threads: their spans name the request's span themselves.
             parent = current() if self._tracing.on else None
-            for index, image in enumerate(images):
+            for index, image in zip(numbers, images, strict=True):
                 self._check_deadline(until, f"image {index} was not decoded")
                 if self._decodes_inline(image, len(images)):
                     decoded.append(self._decode_labelled(index, image, parent))

@@ -23,6 +23,7 @@ from pathlib import Path
 from app.batching.admission import Admission, CostEstimate, Lifecycle
 from app.batching.batcher import Batcher
 from app.batching.warmup import warm_up
+from app.pipeline.cache import AnswerCache
 from app.pipeline.pipeline import Pipeline
 from app.process.memory import check_budget
 from app.repository.configs import batch_config, pipeline_config, runtime_config
@@ -153,6 +154,7 @@ class Opener:
         lifecycle: Lifecycle,
         tracing: Tracing,
         opened: Backend | None = None,
+        cache: AnswerCache | None = None,
     ) -> None:
         self.settings = settings
         self.cores = cores
@@ -162,6 +164,7 @@ class Opener:
         self.lifecycle = lifecycle
         self.tracing = tracing
         self._opened = opened
+        self.cache = cache
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="load", initializer=_yield_cpu)
 
     async def open(self, name: str, version: str, path: Path) -> ServedModel:
@@ -216,6 +219,8 @@ class Opener:
             pipeline_config(self.settings),
             estimate,
             self.tracing,
+            self.cache,
+            (name, version, loaded.precision, str(path)),
         )
         return ServedModel(
             name, version, path, loaded, batcher, pipeline, estimate, admission, metrics

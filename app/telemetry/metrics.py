@@ -37,6 +37,7 @@ class Metrics:
         self._lanes(self.registry)
         self._models(self.registry)
         self._rollouts(self.registry)
+        self._cache(self.registry)
 
     def _requests(self, registry: CollectorRegistry) -> None:
         """Requests, HTTP's and gRPC's alike: counted, timed, by caller class, refused keys."""
@@ -203,6 +204,28 @@ class Metrics:
         self.trace_spans_dropped = Counter(
             "resnet_serve_trace_spans_dropped",
             "Finished spans not exported: the export queue was full or the exporter failed",
+            registry=registry,
+        )
+
+    def _cache(self, registry: CollectorRegistry) -> None:
+        """Answers kept for repeated images (app.pipeline.cache), every worker's summed."""
+        self.cache_hits = Counter(
+            "resnet_serve_cache_hits", "Images answered from the cache", registry=registry
+        )
+        self.cache_misses = Counter(
+            "resnet_serve_cache_misses",
+            "Images looked up in the cache and computed",
+            registry=registry,
+        )
+        self.cache_evictions = Counter(
+            "resnet_serve_cache_evictions",
+            "Answers dropped, least recently used first, to keep within cache_bytes",
+            registry=registry,
+        )
+        self.cache_bytes = Gauge(
+            "resnet_serve_cache_bytes",
+            "Bytes the cached answers hold",
+            multiprocess_mode="livesum",
             registry=registry,
         )
 
