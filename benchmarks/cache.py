@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import json
 import os
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from benchmarks.load import photo, run_server
+from benchmarks.load import cpu_named, photo, run_server
 from tests.helpers.metrics import scrape
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -136,11 +135,9 @@ def main() -> None:
     model = ROOT / args.model
     with run_server(model, cache_bytes=str(64 * 2**20), log_level="warning") as server:
         runs = asyncio.run(measure(server.url, args.seconds))
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    name = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines() if "Model name" in ln), "?")
     result = {
         "when": time.strftime("%Y-%m-%d"),
-        "cpu": f"{name} ({'avx512' if 'avx512' in cpu else 'AVX2, no AVX-512'})",
+        "cpu": cpu_named(),
         "model": args.model,
         "runs": runs,
     }

@@ -74,6 +74,16 @@ class Server:
     url: str
 
 
+def cpu_named() -> str:
+    """The CPU beside a figure: ``lscpu``'s model name and whether it has AVX-512."""
+    described = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    name = next(
+        (line.split(":", 1)[1].strip() for line in described.splitlines() if "Model name" in line),
+        "unknown CPU",
+    )
+    return f"{name} ({'AVX-512' if 'avx512' in described else 'AVX2, no AVX-512'})"
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -38,7 +38,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from benchmarks.load import digits, run_server
+from benchmarks.load import cpu_named, digits, run_server
 from benchmarks.swap import _props
 from core.contract import ModelMetadata
 
@@ -284,16 +284,7 @@ def main() -> None:
                 (root / name / str(version)).mkdir(parents=True)
                 shutil.copy(source, root / name / str(version) / "model.onnx")
             result = asyncio.run(scenarios(server.url, name, args.seconds, args.pairs))
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model_name = next(
-        (line.split(":", 1)[1].strip() for line in cpu.splitlines() if "Model name" in line), "?"
-    )
-    flags = "avx512" if "avx512" in cpu else "AVX2, no AVX-512"
-    result |= {
-        "when": time.strftime("%Y-%m-%d"),
-        "cpu": f"{model_name} ({flags})",
-        "workers": args.workers,
-    }
+    result |= {"when": time.strftime("%Y-%m-%d"), "cpu": cpu_named(), "workers": args.workers}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=1) + "\n")
     (RESULTS / f"{args.out}.md").write_text(report(result))
