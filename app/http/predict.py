@@ -185,8 +185,11 @@ async def read_uploads(request: Request, service: Service) -> list[Image]:
 async def _fetch_urls(body: bytes, service: Service) -> list[Image]:
     try:
         asked = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"the JSON body does not parse: {exc}") from None
+    except orjson.JSONDecodeError:
+        raise BadRequest(
+            'the body is not JSON: a JSON body is {"urls": [...]}; send an image as '
+            "multipart/form-data or with an image/* Content-Type"
+        ) from None
     urls = asked.get("urls") if isinstance(asked, dict) and set(asked) == {"urls"} else None
     limit = service.limits.max_images_per_request
     if not isinstance(urls, list) or not all(isinstance(u, str) and u for u in urls):

@@ -76,7 +76,8 @@ BAD = {
     "png-7000x7000-over-pixel-limit": bad(
         raw(png_declaring(7_000, 7_000, rows=7_000)), 413, "too_many_pixels"
     ),
-    "wrong-content-type-json": bad(raw(PNG, "application/json"), 415, "unsupported_media_type"),
+    # JSON is {"urls": [...]} (images by URL): an image sent as JSON does not parse as one.
+    "image-sent-as-json": bad(raw(PNG, "application/json"), 400, "bad_request"),
     "wrong-content-type-text": bad(raw(PNG, "text/plain"), 415, "unsupported_media_type"),
     "form-urlencoded": bad(
         raw(b"a=1", "application/x-www-form-urlencoded"), 415, "unsupported_media_type"
