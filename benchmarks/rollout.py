@@ -39,7 +39,7 @@ import aiohttp
 import numpy as np
 
 from benchmarks.load import cpu_named, digits, run_server
-from benchmarks.swap import _props
+from benchmarks.swap import metadata_props
 from core.contract import ModelMetadata
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -273,7 +273,7 @@ def main() -> None:
     args = parser.parse_args()
     build_candidates()
     model = ROOT / "artifacts/model.onnx"
-    name = ModelMetadata.from_props(_props(model)).name
+    name = ModelMetadata.from_props(metadata_props(model)).name
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         for version, source in ((1, model),):

@@ -145,7 +145,7 @@ async def sample_rss(pid: int, stop: asyncio.Event, out: list[tuple[float, float
 
 
 def run(model: Path, step_s: float, out: str) -> dict[str, Any]:
-    metadata = ModelMetadata.from_props(_props(model))
+    metadata = ModelMetadata.from_props(metadata_props(model))
     with tempfile.TemporaryDirectory(prefix="swap-") as workdir:
         root = Path(workdir) / "repository"
         (root / metadata.name / "1").mkdir(parents=True)
@@ -170,7 +170,7 @@ def run(model: Path, step_s: float, out: str) -> dict[str, Any]:
     return result
 
 
-def _props(model: Path) -> dict[str, str]:
+def metadata_props(model: Path) -> dict[str, str]:
     import onnxruntime as ort
 
     options = ort.SessionOptions()

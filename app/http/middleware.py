@@ -94,7 +94,8 @@ class Door:
 
             answered_by: str | None = None
             cached = Seen()
-            seen.set(cached)  # what the cache answered (app.pipeline.cache)
+            if self.service.settings.cache_bytes:
+                seen.set(cached)  # what the cache answered (app.pipeline.cache)
 
             async def send_with_id(message: Message) -> None:
                 nonlocal status, answered_by

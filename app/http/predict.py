@@ -205,12 +205,17 @@ async def _fetch_urls(body: bytes, service: Service) -> list[Image]:
         for fetch in fetches:
             fetch.cancel()
         outcomes = await asyncio.gather(*fetches, return_exceptions=True)
-    for index, outcome in enumerate(outcomes):
-        if isinstance(outcome, ServiceError):
-            raise type(outcome)(f"url {index}: {outcome.message}", headers=outcome.headers)
-        if isinstance(outcome, BaseException) and not isinstance(outcome, asyncio.CancelledError):
-            raise outcome
-    return [Image(url, data) for url, data in zip(urls, outcomes, strict=True)]  # type: ignore[arg-type]
+    # The failure that stopped the others first: those it cancelled are no answer of their own.
+    failures = [o for o in outcomes if isinstance(o, BaseException)]
+    failures.sort(key=lambda o: isinstance(o, asyncio.CancelledError))
+    if failures:
+        first = failures[0]
+        if isinstance(first, ServiceError):
+            index = outcomes.index(first)
+            raise type(first)(f"url {index}: {first.message}", headers=first.headers)
+        raise first  # a bug, or this request itself cancelled
+    fetched = [data for data in outcomes if isinstance(data, bytes)]  # all of them, by now
+    return [Image(url, data) for url, data in zip(urls, fetched, strict=True)]
 
 
 async def _read_raw(request: Request, limits: UploadLimits) -> bytes:

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests.helpers.load import closed_loop
-from tests.helpers.metrics import scrape
+from tests.helpers.metrics import scrape, wait_for_gauge
 from tests.helpers.models import image_bytes
 from tests.helpers.server import Server, message_is, run_server
 
@@ -46,7 +46,8 @@ def test_a_short_deadline_behind_a_long_queue_is_504_before_its_decode(server: S
         target=lambda: asyncio.run(closed_loop(server.url, PNG, concurrency=48, seconds=3))
     )
     busy.start()
-    time.sleep(1.5)  # 48 images queued: over a second of work on the slow model
+    # A queue of over a second of work on the slow model (about 20 ms an image on one core).
+    wait_for_gauge(server.url, "resnet_serve_pending_images", 32)
     started = time.monotonic()
     by_query = predict(server, params={"timeout_ms": "50"})
     by_header = predict(server, headers={"X-Request-Timeout-Ms": "50"})
