@@ -297,11 +297,14 @@ class Admission:
             self.buffered_bytes -= account.held
 
     def open_door(self) -> None:
-        """Let waiting requests in while they fit: callers in turn, each in arrival order, a
-        caller over its share (``Shares``) passed over while others compete."""
+        """Let waiting requests in while they fit: higher priorities first, and within one,
+        callers in turn, each in arrival order, a caller over its share (``Shares``) passed over
+        while others compete."""
         while self._door:
             admitted = False
-            for identity, (who, turns) in list(self._door.items()):
+            # Sorting is stable: within a priority the callers keep their turns.
+            waiting = sorted(self._door.items(), key=lambda item: item[1][0].priority)
+            for identity, (who, turns) in waiting:
                 while turns and turns[0].done():  # gave up waiting
                     turns.popleft()
                     self._door_waiting -= 1
@@ -328,7 +331,7 @@ class Admission:
         return Ticket(self, who)
 
     def _allows(self, who: Caller) -> bool:
-        return self.shares.allows(who, self.admitted_images, self._waiting_callers)
+        return self.shares.allows(who, self._waiting_callers)
 
     def _waiting_callers(self) -> Iterator[Caller]:
         return (who for who, _ in self._door.values())

@@ -1,4 +1,5 @@
-"""Fair shares between callers: every queue a request waits in serves callers in turn.
+"""Fair shares between callers: every queue a request waits in serves callers in turn, higher
+priorities first.
 
 The request's caller (app.edge.requests: an API key, or the client's address when keys are
 off) travels in a context variable, set where the key is checked (HTTP: app.http.auth, gRPC:
@@ -8,6 +9,11 @@ queue (``FairQueue``). Within a caller, first come first served; between callers
 robin on images (deficit round robin with a unit cost: every queued thing is one image or one
 waiting request). A caller sending 30x more than another then gets its own backlog, not the
 other's share: the light caller's image joins the next decode and the next batch.
+
+Priorities (a key's ``priority=``) come before shares: every queue serves a high caller's work
+before a normal one's, and a normal one's before a low one's, and shares are kept within a
+priority. So low-priority work can wait for as long as higher work keeps coming (by design: it
+is what low means); the health probes never queue here, so no priority can starve them.
 """
 
 from __future__ import annotations
@@ -19,16 +25,42 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, Future
 from typing import Any, Generic, TypeVar
 
-from app.edge.requests import Caller, caller
+from app.edge.requests import Caller, Priority, caller
 
 T = TypeVar("T")
 
 
 class RoundRobin(Generic[T]):
-    """Items in first-in-first-out order per caller, taken from callers in weighted turns.
+    """Items in first-in-first-out order per caller, the highest priority's first, taken from
+    the callers of a priority in weighted turns (``Turns``).
 
     Not thread-safe: its owner serialises access (the event loop, or a lock).
     """
+
+    def __init__(self) -> None:
+        self._classes = tuple(Turns[T]() for _ in Priority)
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __bool__(self) -> bool:
+        return self._size > 0
+
+    def push(self, who: Caller, item: T) -> None:
+        self._classes[who.priority].push(who, item)
+        self._size += 1
+
+    def pop(self) -> T:
+        for turns in self._classes:
+            if turns:
+                self._size -= 1
+                return turns.pop()
+        raise IndexError("pop from an empty RoundRobin")
+
+
+class Turns(Generic[T]):
+    """Items in first-in-first-out order per caller, taken from callers in weighted turns."""
 
     def __init__(self) -> None:
         self._queues: dict[str, deque[T]] = {}
@@ -196,55 +228,67 @@ RECOUNT_S = 0.05
 class Shares:
     """Each caller's images admitted and not finished, and whether one more is within its share.
 
-    While one caller competes it may have all of the room (admission by predicted wait decides
-    alone). While several do, a caller is let in only while it holds no more than its weighted
-    share of everything admitted; the rest of its requests wait at the door, costing nothing,
-    and room that opens goes to the callers under their share first. A caller holding nothing is
-    always let in (so many callers of one image each are never kept out by their count).
+    Shares are kept among the callers of one priority: a caller's share is of what its own
+    priority holds, and callers of other priorities neither count nor compete in it (the door
+    lets higher priorities in first: app.batching.admission).
+
+    While one caller of a priority competes it may have all of the room (admission by predicted
+    wait decides alone). While several do, a caller is let in only while it holds no more than
+    its weighted share of everything its priority holds; the rest of its requests wait at the
+    door, costing nothing, and room that opens goes to the callers under their share first. A
+    caller holding nothing is always let in (so many callers of one image each are never kept
+    out by their count).
     """
 
     def __init__(self, clock: Callable[[], float]) -> None:
         self._clock = clock
         self.held: dict[str, int] = {}  # images per caller holding any
-        self._holding_weight = 0  # of the callers in ``held``
-        # Callers that hold nothing now: since when, and their weight (they still compete a while).
-        self._idle: dict[str, tuple[float, int]] = {}
-        self._idle_weight = 0  # of the callers in ``_idle``
+        classes = len(Priority)
+        self._class_held = [0] * classes  # images held, per priority
+        self._holding_weight = [0] * classes  # of the callers in ``held``, per priority
+        # Callers that hold nothing now: since when, and who (they still compete a while).
+        self._idle: dict[str, tuple[float, Caller]] = {}
+        self._idle_weight = [0] * classes  # of the callers in ``_idle``, per priority
         self._pruned = float("-inf")
 
     def take(self, who: Caller, images: int) -> None:
         mine = self.held.get(who.identity, 0)
         if not mine:
-            self._holding_weight += who.weight
-            if self._idle.pop(who.identity, None) is not None:
-                self._idle_weight -= who.weight
+            self._holding_weight[who.priority] += who.weight
+            idle = self._idle.pop(who.identity, None)
+            if idle is not None:
+                self._idle_weight[idle[1].priority] -= idle[1].weight
         self.held[who.identity] = mine + images
+        self._class_held[who.priority] += images
 
     def give_back(self, who: Caller, images: int) -> None:
+        self._class_held[who.priority] -= images
         left = self.held[who.identity] - images
         if left:
             self.held[who.identity] = left
             return
         del self.held[who.identity]
-        self._holding_weight -= who.weight
-        self._idle[who.identity] = (self._clock(), who.weight)
-        self._idle_weight += who.weight
+        self._holding_weight[who.priority] -= who.weight
+        self._idle[who.identity] = (self._clock(), who)
+        self._idle_weight[who.priority] += who.weight
 
-    def allows(self, who: Caller, admitted: int, waiting: Callable[[], Iterable[Caller]]) -> bool:
-        """Whether ``who`` may have one more image in, with ``admitted`` images in all;
-        ``waiting()``: the callers waiting at the door."""
+    def allows(self, who: Caller, waiting: Callable[[], Iterable[Caller]]) -> bool:
+        """Whether ``who`` may have one more image in; ``waiting()``: the callers waiting at the
+        door."""
         mine = self.held.get(who.identity, 0)
         if not mine:
             return True
         self._prune()
-        held, idle = self.held, self._idle
+        held, idle, priority = self.held, self._idle, who.priority
         newcomers = sum(
-            w.weight for w in waiting() if w.identity not in held and w.identity not in idle
+            w.weight
+            for w in waiting()
+            if w.priority == priority and w.identity not in held and w.identity not in idle
         )
-        competing = self._holding_weight + self._idle_weight + newcomers
+        competing = self._holding_weight[priority] + self._idle_weight[priority] + newcomers
         if competing <= who.weight:
             return True
-        return (mine + 1) * competing <= (admitted + 1) * who.weight
+        return (mine + 1) * competing <= (self._class_held[priority] + 1) * who.weight
 
     def _prune(self) -> None:
         """Forget the callers idle for longer than ACTIVE_S (looked at most every RECOUNT_S)."""
@@ -252,7 +296,7 @@ class Shares:
         if now - self._pruned < RECOUNT_S:
             return
         self._pruned = now
-        for identity, (since, weight) in list(self._idle.items()):
+        for identity, (since, who) in list(self._idle.items()):
             if now - since > ACTIVE_S:
                 del self._idle[identity]
-                self._idle_weight -= weight
+                self._idle_weight[who.priority] -= who.weight

@@ -9,11 +9,17 @@ repository keys are). Health probes, the docs and the page are ``Access.OPEN``. 
 
 Key files: one key per line, blank lines and ``#`` comments ignored; rotated live.
 
-A line is the key, optionally followed by ``name=<class>`` (the caller class its requests are
-counted under in the metrics: letters, digits, ``._-``, up to 64; keys without one count as
-"unnamed") and ``weight=<1..100>`` (its share when callers compete, app.batching.fair; default 1)::
+A line is the key, optionally followed by, once each and in any order:
 
-    3c9f...e1  name=mobile-app  weight=3
+- ``name=<class>``: the caller class its requests are counted under in the metrics (letters,
+  digits, ``._-``, up to 64; keys without one count as "unnamed");
+- ``weight=<1..100>``: its share when callers of its priority compete (app.batching.fair;
+  default 1);
+- ``priority=high|normal|low``: which callers' work every queue serves first (default normal);
+- ``rate=<requests per second>`` and ``burst=<requests>``: its rate limit (app.edge.limits;
+  default none; the burst defaults to one second's worth, at least 1)::
+
+    3c9f...e1  name=mobile-app  weight=3  priority=high  rate=50  burst=100
 
 The file is re-read when it changes (its size, mtime or inode, looked at once per
 ``check_interval_s`` at most, on the request path) and on ``reload()`` (SIGHUP). Keys are never
@@ -25,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import math
 import os
 import re
 import time
@@ -33,7 +40,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from app.edge.requests import Caller
+from app.edge.requests import Caller, Priority, Rate
 from app.settings import Settings
 from core.errors import ServiceError
 
@@ -146,6 +153,8 @@ CHECK_INTERVAL_S = 1.0
 _PRINTABLE = range(0x21, 0x7F)
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 MAX_WEIGHT = 100
+MAX_RATE = 1e6  # requests per second: beyond it a limit means nothing
+_OPTIONS = ("name", "weight", "priority", "rate", "burst")
 UNNAMED = "unnamed"
 
 Signature = tuple[int, int, int]
@@ -179,9 +188,9 @@ def _caller(raw: bytes, options: list[str], where: str) -> Caller:
     fields: dict[str, str] = {}
     for option in options:
         field, equals, value = option.partition("=")
-        if not equals or field not in ("name", "weight") or field in fields:
+        if not equals or field not in _OPTIONS or field in fields:
             raise KeyFileError(
-                f"{where}: after the key only name=<class> and weight=<1..{MAX_WEIGHT}> may "
+                f"{where}: after the key only name=, weight=, priority=, rate= and burst= may "
                 "follow, once each"
             )
         fields[field] = value
@@ -191,8 +200,31 @@ def _caller(raw: bytes, options: list[str], where: str) -> Caller:
     weight = fields.get("weight", "1")
     if not weight.isdigit() or not 1 <= int(weight) <= MAX_WEIGHT:
         raise KeyFileError(f"{where}: weight must be a whole number from 1 to {MAX_WEIGHT}")
+    priority = fields.get("priority", "normal")
+    if priority.upper() not in Priority.__members__:
+        raise KeyFileError(f"{where}: priority must be high, normal or low")
     # Who shares is the key itself (its digest: the key never leaves this module).
-    return Caller("key:" + hashlib.sha256(raw).hexdigest()[:32], name, int(weight))
+    identity = "key:" + hashlib.sha256(raw).hexdigest()[:32]
+    rate = _rate(fields.get("rate"), fields.get("burst"), where)
+    return Caller(identity, name, int(weight), Priority[priority.upper()], rate)
+
+
+def _rate(rate: str | None, burst: str | None, where: str) -> Rate | None:
+    if rate is None:
+        if burst is not None:
+            raise KeyFileError(f"{where}: burst= needs a rate= beside it")
+        return None
+    try:
+        per_second = float(rate)
+    except ValueError:
+        per_second = math.nan
+    if not 0 < per_second <= MAX_RATE:  # NaN fails too
+        raise KeyFileError(f"{where}: rate must be requests per second, above 0, at most 1e6")
+    if burst is None:
+        return Rate(per_second, max(1, math.ceil(per_second)))
+    if not burst.isdigit() or not 1 <= int(burst) <= MAX_RATE:
+        raise KeyFileError(f"{where}: burst must be a whole number of requests, at least 1")
+    return Rate(per_second, int(burst))
 
 
 class KeyFile:

@@ -3,9 +3,11 @@ access log and its metrics (``RequestLog``), and the work it started, cancelled 
 goes away (``unless_disconnected``).
 
 A caller is an API key (its ``name=`` in the key file says which class it is counted under in
-the metrics, its ``weight=`` how many turns it gets to another's one), or, when keys are off, a
-client address, counted as "anonymous": addresses are the world's to invent, so they never
-become metric labels, and key names are the operator's, as many as the key file has lines.
+the metrics, its ``weight=`` how many turns it gets to another's one, its ``priority=`` whether
+it goes before or after the others, its ``rate=`` and ``burst=`` how many requests it may send),
+or, when keys are off, a client address, counted as "anonymous": addresses are the world's to
+invent, so they never become metric labels, and key names are the operator's, as many as the
+key file has lines.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from contextvars import ContextVar
 from dataclasses import dataclass
+from enum import IntEnum
 from typing import Any, TypeVar
 
 from prometheus_client import Counter, Histogram
@@ -40,11 +43,29 @@ SAMPLED_STATUSES = (401, 503)
 MODEL_VERSION_HEADER = "x-model-version"
 
 
+class Priority(IntEnum):
+    """A caller's class in every queue: a higher class's work goes first (lower value first)."""
+
+    HIGH = 0
+    NORMAL = 1
+    LOW = 2
+
+
+@dataclass(frozen=True)
+class Rate:
+    """A key's rate limit: ``per_second`` requests on average, ``burst`` of them at once."""
+
+    per_second: float
+    burst: int
+
+
 @dataclass(frozen=True)
 class Caller:
     identity: str  # who shares: the key's digest or the client's address (never a label)
     label: str  # the class it is counted under in metrics: a key's name, "unnamed", "anonymous"
     weight: int = 1
+    priority: Priority = Priority.NORMAL
+    rate: Rate | None = None  # app.edge.limits; None: unlimited
 
 
 ANONYMOUS = Caller("anonymous", "anonymous")

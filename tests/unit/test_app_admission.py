@@ -11,7 +11,9 @@ from app.batching.admission import (
     CostEstimate,
     DepthLimit,
     Lifecycle,
+    Ticket,
 )
+from app.edge.requests import Caller, Priority, caller
 from app.errors import Overloaded
 from app.telemetry.metrics import Metrics
 
@@ -75,6 +77,34 @@ async def test_a_late_request_waits_at_the_door_and_enters_when_room_opens() -> 
     ticket.release()
     (await second).release()
     assert admission.provisional == 0
+
+
+async def test_room_that_opens_goes_to_the_highest_priority_waiting() -> None:
+    admission = make(timeout_ms=1000)
+    cost(admission).observe_batch(images=4, seconds=1.0)  # 3 images fit
+
+    def enter_as(who: Caller) -> asyncio.Future[Ticket]:
+        token = caller.set(who)
+        try:
+            return asyncio.ensure_future(admission.enter())
+        finally:
+            caller.reset(token)
+
+    with admission.work(2):
+        with admission.work(1):
+            low = enter_as(Caller("key:lo", "low", priority=Priority.LOW))
+            normal = enter_as(Caller("key:n", "normal"))
+            high = enter_as(Caller("key:hi", "high", priority=Priority.HIGH))
+            await asyncio.sleep(0)
+            assert [low.done(), normal.done(), high.done()] == [False, False, False]
+        # Room for one: the last to come, but the highest priority.
+        await asyncio.sleep(0)
+        assert [high.done(), normal.done()] == [True, False]
+        (await high).release()
+        await asyncio.sleep(0)
+        assert [normal.done(), low.done()] == [True, False]
+        (await normal).release()
+        (await low).release()
 
 
 async def test_a_door_that_never_opens_answers_503_after_admission_wait_ms() -> None:

@@ -9,8 +9,10 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 
+import pytest
+
 from app.batching.fair import FairExecutor, FairQueue, RoundRobin, Shares
-from app.edge.requests import Caller, caller
+from app.edge.requests import Caller, Priority, caller
 
 HEAVY, LIGHT = Caller("key:h", "heavy"), Caller("key:l", "light")
 
@@ -89,22 +91,50 @@ def test_shares_hold_a_caller_to_its_weighted_share_only_while_others_compete() 
     now = [0.0]
     shares = Shares(lambda: now[0])
     for _ in range(10):
-        assert shares.allows(HEAVY, admitted=sum(shares.held.values()), waiting=tuple)
+        assert shares.allows(HEAVY, waiting=tuple)
         shares.take(HEAVY, 1)
     # Alone it may have everything; a newcomer at the door competes at once, and is let in.
-    assert not shares.allows(HEAVY, admitted=10, waiting=lambda: [LIGHT])
-    assert shares.allows(LIGHT, admitted=10, waiting=lambda: [LIGHT])
+    assert not shares.allows(HEAVY, waiting=lambda: [LIGHT])
+    assert shares.allows(LIGHT, waiting=lambda: [LIGHT])
     shares.take(LIGHT, 1)
     now[0] += 0.1
-    assert not shares.allows(HEAVY, admitted=11, waiting=tuple)
-    assert shares.allows(LIGHT, admitted=11, waiting=tuple)
+    assert not shares.allows(HEAVY, waiting=tuple)
+    assert shares.allows(LIGHT, waiting=tuple)
     for _ in range(9):
         shares.give_back(HEAVY, 1)
-    assert not shares.allows(HEAVY, admitted=2, waiting=tuple)  # 1 of 2: its half
+    assert not shares.allows(HEAVY, waiting=tuple)  # 1 of 2: its half
     shares.take(LIGHT, 1)
-    assert shares.allows(HEAVY, admitted=3, waiting=tuple)  # 2 of 4 would be its half
+    assert shares.allows(HEAVY, waiting=tuple)  # 2 of 4 would be its half
     # The light caller's last request finished long ago: it no longer competes.
     shares.give_back(LIGHT, 2)
     now[0] += 5
     shares.take(HEAVY, 5)
-    assert shares.allows(HEAVY, admitted=6, waiting=tuple)
+    assert shares.allows(HEAVY, waiting=tuple)
+
+
+def test_round_robin_serves_higher_priorities_first_and_turns_within_one() -> None:
+    high = Caller("key:hi", "high", priority=Priority.HIGH)
+    high2 = Caller("key:hi2", "high2", priority=Priority.HIGH)
+    low = Caller("key:lo", "low", priority=Priority.LOW)
+    turns: RoundRobin[str] = RoundRobin()
+    for index in range(2):
+        turns.push(low, f"lo{index}")
+        turns.push(HEAVY, f"n{index}")
+        turns.push(high, f"h{index}")
+    turns.push(high2, "g0")
+    assert [turns.pop() for _ in range(len(turns))] == ["h0", "g0", "h1", "n0", "n1", "lo0", "lo1"]
+    with pytest.raises(IndexError):
+        turns.pop()
+
+
+def test_shares_are_kept_within_a_priority() -> None:
+    shares = Shares(lambda: 0.0)
+    high = Caller("key:hi", "high", priority=Priority.HIGH)
+    for _ in range(10):
+        shares.take(HEAVY, 1)
+    # A high caller competes with no normal one: it may have everything its class holds...
+    shares.take(high, 3)
+    assert shares.allows(high, waiting=lambda: [LIGHT])
+    # ...and the heavy normal caller's share is of what normal callers hold, not of the total.
+    assert shares.allows(HEAVY, waiting=tuple)
+    assert not shares.allows(HEAVY, waiting=lambda: [LIGHT])

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from app.edge.access import MAX_KEY_BYTES, KeyFile, KeyFileError, parse_keys
+from app.edge.requests import Priority, Rate
 
 
 class Clock:
@@ -41,13 +42,22 @@ def test_a_key_may_name_its_caller_class_and_weight() -> None:
     assert not any(key.decode() in who.identity for key, who in keys.items())
 
 
+def test_a_key_may_set_its_priority_and_rate_limit() -> None:
+    text = "a priority=high rate=2.5\nb rate=10 burst=40 priority=LOW\nc rate=0.2\nd\n"
+    a, b, c, d = parse_keys(text, "f").values()
+    assert (a.priority, a.rate) == (Priority.HIGH, Rate(2.5, 3))  # a second's worth, rounded up
+    assert (b.priority, b.rate) == (Priority.LOW, Rate(10.0, 40))
+    assert c.rate == Rate(0.2, 1)  # never under one request
+    assert (d.priority, d.rate) == (Priority.NORMAL, None)
+
+
 @pytest.mark.parametrize(
     ("text", "fragment"),
     [
         ("", "holds no keys"),
         ("# only a comment\n\n", "holds no keys"),
         ("ok-key\n" + "k" * (MAX_KEY_BYTES + 1) + "\n", f"line 2: key longer than {MAX_KEY_BYTES}"),
-        ("two words\n", "line 1: after the key only name=<class> and weight="),
+        ("two words\n", "line 1: after the key only name=, weight=, priority=, rate= and burst="),
         ("clé\n", "line 1: key has a character that is not visible ASCII"),
         ("k name=two words\n", "line 1: after the key only"),
         ("k name=a name=b\n", "line 1: after the key only"),
@@ -55,6 +65,13 @@ def test_a_key_may_name_its_caller_class_and_weight() -> None:
         ("k weight=0\n", "line 1: weight must be a whole number from 1 to 100"),
         ("k weight=1.5\n", "line 1: weight must be"),
         ("k weight=101\n", "line 1: weight must be"),
+        ("k priority=urgent\n", "line 1: priority must be high, normal or low"),
+        ("k rate=0\n", "line 1: rate must be requests per second"),
+        ("k rate=nan\n", "line 1: rate must be"),
+        ("k rate=fast\n", "line 1: rate must be"),
+        ("k burst=5\n", "line 1: burst= needs a rate="),
+        ("k rate=5 burst=0\n", "line 1: burst must be a whole number"),
+        ("k rate=5 burst=2.5\n", "line 1: burst must be"),
     ],
     ids=[
         "empty",
@@ -68,6 +85,13 @@ def test_a_key_may_name_its_caller_class_and_weight() -> None:
         "weight-zero",
         "weight-fraction",
         "weight-too-big",
+        "priority-unknown",
+        "rate-zero",
+        "rate-nan",
+        "rate-word",
+        "burst-alone",
+        "burst-zero",
+        "burst-fraction",
     ],
 )
 def test_parse_refuses_unusable_files_naming_the_line_not_the_key(text: str, fragment: str) -> None:
