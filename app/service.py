@@ -20,6 +20,7 @@ from app.batching.admission import Admission, Lifecycle
 from app.batching.fair import FairExecutor
 from app.edge.access import KeyFile
 from app.edge.fetch import Fetcher, UrlPolicy
+from app.edge.limits import Limiter
 from app.edge.requests import RequestLog, caller
 from app.errors import NotReady, RolloutNotFound, UnknownModel
 from app.pipeline.cache import AnswerCache
@@ -35,6 +36,7 @@ from app.repository.sources import source
 from app.repository.version import Opener
 from app.runtimes.base import Backend
 from app.settings import Settings
+from app.store.redis import SharedRedis
 from app.telemetry.metrics import Metrics
 from app.telemetry.tracing import Tracing
 from core.errors import BadRequest
@@ -77,6 +79,12 @@ class Service:
             concurrency=settings.url_fetch_concurrency,
         )
         self.fetcher: Fetcher
+        self.redis = (
+            SharedRedis(settings.redis_url, settings.redis_timeout_ms, metrics)
+            if settings.redis_url
+            else None
+        )
+        self.rate_limits = Limiter(metrics, self.redis)
         self.link: WorkerLink | None = None
         self.lifecycle: Lifecycle
         self.admission: Admission
@@ -134,6 +142,8 @@ class Service:
             await asyncio.gather(warming, return_exceptions=True)
             await self.models.close()
             await self.fetcher.close()
+            if self.redis is not None:
+                await self.redis.close()
             decoder.shutdown(wait=True)
             opener.close()
             if sampler is not None:

@@ -255,6 +255,17 @@ class Settings(BaseSettings):
     """Redirects a fetch follows, each hop checked against url_allow again."""
     url_fetch_concurrency: int = Field(8, ge=1, le=256)
     """Fetches in flight at once, per worker."""
+    redis_url: str | None = None
+    """A Redis the replicas share (redis://[:password@]host:port/db, rediss:// for TLS): per-key
+    rate limits then hold for the whole service, and the answer cache (cache_bytes) is shared
+    too. Unset: each server keeps them itself (its workers share the rate limits). If Redis
+    stops answering, the server serves on its own state, says so (resnet_serve_redis_up, a
+    warning) and asks Redis again a second later: no request fails for it (docs/security.md)."""
+    redis_timeout_ms: float = Field(100.0, gt=0, le=10_000)
+    """The most a Redis call may take before the server goes on without it."""
+    redis_cache_ttl_s: int = Field(3600, ge=1)
+    """How long an answer stays in the shared cache; Redis's own maxmemory policy (allkeys-lru
+    in the compose file) keeps it within its memory."""
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2
 
 from app.batching.deadline import set_timeout
 from app.edge.access import Access, KeyRefused, check_key
+from app.edge.limits import RateLimited
 from app.edge.requests import MODEL_VERSION_HEADER, Caller, RequestIds, by_address, caller
 from app.errors import ClientClosedRequest, DeadlineExceeded, Overloaded
 from app.grpc import inference_pb2 as pb
@@ -48,6 +49,7 @@ STATUS = {
     413: grpc.StatusCode.INVALID_ARGUMENT,
     415: grpc.StatusCode.INVALID_ARGUMENT,
     422: grpc.StatusCode.INVALID_ARGUMENT,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
     499: grpc.StatusCode.CANCELLED,
     500: grpc.StatusCode.INTERNAL,
     503: grpc.StatusCode.UNAVAILABLE,
@@ -256,6 +258,9 @@ class InferenceService:
             try:
                 who = self._caller(access, metadata, context)
                 caller.set(who)
+                limit = None
+                if access is Access.INFERENCE:  # before its message is even parsed
+                    limit = await service.rate_limits.check(who)
                 try:
                     request = kind.FromString(raw)
                 except DecodeError as exc:
@@ -263,6 +268,8 @@ class InferenceService:
                 response = await handler(request, context)
                 answered_by = getattr(response, "model_version", None) or None
                 trailers = [("x-request-id", rid)]
+                if limit is not None:
+                    trailers += [(name.lower(), value) for name, value in limit.headers().items()]
                 if answered_by is not None:  # an inference's, in the metadata as over HTTP
                     trailers.append((MODEL_VERSION_HEADER, answered_by))
                     if span is not None:
@@ -333,10 +340,18 @@ def _metadata(context: grpc.aio.ServicerContext) -> Mapping[bytes, bytes]:
     return found
 
 
+# The refusals' headers that mean the same in gRPC metadata.
+_PASSED_ON = frozenset({"Retry-After", "RateLimit", "RateLimit-Policy"})
+
+
 def _trailers(error: ServiceError, rid: str) -> tuple[tuple[str, str], ...]:
     trailers = [("x-request-id", rid)]
+    for name, value in error.headers.items():
+        if name in _PASSED_ON:
+            trailers.append((name.lower(), value))
     retry_after = error.headers.get("Retry-After")
     if retry_after is not None:
-        # Both the HTTP hint and gRPC's own retry pushback (milliseconds).
-        trailers += [("retry-after", retry_after), ("grpc-retry-pushback-ms", f"{retry_after}000")]
+        # gRPC's own retry pushback (milliseconds): a rate limit knows it to the millisecond.
+        pushback = error.retry_ms if isinstance(error, RateLimited) else int(retry_after) * 1000
+        trailers.append(("grpc-retry-pushback-ms", str(pushback)))
     return tuple(trailers)

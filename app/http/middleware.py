@@ -204,6 +204,8 @@ class Door:
             await self.app(scope, self._limited(receive, None, upload), send)
             return
         try:
+            # Before the deadline and the door: a request over its key's rate waits nowhere.
+            verdict = await service.rate_limits.check(caller.get())
             set_timeout(_asked_timeout_ms(scope["query_string"], headers))
             if service.tracing.on:
                 with service.tracing.timed("admission"):
@@ -213,6 +215,8 @@ class Door:
         except ServiceError as refused:
             await _refuse(refused, scope, receive, send)
             return
+        if verdict is not None:
+            send = _with_headers(send, verdict.headers())
         with ticket, admission.buffering() as account:
             limited = self._limited(receive, account, upload)
             direct = self.direct.get((scope["method"], matched.label))
@@ -313,6 +317,18 @@ class _Refusal:
             self.code, self.message = error.get("code"), error.get("message")
         elif isinstance(error, str):
             self.message = error
+
+
+def _with_headers(send: Send, extra: dict[str, str]) -> Send:
+    """``send``, adding ``extra`` to the response's head."""
+    encoded = [(name.lower().encode(), value.encode()) for name, value in extra.items()]
+
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", []), *encoded]
+        await send(message)
+
+    return sending
 
 
 def _answered_by(headers: list[tuple[bytes, bytes]]) -> str | None:

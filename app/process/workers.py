@@ -12,6 +12,8 @@ The supervisor (this process) binds the port, starts the workers, and then only 
   has, and exits; the supervisor exits 0 once all have exited 0;
 - SIGHUP: with key files or a model repository, passed on (each worker re-reads its keys and
   loads what changed in the repository); without, a stop like SIGTERM;
+- the keys' rate limits live in shared memory the supervisor makes (app.edge.limits), so they
+  hold for the whole server;
 - a repository load or unload asked of one worker is relayed to every worker (app.repository.link);
   a rollout's start and end too, and the supervisor judges its figures (every worker's);
 - a worker whose supervisor has gone (SIGKILL) drains and exits by itself.
@@ -38,6 +40,7 @@ from fastapi import FastAPI
 from prometheus_client.multiprocess import mark_process_dead
 
 from app.edge.access import KeyFileError
+from app.edge.limits import SharedTable
 from app.process.cpus import pin_worker
 from app.process.server import Server, uvicorn_config
 from app.repository.link import STARTED, Change, Outcome, WorkerLink
@@ -155,6 +158,8 @@ class _Supervisor:
         self.changes: dict[str, Change] = {}
         # Each model's last rollout, judged on every worker's tallies (app.repository.link).
         self.judges: dict[str, Judge] = {}
+        # The keys' rate limits, in shared memory: they hold for the server, not per worker.
+        self.rate_limits = SharedTable(_spawn)
 
     def run(self) -> int:
         log.info(
@@ -184,7 +189,7 @@ class _Supervisor:
         ours, theirs = _spawn.Pipe()
         process = _spawn.Process(
             target=serve_worker,
-            args=(self.settings, self.build, index, self.port, theirs),
+            args=(self.settings, self.build, index, self.port, theirs, self.rate_limits),
             name=f"resnet-serve-worker-{index}",
         )
         process.start()
@@ -331,8 +336,16 @@ def _send(worker: _Worker, sig: int) -> None:
         os.kill(worker.process.pid, sig)
 
 
-def serve_worker(settings: Settings, build: Build, index: int, port: int, conn: Connection) -> None:
-    """One worker process: its own session, app, socket and uvicorn server on the port."""
+def serve_worker(
+    settings: Settings,
+    build: Build,
+    index: int,
+    port: int,
+    conn: Connection,
+    rate_limits: SharedTable,
+) -> None:
+    """One worker process: its own session, app, socket and uvicorn server on the port; the
+    rate limits in the supervisor's ``rate_limits``."""
     # Until uvicorn takes the signals over (and after, when it re-raises the one that stopped
     # it), a stop signal ends the worker quietly with status 0.
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -355,6 +368,7 @@ def serve_worker(settings: Settings, build: Build, index: int, port: int, conn: 
         sys.exit(1)
     service = app.state.service
     service.link = link
+    service.rate_limits.share(rate_limits)
     server = Server(uvicorn_config(settings, app), service, on_started=lambda: link.send(STARTED))
     server.run(sockets=[listener])
     if not server.started:

@@ -38,6 +38,7 @@ class Metrics:
         self._models(self.registry)
         self._rollouts(self.registry)
         self._cache(self.registry)
+        self._limits(self.registry)
 
     def _requests(self, registry: CollectorRegistry) -> None:
         """Requests, HTTP's and gRPC's alike: counted, timed, by caller class, refused keys."""
@@ -226,6 +227,30 @@ class Metrics:
             "resnet_serve_cache_bytes",
             "Bytes the cached answers hold",
             multiprocess_mode="livesum",
+            registry=registry,
+        )
+
+    def _limits(self, registry: CollectorRegistry) -> None:
+        """Per-key rate limits (app.edge.limits) and the Redis the replicas share
+        (app.store.redis)."""
+        self.rate_limited = Counter(
+            "resnet_serve_rate_limited",
+            "Requests refused 429 for their key's rate limit, by caller class",
+            ["caller"],
+            registry=registry,
+        )
+        self.redis_up = Gauge(
+            "resnet_serve_redis_up",
+            "1 while the shared Redis answers; 0 while this server serves on its own state "
+            "(no series without RESNET_SERVE_REDIS_URL)",
+            ["store"],
+            multiprocess_mode="livemin",
+            registry=registry,
+        )
+        self.redis_errors = Counter(
+            "resnet_serve_redis_errors",
+            "Redis calls that failed or timed out, by use (limits, cache): served locally",
+            ["use"],
             registry=registry,
         )
 

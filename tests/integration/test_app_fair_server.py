@@ -51,3 +51,30 @@ def test_a_light_caller_is_served_beside_a_heavy_one_and_only_the_heavy_one_is_r
     assert ("light", "503") not in counted
     assert counted[("heavy", "503")] >= 1
     assert {label for label, _ in counted} == {"heavy", "light"}
+
+
+def test_a_high_priority_key_goes_ahead_of_a_low_one_in_every_queue(
+    slow_model: Path, tmp_path: Path
+) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("high-key name=high priority=high\nlow-key name=low priority=low\n")
+    png = image_bytes(1)
+    settings = {"max_batch_size": "8", "intra_op_threads": "1", "admission_wait_ms": "300"}
+    with run_server(slow_model, api_keys_file=str(keys), **settings) as server:
+        server.wait_for_log(message_is("ready"))
+
+        async def both() -> tuple[Point, Point]:
+            low = asyncio.ensure_future(
+                closed_loop(server.url, png, 24, 4, {"X-API-Key": "low-key"})
+            )
+            await asyncio.to_thread(
+                wait_for_gauge, server.url, "resnet_serve_requests_in_flight", 24 + 1
+            )
+            # As many clients as low's: with shares alone, both would wait alike.
+            high = await closed_loop(server.url, png, 24, 3, {"X-API-Key": "high-key"})
+            return high, await low
+
+        high, low = asyncio.run(both())
+    assert set(high.statuses) == {"200"}, high.statuses
+    high_ms, low_ms = np.median(high.latencies_ms), np.median(low.latencies_ms)
+    assert high_ms < low_ms / 2, (high_ms, low_ms)

@@ -57,7 +57,8 @@ def test_no_test_module_imports_another_test_module() -> None:
 # Inside app/: the transports (HTTP, the Open Inference Protocol's REST routes, gRPC) are adapters
 # over the service and never import each other (gRPC serves the protocol's recipe,
 # app.oip.serving, not its REST routes); the edge, the service and the pipeline know no transport;
-# runtimes never import the pipeline, batching or the repository; app.main and app.__main__ compose
+# runtimes never import the pipeline, batching or the repository; the shared store (Redis) only
+# telemetry; app.main and app.__main__ compose
 # them all, and nothing imports them.
 TOP = {"app.main", "app.__main__", "app.client"}
 TRANSPORTS = {"app.http", "app.oip", "app.grpc"}
@@ -73,9 +74,16 @@ APP_LAYERS = {
     "app/runtimes": TOP | TRANSPORTS | ENGINE - {"app.runtimes"} | {"app.edge"},
     "app/repository": TOP | TRANSPORTS | {"app.service", "app.edge"},
     "app/process": TOP | TRANSPORTS | {"app.service", "app.pipeline", "app.batching"},
-    "app/telemetry": TOP | TRANSPORTS | ENGINE | {"app.edge", "app.process"},
-    "app/settings.py": TOP | TRANSPORTS | ENGINE | {"app.edge", "app.process", "app.telemetry"},
-    "app/errors.py": TOP | TRANSPORTS | ENGINE | {"app.edge", "app.process", "app.telemetry"},
+    "app/store": TOP | TRANSPORTS | ENGINE | {"app.edge", "app.process"},
+    "app/telemetry": TOP | TRANSPORTS | ENGINE | {"app.edge", "app.process", "app.store"},
+    "app/settings.py": TOP
+    | TRANSPORTS
+    | ENGINE
+    | {"app.edge", "app.process", "app.telemetry", "app.store"},
+    "app/errors.py": TOP
+    | TRANSPORTS
+    | ENGINE
+    | {"app.edge", "app.process", "app.telemetry", "app.store"},
 }
 # The settings validate against two leaves that import nothing of app/ but the errors: the cores
 # there are, and the version policies.
