@@ -107,7 +107,11 @@ class Service:
         decoder = FairExecutor(settings.decode_threads, "decode")
         self.fetcher = Fetcher(self.url_policy)
         opened, self._opened = self._opened, None
-        cache = AnswerCache(settings.cache_bytes, metrics) if settings.cache_bytes else None
+        cache = (
+            AnswerCache(settings.cache_bytes, metrics, self.redis, settings.redis_cache_ttl_s)
+            if settings.cache_bytes
+            else None
+        )
         opener = Opener(
             settings,
             self._cores,

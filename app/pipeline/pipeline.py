@@ -113,6 +113,12 @@ class Pipeline:
         keys = [await self._key(cache, image, head) for image in images]
         answers: list[T | None] = [cache.get(key) for key in keys]
         missing = [index for index, answer in enumerate(answers) if answer is None]
+        if missing and cache.shared is not None:
+            shared = await cache.get_shared([keys[index] for index in missing])
+            for index, answer in zip(missing, shared, strict=True):
+                answers[index] = answer
+            missing = [index for index in missing if answers[index] is None]
+        cache.missed(len(missing))
         counted = seen.get()
         if counted is not None:
             counted.hits += len(images) - len(missing)

@@ -10,6 +10,7 @@ Its session is opened on a thread of lower CPU priority, so the versions serving
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import threading
@@ -181,14 +182,21 @@ class Opener:
                 f"{path} holds the model {loaded.metadata.name!r} (its metadata), not "
                 f"{name!r} (its folder): rename the folder, or export it under that name"
             )
-        served = self._serve(name, version, path, loaded)
+        # The cache keys answers by the file's bytes, not its path: replicas share them (Redis).
+        digest = None
+        if self.cache is not None:
+            loop = asyncio.get_running_loop()
+            digest = await loop.run_in_executor(self._loader, _file_digest, path)
+        served = self._serve(name, version, path, loaded, digest)
         await served.start()
         return served
 
     def close(self) -> None:
         self._loader.shutdown(wait=True)
 
-    def _serve(self, name: str, version: str, path: Path, loaded: Backend) -> ServedModel:
+    def _serve(
+        self, name: str, version: str, path: Path, loaded: Backend, digest: str | None = None
+    ) -> ServedModel:
         estimate = CostEstimate()
         metrics = self.metrics.for_version(name, version)
         admission = self.admission
@@ -220,11 +228,16 @@ class Opener:
             estimate,
             self.tracing,
             self.cache,
-            (name, version, loaded.precision, str(path)),
+            (name, version, loaded.precision, loaded.backend, digest or str(path)),
         )
         return ServedModel(
             name, version, path, loaded, batcher, pipeline, estimate, admission, metrics
         )
+
+
+def _file_digest(path: Path) -> str:
+    with path.open("rb") as file:
+        return hashlib.file_digest(file, "blake2b").hexdigest()
 
 
 def _yield_cpu() -> None:

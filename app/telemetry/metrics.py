@@ -218,6 +218,11 @@ class Metrics:
             "Images looked up in the cache and computed",
             registry=registry,
         )
+        self.cache_shared_hits = Counter(
+            "resnet_serve_cache_shared_hits",
+            "Images answered from the shared (Redis) cache, this worker's own having missed",
+            registry=registry,
+        )
         self.cache_evictions = Counter(
             "resnet_serve_cache_evictions",
             "Answers dropped, least recently used first, to keep within cache_bytes",

@@ -3,6 +3,7 @@ per endpoint and parameters; a new version never gets an old version's answer.""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 
 from tests.helpers.metrics import scrape
 from tests.helpers.models import image_bytes
+from tests.helpers.redis import redis_server
 from tests.helpers.repository import NAME, add_version
 from tests.helpers.server import Server, message_is, run_server
 
@@ -88,3 +90,35 @@ def test_a_new_version_never_gets_an_old_versions_answer(tmp_path: Path) -> None
         assert swapped.headers["x-cache"] == "miss"
         assert swapped.json()["model_version"] == "2"
         assert swapped.json()["results"][0]["predictions"][0]["label"].endswith("@v2")
+
+
+def test_servers_sharing_redis_share_answers_and_go_on_without_it(
+    model_path: Path, tmp_path: Path
+) -> None:
+    with redis_server(tmp_path) as redis:
+        settings = {"cache_bytes": "1000000", "redis_url": redis.url}
+        with run_server(model_path, **settings) as one, run_server(model_path, **settings) as two:
+            one.wait_for_log(message_is("ready"))
+            two.wait_for_log(message_is("ready"))
+            first = {path: post(one, A, path=path) for path in ("/predict", "/embed", "/explain")}
+            computed = counter(two, "resnet_serve_images")
+            # The writes are in the background: the other server finds them once they land.
+            shared = {path: _hit(two, path) for path in first}
+            unseen = counter(two, "resnet_serve_images") == computed
+            shared_hits = counter(two, "resnet_serve_cache_shared_hits")
+            redis.stop()
+            alone = [post(server, B).headers["x-cache"] for server in (one, two, one)]
+    for path, response in first.items():
+        assert shared[path].json() == response.json(), path
+    assert unseen  # the second server's model never saw the image
+    assert shared_hits == 3
+    assert alone == ["miss", "miss", "hit"]  # each on its own cache, no request failed
+
+
+def _hit(server: Server, path: str) -> httpx.Response:
+    for _ in range(50):
+        response = post(server, A, path=path)
+        if response.headers["x-cache"] == "hit":
+            return response
+        time.sleep(0.1)
+    raise AssertionError(f"{path} never answered from the shared cache")

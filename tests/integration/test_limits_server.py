@@ -92,13 +92,13 @@ def test_grpc_refusal_carries_the_retry_pushback(model_path: Path, tmp_path: Pat
         server.wait_for_log(message_is("ready"))
         assert predict(server.url, "slow-key").status_code == 200
         with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
-            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
             call = stub.ModelInfer.with_call
             with pytest.raises(grpc.RpcError) as refused:
                 call(pb.ModelInferRequest(), metadata=(("x-api-key", "slow-key"),), timeout=30)
     error = refused.value
-    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
-    trailers = dict(error.trailing_metadata())  # type: ignore[attr-defined]
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    trailers = dict(error.trailing_metadata())
     assert 1000 <= int(trailers["grpc-retry-pushback-ms"]) <= 2000
     assert trailers["ratelimit-policy"] == '"key";q=1;w=2'
 
