@@ -1,5 +1,6 @@
-"""Images by URL on a real server, fetched from a local image server on 127.0.0.1 that the tests
-allow explicitly; every refused address is refused before any connection (never contacted)."""
+"""Images by URL on a real server, fetched from a local image server on 127.0.0.1 (the ``images``
+fixture) that the tests allow explicitly; every refused address is refused before any connection
+(never contacted)."""
 
 from __future__ import annotations
 
@@ -7,67 +8,13 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.helpers.models import image_bytes
+from tests.helpers.image_site import PNG
 from tests.helpers.server import Server, message_is, run_server
-
-PNG = image_bytes(3)
-
-
-class Images(BaseHTTPRequestHandler):
-    """What the tests fetch: an image, redirects, a slow, a huge and a wrong answer."""
-
-    def do_GET(self) -> None:
-        if self.path == "/digit.png":
-            self._answer(200, PNG, "image/png")
-        elif self.path.startswith("/to/"):  # /to/<where>: a redirect
-            self.send_response(302)
-            self.send_header("Location", self.path.removeprefix("/to/"))
-            self.end_headers()
-        elif self.path == "/slow.png":
-            time.sleep(3)
-            self._answer(200, PNG, "image/png")
-        elif self.path == "/huge.png":  # no Content-Length: cut while it streams
-            self.send_response(200)
-            self.send_header("Content-Type", "image/png")
-            self.end_headers()
-            for _ in range(40):
-                self.wfile.write(b"\0" * 64_000)
-        elif self.path == "/notes.txt":
-            self._answer(200, b"not an image", "text/plain")
-        else:
-            self._answer(404, b"no", "text/plain")
-
-    def _answer(self, status: int, body: bytes, kind: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", kind)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-class _Quiet(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request: object, client_address: object) -> None:
-        pass  # a fetch the server cut (too large, too slow) breaks the pipe: that is the point
-
-
-@pytest.fixture(scope="module")
-def images() -> Iterator[str]:
-    httpd = _Quiet(("127.0.0.1", 0), Images)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
 
 
 @contextmanager
