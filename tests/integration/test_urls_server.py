@@ -140,6 +140,13 @@ def test_urls_are_off_without_url_allow(server: Server, images: str) -> None:
     assert "off" in message
 
 
+def test_v1_models_says_whether_urls_are_on_not_where_from(allowed: Server, server: Server) -> None:
+    listed = httpx.get(f"{allowed.url}/v1/models", timeout=30)
+    assert listed.json()["images_by_url"] is True
+    assert "127.0.0.1" not in listed.text  # the allow list stays the operator's
+    assert httpx.get(f"{server.url}/v1/models", timeout=30).json()["images_by_url"] is False
+
+
 def url_input(*asked: str, binary: bool = False) -> tuple[bytes, dict[str, str]]:
     """A protocol request whose BYTES input holds URLs, as JSON strings or binary elements, asking
     for the top-K classes."""
