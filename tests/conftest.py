@@ -1,4 +1,5 @@
-"""Fixtures for the app tests: small real ONNX models that honour the export contract, images."""
+"""Fixtures for the app tests: small real ONNX models that honour the export contract, images,
+and a local site to fetch images from by URL."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from fastapi import FastAPI
 from app.main import create_app
 from app.runtimes.onnxruntime import OnnxModel
 from app.settings import Settings
+from tests.helpers.image_site import image_site
 from tests.helpers.models import build_model, build_slow_model
 from tests.helpers.server import Server, message_is, run_server
 from tests.helpers.training import (  # noqa: F401  (fixtures)
@@ -44,6 +46,13 @@ def server(model_path: Path) -> Iterator[Server]:
     with run_server(model_path) as running:
         running.wait_for_log(message_is("ready"))
         yield running
+
+
+@pytest.fixture(scope="module")
+def images() -> Iterator[str]:
+    """The local image site's base URL (tests.helpers.image_site), for images by URL."""
+    with image_site() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

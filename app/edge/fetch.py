@@ -23,6 +23,7 @@ import asyncio
 import fnmatch
 import ipaddress
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
@@ -157,6 +158,27 @@ class Fetcher:
                 ) from None
             except (aiohttp.ClientError, OSError) as exc:
                 raise UrlFetchFailed(f"{_shown(url)}: cannot fetch it: {_reason(exc)}") from None
+
+    async def fetch_all(self, urls: Sequence[str], element: str = "url") -> list[bytes]:
+        """Every URL's body, fetched at once. The first failure stops the others and is raised,
+        naming which of them: ``url 1: ...`` (``element`` says what an item is called)."""
+        fetches = [asyncio.ensure_future(self.fetch(url)) for url in urls]
+        try:
+            await asyncio.wait(fetches, return_when=asyncio.FIRST_EXCEPTION)
+        finally:  # one failed (or the request went): the others stop, and are waited for
+            for fetch in fetches:
+                fetch.cancel()
+            outcomes = await asyncio.gather(*fetches, return_exceptions=True)
+        # The failure that stopped the others first: those it cancelled are no answer of their own.
+        failures = [o for o in outcomes if isinstance(o, BaseException)]
+        failures.sort(key=lambda o: isinstance(o, asyncio.CancelledError))
+        if failures:
+            first = failures[0]
+            if isinstance(first, ServiceError):
+                index = outcomes.index(first)
+                raise type(first)(f"{element} {index}: {first.message}", headers=first.headers)
+            raise first  # a bug, or this request itself cancelled
+        return [data for data in outcomes if isinstance(data, bytes)]  # all of them, by now
 
     async def close(self) -> None:
         if self._session is not None:

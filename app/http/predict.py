@@ -7,7 +7,6 @@ reading the uploads adds the per-image and per-request image-count limits.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable
 from typing import Annotated
 from urllib.parse import parse_qsl
@@ -198,23 +197,7 @@ async def _fetch_urls(body: bytes, service: Service) -> list[Image]:
         raise EmptyUpload("the list of URLs is empty")
     if len(urls) > limit:
         raise BadRequest(f"{len(urls)} URLs, over max_images_per_request={limit}")
-    fetches = [asyncio.ensure_future(service.fetcher.fetch(url)) for url in urls]
-    try:
-        await asyncio.wait(fetches, return_when=asyncio.FIRST_EXCEPTION)
-    finally:  # one failed (or the request went): the others stop, and are waited for
-        for fetch in fetches:
-            fetch.cancel()
-        outcomes = await asyncio.gather(*fetches, return_exceptions=True)
-    # The failure that stopped the others first: those it cancelled are no answer of their own.
-    failures = [o for o in outcomes if isinstance(o, BaseException)]
-    failures.sort(key=lambda o: isinstance(o, asyncio.CancelledError))
-    if failures:
-        first = failures[0]
-        if isinstance(first, ServiceError):
-            index = outcomes.index(first)
-            raise type(first)(f"url {index}: {first.message}", headers=first.headers)
-        raise first  # a bug, or this request itself cancelled
-    fetched = [data for data in outcomes if isinstance(data, bytes)]  # all of them, by now
+    fetched = await service.fetcher.fetch_all(urls)
     return [Image(url, data) for url, data in zip(urls, fetched, strict=True)]
 
 

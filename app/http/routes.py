@@ -91,10 +91,13 @@ async def describe_model(
     summary="Every model version being served",
 )
 async def list_models(request: Request) -> ModelList:
-    models = request.app.state.service.models
+    service: Service = request.app.state.service
+    models = service.models
     ready = sorted(models.ready(), key=lambda s: (s.name, models.versions(s.name).index(s.version)))
     return ModelList(
-        default_model=models.default_name, models=[describe(served) for served in ready]
+        default_model=models.default_name,
+        models=[describe(served) for served in ready],
+        images_by_url=service.url_policy.on,  # the page offers a URL field where it is
     )
 
 

@@ -159,3 +159,8 @@ class ModelList(BaseModel):
         " none is the default (each request names one)"
     )
     models: list[ModelDescription] = Field(description="Every ready version, by name then version")
+    images_by_url: bool = Field(
+        description="Whether the server fetches images by URL (RESNET_SERVE_URL_ALLOW is set): "
+        'JSON {"urls": [...]} on /predict, /embed and /explain, and the protocol\'s BYTES input '
+        'with content_type "url". Which hosts it allows is not said'
+    )

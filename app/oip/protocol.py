@@ -15,7 +15,11 @@ class RequestInput(BaseModel):
     name: str
     shape: list[int]
     datatype: str
-    parameters: dict[str, Any] = Field(default_factory=dict)
+    parameters: dict[str, Any] = Field(
+        default_factory=dict,
+        description='binary_data_size: the length of its binary data; content_type: "url" '
+        "where its BYTES elements are image URLs for the server to fetch (RESNET_SERVE_URL_ALLOW)",
+    )
     data: list[Any] | None = None
 
 

@@ -36,7 +36,7 @@ from app.service import Service
 from core.errors import BadRequest, EmptyUpload
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ProtocolError} for status in (400, 404, 413, 415, 422, 500, 503, 504)
+    status: {"model": ProtocolError} for status in (400, 403, 404, 413, 415, 422, 500, 503, 504)
 }
 
 

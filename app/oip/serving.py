@@ -19,13 +19,16 @@ from app.oip.codec import OutputTensor
 from app.oip.protocol import (
     InferenceRequest,
     ModelMetadataResponse,
+    RequestInput,
     ServerMetadataResponse,
     TensorMetadata,
 )
 from app.oip.tensors import (
     OUTPUTS,
     encoded_images,
+    image_urls,
     output_tensor,
+    takes_urls,
     the_input,
     uint8_crops,
     wanted_outputs,
@@ -92,8 +95,7 @@ async def infer(
     class_ids = [w.class_id for w in wanted if w.name == "heatmap"]
     head = Rows(frozenset(w.source for w in wanted), class_ids[0] if class_ids else -1)
     if spec.datatype == "BYTES":
-        images = [Image(None, data) for data in encoded_images(spec, binary, service.limits)]
-        work = route.images(images, head, lambda _: head)
+        work = route.images(await _images(service, spec, binary), head, lambda _: head)
     else:
         crops = uint8_crops(spec, binary, metadata.recipe.crop_size, service.limits)
         work = route.crops(crops, head, lambda _: head)
@@ -104,6 +106,15 @@ async def infer(
     if inference.id is not None:
         header["id"] = inference.id
     return header, [output_tensor(metadata, answered, one) for one in wanted]
+
+
+async def _images(service: Service, spec: RequestInput, binary: bytes | None) -> list[Image]:
+    """A BYTES input's images: its elements, or fetched from the URLs they are."""
+    if not takes_urls(spec):
+        return [Image(None, data) for data in encoded_images(spec, binary, service.limits)]
+    urls = image_urls(spec, binary, service.limits)
+    fetched = await service.fetcher.fetch_all(urls, f"input {spec.name!r}: element")
+    return [Image(url, data) for url, data in zip(urls, fetched, strict=True)]
 
 
 def protocol_timeout_ms(inference: InferenceRequest) -> float | None:

@@ -2,6 +2,8 @@
 
 The model's one input takes two datatypes, as OpenVINO Model Server does: BYTES ``[N]`` of
 encoded images (decoded by our preprocessing) or UINT8 ``[N, S, S, 3]`` of preprocessed crops.
+A BYTES input whose ``parameters.content_type`` is ``"url"`` holds image URLs instead, one per
+element, which the server fetches as it fetches /predict's (app.edge.fetch).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import base64
 import binascii
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -29,6 +32,9 @@ from core.contract import (
 from core.errors import BadRequest, EmptyUpload, PayloadTooLarge
 
 INPUT_DATATYPES = ("BYTES", "UINT8")
+# An input's parameters.content_type where its BYTES elements are URLs to fetch (MLServer's name
+# for the parameter that says how a tensor's data is encoded).
+URL = "url"
 # The protocol's outputs, by the model output each is read from (core.contract): ``heatmap`` is
 # the class activation map, [N, h, w] at the map's own resolution (7x7 for a 224x224 ResNet-50),
 # of the output's ``class_id`` parameter, or of each image's top class.
@@ -73,6 +79,7 @@ def the_input(
         )
     if parts[0] is not None and spec.data is not None:
         raise BadRequest(f"input {spec.name!r} has both data and binary_data_size")
+    _check_content_type(spec)
     return spec, parts[0]
 
 
@@ -94,6 +101,28 @@ def encoded_images(spec: RequestInput, binary: bytes | None, limits: UploadLimit
                 f"over max_image_bytes={limits.max_image_bytes}"
             )
     return elements
+
+
+def takes_urls(spec: RequestInput) -> bool:
+    """Whether the input's elements are URLs to fetch (checked by the_input)."""
+    return spec.parameters.get("content_type") == URL
+
+
+def image_urls(spec: RequestInput, binary: bytes | None, limits: UploadLimits) -> list[str]:
+    """BYTES ``[N]`` of URLs: binary UTF-8 elements, or JSON strings."""
+    if len(spec.shape) != 1:
+        raise BadRequest(f"input {spec.name!r}: BYTES takes shape [N], got {spec.shape}")
+    _check_count(spec, limits)
+    what = f"input {spec.name!r}"
+    if binary is not None:
+        elements: list[Any] = split_bytes(binary, what)
+    elif spec.data is not None:
+        elements = spec.data
+    else:
+        raise BadRequest(f"{what} has neither data nor binary_data_size")
+    if len(elements) != spec.shape[0]:
+        raise BadRequest(f"{what}: shape {spec.shape} but {len(elements)} elements were sent")
+    return [_url(what, index, element) for index, element in enumerate(elements)]
 
 
 def uint8_crops(
@@ -182,6 +211,30 @@ def _check_count(spec: RequestInput, limits: UploadLimits) -> None:
             f"input {spec.name!r}: {count} images, the limit is 1..{limit} "
             f"(max_images_per_request={limit})"
         )
+
+
+def _check_content_type(spec: RequestInput) -> None:
+    content_type = spec.parameters.get("content_type")
+    if content_type is not None and content_type != URL:
+        raise BadRequest(
+            f"input {spec.name!r}: content_type={content_type!r} is not {URL!r} (image URLs); "
+            "leave it out for encoded images"
+        )
+    if content_type == URL and spec.datatype != "BYTES":
+        raise BadRequest(
+            f"input {spec.name!r}: content_type {URL!r} takes BYTES [N], got {spec.datatype}"
+        )
+
+
+def _url(what: str, index: int, element: Any) -> str:
+    if isinstance(element, bytes):
+        try:
+            element = element.decode()
+        except UnicodeDecodeError:
+            raise BadRequest(f"{what}: element {index} is not UTF-8 text (a URL)") from None
+    if not isinstance(element, str) or not element:
+        raise BadRequest(f"{what}: element {index} is not a URL (a non-empty string)")
+    return element
 
 
 def _base64(spec: RequestInput) -> list[bytes]:

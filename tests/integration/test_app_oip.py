@@ -111,6 +111,7 @@ def as_json(request: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
 
 
 FULL_CROP = [1, CROP_SIZE, CROP_SIZE, 3]
+URLS, BASE64 = {"content_type": "url"}, {"content_type": "base64"}
 PREFIXED = json_input(datatype="BYTES", shape=[1], parameters={"binary_data_size": 6})
 BAD_REQUESTS: dict[str, tuple[tuple[bytes, dict[str, str]], int, str]] = {
     "empty": ((b"", {}), 400, "empty"),
@@ -153,6 +154,21 @@ BAD_REQUESTS: dict[str, tuple[tuple[bytes, dict[str, str]], int, str]] = {
         ),
         400,
         "0..255",
+    ),
+    "unknown-content-type": (
+        as_json(json_input(datatype="BYTES", shape=[1], data=["aGk="], parameters=BASE64)),
+        400,
+        "content_type='base64' is not 'url'",
+    ),
+    "url-in-uint8": (
+        as_json(json_input(datatype="UINT8", shape=FULL_CROP, data=[0], parameters=URLS)),
+        400,
+        "content_type 'url' takes BYTES [N], got UINT8",
+    ),
+    "url-not-a-string": (
+        as_json(json_input(datatype="BYTES", shape=[1], data=[7], parameters=URLS)),
+        400,
+        "element 0 is not a URL",
     ),
     "bad-prefix": (with_binary(PREFIXED, struct.pack("<I", 9) + b"ab"), 400, "declares 9 bytes"),
     "unknown-output": (

@@ -21,6 +21,7 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
+from tests.helpers.image_site import PNG
 from tests.helpers.metrics import scrape, status_counts
 from tests.helpers.models import LABELS, build_model
 from tests.helpers.repository import NAME, add_version
@@ -322,3 +323,75 @@ def test_a_model_without_heatmaps_or_embeddings_still_classifies(
         assert _script_errors(browser) == []
         ARTIFACTS.mkdir(exist_ok=True)
         browser.save_screenshot(str(ARTIFACTS / "page-no-extras.png"))
+
+
+def _paste(browser: WebDriver, url: str) -> None:
+    field = browser.find_element(By.ID, "image-url")
+    field.send_keys(url)
+    field.send_keys(Keys.ENTER)
+
+
+def _each(browser: WebDriver, state: str, name: str) -> list[WebElement]:
+    """Every card of ``state`` for ``name``, newest first (the same URL may be sent again)."""
+    cards = browser.find_elements(By.CSS_SELECTOR, f"#results .card.{state}")
+    return [card for card in cards if card.get_attribute("data-filename") == name]
+
+
+def test_without_url_allow_the_page_offers_no_url_field(browser: WebDriver, server: Server) -> None:
+    browser.get(f"{server.url}/")
+    _until(browser, lambda: "tiny-test" in browser.find_element(By.ID, "model-card").text)
+    assert not browser.find_element(By.ID, "url-form").is_displayed()
+
+
+def test_an_image_by_url_classifies_and_a_cached_answer_says_so(
+    browser: WebDriver, model_path: Path, images: str, tmp_path: Path
+) -> None:
+    settings = {"url_allow": '["127.0.0.1"]', "cache_bytes": "1000000"}
+    with run_server(model_path, **settings) as served:
+        served.wait_for_log(message_is("ready"))
+        browser.get(f"{served.url}/")
+        _until(browser, lambda: browser.find_element(By.ID, "url-form").is_displayed())
+        _until(browser, lambda: "tiny-test" in browser.find_element(By.ID, "model-card").text)
+        _script_errors(browser)
+
+        digit = f"{images}/digit.png"
+        _paste(browser, digit)
+        _until(browser, lambda: len(_each(browser, "ok", digit)) == 1)
+        _paste(browser, digit)  # the same image again: answered from the cache
+        _until(browser, lambda: len(_each(browser, "ok", digit)) == 2)
+        again, first = _each(browser, "ok", digit)
+        upload = tmp_path / "digit.png"  # the same bytes as a file: the same answer, cached
+        upload.write_bytes(PNG)
+        _drop(browser, upload)
+        _until(browser, lambda: "digit.png" in _cards(browser, "ok"))
+        uploaded = _cards(browser, "ok")["digit.png"]
+
+        files = {"files": ("digit.png", PNG, "image/png")}
+        answer = httpx.post(f"{served.url}/predict", files=files, timeout=30).json()
+        top1 = answer["results"][0]["predictions"][0]["label"]
+        for card in (first, again, uploaded):
+            assert card.get_attribute("data-top1") == top1  # type: ignore[attr-defined]
+        assert first.get_attribute("data-cache") is None
+        assert not first.find_elements(By.CLASS_NAME, "badge")
+        for card in (again, uploaded):
+            assert card.get_attribute("data-cache") == "hit"  # type: ignore[attr-defined]
+            badge = card.find_element(By.CLASS_NAME, "badge")  # type: ignore[attr-defined]
+            assert (badge.text, badge.is_displayed()) == ("cached", True)
+
+        # Refused URLs read as any refused file: the status, the plain words, the code.
+        port = images.rsplit(":", 1)[1]
+        refusals = {
+            f"http://localhost:{port}/digit.png": ("403", "url_not_allowed", "does not fetch"),
+            f"{images}/gone.png": ("422", "url_fetch_failed", "could not fetch an image"),
+        }
+        for url in refusals:
+            _paste(browser, url)
+        _until(browser, lambda: all(_each(browser, "error", url) for url in refusals))
+        for url, (status, code, words) in refusals.items():
+            (card,) = _each(browser, "error", url)
+            assert card.get_attribute("data-error") == code
+            assert f"HTTP {status}" in card.text
+            assert words in card.text
+        assert _script_errors(browser) == []
+        ARTIFACTS.mkdir(exist_ok=True)
+        browser.save_screenshot(str(ARTIFACTS / "page-urls.png"))

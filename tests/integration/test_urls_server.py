@@ -1,86 +1,48 @@
-"""Images by URL on a real server, fetched from a local image server on 127.0.0.1 that the tests
-allow explicitly; every refused address is refused before any connection (never contacted)."""
+"""Images by URL on a real server (``/predict``'s ``{"urls": [...]}``, the protocol's BYTES input
+of ``content_type: "url"``, over REST and gRPC), fetched from a local image server on 127.0.0.1
+(the ``images`` fixture) that the tests allow explicitly; every refused address is refused before
+any connection (never contacted)."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 
-from tests.helpers.models import image_bytes
-from tests.helpers.server import Server, message_is, run_server
+from app.grpc import inference_pb2 as pb
+from app.grpc import inference_pb2_grpc as pb_grpc
+from app.oip.codec import join_bytes, split_bytes
+from tests.helpers.image_site import PNG
+from tests.helpers.server import Server, free_port, message_is, run_server
 
-PNG = image_bytes(3)
-
-
-class Images(BaseHTTPRequestHandler):
-    """What the tests fetch: an image, redirects, a slow, a huge and a wrong answer."""
-
-    def do_GET(self) -> None:
-        if self.path == "/digit.png":
-            self._answer(200, PNG, "image/png")
-        elif self.path.startswith("/to/"):  # /to/<where>: a redirect
-            self.send_response(302)
-            self.send_header("Location", self.path.removeprefix("/to/"))
-            self.end_headers()
-        elif self.path == "/slow.png":
-            time.sleep(3)
-            self._answer(200, PNG, "image/png")
-        elif self.path == "/huge.png":  # no Content-Length: cut while it streams
-            self.send_response(200)
-            self.send_header("Content-Type", "image/png")
-            self.end_headers()
-            for _ in range(40):
-                self.wfile.write(b"\0" * 64_000)
-        elif self.path == "/notes.txt":
-            self._answer(200, b"not an image", "text/plain")
-        else:
-            self._answer(404, b"no", "text/plain")
-
-    def _answer(self, status: int, body: bytes, kind: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", kind)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-class _Quiet(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request: object, client_address: object) -> None:
-        pass  # a fetch the server cut (too large, too slow) breaks the pipe: that is the point
-
-
-@pytest.fixture(scope="module")
-def images() -> Iterator[str]:
-    httpd = _Quiet(("127.0.0.1", 0), Images)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+INFER = "/v2/models/tiny-test/infer"
+HEADER_LENGTH = "Inference-Header-Content-Length"
+K = 3
 
 
 @contextmanager
-def serving(model_path: Path, allow: str) -> Iterator[Server]:
+def serving(model_path: Path, allow: str, **more: str) -> Iterator[Server]:
     settings = {"url_allow": allow, "url_timeout_ms": "1000", "max_image_bytes": "200000"}
-    with run_server(model_path, **settings) as server:
+    with run_server(model_path, **settings, **more) as server:
         server.wait_for_log(message_is("ready"))
         yield server
 
 
 @pytest.fixture(scope="module")
-def allowed(model_path: Path) -> Iterator[Server]:
-    with serving(model_path, '["127.0.0.1"]') as server:
+def grpc_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def allowed(model_path: Path, grpc_port: int) -> Iterator[Server]:
+    with serving(model_path, '["127.0.0.1"]', grpc_port=str(grpc_port)) as server:
         yield server
 
 
@@ -176,3 +138,97 @@ def test_a_json_body_must_be_a_list_of_urls(
 def test_urls_are_off_without_url_allow(server: Server, images: str) -> None:
     message = error(urls(server, f"{images}/digit.png"), 403, "url_not_allowed")
     assert "off" in message
+
+
+def test_v1_models_says_whether_urls_are_on_not_where_from(allowed: Server, server: Server) -> None:
+    listed = httpx.get(f"{allowed.url}/v1/models", timeout=30)
+    assert listed.json()["images_by_url"] is True
+    assert "127.0.0.1" not in listed.text  # the allow list stays the operator's
+    assert httpx.get(f"{server.url}/v1/models", timeout=30).json()["images_by_url"] is False
+
+
+def url_input(*asked: str, binary: bool = False) -> tuple[bytes, dict[str, str]]:
+    """A protocol request whose BYTES input holds URLs, as JSON strings or binary elements, asking
+    for the top-K classes."""
+    tensor: dict[str, object] = {"name": "images", "datatype": "BYTES", "shape": [len(asked)]}
+    parameters: dict[str, object] = {"content_type": "url"}
+    blob = join_bytes(url.encode() for url in asked)
+    if binary:
+        parameters["binary_data_size"] = len(blob)
+    else:
+        tensor["data"] = list(asked)
+    outputs = [{"name": "probabilities", "parameters": {"classification": K}}]
+    header = json.dumps({"inputs": [tensor | {"parameters": parameters}], "outputs": outputs})
+    if not binary:
+        return header.encode(), {"Content-Type": "application/json"}
+    return header.encode() + blob, {HEADER_LENGTH: str(len(header))}
+
+
+def infer_urls(server: Server, *asked: str, binary: bool = False) -> httpx.Response:
+    body, headers = url_input(*asked, binary=binary)
+    return httpx.post(f"{server.url}{INFER}", content=body, headers=headers, timeout=30)
+
+
+def protocol_error(response: httpx.Response, status: int) -> str:
+    assert response.status_code == status, response.text
+    message: str = response.json()["error"]
+    return message
+
+
+def top_k(server: Server) -> list[str]:
+    """What /predict ranks for the image at /digit.png, as the protocol's classification."""
+    files = {"f": ("d.png", PNG, "image/png")}
+    answer = httpx.post(f"{server.url}/predict", files=files, params={"top_k": K}, timeout=30)
+    best = answer.json()["results"][0]["predictions"]
+    return [f"{p['score']:f}:{p['class_id']}:{p['label']}" for p in best]
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_the_protocol_fetches_a_url_input_as_predict_does(
+    allowed: Server, images: str, binary: bool
+) -> None:
+    asked = (f"{images}/digit.png", f"{images}/to//digit.png")
+    response = infer_urls(allowed, *asked, binary=binary)
+    assert response.status_code == 200, response.text
+    (output,) = response.json()["outputs"]
+    assert (output["datatype"], output["shape"]) == ("BYTES", [2, K])
+    assert output["data"] == top_k(allowed) * 2
+
+
+def test_the_protocol_refuses_urls_as_predict_does(allowed: Server, images: str) -> None:
+    port = images.rsplit(":", 1)[1]
+    refused = infer_urls(allowed, f"{images}/digit.png", f"http://example.com:{port}/digit.png")
+    message = protocol_error(refused, 403)
+    assert message.startswith("input 'images': element 1: ")
+    assert "host 'example.com' is not in url_allow" in message
+    redirected = infer_urls(allowed, f"{images}/to/http://169.254.169.254/latest/meta-data/")
+    assert "not in url_allow" in protocol_error(redirected, 403)
+    assert "HTTP 404" in protocol_error(infer_urls(allowed, f"{images}/gone.png"), 422)
+    assert "not an image" in protocol_error(infer_urls(allowed, f"{images}/notes.txt"), 415)
+
+
+def test_the_protocols_urls_are_off_without_url_allow(server: Server, images: str) -> None:
+    message = protocol_error(infer_urls(server, f"{images}/digit.png"), 403)
+    assert "images by URL are off: url_allow (RESNET_SERVE_URL_ALLOW) is empty" in message
+
+
+def test_grpc_takes_the_same_url_input(allowed: Server, images: str, grpc_port: int) -> None:
+    def request(url: str) -> pb.ModelInferRequest:
+        message = pb.ModelInferRequest(model_name="tiny-test")
+        tensor = message.inputs.add(name="images", datatype="BYTES", shape=[1])
+        tensor.parameters["content_type"].string_param = "url"
+        tensor.contents.bytes_contents.append(url.encode())
+        output = message.outputs.add(name="probabilities")
+        output.parameters["classification"].int64_param = K
+        return message
+
+    port = images.rsplit(":", 1)[1]
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+        answer = stub.ModelInfer(request(f"{images}/digit.png"), timeout=30)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ModelInfer(request(f"http://example.com:{port}/digit.png"), timeout=30)
+    ranked = split_bytes(answer.raw_output_contents[0], "probabilities")
+    assert [element.decode() for element in ranked] == top_k(allowed)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "not in url_allow" in str(refused.value.details())

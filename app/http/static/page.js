@@ -1,8 +1,9 @@
 "use strict";
-// The page's only script: classify uploads through /predict (/explain with heatmaps on) with the
-// model version picked from /v1/models, show it from /v1/model, list each upload's most similar
-// others from /embed, and turn the Prometheus text at /metrics into a live panel.
-// No framework, no build step.
+// The page's only script: classify uploads, or image URLs where the server fetches them (as
+// /v1/models says), through /predict (/explain with heatmaps on) with the model version picked
+// from /v1/models, show it from /v1/model, mark answers from the server's cache (X-Cache), list
+// each image's most similar others from /embed, and turn the Prometheus text at /metrics into a
+// live panel. No framework, no build step.
 
 const LIVE_REFRESH_MS = 1500;
 const LIVE_WINDOW_MS = 10000;
@@ -26,6 +27,8 @@ const PLAIN_ERRORS = {
   timeout: "The service was too busy to answer in time.",
   inference_failed: "The model failed on the batch holding this image.",
   unauthorized: "The API key is missing or not accepted.",
+  url_not_allowed: "The service does not fetch images from this address.",
+  url_fetch_failed: "The service could not fetch an image from this URL.",
 };
 
 const $ = (id) => document.getElementById(id);
@@ -61,21 +64,26 @@ function barList(rows) {
 // ---- classify, explain, embed ---------------------------------------------------------------
 
 const MAX_SIMILAR = 3;
-const uploads = new WeakMap(); // card -> its File, for /explain when heatmaps are turned on later
+const uploads = new WeakMap(); // card -> its File or URL, sent again to /explain and /embed
 const embeddings = new Map(); // card -> {model, vector}, for the similar images
 // Picker values whose model file was exported before heatmaps or embeddings (400 output_unavailable).
 const lacking = { heatmaps: new Set(), embeddings: new Set() };
 
-function resultCard(file) {
+// source: a File, or the URL (a string) of an image the server fetches.
+function resultCard(source) {
+  const byUrl = typeof source === "string";
+  const name = byUrl ? source : source.name;
   const card = el("li", { className: "card pending" });
-  card.dataset.filename = file.name;
+  card.dataset.filename = name;
   card.dataset.choice = $("model-choice").value; // the model that answers for it, whatever is picked later
-  const thumb = el("img", { alt: "" });
-  if (file.type.startsWith("image/")) thumb.src = URL.createObjectURL(file);
-  const body = el("div", {}, el("h3", { textContent: file.name }),
+  const thumb = el("img", { alt: "", referrerPolicy: "no-referrer" });
+  thumb.addEventListener("error", () => thumb.removeAttribute("src")); // no broken-image icon
+  if (byUrl) thumb.src = source;
+  else if (source.type.startsWith("image/")) thumb.src = URL.createObjectURL(source);
+  const body = el("div", {}, el("h3", { textContent: name }),
     el("p", { className: "meta", textContent: "classifying…" }));
   card.append(el("div", { className: "thumb" }, thumb), body);
-  uploads.set(card, file);
+  uploads.set(card, source);
   return card;
 }
 
@@ -89,6 +97,15 @@ function showPredictions(card, result, seconds) {
   body.append(barList(result.predictions.map((p) => ({
     name: p.label, fraction: p.score, text: `${(p.score * 100).toFixed(1)}%`,
   }))));
+}
+
+// X-Cache: hit (or partial) when the server answered from its cache instead of computing.
+function markCached(card, cache) {
+  if (cache !== "hit" && cache !== "partial") return;
+  card.dataset.cache = cache;
+  card.lastChild.querySelector(".meta").append(el("span", {
+    className: "badge", textContent: "cached", title: "answered from the server's cache",
+  }));
 }
 
 // The heatmap's PNG has the image's shape: laid over the thumbnail in the same box, it lines up.
@@ -120,16 +137,25 @@ function labelsPerImage() {
   return topK ? { top_k: topK } : {};
 }
 
-// One file to an inference endpoint, for the model picked when its card was made. Throws when
+// A card's image as a request body: its file as a form upload, or its URL as {"urls": [url]}.
+function imageBody(card) {
+  const source = uploads.get(card);
+  if (typeof source === "string") {
+    return { body: JSON.stringify({ urls: [source] }), headers: { "Content-Type": "application/json" } };
+  }
+  const form = new FormData();
+  form.append("files", source, source.name);
+  return { body: form, headers: {} };
+}
+
+// One image to an inference endpoint, for the model picked when its card was made. Throws when
 // the service cannot be reached.
 async function post(path, card, params = {}) {
-  const form = new FormData();
-  const file = uploads.get(card);
-  form.append("files", file, file.name);
+  const { body, headers } = imageBody(card);
   const query = new URLSearchParams({ ...chosenModel(card.dataset.choice), ...params });
   const started = performance.now();
   const response = await fetch(query.size ? `${path}?${query}` : path,
-    { method: "POST", body: form, headers: authHeaders() });
+    { method: "POST", body, headers: { ...headers, ...authHeaders() } });
   const seconds = (performance.now() - started) / 1000;
   let payload = null;
   try {
@@ -138,7 +164,8 @@ async function post(path, card, params = {}) {
     // Not JSON: reported with the status line.
   }
   const error = (payload && payload.error) || { code: "http_error", message: response.statusText };
-  return { ok: response.ok && payload !== null, status: response.status, payload, error, seconds };
+  const cache = response.headers.get("X-Cache");
+  return { ok: response.ok && payload !== null, status: response.status, payload, error, seconds, cache };
 }
 
 // A file exported before heatmaps and embeddings still classifies: say so once, for that model.
@@ -179,6 +206,7 @@ async function classify(card) {
   }
   const result = answer.payload.results[0];
   showPredictions(card, result, answer.seconds);
+  markCached(card, answer.cache);
   if (result.heatmap) showHeatmap(card, result.heatmap);
   else if (wantsHeatmap(card)) await explain(card); // turned on while this one was classified
   await embed(card);
@@ -257,9 +285,9 @@ async function inParallel(items, job) {
   await Promise.all(Array.from({ length: MAX_PARALLEL_UPLOADS }, worker));
 }
 
-async function classifyAll(files) {
-  const cards = [...files].map((file) => {
-    const card = resultCard(file);
+async function classifyAll(sources) {
+  const cards = [...sources].map((source) => {
+    const card = resultCard(source);
     $("results").prepend(card);
     return card;
   });
@@ -295,6 +323,16 @@ function setUpUploads() {
     event.preventDefault();
     zone.classList.remove("over");
     classifyAll(event.dataTransfer.files);
+  });
+}
+
+// Shown where the server fetches images by URL (/v1/models says so).
+function setUpUrls() {
+  const input = $("image-url");
+  $("url-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    classifyAll([input.value.trim()]);
+    input.value = "";
   });
 }
 
@@ -360,7 +398,9 @@ async function loadModelCard() {
   try {
     const listed = await fetch("/v1/models", { headers: authHeaders() });
     if (!listed.ok) throw new Error(`HTTP ${listed.status}`);
-    fillPicker(await listed.json());
+    const listing = await listed.json();
+    fillPicker(listing);
+    $("url-form").hidden = !listing.images_by_url;
     const query = new URLSearchParams(chosenModel());
     const response = await fetch(`/v1/model?${query}`, { headers: authHeaders() });
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
@@ -506,6 +546,7 @@ async function refreshLive() {
 }
 
 setUpUploads();
+setUpUrls();
 setUpHeatmaps();
 $("model-choice").addEventListener("change", () => {
   showModelNotes();
