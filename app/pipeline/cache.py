@@ -108,7 +108,7 @@ class AnswerCache:
         found = await self.shared.call("cache", lambda client: client.mget(names))
         if found is None:
             return [None] * len(keys)
-        answers = [None if raw is None else _decoded(raw) for raw in found]
+        answers = [None if raw is None else decode_answer(raw) for raw in found]
         for key, answer in zip(keys, answers, strict=True):
             if answer is not None:
                 self._metrics.cache_hits.inc()
@@ -135,7 +135,8 @@ class AnswerCache:
 
     def _share(self, key: Hashable, answer: Any) -> None:
         assert self.shared is not None
-        shared, name, value, ttl_s = self.shared, _shared_name(key), _encoded(answer), self.ttl_s
+        shared, ttl_s = self.shared, self.ttl_s
+        name, value = _shared_name(key), encode_answer(answer)
 
         async def write(client: Redis) -> None:
             await client.set(name, value, ex=ttl_s)
@@ -163,7 +164,7 @@ _TUPLES: dict[str, type[NamedTuple]] = {t.__name__: t for t in (Ranked, Heatmap,
 _NUMERIC = frozenset("biuf")  # numpy dtype kinds an array may have
 
 
-def _encoded(answer: Any) -> bytes:
+def encode_answer(answer: Any) -> bytes:
     return orjson.dumps(_tree(answer))
 
 
@@ -180,7 +181,7 @@ def _tree(answer: Any) -> Any:
     return answer  # str, int, float, bool, None
 
 
-def _decoded(raw: bytes | str) -> Any | None:
+def decode_answer(raw: bytes | str) -> Any | None:
     """The answer ``raw`` holds, or None for anything that is not one of ours."""
     try:
         return _untree(orjson.loads(raw))

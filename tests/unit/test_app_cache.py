@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from app.pipeline.cache import ENTRY_OVERHEAD, AnswerCache, Seen, answer_bytes
-from app.pipeline.heads import Ranked
+from app.pipeline.cache import (
+    ENTRY_OVERHEAD,
+    AnswerCache,
+    Seen,
+    answer_bytes,
+    decode_answer,
+    encode_answer,
+)
+from app.pipeline.heads import Explained, Heatmap, Ranked
 from app.telemetry.metrics import Metrics
 
 
@@ -47,3 +54,27 @@ def test_a_request_says_hit_miss_or_partial() -> None:
     assert Seen(hits=2).header == "hit"
     assert Seen(misses=1).header == "miss"
     assert Seen(hits=1, misses=1).header == "partial"
+
+
+def test_shared_answers_come_back_as_they_went_and_nothing_else_does() -> None:
+    ranked = [Ranked("cat", 3, 0.75), Ranked("dog", 1, 0.25)]
+    explained = Explained(ranked, Heatmap(3, "cat", 16, 12, "iVBOR"))
+    embedding = np.arange(6, dtype=np.float32).reshape(2, 3)
+    rows = {"probabilities": np.array([0.25, 0.75], dtype=np.float32)}
+    for answer in (ranked, explained):
+        assert decode_answer(encode_answer(answer)) == answer
+    back = decode_answer(encode_answer(embedding))
+    assert back.dtype == np.float32
+    assert np.array_equal(back, embedding)
+    probabilities = decode_answer(encode_answer(rows))["probabilities"]
+    assert np.array_equal(probabilities, rows["probabilities"])
+    assert isinstance(decode_answer(encode_answer(explained)).heatmap, Heatmap)
+    # Whatever else Redis holds is a miss: no object arrays, no other classes, no pickles.
+    for foreign in (
+        b'{"array": ["|O", [1], "AAAA"]}',
+        b'{"tuple": ["Popen", ["sh"]]}',
+        b'{"other": 1}',
+        b"\x80\x04K\x01.",
+        b"not json",
+    ):
+        assert decode_answer(foreign) is None, foreign

@@ -14,7 +14,7 @@ let maxBatch = Infinity; // from /v1/model
 
 const PLAIN_ERRORS = {
   unsupported_media_type:
-    "This file is not an image the service reads (JPEG, PNG, WebP, BMP, GIF or TIFF).",
+    "This file is not an image the service reads (JPEG, PNG, WebP, AVIF, HEIC, BMP, GIF or TIFF).",
   invalid_image: "This looks like an image but could not be decoded: it may be corrupt or cut short.",
   empty_upload: "The file is empty.",
   payload_too_large: "The file is larger than the service accepts.",
@@ -22,6 +22,7 @@ const PLAIN_ERRORS = {
   invalid_multipart: "The upload could not be read as a form upload.",
   invalid_parameter: "'Labels per image' is out of range for this model.",
   overloaded: "The service is busy right now. Try again in a moment.",
+  rate_limited: "This key has sent more requests than its rate allows. Try again in a moment.",
   not_ready: "The model is still warming up. Try again in a moment.",
   shutting_down: "The service is shutting down.",
   timeout: "The service was too busy to answer in time.",
