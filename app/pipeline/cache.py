@@ -181,7 +181,7 @@ def _tree(answer: Any) -> Any:
     return answer  # str, int, float, bool, None
 
 
-def decode_answer(raw: bytes | str) -> Any | None:
+def decode_answer(raw: bytes | str) -> Any:
     """The answer ``raw`` holds, or None for anything that is not one of ours."""
     try:
         return _untree(orjson.loads(raw))
