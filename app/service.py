@@ -84,7 +84,7 @@ class Service:
             if settings.redis_url
             else None
         )
-        self.rate_limits = Limiter(metrics, self.redis)
+        self.rate_limits = Limiter(metrics, self.redis, settings.rate_limit_delay_ms)
         self.link: WorkerLink | None = None
         self.lifecycle: Lifecycle
         self.admission: Admission

@@ -36,12 +36,14 @@ class Target:
     path: str
     bodies: tuple[bytes, ...]  # sent in turn
     content_type: str
+    headers: tuple[tuple[str, str], ...] = ()  # more of them (an API key)
 
     def requests(self) -> list[bytes]:
         """Each body as the whole request's bytes, built once."""
+        more = "".join(f"{name}: {value}\r\n" for name, value in self.headers)
         return [
             (
-                f"POST {self.path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+                f"POST {self.path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n{more}"
                 f"Content-Type: {self.content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
             ).encode()
             + body

@@ -21,15 +21,21 @@ is kept:
 Every answer to a limited key carries ``RateLimit-Policy`` and ``RateLimit`` (the IETF draft
 draft-ietf-httpapi-ratelimit-headers-12), and a refusal ``Retry-After``; gRPC gets the same as
 metadata and RESOURCE_EXHAUSTED with ``grpc-retry-pushback-ms``.
+
+A refusal is answered only after ``rate_limit_delay_ms`` (1 s), its Retry-After shortened by as
+much: refusing at once cost the other keys about 40% of a core against 32 clients that resend
+at once (2,300 refusals a second, each ~0.2 ms of the event loop), where waiting costs nothing
+but a sleeping task, and paces them to one refusal per connection per second.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import hashlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.context import SpawnContext
 from typing import Protocol
 
@@ -59,6 +65,14 @@ class Verdict:
     reset_s: float
     retry_s: float = 0.0
 
+    def later(self, seconds: float) -> Verdict:
+        """The same verdict told ``seconds`` later."""
+        return replace(
+            self,
+            reset_s=max(0.0, self.reset_s - seconds),
+            retry_s=max(0.0, self.retry_s - seconds),
+        )
+
     def headers(self) -> dict[str, str]:
         """The IETF draft's fields: the policy (its quota ``q`` per window ``w`` seconds, the
         burst refilled at the rate) and what is left of it."""
@@ -70,7 +84,7 @@ class Verdict:
             "RateLimit": f'"key";r={self.remaining};t={math.ceil(self.reset_s - EPSILON_S)}',
         }
         if not self.allowed:
-            found["Retry-After"] = str(max(1, math.ceil(self.retry_s - EPSILON_S)))
+            found["Retry-After"] = str(max(0, math.ceil(self.retry_s - EPSILON_S)))
         return found
 
 
@@ -173,8 +187,12 @@ class RateLimited(ServiceError):
 class Limiter:
     """The rate limits of one worker: in its own table, the server's (``share``) or Redis."""
 
-    def __init__(self, metrics: Metrics, redis: SharedRedis | None = None) -> None:
+    def __init__(
+        self, metrics: Metrics, redis: SharedRedis | None = None, delay_ms: float = 0.0
+    ) -> None:
+        """``delay_ms``: how long a refusal waits to be answered (``rate_limit_delay_ms``)."""
         self.table: Table = LocalTable()
+        self.delay_s = delay_ms / 1000
         self._redis = redis
         self._script = redis.client.register_script(_SCRIPT) if redis is not None else None
         self._metrics = metrics
@@ -196,6 +214,9 @@ class Limiter:
             verdict = self.table.take(who.identity, rate, time.monotonic())
         if not verdict.allowed:
             self._metrics.rate_limited.labels(caller=who.label).inc()
+            if self.delay_s:  # paced: see rate_limit_delay_ms
+                await asyncio.sleep(self.delay_s)
+                verdict = verdict.later(self.delay_s)
             raise RateLimited(verdict)
         return verdict
 

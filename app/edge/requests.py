@@ -34,10 +34,10 @@ log = logging.getLogger("app.access")
 T = TypeVar("T")
 # Echo a caller's id only if it is short and harmless in logs and headers.
 SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-# Refusals under overload (503) or from a key guesser (401) come by the thousand per second: one
-# line per second, per status, stands for them.
+# Refusals under overload (503), from a key guesser (401) or over a key's rate (429) come by the
+# thousand per second: one line per second, per status, stands for them.
 REFUSAL_LOG_INTERVAL_S = 1.0
-SAMPLED_STATUSES = (401, 503)
+SAMPLED_STATUSES = (401, 429, 503)
 # The model version that answered an inference request, on its response: the access log and the
 # request's span read it there, whichever transport and whichever version (a rollout's) answered.
 MODEL_VERSION_HEADER = "x-model-version"

@@ -97,3 +97,11 @@ def test_the_shared_table_holds_across_processes() -> None:
     for worker in workers:
         worker.join(timeout=60)
     assert sum(allowed) == 50  # 120 asked, the burst of 50 let through, whoever asked
+
+
+def test_a_refusal_told_later_names_the_shorter_waits() -> None:
+    _, refused = gcra(0.4, 0.05, FIVE)  # the bucket is empty: one more fits at 0.2 s
+    later = refused.later(1.0)
+    assert (later.retry_s, later.reset_s) == (0.0, 0.0)
+    assert later.headers()["Retry-After"] == "0"
+    assert refused.later(0.1).retry_s == pytest.approx(0.05)
