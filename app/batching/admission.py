@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from app.batching.deadline import remaining_s
 from app.batching.fair import Shares
-from app.edge.requests import Caller, caller
+from app.edge.requests import Caller, Priority, caller
 from app.errors import DeadlineExceeded, NotReady, Overloaded, ShuttingDown
 from app.telemetry.metrics import Metrics
 
@@ -161,8 +161,11 @@ class Admission:
         self.pending_images = 0  # admitted with their bytes read, not finished yet
         # The same images by the version they go to (None: a version not known yet), each
         # counted at its version's current cost: the estimates move as batches are measured.
-        self._pending: Counter[CostEstimate | None] = Counter()
+        # ...and by the priority of their callers: a request waits only for the work of its own
+        # priority and higher (every queue serves them first: app.batching.fair).
+        self._pending: Counter[tuple[Priority, CostEstimate | None]] = Counter()
         self.provisional = 0  # admitted at the door, body still coming: one image each
+        self._provisional_by = [0] * len(Priority)
         self.buffered_bytes = 0  # request bodies being received, all requests together
         self.estimates: set[CostEstimate] = set()  # of the versions being served
         # Requests waiting to be let in, by caller: callers in turn, each in arrival order.
@@ -189,14 +192,23 @@ class Admission:
     @property
     def pending_seconds(self) -> float:
         """Model time of the images admitted and not finished, at their versions' costs now."""
-        return sum(count * self._cost(estimate) for estimate, count in self._pending.items())
+        return sum(count * self._cost(estimate) for (_, estimate), count in self._pending.items())
 
-    def predicted_wait_s(self, images: int = 1, estimate: CostEstimate | None = None) -> float:
-        return (
-            self.pending_seconds
-            + self.provisional * self.door_cost()
-            + images * self._cost(estimate)
+    def predicted_wait_s(
+        self,
+        images: int = 1,
+        estimate: CostEstimate | None = None,
+        priority: Priority = Priority.LOW,
+    ) -> float:
+        """Until ``images`` more of ``estimate``'s version, sent by a caller of ``priority``,
+        would be done: the work admitted of that priority and higher, and their own."""
+        pending = sum(
+            count * self._cost(version)
+            for (of, version), count in self._pending.items()
+            if of <= priority
         )
+        provisional = sum(self._provisional_by[: priority + 1])
+        return pending + provisional * self.door_cost() + images * self._cost(estimate)
 
     def _cost(self, estimate: CostEstimate | None) -> float:
         if estimate is None or estimate.seconds_per_image is None:
@@ -219,12 +231,12 @@ class Admission:
             )
         who = caller.get()
         left_s = remaining_s()
-        if left_s is not None and self.predicted_wait_s(1) > left_s:  # the client's own
+        if left_s is not None and self.predicted_wait_s(1, None, who.priority) > left_s:
             self.metrics.admission_wait_seconds.observe(0.0)
             raise self._past_deadline(left_s)
         if self._door:
             self.open_door()  # whoever may go in now goes first
-        if who.identity not in self._door and self._fits(1) and self._allows(who):
+        if who.identity not in self._door and self._fits(1, None, who) and self._allows(who):
             self.metrics.admission_wait_seconds.observe(0.0)
             return self._let_in(who)
         if not self._meets_target(1):  # refused now: waiting would only make it later
@@ -249,7 +261,7 @@ class Admission:
                 return turn.result()
             if own:
                 raise self._past_deadline(0.0) from None
-            if self._fits(1):  # there was room: its caller's share was not
+            if self._fits(1, None, who):  # there was room: its caller's share was not
                 raise self._unfair(who) from None
             raise self._late(1) from None
         finally:
@@ -265,13 +277,13 @@ class Admission:
         ticket = admitted.get()
         if ticket is not None:
             ticket.spend()
-        if not self._fits(images, estimate):
-            raise self._late(images, estimate)
         who = caller.get()
+        if not self._fits(images, estimate, who):
+            raise self._late(images, estimate)
         depth = self.admitted_images + images
         started = time.monotonic()
         self.pending_images += images
-        self._pending[estimate] += images
+        self._pending[who.priority, estimate] += images
         self.shares.take(who, images)
         try:
             yield
@@ -283,9 +295,9 @@ class Admission:
         finally:
             self.shares.give_back(who, images)
             self.pending_images -= images
-            self._pending[estimate] -= images
-            if not self._pending[estimate]:
-                del self._pending[estimate]
+            self._pending[who.priority, estimate] -= images
+            if not self._pending[who.priority, estimate]:
+                del self._pending[who.priority, estimate]
             self.open_door()
 
     @contextmanager
@@ -311,7 +323,7 @@ class Admission:
                 if not turns:
                     del self._door[identity]
                     continue
-                if not self._fits(1):
+                if not self._fits(1, None, who):  # nor will anyone's after it: sorted
                     return
                 if not self._allows(who):
                     continue
@@ -327,6 +339,7 @@ class Admission:
 
     def _let_in(self, who: Caller) -> Ticket:
         self.provisional += 1
+        self._provisional_by[who.priority] += 1
         self.shares.take(who, 1)
         return Ticket(self, who)
 
@@ -336,12 +349,19 @@ class Admission:
     def _waiting_callers(self) -> Iterator[Caller]:
         return (who for who, _ in self._door.values())
 
-    def _fits(self, images: int, estimate: CostEstimate | None = None) -> bool:
-        return self._meets_deadline(images, estimate) and self._meets_target(images)
+    def _fits(
+        self, images: int, estimate: CostEstimate | None = None, who: Caller | None = None
+    ) -> bool:
+        """Within the deadline (for ``who``: after the work of its priority and higher; without
+        one, after all) and the latency target."""
+        priority = who.priority if who is not None else Priority.LOW
+        return self._meets_deadline(images, estimate, priority) and self._meets_target(images)
 
-    def _meets_deadline(self, images: int, estimate: CostEstimate | None = None) -> bool:
+    def _meets_deadline(
+        self, images: int, estimate: CostEstimate | None, priority: Priority
+    ) -> bool:
         budget_s = HEADROOM * self.config.request_timeout_ms / 1000
-        return self.predicted_wait_s(images, estimate) <= budget_s
+        return self.predicted_wait_s(images, estimate, priority) <= budget_s
 
     def _meets_target(self, images: int) -> bool:
         """Within the latency target's depth limit, if there is one; a request with the server
@@ -420,6 +440,7 @@ class Ticket:
             self._held = False
             self._expiry.cancel()
             self._admission.provisional -= 1
+            self._admission._provisional_by[self._who.priority] -= 1
             self._admission.shares.give_back(self._who, 1)
 
     def release(self) -> None:

@@ -27,6 +27,7 @@ from app.batching.lanes import Inline, Lanes
 from app.batching.limit import fit_batch_limit, target_limit
 from app.batching.spans import BatchSpans
 from app.batching.watchdog import Watchdog
+from app.edge.requests import Priority, caller
 from app.errors import DeadlineExceeded, InferenceFailed, Overloaded, ShuttingDown
 from app.telemetry.metrics import VersionMetrics
 from app.telemetry.tracing import NO_TRACING, Tracing, current, now_ns
@@ -63,6 +64,7 @@ class _Item:
     # What its request reads (a batch computes the union), and the class of its map (-1: top).
     outputs: frozenset[str] = CLASSIFY
     class_id: int = -1
+    priority: Priority = Priority.NORMAL  # its caller's (app.batching.fair)
 
 
 @dataclass(frozen=True)
@@ -262,8 +264,17 @@ class Batcher:
         now = loop.time()
         if deadline is None:
             deadline = now + self.config.request_timeout_ms / 1000
+        priority = caller.get().priority
         items = [
-            _Item(image, loop.create_future(), now, deadline, outputs=outputs, class_id=class_id)
+            _Item(
+                image,
+                loop.create_future(),
+                now,
+                deadline,
+                outputs=outputs,
+                class_id=class_id,
+                priority=priority,
+            )
             for image in images
         ]
         if self.tracing.on and (traced := current()) is not None:
@@ -316,12 +327,18 @@ class Batcher:
             self.lanes.give_back(lane)
 
     async def _collect(self) -> list[_Item]:
+        """A batch: the first item queued, and what joins it within ``max_wait_ms``, up to the
+        limit. Lower priorities never join a batch of higher ones (the queue serves the higher
+        first, so a batch of high work is only high work, as short as it can be); higher ones
+        join any batch, which is the first to run."""
         first = await self._queue.get()
         batch = [first]
         close_at = first.enqueued_at + self.config.max_wait_ms / 1000
         loop = asyncio.get_running_loop()
         while len(batch) < self.limit:
             if not self._queue.empty():  # what is queued now joins without a timer
+                if self._queue.next_priority() > first.priority:
+                    break
                 batch.append(self._queue.get_nowait())
                 continue
             remaining = close_at - loop.time()
@@ -330,7 +347,7 @@ class Batcher:
             try:
                 # asyncio.timeout, not wait_for: on 3.11 wait_for can drop an item it got.
                 async with asyncio.timeout(remaining):
-                    batch.append(await self._queue.get())
+                    await self._queue.ready()
             except TimeoutError:
                 break
         return batch

@@ -51,6 +51,10 @@ class RoundRobin(Generic[T]):
         self._classes[who.priority].push(who, item)
         self._size += 1
 
+    def next_priority(self) -> Priority:
+        """The priority of the item ``pop`` would return (there is one)."""
+        return next(Priority(index) for index, turns in enumerate(self._classes) if turns)
+
     def pop(self) -> T:
         for turns in self._classes:
             if turns:
@@ -132,7 +136,16 @@ class FairQueue(Generic[T]):
             raise asyncio.QueueEmpty
         return self._items.pop()
 
+    def next_priority(self) -> Priority:
+        """The priority of the item ``get`` would return (the queue is not empty)."""
+        return self._items.next_priority()
+
     async def get(self) -> T:
+        await self.ready()
+        return self._items.pop()
+
+    async def ready(self) -> None:
+        """Until an item is queued, taking none."""
         while not self._items:
             getter = asyncio.get_running_loop().create_future()
             self._getters.append(getter)
@@ -144,7 +157,6 @@ class FairQueue(Generic[T]):
                 if self._items and not getter.cancelled():
                     self._wake_next()
                 raise
-        return self._items.pop()
 
     def _wake_next(self) -> None:
         while self._getters:

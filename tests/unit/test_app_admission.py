@@ -79,7 +79,7 @@ async def test_a_late_request_waits_at_the_door_and_enters_when_room_opens() -> 
     assert admission.provisional == 0
 
 
-async def test_room_that_opens_goes_to_the_highest_priority_waiting() -> None:
+async def test_a_request_waits_only_for_work_of_its_priority_and_higher() -> None:
     admission = make(timeout_ms=1000)
     cost(admission).observe_batch(images=4, seconds=1.0)  # 3 images fit
 
@@ -90,21 +90,22 @@ async def test_room_that_opens_goes_to_the_highest_priority_waiting() -> None:
         finally:
             caller.reset(token)
 
-    with admission.work(2):
+    with admission.work(2):  # normal work (the context's caller)
         with admission.work(1):
             low = enter_as(Caller("key:lo", "low", priority=Priority.LOW))
             normal = enter_as(Caller("key:n", "normal"))
             high = enter_as(Caller("key:hi", "high", priority=Priority.HIGH))
             await asyncio.sleep(0)
-            assert [low.done(), normal.done(), high.done()] == [False, False, False]
-        # Room for one: the last to come, but the highest priority.
-        await asyncio.sleep(0)
-        assert [high.done(), normal.done()] == [True, False]
-        (await high).release()
+            # Nothing of its priority is ahead of the high one: it goes in at once.
+            assert [low.done(), normal.done(), high.done()] == [False, False, True]
+            (await high).release()
+        # Room for one: the normal request, which came after the low one.
         await asyncio.sleep(0)
         assert [normal.done(), low.done()] == [True, False]
         (await normal).release()
+        await asyncio.sleep(0)
         (await low).release()
+    assert (admission.pending_seconds, admission.provisional) == (0, 0)
 
 
 async def test_a_door_that_never_opens_answers_503_after_admission_wait_ms() -> None:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from app.batching.batcher import BatchConfig, Batcher, ModelFn, Outputs, bucket_for
+from app.edge.requests import Caller, Priority, caller
 from app.errors import DeadlineExceeded, InferenceFailed, Overloaded, ShuttingDown
 from app.telemetry.metrics import Metrics
 
@@ -119,6 +120,25 @@ async def test_partial_batch_closes_at_the_deadline() -> None:
     assert [int(item.image[0, 0, 0]) for item in batch] == [1, 2]
     batcher._enqueue([image(3)])
     assert batcher.depth == 1
+
+
+async def test_a_batch_of_high_priority_work_takes_no_lower_and_any_batch_takes_higher() -> None:
+    batcher = make_batcher(echo, max_batch_size=4, max_wait_ms=3_600_000)
+    high, low = Caller("key:h", "h", priority=Priority.HIGH), Caller("key:l", "l", Priority.LOW)
+
+    def enqueue(who: Caller, *values: int) -> None:
+        token = caller.set(who)
+        batcher._enqueue([image(v) for v in values])
+        caller.reset(token)
+
+    enqueue(low, 1, 2, 3)
+    enqueue(high, 9)
+    # The high image goes first, alone: the low ones would make its run longer.
+    assert [int(item.image[0, 0, 0]) for item in await batcher._collect()] == [9]
+    batch = asyncio.ensure_future(batcher._collect())
+    await asyncio.sleep(0.01)
+    enqueue(high, 8)  # while a low batch waits for company: it joins, the first to run
+    assert [int(item.image[0, 0, 0]) for item in await batch] == [1, 2, 3, 8]
 
 
 async def test_fifo_order_and_results_across_requests() -> None:
