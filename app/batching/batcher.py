@@ -22,9 +22,9 @@ import numpy as np
 from opentelemetry.trace import SpanContext, format_trace_id
 from prometheus_client import Counter
 
-from app.batching.fair import FairQueue
+from app.batching.fair import ACTIVE_S, FairQueue
 from app.batching.lanes import Inline, Lanes
-from app.batching.limit import fit_batch_limit, target_limit
+from app.batching.limit import fit_batch_limit, run_seconds, target_limit
 from app.batching.spans import BatchSpans
 from app.batching.watchdog import Watchdog
 from app.edge.requests import Priority, caller
@@ -45,6 +45,8 @@ ModelFn = Callable[[np.ndarray, frozenset[str], np.ndarray | None], Outputs]
 # Weight of the newest run in a bucket's time (latency target): follows the load within a few
 # batches without jumping on one slow run.
 RUN_WEIGHT = 0.2
+# While higher-priority work is about, a lower batch's run may take this many of a lone image's.
+YIELD_RUNS = 1.5
 
 
 def bucket_for(size: int, buckets: Sequence[int]) -> int:
@@ -142,6 +144,8 @@ class Batcher:
         self._failed: BaseException | None = None
         self._collecting: list[_Item] = []
         self._running: dict[asyncio.Task[None], list[_Item]] = {}
+        # Until when each priority counts as about: its last image queued, plus ACTIVE_S.
+        self._about_until = [0.0] * len(Priority)
         metrics.track(queue_depth=self._queue.qsize, batch_limit=lambda: self.limit)
 
     @property
@@ -174,6 +178,18 @@ class Batcher:
         if target_ms is not None and self.run_seconds:
             buckets = [b for b in self.config.buckets if b <= self.fitted_limit]
             self.limit = target_limit(self.run_seconds, buckets, target_ms)
+
+    def _yielding_limit(self, limit: int) -> int:
+        """The batch limit while higher-priority work is about: the largest bucket whose run
+        takes at most YIELD_RUNS of the smallest's, so a lane soon frees for the higher work (on
+        a CPU, where a batch costs about as much per image as a lone image, one image; on a GPU,
+        where a batch of several takes about as long as one, several)."""
+        if not self.run_seconds:
+            return limit
+        buckets = [b for b in self.config.buckets if b <= limit]
+        lone = run_seconds(self.run_seconds, buckets[0])
+        fitting = [b for b in buckets if run_seconds(self.run_seconds, b) <= YIELD_RUNS * lone]
+        return max(fitting, default=buckets[0])
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
@@ -283,6 +299,7 @@ class Batcher:
                 item.trace, item.enqueued_ns = traced, enqueued_ns
         for item in items:
             self._queue.put_nowait(item)
+        self._about_until[priority] = now + ACTIVE_S
         return [item.future for item in items]
 
     async def drain(self) -> None:
@@ -335,7 +352,10 @@ class Batcher:
         batch = [first]
         close_at = first.enqueued_at + self.config.max_wait_ms / 1000
         loop = asyncio.get_running_loop()
-        while len(batch) < self.limit:
+        limit = self.limit
+        if any(until > loop.time() for until in self._about_until[: first.priority]):
+            limit = self._yielding_limit(limit)
+        while len(batch) < limit:
             if not self._queue.empty():  # what is queued now joins without a timer
                 if self._queue.next_priority() > first.priority:
                     break
