@@ -39,6 +39,7 @@ CRD_SCHEMAS = {
 }
 METRIC = re.compile(r"\bresnet_serve_[a-z_]+\b")
 ADAPTER = K8S / "prometheus-adapter" / "values.yaml"
+API = "resnet-serve"  # the Deployment, Service and PDB of the server itself
 
 
 def docs(kind: str, targets: list[str] = TARGETS) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -46,6 +47,14 @@ def docs(kind: str, targets: list[str] = TARGETS) -> Iterator[tuple[str, dict[st
         for doc in render(target):
             if doc["kind"] == kind:
                 yield target, doc
+
+
+def named(
+    kind: str, name: str, targets: list[str] = TARGETS
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    for target, doc in docs(kind, targets):
+        if doc["metadata"]["name"] == name:
+            yield target, doc
 
 
 def pod_specs(targets: list[str] = TARGETS) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -91,6 +100,16 @@ def app_metric_names() -> set[str]:
     return {sample.name for family in metrics.registry.collect() for sample in family.samples} | {
         family.name for family in metrics.registry.collect()
     }
+
+
+def api_labels(target: str) -> dict[str, str]:
+    ((_, deployment),) = named("Deployment", API, [target])
+    labels: dict[str, str] = deployment["spec"]["template"]["metadata"]["labels"]
+    return labels
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return selector.items() <= labels.items()
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -243,6 +262,8 @@ def test_disruption_budget_leaves_a_pod_serving() -> None:
         floors += [s["spec"]["minReplicaCount"] for _, s in docs("ScaledObject", [target])]
         assert floors, f"{target}: no autoscaler"
         assert all(pdb["spec"]["maxUnavailable"] < floor for floor in floors), target
+        # A PDB without a selector protects no pod at all.
+        assert selects(pdb["spec"]["selector"]["matchLabels"], api_labels(target)), target
 
 
 def test_kserve_v2_is_served_by_the_app() -> None:
