@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -17,6 +18,8 @@ import pytest
 from tests.helpers.server import free_port
 
 START_TIMEOUT_S = 20.0
+# Redis's units: 1k is 1000 bytes, 1kb 1024.
+MEMORY_UNITS = {"k": 10**3, "kb": 2**10, "m": 10**6, "mb": 2**20, "g": 10**9, "gb": 2**30}
 
 
 @dataclass
@@ -69,3 +72,12 @@ def redis_server(directory: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+def memory_bytes(value: str) -> int:
+    """A memory size as Redis's config reads it ("256mb")."""
+    match = re.fullmatch(r"(\d+)([kmg]b?)?", value.lower())
+    if match is None:
+        raise ValueError(f"not a Redis memory size: {value!r}")
+    number, unit = match.groups()
+    return int(number) * (MEMORY_UNITS[unit] if unit else 1)
