@@ -27,6 +27,8 @@ class RedisServer:
     port: int
     directory: Path
     process: subprocess.Popen[bytes] | None = None
+    # A config file (docker/redis.conf) and options after it, instead of no persistence alone.
+    config: tuple[str, ...] = ()
 
     @property
     def url(self) -> str:
@@ -39,9 +41,10 @@ class RedisServer:
             if os.environ.get("CI"):
                 pytest.fail(reason)  # .ci/run installs it: missing there is a broken CI script
             pytest.skip(reason)
-        # No persistence: each start is an empty Redis, as after a crash with no disk.
-        arguments = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
-        arguments += ["--appendonly", "no", "--dir", str(self.directory)]
+        # No persistence (the config file's, or these options): each start is an empty Redis, as
+        # after a crash with no disk. On loopback, whatever a config file binds.
+        arguments = [*self.config] or ["--save", "", "--appendonly", "no"]
+        arguments += ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory)]
         self.process = subprocess.Popen([binary, *arguments], stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + START_TIMEOUT_S
         while not self.answers():
@@ -65,8 +68,8 @@ class RedisServer:
 
 
 @contextmanager
-def redis_server(directory: Path) -> Iterator[RedisServer]:
-    server = RedisServer(free_port(), directory)
+def redis_server(directory: Path, config: tuple[str, ...] = ()) -> Iterator[RedisServer]:
+    server = RedisServer(free_port(), directory, config=config)
     server.start()
     try:
         yield server
