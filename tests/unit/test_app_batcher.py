@@ -141,6 +141,35 @@ async def test_a_batch_of_high_priority_work_takes_no_lower_and_any_batch_takes_
     assert [int(item.image[0, 0, 0]) for item in await batch] == [1, 2, 3, 8]
 
 
+@pytest.mark.parametrize(
+    ("seconds", "yielding"),
+    [
+        ({1: 0.010, 2: 0.020, 4: 0.040}, 1),  # a CPU: a batch costs per image what one does
+        ({1: 0.010, 2: 0.011, 4: 0.014}, 4),  # a GPU: four take about as long as one
+    ],
+)
+async def test_while_higher_work_is_about_lower_batches_stay_short(
+    seconds: dict[int, float], yielding: int
+) -> None:
+    # Batches as long as 35 ms where a bigger one is no cheaper: 4 images on both.
+    batcher = make_batcher(echo, max_batch_size=4, max_wait_ms=0, flat_batch_ms=35)
+    batcher.fit(seconds)
+    assert batcher.limit == 4
+    low = Caller("key:l", "l", priority=Priority.LOW)
+
+    def low_batch() -> None:
+        token = caller.set(low)
+        batcher._enqueue([image(v) for v in range(4)])
+        caller.reset(token)
+
+    low_batch()
+    assert len(await batcher._collect()) == 4  # nothing higher about: the whole limit
+    batcher._enqueue([image(9)])  # the context's caller: normal, above low
+    assert [int(item.image[0, 0, 0]) for item in await batcher._collect()] == [9]
+    low_batch()
+    assert len(await batcher._collect()) == yielding
+
+
 async def test_fifo_order_and_results_across_requests() -> None:
     model = Recorder()
     batcher = make_batcher(model, max_batch_size=3, max_wait_ms=0)
