@@ -53,9 +53,11 @@ def test_a_light_caller_is_served_beside_a_heavy_one_and_only_the_heavy_one_is_r
     assert {label for label, _ in counted} == {"heavy", "light"}
 
 
-def test_a_high_priority_key_goes_ahead_of_a_low_one_in_every_queue(
+def test_a_high_priority_key_goes_ahead_of_a_light_low_one(
     slow_model: Path, tmp_path: Path
 ) -> None:
+    """Fair shares alone would serve the light caller (4 clients) faster than the heavy one
+    (24): its priority puts the heavy high one first all the same."""
     keys = tmp_path / "keys"
     keys.write_text("high-key name=high priority=high\nlow-key name=low priority=low\n")
     png = image_bytes(1)
@@ -64,17 +66,16 @@ def test_a_high_priority_key_goes_ahead_of_a_low_one_in_every_queue(
         server.wait_for_log(message_is("ready"))
 
         async def both() -> tuple[Point, Point]:
-            low = asyncio.ensure_future(
-                closed_loop(server.url, png, 24, 4, {"X-API-Key": "low-key"})
+            high = asyncio.ensure_future(
+                closed_loop(server.url, png, 24, 4, {"X-API-Key": "high-key"})
             )
             await asyncio.to_thread(
                 wait_for_gauge, server.url, "resnet_serve_requests_in_flight", 24 + 1
             )
-            # As many clients as low's: with shares alone, both would wait alike.
-            high = await closed_loop(server.url, png, 24, 3, {"X-API-Key": "high-key"})
-            return high, await low
+            low = await closed_loop(server.url, png, 4, 3, {"X-API-Key": "low-key"})
+            return await high, low
 
         high, low = asyncio.run(both())
     assert set(high.statuses) == {"200"}, high.statuses
     high_ms, low_ms = np.median(high.latencies_ms), np.median(low.latencies_ms)
-    assert high_ms < low_ms / 2, (high_ms, low_ms)
+    assert high_ms < low_ms, (high_ms, low_ms)
