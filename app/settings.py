@@ -256,11 +256,11 @@ class Settings(BaseSettings):
     url_fetch_concurrency: int = Field(8, ge=1, le=256)
     """Fetches in flight at once, per worker."""
     rate_limit_delay_ms: float = Field(1000.0, ge=0, le=60_000)
-    """How long a request over its key's rate limit waits before its 429, which then says how
-    much longer to wait (Retry-After, RateLimit). A client that resends at once is paced to one
-    refusal per connection per delay instead of costing the server a refusal per round trip (32
-    such clients took 2,300 refusals a second, about 40% of a core, from the other keys); an
-    honest client, which waits Retry-After (at least 1 s) anyway, loses nothing. 0: at once."""
+    """The most a request over its key's rate limit waits before its 429: it is answered when
+    the key's next request would be let through (behind its other refusals waiting), and says
+    how much longer to wait (Retry-After, RateLimit). A client that resends at once is then
+    paced to its rate instead of costing the server a refusal per round trip (32 such clients
+    took 2,300 refusals a second, about 40% of a core, from the other keys). 0: at once."""
     redis_url: str | None = None
     """A Redis the replicas share (redis://[:password@]host:port/db, rediss:// for TLS): per-key
     rate limits then hold for the whole service, and the answer cache (cache_bytes) is shared

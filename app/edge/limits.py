@@ -22,10 +22,14 @@ Every answer to a limited key carries ``RateLimit-Policy`` and ``RateLimit`` (th
 draft-ietf-httpapi-ratelimit-headers-12), and a refusal ``Retry-After``; gRPC gets the same as
 metadata and RESOURCE_EXHAUSTED with ``grpc-retry-pushback-ms``.
 
-A refusal is answered only after ``rate_limit_delay_ms`` (1 s), its Retry-After shortened by as
-much: refusing at once cost the other keys about 40% of a core against 32 clients that resend
-at once (2,300 refusals a second, each ~0.2 ms of the event loop), where waiting costs nothing
-but a sleeping task, and paces them to one refusal per connection per second.
+A refusal is answered when its caller's next request would be let through (behind the key's
+other refusals waiting, one interval each), at most ``rate_limit_delay_ms`` (1 s) later, its
+Retry-After shortened by as much: refusing at once cost the other keys about 40% of a core
+against 32 clients that resend at once (2,300 refusals a second, each ~0.2 ms of the event
+loop), where waiting costs nothing but a sleeping task. A client that resends at once then comes
+back just as there is room for it: it gets its rate, and about one refusal per request let
+through. Holding every refusal the whole second instead paced such a client below its rate
+(0.6x with 32 clients).
 """
 
 from __future__ import annotations
@@ -193,6 +197,7 @@ class Limiter:
         """``delay_ms``: how long a refusal waits to be answered (``rate_limit_delay_ms``)."""
         self.table: Table = LocalTable()
         self.delay_s = delay_ms / 1000
+        self._holding: dict[str, int] = {}  # refusals waiting to be answered, by key
         self._redis = redis
         self._script = redis.client.register_script(_SCRIPT) if redis is not None else None
         self._metrics = metrics
@@ -214,11 +219,27 @@ class Limiter:
             verdict = self.table.take(who.identity, rate, time.monotonic())
         if not verdict.allowed:
             self._metrics.rate_limited.labels(caller=who.label).inc()
-            if self.delay_s:  # paced: see rate_limit_delay_ms
-                await asyncio.sleep(self.delay_s)
-                verdict = verdict.later(self.delay_s)
+            if self.delay_s:
+                verdict = await self._paced(who.identity, verdict)
             raise RateLimited(verdict)
         return verdict
+
+    async def _paced(self, identity: str, verdict: Verdict) -> Verdict:
+        """The refusal told when its caller's next request would be let through, behind the
+        refusals of the same key already waiting (one interval each), at most ``delay_s``
+        later: a client that resends at once then comes back when there is room for it."""
+        waiting = self._holding.get(identity, 0)
+        hold_s = min(self.delay_s, verdict.retry_s + waiting / verdict.rate.per_second)
+        self._holding[identity] = waiting + 1
+        try:
+            await asyncio.sleep(hold_s)
+        finally:
+            left = self._holding[identity] - 1
+            if left:
+                self._holding[identity] = left
+            else:
+                del self._holding[identity]
+        return verdict.later(hold_s)
 
     async def _shared(self, who: Caller, client: Redis) -> Verdict:
         rate = who.rate

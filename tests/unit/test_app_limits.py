@@ -3,12 +3,14 @@ with (tests/integration/test_limits_server.py: on real servers, workers and Redi
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 
 import pytest
 
-from app.edge.limits import SLOTS, LocalTable, SharedTable, Table, gcra
-from app.edge.requests import Rate
+from app.edge.limits import SLOTS, Limiter, LocalTable, RateLimited, SharedTable, Table, gcra
+from app.edge.requests import Caller, Rate
+from app.telemetry.metrics import Metrics
 
 FIVE = Rate(per_second=5.0, burst=2)  # one every 0.2 s, two at once
 
@@ -105,3 +107,23 @@ def test_a_refusal_told_later_names_the_shorter_waits() -> None:
     assert (later.retry_s, later.reset_s) == (0.0, 0.0)
     assert later.headers()["Retry-After"] == "0"
     assert refused.later(0.1).retry_s == pytest.approx(0.05)
+
+
+@pytest.mark.anyio
+async def test_refusals_are_answered_when_their_turn_would_come_one_interval_apart() -> None:
+    limiter = Limiter(Metrics(), delay_ms=1000)
+    who = Caller("key:a", "a", rate=Rate(20.0, 1))  # one every 50 ms
+    assert await limiter.check(who) is not None
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+
+    async def refused() -> float:
+        with pytest.raises(RateLimited) as caught:
+            await limiter.check(who)
+        assert caught.value.headers["Retry-After"] == "0"  # come back now: it is your turn
+        return loop.time() - started
+
+    waited = sorted(await asyncio.gather(*(refused() for _ in range(3))))
+    # The first when the bucket has room again (50 ms), the others one interval apart.
+    for held, expected in zip(waited, (0.05, 0.10, 0.15), strict=True):
+        assert expected - 0.01 <= held < 0.9, waited
