@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import httpx
 import numpy as np
 
 from tests.helpers.load import Point, closed_loop
@@ -72,8 +73,13 @@ def test_a_high_priority_key_goes_ahead_of_a_light_low_one(
             await asyncio.to_thread(
                 wait_for_gauge, server.url, "resnet_serve_requests_in_flight", 24 + 1
             )
-            low = await closed_loop(server.url, png, 4, 3, {"X-API-Key": "low-key"})
-            return await high, low
+            low = asyncio.ensure_future(
+                closed_loop(server.url, png, 4, 3, {"X-API-Key": "low-key"})
+            )
+            # The probes queue nowhere: no priority can starve them.
+            probe = await asyncio.to_thread(httpx.get, f"{server.url}/healthz", timeout=5)
+            assert probe.status_code == 200
+            return await high, await low
 
         high, low = asyncio.run(both())
     assert set(high.statuses) == {"200"}, high.statuses
