@@ -53,6 +53,8 @@ from core.errors import ServiceError
 # Shared memory: slots for this many limited keys, each found within PROBES of its hash.
 SLOTS = 4096
 PROBES = 16
+# Held for microseconds by a healthy worker.
+LOCK_TIMEOUT_S = 0.05
 # Float error on the boundary must never refuse the request that exactly fits.
 EPSILON_S = 1e-9
 
@@ -129,7 +131,8 @@ class SharedTable:
 
     An open-addressed table of (64-bit hash of the identity, full-at time); a slot whose bucket
     is already full again holds nothing worth keeping, so it is free for another key. A key that
-    finds no slot (over SLOTS keys busy at once) is limited by its worker alone.
+    finds no slot (over SLOTS keys busy at once), or a lock held past LOCK_TIMEOUT_S (its holder
+    was killed inside it), is limited by its worker alone.
     """
 
     def __init__(self, context: SpawnContext) -> None:
@@ -142,7 +145,11 @@ class SharedTable:
         digest = hashlib.blake2b(identity.encode(), digest_size=8).digest()
         owner = int.from_bytes(digest, "little") or 1  # 0 marks a slot never used
         owners, full_at = self._owners, self._full_at
-        with self._lock:
+        # A worker SIGKILLed inside the lock would hold it for good: past a wait no healthy
+        # holder ever needs, this worker limits on its own instead of stopping.
+        if not self._lock.acquire(timeout=LOCK_TIMEOUT_S):
+            return self._overflow.take(identity, rate, now)
+        try:
             free = None
             for probe in range(PROBES):
                 slot = (owner + probe) % SLOTS
@@ -155,6 +162,8 @@ class SharedTable:
                 owners[free] = owner
                 full_at[free], verdict = gcra(now, now, rate)
                 return verdict
+        finally:
+            self._lock.release()
         return self._overflow.take(identity, rate, now)
 
 

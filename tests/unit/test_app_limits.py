@@ -127,3 +127,9 @@ async def test_refusals_are_answered_when_their_turn_would_come_one_interval_apa
     # The first when the bucket has room again (50 ms), the others one interval apart.
     for held, expected in zip(waited, (0.05, 0.10, 0.15), strict=True):
         assert expected - 0.01 <= held < 0.9, waited
+
+
+def test_a_lock_left_held_by_a_killed_worker_leaves_each_worker_its_own_limit() -> None:
+    shared = SharedTable(multiprocessing.get_context("spawn"))
+    shared._lock.acquire()  # as a worker SIGKILLed inside it would leave it
+    assert takes(shared, [0.0, 0.0, 0.0]) == [True, True, False]
