@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     exp.add_argument("--eval-data", type=Path, help="labelled ImageFolder for accuracy")
     exp.add_argument("--calib-data", help="int8: ImageFolder or 'digits' (default: training set)")
     exp.add_argument("--version", help="model_version in the metadata (default: sha256 prefix)")
+    exp.add_argument("--name", help="model_name in the metadata (default: the checkpoint's)")
     info = commands.add_parser("info", help="print an ONNX artifact's metadata", **sub)
     info.add_argument("model", type=Path)
     args = parser.parse_args(argv)
@@ -123,6 +124,7 @@ def _run(
             eval_set=eval_set_for(ckpt, args.eval_data),
             calibration=calibration,
             version=args.version,
+            name=args.name,
         )
     else:
         from model.export import read_metadata

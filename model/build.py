@@ -41,6 +41,9 @@ class BuildConfig:
     calib_data: str | None = None  # int8: ImageFolder or 'digits' (default: the training set)
     epochs: int | None = None  # default: TrainConfig's
     seed: int = 0  # seeds data order, augmentation and initialisation
+    name: str | None = (
+        None  # model_name in the metadata (its repository folder); default: the checkpoint's
+    )
     force: bool = False  # rebuild even when the inputs are unchanged
 
 
@@ -73,6 +76,7 @@ def build(config: BuildConfig) -> Path:
             ckpt,
             path,
             precision=precision,
+            name=config.name,
             eval_set=eval_set_for(ckpt, None),
             calibration=calibration,
         )

@@ -12,6 +12,7 @@ metadata carries labels, preprocessing, measured accuracy and reference outputs.
 from __future__ import annotations
 
 import logging
+import re
 import tempfile
 import warnings
 from dataclasses import replace
@@ -25,6 +26,7 @@ import torch
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from core.accuracy import describe, wilson
 from core.contract import (
     CLASS_IDS_NAME,
     INPUT_NAME,
@@ -42,6 +44,8 @@ from model.files import atomic_path
 from model.wrap import ServingModel
 
 log = logging.getLogger(__name__)
+# A model's name: what a model repository's folder for it is called, and what clients send.
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # as app.repository.sources
 
 # Raised whenever the file gains something servers rely on: `model build` then re-exports
 # files an older export wrote (2: the evaluation-set reference outputs; 3: the embedding and
@@ -63,8 +67,15 @@ def export(
     eval_set: EvalSet,
     calibration: np.ndarray | None = None,
     version: str | None = None,
+    name: str | None = None,
 ) -> ModelMetadata:
-    """Write ``out`` only after ONNX Runtime agrees with PyTorch; return the metadata written."""
+    """Write ``out`` only after ONNX Runtime agrees with PyTorch; return the metadata written.
+    ``name``: the model's name in it (default: the checkpoint's), which a model repository's
+    folder must match."""
+    if name is not None and not MODEL_NAME.fullmatch(name):
+        raise ModelError(
+            f"name {name!r}: 1-128 letters, digits, '.', '_' or '-', the first a letter or a digit"
+        )
     if precision not in PRECISIONS:
         raise ModelError(f"precision {precision!r} is not one of {PRECISIONS}")
     if precision == "int8" and calibration is None:
@@ -95,6 +106,10 @@ def export(
             if precision == "fp16":
                 _check_fp16(report["fp16"])
         accuracy = _accuracy(probs, eval_set)
+        if accuracy is not None:
+            interval = (accuracy["top1_ci95"][0], accuracy["top1_ci95"][1])
+            said = describe(accuracy["top1"], accuracy["images"], interval)
+            log.info("%s on %s: %s", precision, accuracy["dataset"], said)
         if precision == "int8" and accuracy is not None:
             _check_int8(accuracy["top1"], _accuracy(fp32_probs, eval_set)["top1"])  # type: ignore[index]
         probes = run_outputs(model_bytes, probe_images(ckpt.recipe.crop_size), SERVED_OUTPUTS)
@@ -106,7 +121,7 @@ def export(
     # file measured against them where it is not fp32 (its bound is loosened to that).
     own = None if precision == "fp32" else (precision, probs)
     check = eval_entry(eval_set.images, fp32_probs, eval_set.name, own)
-    metadata = _metadata(ckpt, precision, accuracy, parity, version)
+    metadata = _metadata(ckpt, precision, accuracy, parity, version, name)
     extras = extras_entry(probes)
     metadata = replace(metadata, reference=entry_for(answers) | {"eval": check, "extras": extras})
     model = onnx.load_from_string(model_bytes)
@@ -310,8 +325,16 @@ def _check_int8(int8_top1: float, fp32_top1: float) -> None:
 def _accuracy(probs: np.ndarray, eval_set: EvalSet) -> dict[str, Any] | None:
     if eval_set.targets is None:
         return None
-    top1 = float((probs.argmax(1) == eval_set.targets).mean())
-    return {"top1": round(top1, 5), "dataset": eval_set.name, "images": len(eval_set.targets)}
+    right = probs.argmax(1) == eval_set.targets
+    images = len(eval_set.targets)
+    low, high = wilson(int(right.sum()), images)
+    top1 = float(right.mean())
+    return {
+        "top1": round(top1, 5),
+        "top1_ci95": [round(low, 5), round(high, 5)],
+        "dataset": eval_set.name,
+        "images": images,
+    }
 
 
 def _to_fp16(fp32_path: Path) -> bytes:
@@ -357,12 +380,13 @@ def _metadata(
     accuracy: dict[str, Any] | None,
     parity: dict[str, Any],
     version: str | None,
+    name: str | None = None,
 ) -> ModelMetadata:
     training: dict[str, Any] = {
         k: ckpt.metrics[k] for k in ("val_top1", "epoch") if k in ckpt.metrics
     }
     return ModelMetadata(
-        name=ckpt.name,
+        name=name or ckpt.name,
         version=version or ckpt.sha256[:12],
         architecture=ckpt.arch,
         precision=precision,

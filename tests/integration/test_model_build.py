@@ -27,6 +27,20 @@ def test_build_is_cached_on_its_inputs(
     assert out.stat().st_mtime_ns != first
 
 
+def test_build_names_the_model_and_records_the_accuracy_interval(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "model.onnx"
+    build(BuildConfig(out=str(out), checkpoint=str(tiny_checkpoint), name="shapes"))
+    metadata = read_metadata(out)
+    assert metadata.name == "shapes"  # what a repository folder of that name serves
+    assert metadata.accuracy is not None
+    low, high = metadata.accuracy["top1_ci95"]
+    assert 0 <= low <= metadata.accuracy["top1"] <= high <= 1
+    with pytest.raises(ModelError, match="name 'no/slash'"):
+        build(BuildConfig(out=str(out), checkpoint=str(tiny_checkpoint), name="no/slash"))
+
+
 def test_changed_checkpoint_or_precision_rebuilds(tiny_checkpoint: Path, tmp_path: Path) -> None:
     source = tmp_path / "checkpoint.pt"
     source.write_bytes(tiny_checkpoint.read_bytes())

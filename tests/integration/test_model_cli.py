@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from model.__main__ import main
+from model.export import read_metadata
 from model.resnet import build
 
 Setup = dict[str, Path]
@@ -116,3 +117,9 @@ def test_process_exit_code_is_nonzero(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert result.stderr.strip() == f"error: checkpoint {tmp_path / 'missing.pth'}: no such file"
+
+
+def test_export_names_the_model(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "shapes.onnx"
+    assert main(["export", str(tiny_checkpoint), "--out", str(out), "--name", "shapes"]) == 0
+    assert read_metadata(out).name == "shapes"

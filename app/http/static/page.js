@@ -393,6 +393,19 @@ function rolloutLine(r) {
     `${r.compared} compared${agree}`;
 }
 
+// The measured top-1 with its 95% interval where the file has one (files exported before the
+// interval have none), and a word on how rough a figure from few images is.
+function accuracyText(accuracy) {
+  const percent = (share) => `${(share * 100).toFixed(1)}%`;
+  let text = `${percent(accuracy.top1)} top-1 on ${accuracy.images} images (${accuracy.dataset})`;
+  if (accuracy.top1_ci95) {
+    const [low, high] = accuracy.top1_ci95;
+    text += `, 95% interval ${percent(low)}-${percent(high)}`;
+  }
+  if (accuracy.images < 100) text += ": few images, a rough figure";
+  return text;
+}
+
 async function loadModelCard() {
   const card = $("model-card");
   let model;
@@ -412,9 +425,7 @@ async function loadModelCard() {
     setTimeout(loadModelCard, 2000);
     return;
   }
-  const accuracy = model.accuracy
-    ? `${(model.accuracy.top1 * 100).toFixed(2)}% top-1 on ${model.accuracy.images} images (${model.accuracy.dataset})`
-    : "not measured";
+  const accuracy = model.accuracy ? accuracyText(model.accuracy) : "not measured";
   const [, height, width] = model.input.shape;
   const rows = [
     ["Name", model.name], ["Version", model.version], ["Build", model.build],
