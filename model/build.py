@@ -29,6 +29,8 @@ from model.files import atomic_path
 from model.train import TrainConfig, train
 
 log = logging.getLogger(__name__)
+# Options added after files were first built.
+_LATER_OPTIONS = frozenset({"image_size", "lr", "batch_size", "val_fraction", "name"})
 
 
 @dataclass
@@ -40,11 +42,24 @@ class BuildConfig:
     also: str | None = None  # more precisions, comma-separated, each beside --out: model.fp16.onnx
     calib_data: str | None = None  # int8: ImageFolder or 'digits' (default: the training set)
     epochs: int | None = None  # default: TrainConfig's
+    image_size: int | None = None  # the crop trained and served; default: 16 digits, 224 photos
+    lr: float | None = None  # peak learning rate; default: TrainConfig's
+    batch_size: int | None = None  # images per optimiser step; default: TrainConfig's
+    val_fraction: float | None = None  # share held out for validation; default: TrainConfig's
     seed: int = 0  # seeds data order, augmentation and initialisation
-    name: str | None = (
-        None  # model_name in the metadata (its repository folder); default: the checkpoint's
-    )
+    name: str | None = None  # model_name in the metadata: its repository folder's name
     force: bool = False  # rebuild even when the inputs are unchanged
+
+    def training(self) -> dict[str, Any]:
+        """The training options given (TrainConfig's names), the rest left to its defaults."""
+        given = {
+            "epochs": self.epochs,
+            "crop_size": self.image_size,
+            "lr": self.lr,
+            "batch_size": self.batch_size,
+            "val_fraction": self.val_fraction,
+        }
+        return {name: value for name, value in given.items() if value is not None}
 
 
 def build(config: BuildConfig) -> Path:
@@ -116,6 +131,12 @@ def _source_checkpoint(
 ) -> tuple[Path, bool]:
     """The checkpoint to export, and whether it was trained just now."""
     if config.data is None and config.checkpoint is not None:
+        if config.training():
+            given = ", ".join(sorted(config.training()))
+            raise ModelError(
+                f"{given}: options of training, and --checkpoint without --data only exports "
+                "(add --data to fine-tune)"
+            )
         return Path(config.checkpoint), False
     trained = out.with_name(out.stem + ".checkpoint.pt")
     # An up-to-date sibling was exported from this very checkpoint: export from it, not retrain.
@@ -127,14 +148,18 @@ def _source_checkpoint(
         seed=config.seed,
         out=str(trained),
     )
-    if config.epochs:
-        train_config = dataclasses.replace(train_config, epochs=config.epochs)
+    train_config = dataclasses.replace(train_config, **config.training())
     return train(train_config), True
 
 
 def _inputs(config: BuildConfig) -> dict[str, Any]:
     skip = ("force", "also", "precision")  # precision: set per file by build()
-    inputs: dict[str, Any] = {k: v for k, v in dataclasses.asdict(config).items() if k not in skip}
+    inputs: dict[str, Any] = {
+        k: v
+        for k, v in dataclasses.asdict(config).items()
+        # An option left unset is left out: files built before it existed stay up to date.
+        if k not in skip and not (k in _LATER_OPTIONS and v is None)
+    }
     # A file written by an older export lacks what servers now check (its reference): rebuilt.
     inputs["export_format"] = EXPORT_FORMAT
     try:

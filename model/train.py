@@ -34,6 +34,9 @@ from model.wrap import Normalize
 log = logging.getLogger(__name__)
 
 
+MIN_CROP, MAX_CROP = 16, 1024
+
+
 @dataclass
 class TrainConfig:
     data: str = data.DIGITS  # "digits" (ships with scikit-learn) or an ImageFolder root/<class>/*
@@ -67,6 +70,11 @@ class TrainConfig:
             )
         if not 0 < self.val_fraction < 1:
             raise ModelError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        # Under 16 pixels layer4 (a 32x downsampling) has nothing left to see.
+        if self.crop_size is not None and not MIN_CROP <= self.crop_size <= MAX_CROP:
+            raise ModelError(
+                f"image size must be {MIN_CROP}..{MAX_CROP} pixels, got {self.crop_size}"
+            )
 
     @property
     def is_digits(self) -> bool:

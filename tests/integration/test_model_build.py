@@ -1,3 +1,4 @@
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -102,3 +103,37 @@ def test_int8_calibrates_on_calib_data_when_the_training_set_is_gone(
         build(without)
     build(BuildConfig(**{**vars(without), "calib_data": str(color_folder)}))
     assert read_metadata(out).precision == "int8"
+
+
+def test_training_options_without_data_are_refused_before_any_work(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "model.onnx"
+    config = BuildConfig(out=str(out), checkpoint=str(tiny_checkpoint), lr=1e-3, image_size=64)
+    with pytest.raises(ModelError, match="crop_size, lr: options of training, and --checkpoint"):
+        build(config)
+    assert not out.exists()
+
+
+def test_build_trains_a_folder_at_the_size_and_settings_asked(
+    color_folder: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "colors.onnx"
+    config = BuildConfig(
+        out=str(out),
+        data=str(color_folder),
+        name="colors",
+        image_size=32,
+        epochs=1,
+        lr=1e-3,
+        batch_size=4,
+        val_fraction=0.25,
+    )
+    build(config)
+    metadata = read_metadata(out)
+    assert (metadata.name, metadata.preprocessing.recipe.crop_size) == ("colors", 32)
+    assert metadata.labels == ("blue", "green", "red")
+    stamp = out.with_name(out.name + ".build.json").read_text()
+    assert '"image_size": 32' in stamp  # the stamp records what it was built with
+    with pytest.raises(ModelError, match=r"image size must be 16\.\.1024 pixels, got 8"):
+        build(dataclasses.replace(config, image_size=8))
